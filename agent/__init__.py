@@ -1,0 +1,1 @@
+"""The agent: runs unchanged pyclowder extractors inside HPC allocations."""

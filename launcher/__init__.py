@@ -1,0 +1,1 @@
+"""The launcher: submits, scales and accounts for agent job arrays; never processes files."""
