@@ -1,0 +1,138 @@
+"""Command line of the agent.
+
+  python -m agent run [--plugin NAME] [--idle-exit S] [--max-messages N] [...]
+  python -m agent plugins
+  python -m agent local --plugin NAME --out DIR FILE...
+
+Settings come from flags, the environment and a YAML file (see agent.config).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from . import exitcodes
+from .config import AgentConfig, ConfigError, add_setting_flags, load_config
+from .logs import setup_logging
+from .plugin_loader import PluginError, PluginSpec, discover, find_plugin, search_dirs
+from .redact import Redactor
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m agent",
+                                     description="Run unchanged pyclowder extractors on HPC allocations.")
+    parser.add_argument("--config", help="YAML settings file (also AGENT_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="process messages from the work source")
+    add_setting_flags(run)
+    plugins = sub.add_parser("plugins", help="list the plugins found")
+    add_setting_flags(plugins, ["plugin_path"])
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    local = sub.add_parser("local", help="run the extractor on local files, no broker and no Clowder")
+    add_setting_flags(local, ["plugin", "plugin_path", "clowder_version", "log_level"])
+    local.add_argument("--out", required=True, help="folder for what the extractor would have uploaded")
+    local.add_argument("files", nargs="+", help="input files")
+    for p in (run, plugins, local):
+        p.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> AgentConfig:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "config_sub", "json",
+                                                              "out", "files")}
+    return load_config(flags, config_file=args.config_sub or args.config)
+
+
+def queue_name(cfg: AgentConfig, spec: PluginSpec) -> str:
+    """The queue pyclowder would consume: RABBITMQ_QUEUE or the extractor's name, made private by a key."""
+    name = cfg.rabbitmq_queue or spec.name
+    return f"private.{cfg.extractor_key}.{name}" if cfg.extractor_key else name
+
+
+def worker_init(cfg: AgentConfig, spec: PluginSpec, queue: str) -> dict:
+    """The settings an extractor process needs (no broker credentials)."""
+    return {"t": "init", "plugin": spec.__dict__, "queue": queue, "clowder_version": cfg.clowder_version,
+            "ssl_verify": cfg.ssl_verify, "mounted_paths": cfg.mounted_paths, "clowder_url": cfg.clowder_url,
+            "work_dir": os.path.expanduser(cfg.work_dir) if cfg.work_dir else None}
+
+
+def worker_env(cfg: AgentConfig) -> dict[str, str]:
+    """The extractor process's environment: ours without broker secrets, with pyclowder's names set."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RABBITMQ_URI", "AGENT_RABBITMQ_URI", "EXTRACTOR_KEY", "AGENT_EXTRACTOR_KEY")}
+    env["CLOWDER_VERSION"] = str(cfg.clowder_version)
+    if cfg.rabbitmq_queue:
+        env["RABBITMQ_QUEUE"] = cfg.rabbitmq_queue
+    return env
+
+
+def cmd_run(cfg: AgentConfig) -> int:
+    from .journal import Journal
+    from .runner import Runner
+    from .slots import Slot
+    from .sources.amqp import AmqpSource, new_agent_id
+
+    redactor = Redactor()
+    setup_logging(cfg.log_level, redactor, log_file=cfg.log_file)
+    import logging
+    log = logging.getLogger("agent")
+    try:
+        spec = find_plugin(cfg.plugin, cfg.plugin_path)
+    except PluginError as exc:
+        log.error("%s", exc)
+        return exitcodes.PLUGIN_ERROR
+    queue = queue_name(cfg, spec)
+    agent_id = new_agent_id()
+    journal = Journal(cfg.journal_dir, agent_id)
+    try:
+        journal.open()
+    except OSError as exc:
+        log.error("cannot use journal folder %s: %s", journal.root, exc.strerror)
+        return exitcodes.CONFIG_ERROR
+    source = AmqpSource(cfg.rabbitmq_uri, queue, cfg.effective_prefetch(), journal, agent_id,
+                        connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
+    init, env = worker_init(cfg, spec, queue), worker_env(cfg)
+
+    def make_slot(index: int, post, on_frame) -> Slot:
+        return Slot(index, init, post, on_frame, redactor, env=env)
+
+    log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
+    try:
+        return Runner(cfg, source, make_slot, redactor).run()
+    finally:
+        journal.close()
+
+
+def cmd_plugins(cfg: AgentConfig, as_json: bool) -> int:
+    found, problems = discover(cfg.plugin_path)
+    if as_json:
+        print(json.dumps({"plugins": [{"name": p.name, "folder": p.folder, "script": p.script,
+                                       "class": p.class_name, "version": p.info.get("version")}
+                                      for p in found], "problems": problems}, indent=2))
+        return exitcodes.OK
+    if not found:
+        print("no plugins found in: " + ", ".join(search_dirs(cfg.plugin_path)))
+    for p in found:
+        print(f"{p.name}\t{p.info.get('version', '')}\t{p.folder_name}\t{p.script}:{p.class_name}")
+    for problem in problems:
+        print(f"broken: {problem}", file=sys.stderr)
+    return exitcodes.OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit code (agent.exitcodes)."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = _settings(args)
+    except ConfigError as exc:
+        print(f"agent: configuration error: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    if args.command == "plugins":
+        return cmd_plugins(cfg, args.json)
+    if args.command == "local":
+        from .local_run import run_local
+        return run_local(cfg, args.out, args.files)
+    return cmd_run(cfg)

@@ -1,0 +1,12 @@
+"""Exit codes of `python -m agent`, meaningful to a batch scheduler and to the launcher.
+
+0 means the agent ended on purpose (queue drained, idle, message budget, walltime drain,
+SIGTERM with work handed back): the scheduler should record the task COMPLETED.
+Non-zero codes say why the agent could not do its job, so nobody resubmits it blindly.
+"""
+OK = 0
+INTERNAL_ERROR = 1
+CONFIG_ERROR = 2        # bad settings or command line
+PLUGIN_ERROR = 3        # extractor not found or failed to load
+BROKER_UNREACHABLE = 4  # work source unreachable after the configured retries
+LOCAL_FAILURES = 5      # `agent local`: some files failed

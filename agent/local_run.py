@@ -1,0 +1,105 @@
+"""`python -m agent local`: run an extractor on local files with no broker and no Clowder.
+
+The files are served by an in-process Clowder stand-in (as on-disk paths, so pyclowder reads
+them in place), and each is processed through the same extractor process and pyclowder
+connector as in production. What the extractor uploaded (metadata, previews, tags, new files)
+is written as JSON under the output folder, one file per input, with its status messages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import os
+import queue
+import secrets
+from typing import Any, Callable
+
+from . import exitcodes
+from .cli import worker_env, worker_init
+from .clowder_standin import ClowderStandin
+from .config import AgentConfig
+from .logs import setup_logging
+from .plugin_loader import PluginError, find_plugin
+from .redact import Redactor
+from .slots import Slot
+
+log = logging.getLogger("agent.local")
+
+
+def _message(cfg: AgentConfig, url: str, key: str, file_id: str, name: str, size: int, dataset: str) -> dict:
+    mime = (mimetypes.guess_type(name)[0] or "application/octet-stream").replace("/", ".")
+    body: dict[str, Any] = {"id": file_id, "host": url, "secretKey": key, "filename": name,
+                            "datasetId": dataset}
+    if cfg.clowder_version == 2:
+        body.update({"fileSize": size, "retry_count": 0, "resource_type": "file", "job_id": file_id})
+    else:
+        body.update({"fileSize": str(size), "jobid": file_id, "intermediateId": file_id,
+                     "routing_key": f"clowder.file.{mime}"})
+    return body
+
+
+def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
+    """Process each file; write <out>/<name>.json; return 0 when every file succeeded."""
+    redactor = Redactor()
+    setup_logging(cfg.log_level, redactor)
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        log.error("not a file: %s", ", ".join(missing))
+        return exitcodes.CONFIG_ERROR
+    try:
+        spec = find_plugin(cfg.plugin, cfg.plugin_path)
+    except PluginError as exc:
+        log.error("%s", exc)
+        return exitcodes.PLUGIN_ERROR
+    os.makedirs(out_dir, exist_ok=True)
+    key = secrets.token_hex(16)
+    redactor.add(key)
+    frames: "queue.Queue[dict[str, Any]]" = queue.Queue()
+    failures = 0
+    with ClowderStandin(keys={key}) as standin:
+
+        def post(fn: Callable[[], None]) -> None:
+            fn()
+
+        slot = Slot(0, worker_init(cfg, spec, spec.name), post, lambda _s, f: frames.put(f), redactor,
+                    env=worker_env(cfg))
+        slot.start()
+        try:
+            slot.wait_ready(timeout=120)
+        except RuntimeError as exc:
+            log.error("extractor failed to start: %s", exc)
+            return exitcodes.PLUGIN_ERROR
+        try:
+            for number, path in enumerate(files, 1):
+                name = os.path.basename(path)
+                dataset = standin.add_dataset(name=f"local-{number}")  # one per file: its new files are its own
+                file_id = standin.add_file(name=name, path=path, dataset_id=dataset)
+                slot.assign(path, _message(cfg, standin.url, key, file_id, name, os.path.getsize(path), dataset),
+                            number)
+                statuses, outcome = [], {"outcome": "error", "reason": "no answer"}
+                while True:
+                    frame = frames.get()
+                    if frame["t"] == "status":
+                        statuses.append(redactor(frame["payload"]["status"]))
+                        continue
+                    outcome = frame if frame["t"] == "done" else {"outcome": "error", "reason": frame.get("reason")}
+                    break
+                slot.busy_with = None
+                ok = outcome.get("outcome") == "ok"
+                failures += 0 if ok else 1
+                result = {
+                    "file": os.path.abspath(path), "outcome": outcome.get("outcome"),
+                    "reason": redactor(outcome.get("reason") or ""),
+                    "metadata": standin.metadata_for(file_id),
+                    "uploads": [r for r in standin.records(file_id=file_id) if r.get("kind") != "metadata"],
+                    "new_files": standin.records(kind="upload", dataset_id=dataset),
+                    "statuses": statuses,
+                }
+                target = os.path.join(out_dir, f"{number:04d}-{name}.json")
+                with open(target, "w", encoding="utf-8") as fh:
+                    json.dump(result, fh, indent=2, default=str)
+                log.info("%s: %s -> %s", name, result["outcome"], target)
+        finally:
+            slot.close()
+    return exitcodes.OK if failures == 0 else exitcodes.LOCAL_FAILURES

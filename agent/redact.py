@@ -1,0 +1,66 @@
+"""Scrubbing secrets (Clowder keys, broker passwords) out of any text that leaves the process.
+
+Everything the agent writes to a log, a message header or a status message passes through
+a Redactor: pattern rules catch the shapes secrets take in URLs and JSON, and the literal
+set catches keys the agent has seen in messages wherever else they turn up.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from typing import Iterable
+
+MASK = "***"
+
+_PATTERNS = [
+    # amqp://user:password@host -> amqp://user:***@host (also http basic auth in URLs)
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/\s@]+:)[^@\s/]+@"), r"\1" + MASK + "@"),
+    # ?key=... / &key=... (Clowder v1 auth) and similar query parameters
+    (re.compile(r"([?&;](?:key|secretKey|secret_key|token|password)=)[^&\s'\"#]+", re.I), r"\1" + MASK),
+    # "secretKey": "..." in JSON or Python reprs
+    (re.compile(r"""((?:["'])(?:secretKey|secret_key|password|X-API-KEY|X-API-Key)(?:["'])\s*:\s*["'])[^"']*""", re.I),
+     r"\1" + MASK),
+    # X-API-KEY: value in header dumps
+    (re.compile(r"(X-API-KEY\s*[:=]\s*)\S+", re.I), r"\1" + MASK),
+]
+
+
+class Redactor:
+    """Masks secrets in text: known secret shapes plus literal secrets registered at run time."""
+
+    def __init__(self, literals: Iterable[str] = ()) -> None:
+        self._lock = threading.Lock()
+        self._literals: set[str] = set()
+        self._literal_re: re.Pattern[str] | None = None
+        for lit in literals:
+            self.add(lit)
+
+    def add(self, secret: str | None) -> None:
+        """Remember a literal secret (ignored when too short to be one)."""
+        if not secret or not isinstance(secret, str) or len(secret) < 4:
+            return
+        with self._lock:
+            if secret in self._literals:
+                return
+            # Bound memory on agents that see many distinct keys over days.
+            if len(self._literals) > 1000:
+                self._literals.clear()
+            self._literals.add(secret)
+            alts = sorted(self._literals, key=len, reverse=True)
+            self._literal_re = re.compile("|".join(re.escape(s) for s in alts))
+
+    def __call__(self, text: str) -> str:
+        """Return text with every known secret masked."""
+        if not text:
+            return text
+        literal_re = self._literal_re
+        if literal_re is not None:
+            text = literal_re.sub(MASK, text)
+        for pattern, repl in _PATTERNS:
+            text = pattern.sub(repl, text)
+        return text
+
+
+def redact_uri(uri: str) -> str:
+    """Mask the password of a URI such as amqp://user:pass@host/vhost."""
+    return _PATTERNS[0][0].sub(_PATTERNS[0][1], uri)

@@ -1,0 +1,365 @@
+"""The agent's main loop: deliveries in, extractor slots busy, every message settled once.
+
+All message state lives on the main thread, which also drives the work source (pika is not
+thread-safe). Slot threads hand frames back through `post`. The rules, in one place:
+
+- A message is acknowledged only after its extractor reported success, that is after pyclowder
+  finished its uploads; status replies go to the message's reply_to as they happen.
+- A failed attempt is retried (after a backoff) with its attempt count in a header, so every
+  worker sees the same count; past max_retries, or for failures that cannot change (bad message,
+  4xx from Clowder, pyclowder's own "abort"), it goes to error.<queue> with the reason and an
+  ERROR status.
+- Deliveries still in flight after journal_after are secured (see agent.journal) so that
+  RabbitMQ's consumer_timeout never hands them to a second worker while one still works on them;
+  deliveries still waiting for a slot by then are handed back for other workers instead.
+- On SIGTERM/SIGINT: no new work; waiting deliveries are handed back at once; work in flight
+  may finish for stop_grace seconds, then it is killed and handed back (not a failed attempt).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pyclowder.utils
+
+from . import exitcodes
+from .config import AgentConfig
+from .messages import BadMessage, Delivery, parse_body, status_payload
+from .redact import Redactor
+from .slots import Slot
+from .sources.base import SourceLost, SourceUnavailable, WorkSource
+
+log = logging.getLogger("agent")
+RECOVERY_INTERVAL = 30.0
+MAX_BACKOFF = 60.0
+
+
+@dataclass
+class Counters:
+    """What this agent did, reported when it ends."""
+
+    received: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    handed_back: int = 0
+    lost_acks: int = 0
+
+    def finished(self) -> int:
+        return self.succeeded + self.dead_lettered + self.retried
+
+
+class Runner:
+    """Runs one plugin's extractor slots against one work source until told or due to stop."""
+
+    def __init__(self, cfg: AgentConfig, source: WorkSource, make_slot: Callable[..., Slot],
+                 redactor: Redactor, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.redactor = redactor
+        self._clock = clock
+        self._calls: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+        self.slots = [make_slot(i, self.post, self._on_frame) for i in range(cfg.slots)]
+        self.pending: collections.deque[tuple[Delivery, dict[str, Any]]] = collections.deque()
+        self.backoff: list[tuple[float, Delivery, int, str]] = []
+        self.deferred: list[tuple[Delivery, Callable[[], None]]] = []
+        self.counters = Counters()
+        self.info: dict[str, Any] = {}
+        self._job_seq = 0
+        self._last_activity = clock()
+        self._stop_reason: Optional[str] = None
+        self._stop_deadline: Optional[float] = None
+        self._signal: Optional[int] = None
+        self._killed_for_stop: set[int] = set()
+        self._next_register = 0.0
+        self._next_recovery = 0.0
+        self.exit_code = exitcodes.OK
+
+    # -- cross-thread ----------------------------------------------------------------------------
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run fn on the main thread soon (safe from any thread)."""
+        self._calls.put(fn)
+        self.source.wake()
+
+    def _drain_calls(self) -> None:
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until idle, the message budget, a signal or an unrecoverable error; return the exit code."""
+        for slot in self.slots:
+            slot.start()
+        try:
+            self.info = self.slots[0].wait_ready(timeout=120)
+        except RuntimeError as exc:
+            log.error("extractor failed to start: %s", exc)
+            self._close_slots()
+            return exitcodes.PLUGIN_ERROR
+        log.info("extractor %s %s ready in %d slot(s)", self.info.get("name"), self.info.get("version", ""),
+                 len(self.slots))
+        try:
+            self.source.start(self._on_delivery, self._on_lost)
+        except SourceUnavailable as exc:
+            log.error("%s", exc)
+            self._close_slots()
+            return exitcodes.BROKER_UNREACHABLE
+        self._install_signals()
+        self._last_activity = self._clock()
+        try:
+            while not self._finished():
+                self.source.poll(0.0 if not self._calls.empty() else 0.25)
+                self._drain_calls()
+                self._tick(self._clock())
+        except SourceUnavailable as exc:
+            log.error("%s; handing back what can be handed back", exc)
+            self.exit_code = exitcodes.BROKER_UNREACHABLE
+        finally:
+            self._close_slots()
+            self.source.close()
+        c = self.counters
+        log.info("stopped (%s): %d received, %d succeeded, %d retried, %d dead-lettered, %d handed back",
+                 self._stop_reason or "error", c.received, c.succeeded, c.retried, c.dead_lettered, c.handed_back)
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._signal = signum  # acted on by the main loop: pika must not be re-entered here
+            self.source.wake()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def request_stop(self, reason: str, grace: Optional[float] = None) -> None:
+        """Take no new work; let in-flight work finish for grace seconds (default stop_grace)."""
+        if self._stop_reason is not None:
+            return
+        self._stop_reason = reason
+        self._stop_deadline = self._clock() + (self.cfg.stop_grace if grace is None else grace)
+        log.info("stopping: %s", reason)
+        try:
+            self.source.stop_intake()
+        except SourceLost:
+            pass
+        while self.pending:
+            delivery, _ = self.pending.popleft()
+            self._settle(delivery, "hand back", lambda d=delivery: self.source.release(d))
+            self.counters.handed_back += 1
+
+    def _busy(self) -> list[Slot]:
+        return [s for s in self.slots if s.busy_with is not None]
+
+    def _finished(self) -> bool:
+        if self._stop_reason is None:
+            return False
+        if self._busy() or self.backoff:
+            return False
+        if self.deferred and self.source.connected:
+            return False
+        if self.deferred:
+            log.error("%d journaled message(s) could not be settled; they stay in the journal and will be "
+                      "put back by the next agent", len(self.deferred))
+        return True
+
+    def _close_slots(self) -> None:
+        for slot in self.slots:
+            slot.close()
+
+    # -- deliveries ------------------------------------------------------------------------------
+    def _on_delivery(self, delivery: Delivery) -> None:
+        self.counters.received += 1
+        self._last_activity = self._clock()
+        budget = self.cfg.max_messages
+        if self._stop_reason is not None or (budget and self.counters.received > budget):
+            self.counters.received -= 1
+            self._settle(delivery, "hand back", lambda: self.source.release(delivery))
+            return
+        try:
+            body = parse_body(delivery.body, delivery.routing_key)
+        except BadMessage as exc:
+            self._reject(delivery, f"bad message: {exc}")
+            return
+        delivery.parsed = body
+        self.redactor.add(body.get("secretKey"))
+        self.pending.append((delivery, body))
+        self._dispatch()
+
+    def _reject(self, delivery: Delivery, reason: str, traceback: str = "", attempts: Optional[int] = None,
+                send_status: bool = True) -> None:
+        """Dead-letter a message with its reason (and an ERROR status when Clowder can be told)."""
+        log.error("message %s dead-lettered: %s", delivery.file_id or "(unparsed)", self.redactor(reason))
+        if send_status and delivery.parsed is not None:
+            self._status(delivery, pyclowder.utils.StatusMessage.error, reason)
+        attempts = delivery.attempts if attempts is None else attempts
+        self.counters.dead_lettered += 1
+        self._settle(delivery, "dead-letter", lambda: self.source.dead_letter(
+            delivery, self.redactor(reason), self.redactor(traceback), attempts))
+        self._work_done()
+
+    def _status(self, delivery: Delivery, status: Any, message: str) -> None:
+        payload = status_payload(self.info.get("name", ""), delivery.file_id, delivery.job_id, status,
+                                 self.redactor(message), pyclowder.utils.iso8601time())
+        self.source.publish_status(delivery, payload)
+
+    def _dispatch(self) -> None:
+        for slot in self.slots:
+            if not self.pending:
+                return
+            if slot.busy_with is None and self._stop_reason is None:
+                delivery, body = self.pending.popleft()
+                self._job_seq += 1
+                slot.assign(delivery, body, self._job_seq)
+
+    def _settle(self, delivery: Delivery, what: str, op: Callable[[], None]) -> None:
+        """Carry out a settle operation; if the broker is away, a secured message waits for it."""
+        try:
+            op()
+        except SourceLost:
+            if delivery.secured:
+                self.deferred.append((delivery, op))
+            else:
+                self.counters.lost_acks += 1
+                log.warning("could not %s message %s: its delivery died with the connection, so the broker "
+                            "redelivers it (a duplicate if its results were already uploaded)",
+                            what, delivery.file_id or "(unparsed)")
+
+    def _on_lost(self) -> None:
+        """The connection is gone: deliveries not yet started are back in the broker's queue."""
+        dropped = len(self.pending) + sum(1 for _, d, _, _ in self.backoff if not d.secured)
+        self.pending.clear()
+        self.backoff = [b for b in self.backoff if b[1].secured]
+        if dropped:
+            log.info("%d waiting message(s) returned to the queue by the broker", dropped)
+
+    # -- frames from slots -----------------------------------------------------------------------
+    def _on_frame(self, slot: Slot, frame: dict[str, Any]) -> None:
+        kind = frame.get("t")
+        delivery = slot.busy_with
+        if kind == "status":
+            if delivery is not None:
+                payload = frame["payload"]
+                for key in ("status", "message"):
+                    if isinstance(payload.get(key), str):
+                        payload[key] = self.redactor(payload[key])
+                self.source.publish_status(delivery, payload)
+            return
+        if kind not in ("done", "died"):
+            return
+        slot.busy_with = None
+        if delivery is None:
+            if kind == "died":
+                log.warning("slot %d: idle %s", slot.index, frame.get("reason"))
+            return
+        elapsed = self._clock() - slot.started_at
+        if kind == "died":
+            if slot.index in self._killed_for_stop:
+                # We killed it at the end of the grace period: not the file's fault.
+                self._killed_for_stop.discard(slot.index)
+                self.counters.handed_back += 1
+                self._settle(delivery, "hand back", lambda: self.source.release(delivery))
+                self._work_done()
+                return
+            self._failed(delivery, frame.get("reason") or "extractor process died", "", elapsed)
+        elif frame.get("outcome") == "ok":
+            self.counters.succeeded += 1
+            log.info("done %s in %.2fs", delivery.file_id, elapsed)
+            self._settle(delivery, "acknowledge", lambda: self.source.complete(delivery))
+            self._work_done()
+        elif frame.get("outcome") == "error":
+            self._reject(delivery, frame.get("reason") or "extractor error", frame.get("traceback") or "",
+                         attempts=delivery.attempts + 1, send_status=False)
+        else:
+            self._failed(delivery, frame.get("reason") or "extractor failed", frame.get("traceback") or "", elapsed)
+        self._dispatch()
+
+    def _failed(self, delivery: Delivery, reason: str, traceback: str, elapsed: float) -> None:
+        attempts = delivery.attempts + 1
+        if attempts > self.cfg.max_retries:
+            self._reject(delivery, f"gave up after {attempts} attempt(s): {reason}", traceback, attempts)
+            return
+        delay = min(self.cfg.retry_backoff * (2 ** (attempts - 1)), MAX_BACKOFF)
+        log.warning("message %s failed (attempt %d of %d, %.1fs): %s; retrying in %.1fs", delivery.file_id,
+                    attempts, self.cfg.max_retries + 1, elapsed, self.redactor(reason), delay)
+        self.backoff.append((self._clock() + delay, delivery, attempts, reason))
+
+    def _work_done(self) -> None:
+        self._last_activity = self._clock()
+        budget = self.cfg.max_messages
+        if budget and self.counters.finished() >= budget:
+            self.request_stop(f"processed {budget} message(s)")
+
+    # -- time-driven duties ----------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        if self._signal is not None and self._stop_reason is None:
+            self.request_stop(f"received {signal.Signals(self._signal).name}")
+        self._retry_due(now)
+        self._secure_old(now)
+        if self.deferred and self.source.connected:
+            todo, self.deferred = self.deferred, []
+            for delivery, op in todo:
+                self._settle(delivery, "settle", op)
+        if self.source.connected and now >= self._next_register and self.info:
+            self.source.register(self.info, self.cfg.clowder_email)
+            self._next_register = now + self.cfg.heartbeat
+        if self.source.connected and now >= self._next_recovery:
+            self._next_recovery = now + RECOVERY_INTERVAL
+            self.source.recover_orphans()
+        if self._stop_reason is None and self.cfg.idle_exit and not self.pending and not self._busy() \
+                and not self.backoff and now - self._last_activity >= self.cfg.idle_exit:
+            self.request_stop(f"idle for {self.cfg.idle_exit:g}s")
+        if self._stop_reason is not None and self._stop_deadline is not None and now >= self._stop_deadline:
+            self._end_grace()
+
+    def _retry_due(self, now: float) -> None:
+        if not self.backoff:
+            return
+        due = [b for b in self.backoff if b[0] <= now or self._stop_reason is not None]
+        if not due:
+            return
+        self.backoff = [b for b in self.backoff if b not in due]
+        for _, delivery, attempts, reason in due:
+            self.counters.retried += 1
+            self._settle(delivery, "retry", lambda d=delivery, a=attempts, r=reason:
+                         self.source.retry(d, a, self.redactor(r)))
+            self._work_done()
+
+    def _secure_old(self, now: float) -> None:
+        limit = self.cfg.journal_after
+        held = [s.busy_with for s in self.slots if s.busy_with is not None] + [b[1] for b in self.backoff]
+        for delivery in held:
+            if not delivery.secured and now - delivery.received_at >= limit:
+                try:
+                    self.source.secure(delivery)
+                    log.info("message %s in flight for %.0fs: journaled and acknowledged", delivery.file_id,
+                             now - delivery.received_at)
+                except SourceLost:
+                    pass
+                except OSError as exc:
+                    log.error("cannot journal message %s (%s): it stays unacknowledged and RabbitMQ may "
+                              "redeliver it after its consumer_timeout", delivery.file_id, exc.strerror)
+                    delivery.received_at = now  # try again after another journal_after
+        while self.pending and now - self.pending[0][0].received_at >= limit:
+            # Waiting too long for a slot: let another worker have it.
+            delivery, _ = self.pending.popleft()
+            self.counters.handed_back += 1
+            self._settle(delivery, "hand back", lambda d=delivery: self.source.release(d))
+
+    def _end_grace(self) -> None:
+        for slot in self._busy():
+            log.warning("slot %d: grace period over; handing back %s", slot.index, slot.busy_with.file_id)
+            self._killed_for_stop.add(slot.index)
+            slot.kill()  # its "died" frame hands the message back
+        self._stop_deadline = None

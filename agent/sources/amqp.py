@@ -1,0 +1,373 @@
+"""RabbitMQ work source: the only module that touches pika.
+
+One BlockingConnection, used only from the agent's main thread (pika is not thread-safe);
+other threads only wake it through add_callback_threadsafe. Two channels:
+  - the consume channel: prefetch-limited deliveries, their acks/nacks, and status replies;
+  - the confirm channel: publishes that must be durable before a delivery is settled (retry
+    copies, error-queue copies, journal recovery), each waiting for the broker's confirm.
+Long work is secured through the journal (agent.journal explains why and how).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+import pika
+import pika.exceptions
+
+from ..journal import Journal, JournalEntry, recover
+from ..messages import Delivery
+from ..redact import redact_uri
+from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
+
+log = logging.getLogger("agent.amqp")
+TRACEBACK_LIMIT = 8000
+_PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError) or \
+            isinstance(exc, pika.exceptions.AuthenticationError):
+        return "the broker refused the credentials"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return "the broker denied access to the virtual host"
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}"
+
+
+class AmqpSource(WorkSource):
+    """Consume one queue; settle deliveries exactly as the agent decides."""
+
+    def __init__(self, uri: str, queue: str, prefetch: int, journal: Journal, agent_id: str,
+                 connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.uri = uri
+        self.queue = queue
+        self.error_queue = "error." + queue
+        self.prefetch = prefetch
+        self.journal = journal
+        self.agent_id = agent_id
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self._clock = clock
+        self._conn: Optional[pika.BlockingConnection] = None
+        self._ch: Any = None        # consume channel
+        self._pub: Any = None       # confirm channel
+        self._consumer_tag: Optional[str] = None
+        self._on_delivery: Optional[OnDelivery] = None
+        self._on_lost: Optional[Callable[[], None]] = None
+        self._intake = True
+        self._lost_since: Optional[float] = None
+        self._next_attempt = 0.0
+        self._backoff = 1.0
+        self.generation = 0
+        self._where = redact_uri(uri)
+
+    # -- connection lifecycle --------------------------------------------------------------------
+    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
+        self._on_delivery = on_delivery
+        self._on_lost = on_lost
+        deadline = self._clock() + self.connect_timeout
+        delay = 1.0
+        while True:
+            try:
+                self._connect()
+                return
+            except _PIKA_ERRORS as exc:
+                reason = _describe(exc)
+                if isinstance(exc, (pika.exceptions.ProbableAuthenticationError,
+                                    pika.exceptions.AuthenticationError,
+                                    pika.exceptions.ProbableAccessDeniedError)) or self._clock() >= deadline:
+                    raise SourceUnavailable(f"cannot use the broker at {self._where}: {reason}") from None
+                log.warning("broker at %s not reachable (%s); trying again in %.0fs", self._where, reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _connect(self) -> None:
+        params = pika.URLParameters(self.uri)
+        params.connection_attempts = 1
+        params.socket_timeout = 10
+        params.blocked_connection_timeout = 300
+        if params.heartbeat is None:
+            params.heartbeat = 60
+        params.client_properties = {"connection_name": f"clowder-hpc-agent {self.agent_id}"}
+        conn = pika.BlockingConnection(params)
+        try:
+            ch = conn.channel()
+            self._declare(conn, ch)
+            ch = conn.channel() if not ch.is_open else ch
+            ch.basic_qos(prefetch_count=self.prefetch)
+            pub = conn.channel()
+            pub.confirm_delivery()
+        except BaseException:
+            try:
+                conn.close()
+            except _PIKA_ERRORS:
+                pass
+            raise
+        self._conn, self._ch, self._pub = conn, ch, pub
+        self.generation += 1
+        self._consumer_tag = None
+        if self._intake:
+            self._consumer_tag = ch.basic_consume(self.queue, self._on_message, auto_ack=False)
+        self._lost_since = None
+        self._backoff = 1.0
+        log.info("connected to %s, consuming %s (prefetch %d)", self._where, self.queue, self.prefetch)
+
+    def _declare(self, conn: pika.BlockingConnection, ch: Any) -> None:
+        """Declare queue and error queue as pyclowder does; accept a site's existing queue as it is."""
+        for name in (self.queue, self.error_queue):
+            try:
+                ch.queue_declare(name, durable=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                # Exists with other arguments (a quorum queue, a dead-letter policy): use it as is.
+                ch = conn.channel()
+                ch.queue_declare(name, passive=True)
+
+    def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
+        delivery = Delivery(
+            body=body, routing_key=method.routing_key or self.queue, reply_to=props.reply_to,
+            correlation_id=props.correlation_id, headers=dict(props.headers or {}),
+            content_type=props.content_type, redelivered=bool(method.redelivered),
+            token=(self.generation, method.delivery_tag), received_at=self._clock())
+        assert self._on_delivery is not None
+        self._on_delivery(delivery)
+
+    def _lose(self, exc: Optional[BaseException], what: str) -> None:
+        if self._lost_since is None:
+            self._lost_since = self._clock()
+            self._next_attempt = self._clock() + 1.0
+            reason = _describe(exc) if exc else "closed"
+            closing = getattr(self._ch, "_closing_reason", None) if self._ch is not None else None
+            if closing is not None and "PRECONDITION_FAILED" in str(closing):
+                log.error("the broker closed the channel: %s. RabbitMQ's consumer_timeout is shorter than "
+                          "journal_after; lower AGENT_JOURNAL_AFTER below it.", closing)
+            log.warning("lost the broker during %s (%s); reconnecting", what, reason)
+            try:
+                if self._conn is not None and self._conn.is_open:
+                    self._conn.close()
+            except _PIKA_ERRORS:
+                pass
+            self._conn = self._ch = self._pub = None
+            if self._on_lost:
+                self._on_lost()
+        raise SourceLost(what)
+
+    @property
+    def connected(self) -> bool:
+        return self._lost_since is None and self._conn is not None
+
+    def poll(self, timeout: float) -> None:
+        if self._lost_since is not None:
+            self._try_reconnect(timeout)
+            return
+        try:
+            self._conn.process_data_events(time_limit=timeout)
+            if not self._ch.is_open or not self._pub.is_open:
+                self._lose(None, "polling")
+        except SourceLost:
+            pass
+        except _PIKA_ERRORS as exc:
+            try:
+                self._lose(exc, "polling")
+            except SourceLost:
+                pass
+
+    def _try_reconnect(self, timeout: float) -> None:
+        now = self._clock()
+        assert self._lost_since is not None
+        if now - self._lost_since > self.reconnect_timeout:
+            raise SourceUnavailable(f"broker at {self._where} unreachable for {self.reconnect_timeout:.0f}s")
+        if now < self._next_attempt:
+            time.sleep(min(timeout, self._next_attempt - now))
+            return
+        try:
+            self._connect()
+            log.info("reconnected after %.1fs", now - self._lost_since if self._lost_since else 0.0)
+        except _PIKA_ERRORS as exc:
+            self._backoff = min(self._backoff * 2, 15.0)
+            self._next_attempt = self._clock() + self._backoff
+            log.warning("reconnect failed (%s); next try in %.0fs", _describe(exc), self._backoff)
+
+    def wake(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.add_callback_threadsafe(lambda: None)
+            except _PIKA_ERRORS:
+                pass
+
+    def stop_intake(self) -> None:
+        self._intake = False
+        if self._consumer_tag and self.connected:
+            try:
+                self._ch.basic_cancel(self._consumer_tag)
+            except _PIKA_ERRORS as exc:
+                self._lose(exc, "cancel")
+        self._consumer_tag = None
+
+    # -- settling --------------------------------------------------------------------------------
+    def _tag(self, delivery: Delivery) -> Optional[int]:
+        """The delivery tag, or None when the delivery belongs to a lost connection."""
+        generation, tag = delivery.token if isinstance(delivery.token, tuple) else (None, None)
+        if generation != self.generation or not self.connected:
+            return None
+        return tag
+
+    def _ack(self, delivery: Delivery) -> None:
+        tag = self._tag(delivery)
+        if tag is None:
+            raise SourceLost("delivery from a lost connection")
+        try:
+            self._ch.basic_ack(tag)
+        except _PIKA_ERRORS as exc:
+            self._lose(exc, "ack")
+
+    def _publish_durable(self, queue: str, body: bytes, props: pika.BasicProperties) -> None:
+        if not self.connected:
+            raise SourceLost("not connected")
+        try:
+            self._pub.basic_publish("", queue, body, props, mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            raise SourceLost(f"broker did not take the message for {queue}: {exc.__class__.__name__}") from None
+        except _PIKA_ERRORS as exc:
+            self._lose(exc, "publish")
+
+    def _props(self, delivery: Delivery, headers: dict[str, Any]) -> pika.BasicProperties:
+        return pika.BasicProperties(delivery_mode=2, reply_to=delivery.reply_to,
+                                    correlation_id=delivery.correlation_id, headers=headers,
+                                    content_type=delivery.content_type or "application/json")
+
+    def _forget_secured(self, delivery: Delivery) -> None:
+        self.journal.remove(delivery.token)
+
+    def complete(self, delivery: Delivery) -> None:
+        if delivery.secured:
+            self._forget_secured(delivery)
+        else:
+            self._ack(delivery)
+
+    def release(self, delivery: Delivery) -> None:
+        if delivery.secured:
+            self._publish_durable(self.queue, delivery.body, self._props(delivery, dict(delivery.headers)))
+            self._forget_secured(delivery)
+            return
+        tag = self._tag(delivery)
+        if tag is None:
+            return  # its channel is gone, so the broker has already requeued it
+        try:
+            self._ch.basic_nack(tag, requeue=True)
+        except _PIKA_ERRORS as exc:
+            self._lose(exc, "release")
+
+    def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
+        headers = dict(delivery.headers)
+        headers["x-agent-attempts"] = attempts
+        headers["x-agent-last-error"] = reason[:1000]
+        if not delivery.secured and self._tag(delivery) is None:
+            raise SourceLost("delivery from a lost connection")
+        self._publish_durable(self.queue, delivery.body, self._props(delivery, headers))
+        self.complete(delivery)
+
+    def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
+        headers = dict(delivery.headers)
+        headers.update({"x-error-reason": reason[:2000], "x-error-traceback": traceback[-TRACEBACK_LIMIT:],
+                        "x-agent-attempts": attempts, "x-original-routing-key": delivery.routing_key,
+                        "x-agent-id": self.agent_id, "x-error-time": int(time.time())})
+        if not delivery.secured and self._tag(delivery) is None:
+            raise SourceLost("delivery from a lost connection")
+        self._publish_durable(self.error_queue, delivery.body, self._props(delivery, headers))
+        self.complete(delivery)
+
+    def secure(self, delivery: Delivery) -> None:
+        if delivery.secured:
+            return
+        if self._tag(delivery) is None:
+            raise SourceLost("delivery from a lost connection")
+        entry = JournalEntry(queue=self.queue, body=delivery.body, routing_key=delivery.routing_key,
+                             reply_to=delivery.reply_to, correlation_id=delivery.correlation_id,
+                             headers=dict(delivery.headers), content_type=delivery.content_type)
+        path = self.journal.add(entry)
+        try:
+            self._ack(delivery)
+        except SourceLost:
+            self.journal.remove(path)  # the broker requeues it: the journal must not also hold it
+            raise
+        delivery.token = path
+        delivery.secured = True
+
+    # -- replies and registration ---------------------------------------------------------------
+    def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
+        if not delivery.reply_to or not self.connected:
+            return
+        props = pika.BasicProperties(delivery_mode=2, correlation_id=delivery.correlation_id,
+                                     content_type="application/json")
+        try:
+            self._ch.basic_publish("", delivery.reply_to, json.dumps(payload), props)
+        except _PIKA_ERRORS as exc:
+            try:
+                self._lose(exc, "status")
+            except SourceLost:
+                pass
+
+    def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
+        if not self.connected:
+            return
+        message = {"id": self.agent_id, "queue": self.queue, "owner": owner or "",
+                   "extractor_info": extractor_info}
+        try:
+            self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+            self._ch.basic_publish("extractors", "", json.dumps(message))
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            log.warning("registration on exchange 'extractors' refused: %s", exc)
+            try:
+                self._lose(exc, "registration")
+            except SourceLost:
+                pass
+        except _PIKA_ERRORS as exc:
+            try:
+                self._lose(exc, "registration")
+            except SourceLost:
+                pass
+
+    def recover_orphans(self) -> int:
+        if not self.connected:
+            return 0
+
+        def republish(entry: JournalEntry) -> None:
+            headers = dict(entry.headers)
+            headers["x-agent-recovered"] = int(headers.get("x-agent-recovered", 0)) + 1
+            props = pika.BasicProperties(delivery_mode=2, reply_to=entry.reply_to,
+                                         correlation_id=entry.correlation_id, headers=headers,
+                                         content_type=entry.content_type or "application/json")
+            self._publish_durable(entry.queue, entry.body, props)
+
+        try:
+            count = recover(self.journal.root, self.journal.dir, republish)
+        except SourceLost:
+            return 0
+        if count:
+            log.warning("put back %d message(s) journaled by agents that died", count)
+        return count
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except _PIKA_ERRORS:
+                pass
+
+
+def new_agent_id(identity: str = "") -> str:
+    """A unique, human-readable id for this agent process (host, scheduler task, pid)."""
+    import os
+    import socket
+    host = socket.gethostname().split(".")[0]
+    suffix = uuid.uuid4().hex[:6]
+    return "-".join(p for p in (host, identity, str(os.getpid()), suffix) if p)

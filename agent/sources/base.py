@@ -1,0 +1,94 @@
+"""The small interface every work source implements.
+
+The agent's main thread drives a source with poll() and tells it what became of each
+Delivery. A source never decides retries or dead-lettering; it only carries out:
+
+  complete     the work is done and its results are in Clowder: forget the message
+  release      hand the message back untouched, not a failure (shutdown, walltime)
+  retry        put the message back with one more failed attempt recorded
+  dead_letter  move the message to the error queue with the reason
+  secure       make the message survive without holding its delivery open (long work)
+
+Each returns once its effect is durable; a method that cannot reach the backend raises
+SourceLost and the message is left to the backend's own redelivery.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Optional
+
+from ..messages import Delivery
+
+
+class SourceError(RuntimeError):
+    """Base of source errors."""
+
+
+class SourceLost(SourceError):
+    """The connection to the backend is gone for now; the source is reconnecting."""
+
+
+class SourceUnavailable(SourceError):
+    """The backend could not be reached within the configured time: the agent should exit."""
+
+
+OnDelivery = Callable[[Delivery], None]
+
+
+class WorkSource(abc.ABC):
+    """Where messages come from and where their fate is reported."""
+
+    queue: str
+    #: bumped on every (re)connection; deliveries from an older generation cannot be settled
+    generation: int = 0
+
+    @abc.abstractmethod
+    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
+        """Connect (retrying within connect_timeout) and begin receiving deliveries."""
+
+    @abc.abstractmethod
+    def poll(self, timeout: float) -> None:
+        """Do I/O for up to timeout seconds, calling on_delivery; reconnect when needed."""
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Make a poll() in progress return soon (safe from any thread)."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """True when settle operations can reach the backend now."""
+
+    @abc.abstractmethod
+    def stop_intake(self) -> None:
+        """Receive no new deliveries (held ones stay held)."""
+
+    @abc.abstractmethod
+    def complete(self, delivery: Delivery) -> None: ...
+
+    @abc.abstractmethod
+    def release(self, delivery: Delivery) -> None: ...
+
+    @abc.abstractmethod
+    def retry(self, delivery: Delivery, attempts: int, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None: ...
+
+    @abc.abstractmethod
+    def secure(self, delivery: Delivery) -> None: ...
+
+    @abc.abstractmethod
+    def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
+        """Best effort: tell Clowder how the work is going (dropped when disconnected)."""
+
+    @abc.abstractmethod
+    def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
+        """Announce the extractor so Clowder lists it (best effort)."""
+
+    @abc.abstractmethod
+    def recover_orphans(self) -> int:
+        """Put back messages left by dead agents; return how many."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

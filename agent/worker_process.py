@@ -1,0 +1,87 @@
+"""The extractor process: loads one plugin once, then runs the jobs the agent sends it.
+
+Run as `python -m agent.worker_process` by the agent, never by hand. The extractor is somebody
+else's code, so it lives in its own process: when it segfaults, calls os._exit or hangs, the
+agent sees the pipe close (or kills it) and carries on. Frames (agent.ipc) travel on a private
+copy of the original stdout; fd 1 is pointed at stderr so an extractor's print() cannot corrupt
+them. Nothing secret is on this process's command line: settings arrive in the first frame.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, BinaryIO
+
+
+def _private_channel() -> tuple[BinaryIO, BinaryIO]:
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # anything the extractor prints goes to the agent's log, not into the frames
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    return os.fdopen(0, "rb", buffering=0, closefd=False), os.fdopen(out_fd, "wb", buffering=0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the agent dies, so no orphan keeps computing."""
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> int:
+    from . import ipc
+
+    _die_with_parent()
+    if os.getppid() == 1:  # the agent died before we could ask
+        return 1
+    inbox, outbox = _private_channel()
+    init = ipc.recv(inbox)
+    if not init or init.get("t") != "init":
+        return 2
+    lock = threading.Lock()  # extractors may spawn threads that report status
+
+    def emit(frame: dict[str, Any]) -> None:
+        with lock:
+            ipc.send(outbox, frame)
+
+    # pyclowder reads CLOWDER_VERSION when first imported, so it must be set before that.
+    os.environ["CLOWDER_VERSION"] = str(init["clowder_version"])
+    if init.get("work_dir"):
+        os.makedirs(init["work_dir"], exist_ok=True)
+        os.environ["TMPDIR"] = init["work_dir"]
+        import tempfile
+        tempfile.tempdir = None
+
+    from .plugin_loader import PluginError, PluginSpec, instantiate
+    try:
+        spec = PluginSpec(**init["plugin"])
+        extractor = instantiate(spec)
+    except PluginError as exc:
+        emit({"t": "fatal", "reason": str(exc)})
+        return 3
+    from .connector import AgentConnector
+
+    info = extractor.extractor_info
+    connector = AgentConnector(init["queue"], info, extractor.check_message, extractor.process_message,
+                               emit=emit, ssl_verify=init["ssl_verify"], mounted_paths=init["mounted_paths"],
+                               clowder_url=init.get("clowder_url"))
+    # pyclowder logs every status at INFO; the agent already reports them, once.
+    logging.getLogger("pyclowder.connectors").setLevel(logging.WARNING)
+    emit({"t": "ready", "info": info, "pid": os.getpid()})
+    while True:
+        frame = ipc.recv(inbox)
+        if frame is None or frame.get("t") == "exit":
+            return 0
+        if frame.get("t") != "job":
+            continue
+        outcome = connector.run(frame["body"])
+        emit({"t": "done", "job": frame["job"], **outcome})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
