@@ -1,0 +1,317 @@
+"""Command line: ``python -m launcher {submit,status,scale,cancel,reconcile}``.
+
+Settings precedence: command-line flag > environment variable > default. Global options may
+be given before or after the subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import filelock
+
+from launcher.caps import CapsError, Request, load_caps
+from launcher.ledger import Ledger, LedgerError
+from launcher.operations import Launcher, Refused
+from launcher.redact import redact_text, redact_uri
+from launcher.runner import CommandError, LocalRunner, Runner, SSHRunner, default_control_dir
+from launcher.schedulers import detect_scheduler, make_scheduler
+from launcher.schedulers.base import SchedulerError, parse_walltime
+from launcher.strategy import Policy
+
+EXIT_ERROR, EXIT_CONFIG, EXIT_REFUSED, EXIT_LOCKED = 1, 2, 3, 4
+DEFAULT_CAPS = Path("/etc/clowder-hpc-agent/caps.yaml")
+REPO_PBS_DIR = Path(__file__).resolve().parent.parent / "pbs"
+
+log = logging.getLogger("launcher")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong (exit code 2)."""
+
+
+# ---------------------------------------------------------------------- settings
+def _setting(args, attr: str, env: str, default=None):
+    value = getattr(args, attr, None)
+    if value is not None:
+        return value
+    return os.environ.get(env) or default
+
+
+def _state_dir(args) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(_setting(args, "state_dir", "LAUNCHER_STATE_DIR",
+                         os.path.join(base, "clowder-launcher")))
+
+
+def _caps_path(args) -> Path:
+    path = _setting(args, "caps", "LAUNCHER_CAPS")
+    if path:
+        return Path(path)
+    if DEFAULT_CAPS.exists():
+        return DEFAULT_CAPS
+    raise ConfigError("no site caps: pass --caps FILE or set LAUNCHER_CAPS"
+                      f" (or install {DEFAULT_CAPS})")
+
+
+def _runner(args) -> Runner:
+    host = _setting(args, "ssh", "LAUNCHER_SSH")
+    if not host:
+        return LocalRunner()
+    config = _setting(args, "ssh_config", "LAUNCHER_SSH_CONFIG")
+    return SSHRunner(host, default_control_dir(), config_file=Path(config) if config else None)
+
+
+def _scheduler_name(args, runner: Runner) -> str:
+    name = _setting(args, "scheduler", "LAUNCHER_SCHEDULER")
+    if name:
+        return name
+    found = detect_scheduler(runner)
+    if not found:
+        raise ConfigError(f"no scheduler found on PATH ({runner.description}): no sbatch, no qstat;"
+                          " pass --scheduler pbs|torque|slurm")
+    return found
+
+
+def _script(args, scheduler: str, runner: Runner) -> str:
+    script = _setting(args, "script", "LAUNCHER_SCRIPT")
+    if script:
+        return script
+    if isinstance(runner, SSHRunner):
+        raise ConfigError("over --ssh, pass --script PATH (the job script's path on the login node)")
+    candidates = [REPO_PBS_DIR / "agent_array.slurm"] if scheduler == "slurm" else []
+    candidates.append(REPO_PBS_DIR / "agent_array.pbs")
+    for path in candidates:
+        if path.exists():
+            return str(path)
+    raise ConfigError(f"no job script: {candidates[0]} does not exist; pass --script PATH")
+
+
+def _broker(args):
+    uri = os.environ.get("RABBITMQ_URI")
+    queue = _setting(args, "rabbitmq_queue", "RABBITMQ_QUEUE")
+    if not uri or not queue:
+        return None, queue, redact_uri(uri) if uri else "(RABBITMQ_URI not set)"
+    mgmt = _setting(args, "rabbitmq_management", "RABBITMQ_MANAGEMENT_URL")
+    from launcher.broker import queue_stats
+    return functools.partial(queue_stats, uri, queue, mgmt), queue, redact_uri(uri)
+
+
+def build(args, need_script: bool = False) -> Launcher:
+    """Assemble a Launcher from flags and environment."""
+    caps = load_caps(_caps_path(args))
+    runner = _runner(args)
+    name = _scheduler_name(args, runner)
+    scheduler = make_scheduler(name)
+    ledger = Ledger(_state_dir(args) / "ledger.sqlite")
+    broker, queue, _ = _broker(args)
+    env = {"RABBITMQ_QUEUE": queue} if queue else {}
+    script = _script(args, name, runner) if need_script else ""
+    return Launcher(runner=runner, scheduler=scheduler, ledger=ledger, caps=caps, script=script,
+                    job_env=env, broker=broker)
+
+
+def _lock(args) -> filelock.FileLock:
+    state = _state_dir(args)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = filelock.FileLock(str(state / "launcher.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise LockedError(f"another launcher is running with state directory {state}"
+                          " (its lock is held); refusing to start a second one") from None
+    return lock
+
+
+class LockedError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_submit(args) -> int:
+    launcher = build(args, need_script=True)
+    launcher.reconcile()
+    walltime = parse_walltime(args.walltime) if args.walltime else None
+    job_id, allowed = launcher.submit(Request(args.tasks, walltime, args.queue, args.account))
+    for line in allowed.reasons:
+        print(line, file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    launcher = build(args)
+    launcher.cancel(args.job_id)
+    launcher.refresh()
+    print(f"cancelled {args.job_id}")
+    return 0
+
+
+def cmd_reconcile(args) -> int:
+    launcher = build(args)
+    ok = launcher.reconcile()
+    counts = launcher.ledger.counts()
+    print(f"reconciled: queued {counts['queued']}, running {counts['running']},"
+          f" missing {counts['missing']}" + ("" if ok else " (scheduler query failed)"))
+    return 0 if ok else EXIT_ERROR
+
+
+def cmd_status(args) -> int:
+    from launcher.status import collect, render
+
+    launcher = build(args)
+    _, queue, label = _broker(args)
+    refreshed = False
+    try:
+        lock = _lock(args)
+    except LockedError:
+        lock = None  # a scale loop is running: show its ledger, do not query in parallel
+    if lock is not None:
+        try:
+            refreshed = launcher.reconcile()
+        finally:
+            lock.release()
+    data = collect(launcher, queue, label, refreshed)
+    print(json.dumps(data, indent=2, default=str) if args.json else render(data))
+    return 0
+
+
+def cmd_scale(args) -> int:
+    launcher = build(args, need_script=True)
+    if launcher.broker is None:
+        raise ConfigError("scale needs the broker: set RABBITMQ_URI and RABBITMQ_QUEUE"
+                          " (or --rabbitmq-queue)")
+    caps = launcher.caps
+    walltime = parse_walltime(args.walltime) if args.walltime else caps.default_walltime_s
+    policy = Policy(walltime_s=min(walltime, caps.max_walltime_s),
+                    files_per_task=args.files_per_task, idle_grace_s=args.idle_grace,
+                    queue=args.queue, account=args.account)
+    if walltime > caps.max_walltime_s:
+        print(f"capped: walltime {args.walltime} requested, max_walltime applies", file=sys.stderr)
+    stop = threading.Event()
+    if not args.once:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    while True:
+        decision = launcher.scale_once(policy, per_file_s=args.per_file_seconds)
+        if args.once or args.verbose:
+            act = f"submit {decision.submit}" if decision.submit else (
+                f"cancel {decision.cancel_queued + decision.cancel_running}"
+                if decision.cancel_queued or decision.cancel_running else "no action")
+            print(f"{decision.case.value}: {act}: " + "; ".join(decision.reasons), flush=True)
+        if args.once or stop.wait(args.interval):
+            return 0
+
+
+# ---------------------------------------------------------------------- parser
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    d = {"default": argparse.SUPPRESS} if suppress else {"default": None}
+    g = parser.add_argument_group("settings (flag > environment > default)")
+    g.add_argument("--caps", metavar="FILE", help="site caps YAML (env LAUNCHER_CAPS)", **d)
+    g.add_argument("--scheduler", choices=["pbs", "torque", "slurm"],
+                   help="env LAUNCHER_SCHEDULER; detected from PATH when absent", **d)
+    g.add_argument("--ssh", metavar="HOST",
+                   help="run scheduler commands on this login node (env LAUNCHER_SSH)", **d)
+    g.add_argument("--ssh-config", metavar="FILE", help="ssh -F file (env LAUNCHER_SSH_CONFIG)",
+                   **d)
+    g.add_argument("--state-dir", metavar="DIR",
+                   help="ledger and lock (env LAUNCHER_STATE_DIR,"
+                        " default ~/.local/state/clowder-launcher)", **d)
+    g.add_argument("--rabbitmq-queue", metavar="Q", help="env RABBITMQ_QUEUE", **d)
+    g.add_argument("--rabbitmq-management", metavar="URL",
+                   help="management API for unacked counts (env RABBITMQ_MANAGEMENT_URL)", **d)
+    g.add_argument("-v", "--verbose", action="store_true",
+                   **({"default": argparse.SUPPRESS} if suppress else {"default": False}))
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--walltime", metavar="HH:MM:SS")
+    p.add_argument("--queue", metavar="Q")
+    p.add_argument("--account", metavar="A")
+    p.add_argument("--script", metavar="PATH",
+                   help="job script (env LAUNCHER_SCRIPT; default pbs/agent_array.slurm|.pbs)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m launcher",
+                                  description="Submit, scale and account for agent job arrays.")
+    _common(top, suppress=False)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="submit the agent array; prints the job id")
+    p.add_argument("--tasks", type=int, required=True)
+    _job_options(p)
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_submit, locked=True)
+
+    p = sub.add_parser("status", help="one screen: queue, tasks, throughput, budget, decisions")
+    p.add_argument("--json", action="store_true")
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_status, locked=False)
+
+    p = sub.add_parser("scale", help="size the array from the queue (loop, or --once)")
+    p.add_argument("--once", action="store_true")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between decisions")
+    p.add_argument("--idle-grace", type=float, default=300.0,
+                   help="seconds the queue must stay empty before idle tasks are cancelled")
+    p.add_argument("--files-per-task", type=int, default=50,
+                   help="backlog one task is given when the per-file time is unknown")
+    p.add_argument("--per-file-seconds", type=float, default=None)
+    _job_options(p)
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_scale, locked=True)
+
+    p = sub.add_parser("cancel", help="cancel a job (all its tasks)")
+    p.add_argument("job_id")
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_cancel, locked=True)
+
+    p = sub.add_parser("reconcile", help="resolve interrupted submissions, refresh task states")
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_reconcile, locked=True)
+    return top
+
+
+class _RedactFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact_text(record.getMessage())
+        record.args = ()
+        return True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RedactFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s launcher %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    lock = None
+    try:
+        if args.locked:
+            lock = _lock(args)
+        return args.func(args)
+    except (ConfigError, CapsError, LedgerError, ValueError) as exc:
+        print(f"launcher: error: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Refused as exc:
+        print(f"launcher: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except LockedError as exc:
+        print(f"launcher: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (SchedulerError, CommandError) as exc:
+        print(f"launcher: error: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if lock is not None:
+            lock.release()
+        log.removeHandler(handler)

@@ -1,0 +1,362 @@
+"""The launcher's ledger: SQLite in WAL mode, schema-versioned.
+
+It records submissions (written as an *intent* before qsub/sbatch runs, so a crash between the
+two is found again by job name), array tasks and their states, node-hours, and every scaling
+decision with its reasons. Terminal task states are final; a task the scheduler stops reporting
+is MISSING (still counted as present) until ``missing_grace_s`` has passed, then it is settled.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from launcher.schedulers.base import JobStatus
+from launcher.states import JobState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS submissions (
+    id INTEGER PRIMARY KEY,
+    job_name TEXT NOT NULL UNIQUE,     -- intent token, given to the scheduler as the job name
+    job_id TEXT UNIQUE,                -- NULL until the scheduler answered
+    scheduler TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'array',
+    status TEXT NOT NULL,              -- intent | submitted | failed | done
+    tasks INTEGER NOT NULL,
+    walltime_s INTEGER NOT NULL,
+    queue TEXT,
+    account TEXT,
+    max_running INTEGER,
+    nodes_per_task REAL NOT NULL DEFAULT 1,
+    script TEXT,
+    created_at REAL NOT NULL,
+    submitted_at REAL,
+    finished_at REAL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    raw_state TEXT,
+    exit_status INTEGER,
+    started_at REAL,
+    ended_at REAL,
+    first_seen REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    missing_since REAL,
+    cancel_requested_at REAL,
+    final INTEGER NOT NULL DEFAULT 0,  -- terminal, or MISSING settled after the grace period
+    PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks (final);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    case_name TEXT NOT NULL,
+    submit INTEGER NOT NULL DEFAULT 0,
+    cancel_queued INTEGER NOT NULL DEFAULT 0,
+    cancel_running INTEGER NOT NULL DEFAULT 0,
+    job_id TEXT,
+    reasons TEXT NOT NULL,             -- JSON list of lines
+    observation TEXT NOT NULL,         -- JSON
+    idle_since REAL
+);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger file is unusable (e.g. written by a newer launcher)."""
+
+
+class Ledger:
+    """One SQLite file. Every public method is one transaction."""
+
+    def __init__(self, path, missing_grace_s: float = 600.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.missing_grace_s = missing_grace_s
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    def _migrate(self) -> None:
+        with self._tx():
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta "
+                            "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row["value"]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise LedgerError(f"ledger {self.path} has schema {version}; this launcher knows"
+                                  f" up to {SCHEMA_VERSION}: upgrade the launcher")
+            if version < 1:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                                (str(SCHEMA_VERSION),))
+
+    # ------------------------------------------------------------------ submissions
+    def begin_submission(self, scheduler: str, tasks: int, walltime_s: int,
+                         queue: Optional[str], account: Optional[str], max_running: int,
+                         nodes_per_task: float, script: str, now: Optional[float] = None,
+                         kind: str = "array", prefix: str = "clowder-") -> Tuple[int, str]:
+        """Record the intent to submit; returns (submission id, unique job name to submit with)."""
+        name = prefix + secrets.token_hex(4)
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO submissions (job_name, scheduler, kind, status, tasks, walltime_s,"
+                " queue, account, max_running, nodes_per_task, script, created_at)"
+                " VALUES (?, ?, ?, 'intent', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, scheduler, kind, tasks, walltime_s, queue, account, max_running,
+                 nodes_per_task, script, now or time.time()))
+        return cur.lastrowid, name
+
+    def record_submitted(self, submission_id: int, job_id: str,
+                         now: Optional[float] = None) -> None:
+        """The scheduler accepted it: store the job id and one QUEUED row per task."""
+        now = now or time.time()
+        with self._tx():
+            row = self.db.execute("SELECT tasks FROM submissions WHERE id=?",
+                                  (submission_id,)).fetchone()
+            self.db.execute("UPDATE submissions SET job_id=?, status='submitted', submitted_at=?"
+                            " WHERE id=?", (job_id, now, submission_id))
+            for idx in range(1, row["tasks"] + 1):
+                self.db.execute(
+                    "INSERT OR IGNORE INTO tasks (job_id, idx, state, first_seen, updated_at)"
+                    " VALUES (?, ?, 'queued', ?, ?)", (job_id, idx, now, now))
+
+    def record_failed(self, submission_id: int, error: str, now: Optional[float] = None) -> None:
+        """The submission certainly did not create a job."""
+        with self._tx():
+            self.db.execute("UPDATE submissions SET status='failed', error=?, finished_at=?"
+                            " WHERE id=?", (error[:2000], now or time.time(), submission_id))
+
+    def pending_intents(self) -> List[sqlite3.Row]:
+        """Submissions whose outcome is unknown (the launcher died around qsub)."""
+        return self.db.execute("SELECT * FROM submissions WHERE status='intent'").fetchall()
+
+    def submissions(self, status: Optional[str] = None) -> List[sqlite3.Row]:
+        if status:
+            return self.db.execute("SELECT * FROM submissions WHERE status=? ORDER BY id",
+                                   (status,)).fetchall()
+        return self.db.execute("SELECT * FROM submissions ORDER BY id").fetchall()
+
+    def submission_by_job(self, job_id: str) -> Optional[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM submissions WHERE job_id=?", (job_id,)).fetchone()
+
+    def open_jobs(self) -> List[str]:
+        """Job ids that still have tasks not final."""
+        rows = self.db.execute("SELECT DISTINCT job_id FROM tasks WHERE final=0 ORDER BY job_id")
+        return [r["job_id"] for r in rows]
+
+    # ------------------------------------------------------------------ tasks
+    def tasks(self, job_id: Optional[str] = None, open_only: bool = False) -> List[sqlite3.Row]:
+        sql = "SELECT * FROM tasks WHERE 1=1"
+        args: list = []
+        if job_id is not None:
+            sql += " AND job_id=?"
+            args.append(job_id)
+        if open_only:
+            sql += " AND final=0"
+        return self.db.execute(sql + " ORDER BY job_id, idx", args).fetchall()
+
+    def mark_cancel_requested(self, job_id: str, indices: Optional[Sequence[int]] = None,
+                              now: Optional[float] = None) -> None:
+        """Remember we asked for a cancel: tasks that then vanish were cancelled, not lost."""
+        now = now or time.time()
+        with self._tx():
+            if indices is None:
+                self.db.execute("UPDATE tasks SET cancel_requested_at=? WHERE job_id=? AND final=0",
+                                (now, job_id))
+            else:
+                self.db.executemany(
+                    "UPDATE tasks SET cancel_requested_at=? WHERE job_id=? AND idx=? AND final=0",
+                    [(now, job_id, i) for i in indices])
+
+    def apply_status(self, status: JobStatus, now: Optional[float] = None) -> None:
+        """Merge one successful scheduler answer into the ledger (never called on a failed query)."""
+        now = now or time.time()
+        with self._tx():
+            known = {r["idx"]: r for r in self.db.execute(
+                "SELECT * FROM tasks WHERE job_id=?", (status.job_id,))}
+            for idx, task in status.tasks.items():
+                row = known.get(idx)
+                if row is None:
+                    self.db.execute(
+                        "INSERT INTO tasks (job_id, idx, state, first_seen, updated_at)"
+                        " VALUES (?, ?, ?, ?, ?)", (status.job_id, idx, task.state.value, now, now))
+                    row = {"final": 0, "cancel_requested_at": None, "started_at": None}
+                if row["final"]:
+                    continue
+                state = task.state
+                if state == JobState.MISSING and row["cancel_requested_at"]:
+                    state = JobState.CANCELLED
+                if state == JobState.MISSING:
+                    self._set_missing(status.job_id, idx, now)
+                    continue
+                started = task.start_time or row["started_at"]
+                if started is None and state == JobState.RUNNING:
+                    started = now
+                ended = task.end_time or (now if state.terminal else None)
+                self.db.execute(
+                    "UPDATE tasks SET state=?, raw_state=?, exit_status=?, started_at=?,"
+                    " ended_at=?, updated_at=?, missing_since=NULL, final=? WHERE job_id=? AND idx=?",
+                    (state.value, task.raw_state, task.exit_status, started,
+                     ended if state.terminal else None, now, int(state.terminal),
+                     status.job_id, idx))
+            for idx, row in known.items():
+                if idx in status.tasks or row["final"]:
+                    continue
+                if row["cancel_requested_at"]:
+                    self.db.execute(
+                        "UPDATE tasks SET state='cancelled', ended_at=?, updated_at=?, final=1"
+                        " WHERE job_id=? AND idx=?", (now, now, status.job_id, idx))
+                else:
+                    self._set_missing(status.job_id, idx, now)
+            self._finish_submission(status.job_id, now)
+
+    def _set_missing(self, job_id: str, idx: int, now: float) -> None:
+        row = self.db.execute("SELECT missing_since FROM tasks WHERE job_id=? AND idx=?",
+                              (job_id, idx)).fetchone()
+        since = row["missing_since"] if row and row["missing_since"] else now
+        settled = now - since >= self.missing_grace_s
+        self.db.execute("UPDATE tasks SET state='missing', missing_since=?, updated_at=?, final=?"
+                        " WHERE job_id=? AND idx=?", (since, now, int(settled), job_id, idx))
+
+    def _finish_submission(self, job_id: str, now: float) -> None:
+        left = self.db.execute("SELECT COUNT(*) FROM tasks WHERE job_id=? AND final=0",
+                               (job_id,)).fetchone()[0]
+        if left == 0:
+            self.db.execute("UPDATE submissions SET status='done', finished_at=? WHERE job_id=?"
+                            " AND status='submitted'", (now, job_id))
+
+    def counts(self) -> Dict[str, int]:
+        """Open tasks per state (queued, running, missing) plus unresolved intents as missing."""
+        out = {s.value: 0 for s in JobState}
+        for row in self.db.execute("SELECT state, COUNT(*) AS n FROM tasks WHERE final=0"
+                                   " GROUP BY state"):
+            out[row["state"]] = row["n"]
+        for row in self.pending_intents():
+            out[JobState.MISSING.value] += row["tasks"]
+        return out
+
+    def all_counts(self, since: float = 0.0) -> Dict[str, int]:
+        """Tasks per state, including finished ones first seen after ``since``."""
+        out = {s.value: 0 for s in JobState}
+        for row in self.db.execute("SELECT state, COUNT(*) AS n FROM tasks WHERE final=0"
+                                   " OR first_seen>=? GROUP BY state", (since,)):
+            out[row["state"]] = row["n"]
+        return out
+
+    def run_slots_claimed(self) -> int:
+        """Tasks that may run at once: per open job, min(open tasks, its throttle)."""
+        total = 0
+        for row in self.db.execute(
+                "SELECT s.max_running AS m, COUNT(t.idx) AS n FROM submissions s JOIN tasks t"
+                " ON t.job_id=s.job_id WHERE t.final=0 GROUP BY s.id"):
+            total += min(row["n"], row["m"] or row["n"])
+        # tasks of jobs the launcher did not submit (adopted) count one slot each
+        total += self.db.execute(
+            "SELECT COUNT(*) FROM tasks t WHERE t.final=0 AND NOT EXISTS"
+            " (SELECT 1 FROM submissions s WHERE s.job_id=t.job_id)").fetchone()[0]
+        for row in self.pending_intents():
+            total += min(row["tasks"], row["max_running"] or row["tasks"])
+        return total
+
+    def node_hours(self, period_start: float, now: Optional[float] = None) -> Tuple[float, float]:
+        """(used, committed) node-hours in the period that began at ``period_start``.
+
+        Used: elapsed time of tasks that ran in the period. Committed: used plus the full
+        remaining walltime of every open task (what they may still consume).
+        """
+        now = now or time.time()
+        used = reserved = 0.0
+        for row in self.db.execute(
+                "SELECT t.*, COALESCE(s.walltime_s, 0) AS wall, COALESCE(s.nodes_per_task, 1) AS npt"
+                " FROM tasks t LEFT JOIN submissions s ON s.job_id=t.job_id"
+                " WHERE t.final=0 OR t.ended_at>=? OR t.started_at>=?",
+                (period_start, period_start)):
+            wall, npt = row["wall"], row["npt"]
+            if row["started_at"]:
+                start = max(row["started_at"], period_start)
+                if row["final"]:
+                    end = row["ended_at"] or (row["started_at"] + wall)
+                    end = min(end, row["started_at"] + wall) if wall else end
+                    used += max(end - start, 0) / 3600.0 * npt
+                else:
+                    elapsed = max(now - start, 0)
+                    used += elapsed / 3600.0 * npt
+                    reserved += max(wall - (now - row["started_at"]), 0) / 3600.0 * npt
+            elif not row["final"]:
+                reserved += wall / 3600.0 * npt
+        for row in self.pending_intents():
+            reserved += row["tasks"] * row["walltime_s"] / 3600.0 * row["nodes_per_task"]
+        return used, used + reserved
+
+    # ------------------------------------------------------------------ decisions
+    def record_decision(self, decision, observation: dict, job_id: Optional[str] = None,
+                        now: Optional[float] = None) -> int:
+        """Store a scaling decision with its reasons and the observation it was based on."""
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO decisions (at, case_name, submit, cancel_queued, cancel_running,"
+                " job_id, reasons, observation, idle_since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (now or time.time(), decision.case.value, decision.submit,
+                 decision.cancel_queued, decision.cancel_running, job_id,
+                 json.dumps(list(decision.reasons)), json.dumps(observation, sort_keys=True),
+                 decision.idle_since))
+        return cur.lastrowid
+
+    def set_decision_job(self, decision_id: int, job_id: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE decisions SET job_id=? WHERE id=?", (job_id, decision_id))
+
+    def last_decisions(self, n: int = 5) -> List[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM decisions ORDER BY id DESC LIMIT ?",
+                               (n,)).fetchall()
+
+    def last_idle_since(self) -> Optional[float]:
+        """The idle clock carried by the latest decision."""
+        row = self.db.execute("SELECT idle_since FROM decisions ORDER BY id DESC LIMIT 1").fetchone()
+        return row["idle_since"] if row else None
+
+    def observations(self, since: float) -> Iterator[dict]:
+        for row in self.db.execute("SELECT at, observation FROM decisions WHERE at>=? ORDER BY id",
+                                   (since,)):
+            obs = json.loads(row["observation"])
+            obs["at"] = row["at"]
+            yield obs
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (isolation_level=None connection)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+        return False

@@ -1,0 +1,194 @@
+"""The launcher's operations (submit, reconcile, scale once, cancel, status) over its parts.
+
+Everything the launcher does to the scheduler goes through here, so every path writes the ledger
+first: an intent before qsub/sbatch, a cancel request before qdel/scancel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+from launcher.broker import BrokerError, QueueStats
+from launcher.caps import Allowance, Caps, Request, Usage, clamp, period_start
+from launcher.ledger import Ledger
+from launcher.runner import CommandTimeout, Runner
+from launcher.schedulers.base import QueryFailed, Scheduler, SubmitFailed, SubmitRequest
+from launcher.states import JobState
+from launcher.strategy import Decision, Observation, Policy, decide
+
+log = logging.getLogger("launcher")
+
+
+class Refused(Exception):
+    """The caps allow none of the request (message is the one-line reason)."""
+
+
+@dataclasses.dataclass
+class Launcher:
+    """One launcher: where commands run, which scheduler, the ledger, the site caps."""
+
+    runner: Runner
+    scheduler: Scheduler
+    ledger: Ledger
+    caps: Caps
+    script: str = ""
+    job_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: returns queue stats or raises BrokerError; None when no broker is configured
+    broker: Optional[Callable[[], QueueStats]] = None
+    clock: Callable[[], float] = time.time
+
+    # ------------------------------------------------------------------ accounting
+    def usage(self) -> Usage:
+        counts = self.ledger.counts()
+        now = self.clock()
+        _, committed = self.ledger.node_hours(period_start(now, self.caps.budget_period), now)
+        return Usage(queued=counts["queued"], running=counts["running"],
+                     run_slots_claimed=self.ledger.run_slots_claimed(),
+                     node_hours_committed=committed)
+
+    # ------------------------------------------------------------------ reconcile
+    def reconcile(self) -> bool:
+        """Resolve interrupted submissions and refresh every open job; False if a query failed.
+
+        A failed query changes nothing in the ledger (tasks keep their last known state).
+        """
+        ok = True
+        for intent in self.ledger.pending_intents():
+            try:
+                found = self.scheduler.find(self.runner, intent["job_name"])
+            except QueryFailed as exc:
+                log.warning("cannot resolve interrupted submission %s yet: %s",
+                            intent["job_name"], exc)
+                ok = False
+                continue
+            if found:
+                log.info("adopting job %s submitted before a restart (%s)", found[0],
+                         intent["job_name"])
+                self.ledger.record_submitted(intent["id"], found[0], self.clock())
+                for extra in found[1:]:
+                    log.error("job name %s matches several jobs (%s): only %s is tracked",
+                              intent["job_name"], ", ".join(found), found[0])
+            else:
+                self.ledger.record_failed(intent["id"], "not found at the scheduler after a"
+                                          " restart: the submission never happened", self.clock())
+        return self.refresh() and ok
+
+    def refresh(self) -> bool:
+        """Query the scheduler for every open job; False (and no change) when the query failed."""
+        jobs = self.ledger.open_jobs()
+        if not jobs:
+            return True
+        try:
+            statuses = self.scheduler.status_many(self.runner, jobs)
+        except QueryFailed as exc:
+            log.warning("scheduler query failed, nothing changed: %s", exc)
+            return False
+        now = self.clock()
+        for status in statuses.values():
+            self.ledger.apply_status(status, now)
+        return True
+
+    # ------------------------------------------------------------------ submit
+    def allowance(self, request: Request) -> Allowance:
+        return clamp(request, self.usage(), self.caps)
+
+    def submit(self, request: Request) -> Tuple[str, Allowance]:
+        """Submit within caps; returns (job id, allowance). Raises Refused or SubmitFailed."""
+        allowed = self.allowance(request)
+        if allowed.refused:
+            raise Refused(allowed.reasons[-1])
+        for line in allowed.reasons:
+            log.info("%s", line)
+        return self._submit_allowed(allowed.tasks, allowed.walltime_s, allowed.queue,
+                                    allowed.account, allowed.max_running), allowed
+
+    def _submit_allowed(self, tasks: int, walltime_s: int, queue: Optional[str],
+                        account: Optional[str], max_running: int) -> str:
+        sub_id, name = self.ledger.begin_submission(
+            self.scheduler.name, tasks, walltime_s, queue, account, max_running,
+            self.caps.nodes_per_task, self.script, self.clock())
+        req = SubmitRequest(script=self.script, tasks=tasks, walltime_s=walltime_s,
+                            job_name=name, queue=queue, account=account,
+                            cores_per_task=self.caps.cores_per_task,
+                            max_running=max_running if max_running < tasks else None,
+                            env=dict(self.job_env))
+        try:
+            job_id = self.scheduler.submit(self.runner, req)
+        except SubmitFailed as exc:
+            if isinstance(exc.__cause__, CommandTimeout):
+                # The scheduler may have created the job: leave the intent for reconcile().
+                log.error("submission %s timed out; it will be looked up by name: %s", name, exc)
+                raise
+            self.ledger.record_failed(sub_id, str(exc), self.clock())
+            raise
+        self.ledger.record_submitted(sub_id, job_id, self.clock())
+        log.info("submitted %s: %d task(s), walltime %d s, job name %s", job_id, tasks,
+                 walltime_s, name)
+        return job_id
+
+    # ------------------------------------------------------------------ cancel
+    def cancel(self, job_id: str, indices: Optional[List[int]] = None) -> None:
+        """Cancel a job (or some of its tasks), recording the request first."""
+        self.ledger.mark_cancel_requested(job_id, indices, self.clock())
+        self.scheduler.cancel(self.runner, job_id, indices)
+
+    def cancel_tasks(self, state: JobState, count: int) -> int:
+        """Cancel up to ``count`` open tasks in ``state``, newest jobs and highest indices first."""
+        rows = [r for r in self.ledger.tasks(open_only=True)
+                if r["state"] == state.value and not r["cancel_requested_at"]]
+        rows.sort(key=lambda r: (r["first_seen"], r["job_id"], r["idx"]), reverse=True)
+        picked: Dict[str, List[int]] = {}
+        for row in rows[:count]:
+            picked.setdefault(row["job_id"], []).append(row["idx"])
+        for job_id, indices in picked.items():
+            total = len(self.ledger.tasks(job_id, open_only=True))
+            self.cancel(job_id, None if len(indices) == total else sorted(indices))
+        return sum(len(v) for v in picked.values())
+
+    # ------------------------------------------------------------------ scale
+    def observe(self, scheduler_ok: bool, per_file_s: Optional[float] = None
+                ) -> Tuple[Observation, Optional[str]]:
+        """Broker and ledger counts now; the second item is the broker error, if any."""
+        counts = self.ledger.counts()
+        ready = consumers = unacked = None
+        error = None
+        if self.broker is not None:
+            try:
+                stats = self.broker()
+                ready, consumers, unacked = stats.ready, stats.consumers, stats.unacked
+            except BrokerError as exc:
+                error = str(exc)
+        else:
+            error = "no broker configured (RABBITMQ_URI)"
+        obs = Observation(now=self.clock(), ready=ready, consumers=consumers, unacked=unacked,
+                          queued=counts["queued"], running=counts["running"],
+                          missing=counts["missing"], scheduler_ok=scheduler_ok,
+                          per_file_s=per_file_s)
+        return obs, error
+
+    def scale_once(self, policy: Policy, per_file_s: Optional[float] = None) -> Decision:
+        """Reconcile, observe, decide, act, record. Never raises for a flaky scheduler/broker."""
+        scheduler_ok = self.reconcile()
+        obs, broker_error = self.observe(scheduler_ok, per_file_s)
+        decision = decide(obs, self.ledger.last_idle_since(), policy, self.caps, self.usage())
+        if broker_error:
+            decision = dataclasses.replace(decision, reasons=decision.reasons + (broker_error,))
+        record = dataclasses.asdict(obs)
+        decision_id = self.ledger.record_decision(decision, record, now=obs.now)
+        for line in decision.reasons:
+            log.info("%s: %s", decision.case.value, line)
+        if decision.submit:
+            try:
+                job_id = self._submit_allowed(decision.submit, decision.walltime_s,
+                                              decision.queue, decision.account,
+                                              decision.max_running)
+                self.ledger.set_decision_job(decision_id, job_id)
+            except SubmitFailed as exc:
+                log.error("scale-up submission failed: %s", exc)
+        if decision.cancel_queued:
+            self.cancel_tasks(JobState.QUEUED, decision.cancel_queued)
+        if decision.cancel_running:
+            self.cancel_tasks(JobState.RUNNING, decision.cancel_running)
+        return decision

@@ -1,0 +1,143 @@
+"""The one-screen status a sysadmin reads at a glance (and the same data as JSON)."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+from launcher.broker import BrokerError, QueueStats
+from launcher.caps import period_start
+from launcher.operations import Launcher
+from launcher.schedulers.base import format_walltime
+
+THROUGHPUT_WINDOW_S = 900.0
+
+
+def drain_rate(launcher: Launcher, now: float) -> Optional[float]:
+    """Files per minute, a lower bound from the falls in queue depth between recent observations.
+
+    Used when the management API gives no ack rate. Inflow hides work, so this never overstates.
+    """
+    prev = None
+    drained = 0.0
+    first = last = None
+    for obs in launcher.ledger.observations(now - THROUGHPUT_WINDOW_S):
+        if obs.get("ready") is None:
+            continue
+        depth = obs["ready"] + (obs.get("unacked") or 0)
+        if prev is not None and depth < prev:
+            drained += prev - depth
+        prev = depth
+        first = obs["at"] if first is None else first
+        last = obs["at"]
+    if first is None or last is None or last - first < 1:
+        return None
+    return drained / ((last - first) / 60.0)
+
+
+def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
+            refreshed: bool) -> dict:
+    """Everything the status screen shows, as plain data."""
+    now = launcher.clock()
+    caps = launcher.caps
+    broker: dict = {"queue": queue, "uri": broker_label}
+    stats: Optional[QueueStats] = None
+    if launcher.broker is not None:
+        try:
+            stats = launcher.broker()
+            broker.update(ready=stats.ready, unacked=stats.unacked, consumers=stats.consumers)
+        except BrokerError as exc:
+            broker["error"] = str(exc)
+    else:
+        broker["error"] = "no broker configured (RABBITMQ_URI, RABBITMQ_QUEUE)"
+    start = period_start(now, caps.budget_period)
+    used, committed = launcher.ledger.node_hours(start, now)
+    rate = stats.ack_rate * 60 if stats is not None and stats.ack_rate is not None else None
+    rate_source = "broker ack rate" if rate is not None else "queue depth falls (lower bound)"
+    if rate is None:
+        rate = drain_rate(launcher, now)
+    decisions = [
+        {"at": r["at"], "case": r["case_name"], "submit": r["submit"],
+         "cancel_queued": r["cancel_queued"], "cancel_running": r["cancel_running"],
+         "job_id": r["job_id"], "reasons": json.loads(r["reasons"])}
+        for r in launcher.ledger.last_decisions(5)
+    ]
+    jobs = []
+    for sub in launcher.ledger.submissions():
+        if sub["status"] not in ("submitted", "intent"):
+            continue
+        tasks = launcher.ledger.tasks(sub["job_id"]) if sub["job_id"] else []
+        by_state: dict = {}
+        for t in tasks:
+            by_state[t["state"]] = by_state.get(t["state"], 0) + 1
+        jobs.append({"job_id": sub["job_id"], "job_name": sub["job_name"],
+                     "status": sub["status"], "tasks": sub["tasks"], "states": by_state,
+                     "walltime": format_walltime(sub["walltime_s"])})
+    return {
+        "at": now,
+        "scheduler": launcher.scheduler.name,
+        "where": launcher.runner.description,
+        "scheduler_refreshed": refreshed,
+        "broker": broker,
+        "tasks": launcher.ledger.counts(),
+        "tasks_this_period": launcher.ledger.all_counts(start),
+        "files_per_minute": None if rate is None else round(rate, 2),
+        "files_per_minute_source": rate_source if rate is not None else None,
+        "node_hours": {"used": round(used, 3), "committed": round(committed, 3),
+                       "budget": caps.node_hours_budget, "period": caps.budget_period,
+                       "period_start": start},
+        "caps": {"file": caps.source, "max_array_size": caps.max_array_size,
+                 "max_running": caps.max_running, "max_queued": caps.max_queued,
+                 "max_walltime": format_walltime(caps.max_walltime_s),
+                 "allowed_queues": list(caps.allowed_queues),
+                 "allowed_accounts": list(caps.allowed_accounts),
+                 "cores_per_task": caps.cores_per_task},
+        "jobs": jobs,
+        "last_decisions": decisions,
+    }
+
+
+def _n(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def render(data: dict) -> str:
+    """The status screen as text (about 15 lines)."""
+    b = data["broker"]
+    t = data["tasks"]
+    p = data["tasks_this_period"]
+    nh = data["node_hours"]
+    c = data["caps"]
+    lines = [f"clowder launcher  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(data['at']))}"
+             f"  scheduler {data['scheduler']} ({data['where']})"
+             + ("" if data["scheduler_refreshed"] else "  [scheduler not queried: ledger view]")]
+    if "error" in b:
+        lines.append(f"queue      {b.get('queue') or '?'}: UNAVAILABLE: {b['error']}")
+    else:
+        lines.append(f"queue      {b['queue']}  ready {_n(b.get('ready'))}  unacked"
+                     f" {_n(b.get('unacked'))}  consumers {_n(b.get('consumers'))}  ({b['uri']})")
+    lines.append(f"tasks now  queued {t['queued']}  running {t['running']}  missing {t['missing']}")
+    lines.append(f"period     completed {p['completed']}  timeout {p['timeout']}  failed"
+                 f" {p['failed']}  cancelled {p['cancelled']}  (since the {nh['period']} began)")
+    fpm = data["files_per_minute"]
+    lines.append("throughput " + ("unknown" if fpm is None else
+                                  f"{fpm:g} files/min ({data['files_per_minute_source']})"))
+    budget = "no budget" if nh["budget"] is None else f"{nh['budget']:g} per {nh['period']}"
+    lines.append(f"node-hours {nh['used']:.2f} used, {nh['committed']:.2f} committed / {budget}")
+    lines.append(f"caps       array {c['max_array_size']}  running {c['max_running']}  queued"
+                 f" {c['max_queued']}  walltime {c['max_walltime']}  ({c['file']})")
+    for job in data["jobs"][-5:]:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(job["states"].items())) or job["status"]
+        lines.append(f"job        {job['job_id'] or '(interrupted)'} {job['job_name']}:"
+                     f" {job['tasks']} task(s), {states}")
+    lines.append("last decisions:" if data["last_decisions"] else "last decisions: none yet")
+    for d in data["last_decisions"]:
+        when = time.strftime("%H:%M:%S", time.localtime(d["at"]))
+        act = []
+        if d["submit"]:
+            act.append(f"+{d['submit']}" + (f" ({d['job_id']})" if d["job_id"] else ""))
+        if d["cancel_queued"] or d["cancel_running"]:
+            act.append(f"-{d['cancel_queued'] + d['cancel_running']}")
+        reason = d["reasons"][0] if d["reasons"] else ""
+        lines.append(f"  {when} {d['case']:<21} {' '.join(act) or '.':<12} {reason}")
+    return "\n".join(lines)
