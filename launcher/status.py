@@ -53,7 +53,7 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
     start = period_start(now, caps.budget_period)
     used, committed = launcher.ledger.node_hours(start, now)
     rate = stats.ack_rate * 60 if stats is not None and stats.ack_rate is not None else None
-    rate_source = "broker ack rate" if rate is not None else "queue depth falls (lower bound)"
+    rate_source = "broker ack rate" if rate is not None else "lower bound from queue-depth falls"
     if rate is None:
         rate = drain_rate(launcher, now)
     decisions = [
