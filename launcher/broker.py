@@ -85,3 +85,84 @@ def _management(uri: str, queue: str, url: str, timeout: float):
 def _describe(exc: BaseException) -> str:
     text = str(exc) or repr(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One message taken with basic.get (acknowledge it with QueueClient.ack)."""
+
+    tag: int
+    body: bytes
+    redelivered: bool
+    properties: dict  # headers, content_type, correlation_id, reply_to, delivery_mode
+
+
+class QueueClient:
+    """A short-lived AMQP session for ``dispatch``: get, ack, and publish with confirms.
+
+    A message is held unacknowledged only for the moment between basic.get and the ledger
+    commit, never for a job's lifetime, so the broker's consumer_timeout never applies.
+    """
+
+    def __init__(self, uri: str, timeout: float = 10.0) -> None:
+        import pika
+        import pika.exceptions
+
+        self._pika = pika
+        self.uri = uri
+        try:
+            params = pika.URLParameters(uri)
+            params.socket_timeout = timeout
+            params.blocked_connection_timeout = timeout
+            params.connection_attempts = 1
+            self.conn = pika.BlockingConnection(params)
+            self.channel = self.conn.channel()
+            self.channel.confirm_delivery()
+        except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
+            raise BrokerError(f"cannot connect to {redact_uri(uri)}: "
+                              f"{redact_text(_describe(exc))}") from None
+
+    def get(self, queue: str) -> Optional[Delivery]:
+        """Take one message (unacknowledged), or None when the queue is empty."""
+        try:
+            method, props, body = self.channel.basic_get(queue, auto_ack=False)
+        except self._pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"basic.get on {queue!r} failed: {_describe(exc)}") from None
+        if method is None:
+            return None
+        return Delivery(method.delivery_tag, body, bool(method.redelivered), {
+            "headers": dict(props.headers or {}), "content_type": props.content_type,
+            "correlation_id": props.correlation_id, "reply_to": props.reply_to,
+            "delivery_mode": props.delivery_mode})
+
+    def ack(self, tag: int) -> None:
+        try:
+            self.channel.basic_ack(tag)
+        except self._pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"ack failed: {_describe(exc)}") from None
+
+    def publish(self, queue: str, body: bytes, properties: dict, headers: dict,
+                declare: bool = False) -> None:
+        """Publish durably to ``queue`` (default exchange) and wait for the broker's confirm.
+
+        ``declare``: create the queue (durable, no arguments) if missing, as pyclowder does for
+        ``error.<queue>``; otherwise it must exist (an unroutable message raises).
+        """
+        merged = dict(properties.get("headers") or {})
+        merged.update(headers)
+        props = self._pika.BasicProperties(
+            headers=merged, content_type=properties.get("content_type"),
+            correlation_id=properties.get("correlation_id"),
+            reply_to=properties.get("reply_to"), delivery_mode=2)
+        try:
+            if declare:
+                self.channel.queue_declare(queue, durable=True)
+            self.channel.basic_publish("", queue, body, props, mandatory=True)
+        except self._pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"publish to {queue!r} failed: {_describe(exc)}") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # already closed or broken: nothing to release
+            pass

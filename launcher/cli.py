@@ -211,6 +211,43 @@ def cmd_scale(args) -> int:
             return 0
 
 
+def cmd_dispatch(args) -> int:
+    from launcher.broker import QueueClient
+    from launcher.dispatch import Dispatcher
+
+    launcher = build(args, need_script=True)
+    if isinstance(launcher.runner, SSHRunner):
+        raise ConfigError("dispatch runs on the login node itself for now (message files must be"
+                          " readable by the jobs): drop --ssh")
+    uri = os.environ.get("RABBITMQ_URI")
+    queue = _setting(args, "rabbitmq_queue", "RABBITMQ_QUEUE")
+    if not uri or not queue:
+        raise ConfigError("dispatch needs RABBITMQ_URI and RABBITMQ_QUEUE (or --rabbitmq-queue)")
+    caps = launcher.caps
+    walltime = parse_walltime(args.walltime) if args.walltime else caps.default_walltime_s
+    dispatcher = Dispatcher(
+        launcher=launcher, client=lambda: QueueClient(uri), queue=queue,
+        message_dir=_state_dir(args) / "dispatch", walltime_s=min(walltime, caps.max_walltime_s),
+        max_jobs=args.max_jobs, max_attempts=args.max_attempts, sched_queue=args.queue,
+        account=args.account)
+    stop = threading.Event()
+    if not args.once:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    while True:
+        summary = dispatcher.step()
+        open_rows = len(launcher.ledger.dispatch_rows("received", "submitted"))
+        if args.once or args.verbose or any(summary.values()):
+            print(" ".join(f"{k} {v}" for k, v in summary.items()) + f" open {open_rows}",
+                  flush=True)
+        if args.once:
+            return 0
+        if args.until_empty and open_rows == 0 and not summary["taken"]:
+            return 0
+        if stop.wait(args.interval):
+            return 0
+
+
 # ---------------------------------------------------------------------- parser
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d = {"default": argparse.SUPPRESS} if suppress else {"default": None}
@@ -268,6 +305,18 @@ def parser() -> argparse.ArgumentParser:
     _job_options(p)
     _common(p, suppress=True)
     p.set_defaults(func=cmd_scale, locked=True)
+
+    p = sub.add_parser("dispatch", help="one batch job per message (rare heavy extractors)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--until-empty", action="store_true",
+                   help="exit when the queue is empty and every dispatched job is settled")
+    p.add_argument("--interval", type=float, default=15.0)
+    p.add_argument("--max-jobs", type=int, default=10, help="dispatched jobs open at once")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="failed jobs per message before it is dead-lettered")
+    _job_options(p)
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_dispatch, locked=True)
 
     p = sub.add_parser("cancel", help="cancel a job (all its tasks)")
     p.add_argument("job_id")

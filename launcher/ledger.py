@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from launcher.schedulers.base import JobStatus
 from launcher.states import JobState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,6 +71,27 @@ CREATE TABLE IF NOT EXISTS decisions (
 """
 
 
+# v2: one batch job per message (``dispatch``).
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS dispatch (
+    id INTEGER PRIMARY KEY,
+    msg_hash TEXT NOT NULL,            -- sha256 of the body: spots a redelivered duplicate
+    file_id TEXT,
+    body BLOB NOT NULL,
+    properties TEXT NOT NULL,          -- JSON: headers, content_type, correlation_id, reply_to
+    state TEXT NOT NULL,               -- received | submitted | done | requeued | dead_lettered
+    job_name TEXT,
+    job_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dispatch_open ON dispatch (state);
+CREATE INDEX IF NOT EXISTS dispatch_hash ON dispatch (msg_hash);
+"""
+
+
 class LedgerError(Exception):
     """The ledger file is unusable (e.g. written by a newer launcher)."""
 
@@ -108,6 +129,11 @@ class Ledger:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
+            if version < 2:
+                for stmt in _SCHEMA_V2.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+            if version < SCHEMA_VERSION:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                                 (str(SCHEMA_VERSION),))
 
@@ -308,6 +334,39 @@ class Ledger:
         for row in self.pending_intents():
             reserved += row["tasks"] * row["walltime_s"] / 3600.0 * row["nodes_per_task"]
         return used, used + reserved
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch_receive(self, msg_hash: str, file_id: Optional[str], body: bytes,
+                         properties: dict, attempts: int, now: Optional[float] = None) -> int:
+        """The launcher now owns this message (committed before the broker delivery is acked)."""
+        now = now or time.time()
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO dispatch (msg_hash, file_id, body, properties, state, attempts,"
+                " received_at, updated_at) VALUES (?, ?, ?, ?, 'received', ?, ?, ?)",
+                (msg_hash, file_id, body, json.dumps(properties), attempts, now, now))
+        return cur.lastrowid
+
+    def dispatch_open_by_hash(self, msg_hash: str) -> Optional[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM dispatch WHERE msg_hash=? AND state IN"
+                               " ('received', 'submitted')", (msg_hash,)).fetchone()
+
+    def dispatch_rows(self, *states: str) -> List[sqlite3.Row]:
+        marks = ",".join("?" * len(states))
+        return self.db.execute(f"SELECT * FROM dispatch WHERE state IN ({marks}) ORDER BY id",
+                               states).fetchall()
+
+    def dispatch_update(self, row_id: int, now: Optional[float] = None, **fields) -> None:
+        allowed = {"state", "job_name", "job_id", "reason", "attempts"}
+        assert set(fields) <= allowed, fields
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self._tx():
+            self.db.execute(f"UPDATE dispatch SET {sets}, updated_at=? WHERE id=?",
+                            (*fields.values(), now or time.time(), row_id))
+
+    def dispatch_counts(self) -> Dict[str, int]:
+        return {r["state"]: r["n"] for r in self.db.execute(
+            "SELECT state, COUNT(*) AS n FROM dispatch GROUP BY state")}
 
     # ------------------------------------------------------------------ decisions
     def record_decision(self, decision, observation: dict, job_id: Optional[str] = None,

@@ -104,16 +104,37 @@ class Launcher:
         return self._submit_allowed(allowed.tasks, allowed.walltime_s, allowed.queue,
                                     allowed.account, allowed.max_running), allowed
 
+    def submit_one(self, request: Request, extra_env: Mapping[str, str], kind: str,
+                   on_intent: Optional[Callable[[str], None]] = None) -> Tuple[str, str]:
+        """Submit a single-task job within caps (dispatch); returns (job id, job name)."""
+        allowed = self.allowance(request)
+        if allowed.refused:
+            raise Refused(allowed.reasons[-1])
+        names: List[str] = []
+
+        def intent(name: str) -> None:
+            names.append(name)
+            if on_intent:
+                on_intent(name)
+
+        job_id = self._submit_allowed(1, allowed.walltime_s, allowed.queue, allowed.account, 1,
+                                      extra_env=extra_env, kind=kind, on_intent=intent)
+        return job_id, names[0]
+
     def _submit_allowed(self, tasks: int, walltime_s: int, queue: Optional[str],
-                        account: Optional[str], max_running: int) -> str:
+                        account: Optional[str], max_running: int,
+                        extra_env: Optional[Mapping[str, str]] = None, kind: str = "array",
+                        on_intent: Optional[Callable[[str], None]] = None) -> str:
         sub_id, name = self.ledger.begin_submission(
             self.scheduler.name, tasks, walltime_s, queue, account, max_running,
-            self.caps.nodes_per_task, self.script, self.clock())
+            self.caps.nodes_per_task, self.script, self.clock(), kind=kind)
+        if on_intent:
+            on_intent(name)
         req = SubmitRequest(script=self.script, tasks=tasks, walltime_s=walltime_s,
                             job_name=name, queue=queue, account=account,
                             cores_per_task=self.caps.cores_per_task,
                             max_running=max_running if max_running < tasks else None,
-                            env=dict(self.job_env))
+                            env={**self.job_env, **(extra_env or {})})
         try:
             job_id = self.scheduler.submit(self.runner, req)
         except SubmitFailed as exc:

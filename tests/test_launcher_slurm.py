@@ -304,3 +304,46 @@ def test_second_instance_is_refused(env):
     assert proc.returncode == 0, err
     assert "secret" not in err and "secret" not in out
     assert "broker_unavailable" in out and "amqp://guest:***@127.0.0.1:1" in out + err
+
+
+@pytest.mark.integration
+def test_dispatch_one_job_per_message(env, amqp_url, queue_name, tmp_path):
+    """Good messages end done; a failing one is requeued, then dead-lettered with the reason."""
+    import pika
+    script = tmp_path / "one.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --output=/dev/null\n"
+                      'grep -q fail "$CLOWDER_MESSAGE_FILE" && exit 1\nexit 0\n')
+    env = dict(env, RABBITMQ_URI=amqp_url, RABBITMQ_QUEUE=queue_name, LAUNCHER_SCRIPT=str(script))
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    for body in ({"id": "good-1"}, {"id": "fail-1"}, {"id": "good-2"}):
+        ch.basic_publish("", queue_name, json.dumps(body).encode(),
+                         pika.BasicProperties(delivery_mode=2, content_type="application/json"))
+    conn.close()
+    try:
+        proc = launcher(env, "dispatch", "--until-empty", "--interval", "1", "--max-attempts",
+                        "2", timeout=120)
+        db = sqlite3.connect(str(tmp_path / "state" / "ledger.sqlite"))
+        rows = db.execute("SELECT file_id, state, job_id, attempts, reason FROM dispatch"
+                          " ORDER BY id").fetchall()
+        db.close()
+        by_file = {}
+        for file_id, state, job_id, attempts, reason in rows:
+            assert job_id, rows
+            by_file.setdefault(file_id, []).append((state, attempts, reason))
+        assert [s for s, *_ in by_file["good-1"]] == ["done"]
+        assert [s for s, *_ in by_file["good-2"]] == ["done"]
+        assert [(s, a) for s, a, _ in by_file["fail-1"]] == [("requeued", 1), ("dead_lettered", 2)]
+        assert "ended failed (exit 1)" in by_file["fail-1"][1][2]
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        ch = conn.channel()
+        assert ch.queue_declare(queue_name, passive=True).method.message_count == 0
+        method, props, body = ch.basic_get(f"error.{queue_name}", auto_ack=True)
+        assert json.loads(body) == {"id": "fail-1"}
+        assert props.headers["x-dispatch-attempts"] == 2
+        assert "exit 1" in props.headers["x-dispatch-reason"]
+        conn.close()
+    finally:
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        conn.channel().queue_delete(f"error.{queue_name}")
+        conn.close()
