@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Install what the project needs on a Debian (bookworm) machine, idempotently.
+#
+#   scripts/install.sh
+#
+# 1. Debian packages: RabbitMQ, Slurm (+ the Torque/PBS qsub wrappers), munge, ssh, iproute2,
+#    procps. apt is skipped entirely when every package is already installed.
+# 2. .venv in the repo root with `pip install -e '.[mpi,test]'`. Skipped when the venv imports the
+#    project and setup.py has not changed since the last install (stamp file inside .venv).
+#
+# Quiet on success; prints what failed otherwise. Needs root for apt (CI runs as root).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+die() { echo "install.sh: error: $*" >&2; exit 1; }
+
+# Run a command quietly; show its output only if it fails.
+quiet() {
+    local log rc
+    log="$(mktemp)"
+    if "$@" >"$log" 2>&1; then
+        rm -f "$log"
+        return 0
+    else
+        rc=$?
+        echo "install.sh: command failed (exit $rc): $*" >&2
+        tail -n 40 "$log" >&2
+        rm -f "$log"
+        return "$rc"
+    fi
+}
+
+APT_PACKAGES=(rabbitmq-server slurm-wlm slurm-wlm-torque munge openssh-server openssh-client
+              iproute2 procps)
+
+# ---------------------------------------------------------------- Debian packages
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+    [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+    command -v apt-get >/dev/null || die "apt-get not found; install by hand: ${missing[*]}"
+    [[ "$(id -u)" == 0 ]] || die "need root to apt-get install: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Daemons are started by scripts/services.sh, not by package scripts (there is no systemd
+    # here, and CI machines may lack an init system): forbid invoke-rc.d starts during install.
+    policy=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        created_policy=1
+    fi
+    trap 'if [[ $created_policy == 1 ]]; then rm -f "$policy"; fi' EXIT
+    quiet apt-get update -q || die "apt-get update failed"
+    quiet apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || die "apt-get install failed for: ${missing[*]}"
+    for pkg in "${missing[@]}"; do
+        status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+        [[ "$status" == "install ok installed" ]] || die "package $pkg still not installed"
+    done
+fi
+
+# ---------------------------------------------------------------- Python venv
+PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null || die "$PY not found"
+
+if [[ ! -x .venv/bin/python ]]; then
+    quiet "$PY" -m venv .venv || die "could not create .venv with $PY (python3-venv missing?)"
+fi
+
+stamp=.venv/.clowder-hpc-agent-setup.sha256
+want="$(sha256sum setup.py | cut -d' ' -f1)"
+have="$(cat "$stamp" 2>/dev/null || true)"
+
+if [[ "$want" != "$have" ]] \
+   || ! .venv/bin/python -c 'import agent, launcher, mpi4py, pika, pyclowder, pytest, hypothesis' \
+        >/dev/null 2>&1 \
+   || [[ ! -x .venv/bin/mpiexec ]]; then
+    rm -f "$stamp"
+    quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[mpi,test]' \
+        || die "pip install -e '.[mpi,test]' failed"
+    .venv/bin/python -c 'import agent, launcher, mpi4py, pika, pyclowder, pytest' \
+        || die "venv installed but the project does not import"
+    echo "$want" >"$stamp"
+fi

@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# Bring up, stop or report the local services the integration tests need, without systemd:
+#
+#   scripts/services.sh [up|down|status]      (default: up)
+#
+#   rabbitmq  RabbitMQ broker, /etc/rabbitmq/rabbitmq.conf with consumer_timeout = 60000 (so tests
+#             can see the broker take back an unacked delivery within ~2 min). guest/guest works
+#             from 127.0.0.1 (amqp://guest:guest@127.0.0.1:5672/%2f). Logs: /var/log/rabbitmq/.
+#   munge     munged with /etc/munge/munge.key (created if missing). Logs: /var/log/munge/.
+#   slurm     single-node Slurm (slurmctld + slurmd on this host, node from `slurmd -C`),
+#             select/cons_tres + CR_Core so several 1-cpu array tasks run at once, no accounting.
+#             Logs: /var/log/slurm/. The Debian slurm-wlm-torque wrappers give qsub/qstat/qdel;
+#             qsub accepts both `-J 1-3` and `-t 1-3` for arrays on the command line, and sbatch
+#             itself reads `#PBS -J`/`#PBS -t` lines (see scripts/NOTES-slurm.md).
+#
+# Idempotent: config files are rewritten only when their content differs, and daemons are
+# restarted only when their config changed (or the running broker has another consumer_timeout).
+# Each service must come up within $SERVICE_TIMEOUT seconds (default 60) or the script exits 1.
+# Quiet on success apart from one summary line per service.
+set -euo pipefail
+
+ACTION="${1:-up}"
+TIMEOUT="${SERVICE_TIMEOUT:-60}"
+
+RMQ_CONF=/etc/rabbitmq/rabbitmq.conf
+RMQ_CONSUMER_TIMEOUT=60000
+AMQP_PORT=5672
+
+MUNGE_KEY=/etc/munge/munge.key
+MUNGE_PIDFILE=/run/munge/munged.pid
+
+SLURM_CONF=/etc/slurm/slurm.conf
+SLURMCTLD_PIDFILE=/run/slurmctld.pid
+SLURMD_PIDFILE=/run/slurmd.pid
+SLURM_LOGDIR=/var/log/slurm
+
+die() { echo "services.sh: error: $*" >&2; exit 1; }
+warn() { echo "services.sh: $*" >&2; }
+
+# wait_for SECONDS CMD... : poll CMD once a second until it succeeds; fail after SECONDS.
+wait_for() {
+    local limit=$1; shift
+    local deadline=$((SECONDS + limit))
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 1
+    done
+}
+
+# write_if_changed FILE MODE: stdin becomes FILE unless identical; returns 0 if FILE changed.
+write_if_changed() {
+    local file=$1 mode=$2 tmp
+    tmp="$(mktemp)"
+    cat >"$tmp"
+    if [[ -f "$file" ]] && cmp -s "$tmp" "$file"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    mkdir -p "$(dirname "$file")"
+    install -m "$mode" "$tmp" "$file"
+    rm -f "$tmp"
+    return 0
+}
+
+pid_alive() { # pid_alive PIDFILE NAME
+    local pid
+    pid="$(cat "$1" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] && [[ "$(ps -o comm= -p "$pid" 2>/dev/null || true)" == "$2" ]]
+}
+
+stop_pidfile() { # stop_pidfile PIDFILE NAME: TERM, wait, then KILL
+    local pid
+    pid_alive "$1" "$2" || return 0
+    pid="$(cat "$1")"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_for "$TIMEOUT" bash -c "! ps -p $pid >/dev/null"; then
+        warn "$2 (pid $pid) ignored SIGTERM for ${TIMEOUT}s; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        sleep 1
+    fi
+    rm -f "$1"
+}
+
+need() { command -v "$1" >/dev/null || die "$1 not found: run scripts/install.sh first"; }
+
+# ======================================================================== RabbitMQ
+rmq_beam_running() { pgrep -u rabbitmq -f 'beam.*-s rabbit' >/dev/null 2>&1 || pgrep -u rabbitmq -x beam.smp >/dev/null 2>&1; }
+rmq_node_answers() { timeout 30 rabbitmqctl -q status >/dev/null 2>&1; }
+rmq_app_running() { [[ "$(timeout 30 rabbitmqctl -q eval 'rabbit:is_running().' 2>/dev/null)" == true ]]; }
+amqp_port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$AMQP_PORT" 2>/dev/null; }
+
+rmq_consumer_timeout() {
+    # prints e.g. 60000, "undefined" or nothing if the node does not answer
+    local out
+    out="$(timeout 30 rabbitmqctl -q eval 'application:get_env(rabbit, consumer_timeout).' 2>/dev/null || true)"
+    case "$out" in
+        "{ok,"*) out="${out#\{ok,}"; echo "${out%\}}" ;;
+        *) echo "${out:-unknown}" ;;
+    esac
+}
+
+rmq_write_conf() {
+    write_if_changed "$RMQ_CONF" 0644 <<EOF
+# Written by clowder-hpc-agent scripts/services.sh; edits are overwritten.
+# Unacked deliveries older than this are taken back by the broker (checked about once a minute).
+consumer_timeout = $RMQ_CONSUMER_TIMEOUT
+# guest/guest is accepted from loopback only (RabbitMQ's default, stated here for clarity).
+loopback_users.guest = true
+listeners.tcp.default = $AMQP_PORT
+log.file.level = info
+EOF
+}
+
+rmq_stop() {
+    rmq_beam_running || return 0
+    local pidfile
+    pidfile="$(ls /var/lib/rabbitmq/mnesia/rabbit@*.pid 2>/dev/null | head -n 1 || true)"
+    timeout $((TIMEOUT + 10)) rabbitmqctl -q stop >/dev/null 2>&1 || true
+    if ! wait_for "$TIMEOUT" bash -c '! pgrep -u rabbitmq -x beam.smp >/dev/null'; then
+        if [[ -n "$pidfile" ]] && pid_alive "$pidfile" beam.smp; then
+            warn "rabbitmq did not stop within ${TIMEOUT}s; killing pid $(cat "$pidfile")"
+            kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
+            sleep 1
+        fi
+        rmq_beam_running && die "rabbitmq: broker still running ${TIMEOUT}s after 'rabbitmqctl stop'"
+    fi
+    return 0
+}
+
+rmq_up() {
+    need rabbitmq-server
+    rmq_write_conf || true
+    mkdir -p /var/log/rabbitmq /var/lib/rabbitmq
+    chown rabbitmq:rabbitmq /var/log/rabbitmq /var/lib/rabbitmq
+
+    if rmq_beam_running; then
+        # Already running (or starting): wait until it answers, then check its settings.
+        wait_for "$TIMEOUT" rmq_node_answers \
+            || die "rabbitmq: a broker process exists but does not answer 'rabbitmqctl status' after ${TIMEOUT}s (see /var/log/rabbitmq/)"
+        if ! rmq_app_running && ! wait_for "$TIMEOUT" rmq_app_running; then
+            timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1 || true
+        fi
+        local ct
+        ct="$(rmq_consumer_timeout)"
+        if [[ "$ct" != "$RMQ_CONSUMER_TIMEOUT" ]]; then
+            rmq_stop   # running with another consumer_timeout: restart with our config
+        fi
+    fi
+
+    if ! rmq_beam_running; then
+        local out
+        # Not `rabbitmqctl await_startup` straight away: it fails at once until the node has
+        # registered with epmd. Poll `rabbitmqctl status` instead (see shared/FACTS.md).
+        out="$(rabbitmq-server -detached 2>&1 9>&-)" \
+            || die "rabbitmq: 'rabbitmq-server -detached' failed: $out"
+        wait_for "$TIMEOUT" rmq_node_answers \
+            || die "rabbitmq: node did not answer 'rabbitmqctl status' within ${TIMEOUT}s (see /var/log/rabbitmq/)"
+    fi
+    wait_for "$TIMEOUT" rmq_app_running \
+        || die "rabbitmq: node answers but the rabbit application is not running after ${TIMEOUT}s"
+    wait_for "$TIMEOUT" amqp_port_open \
+        || die "rabbitmq: AMQP port $AMQP_PORT on 127.0.0.1 not open after ${TIMEOUT}s"
+    local ct
+    ct="$(rmq_consumer_timeout)"
+    [[ "$ct" == "$RMQ_CONSUMER_TIMEOUT" ]] \
+        || die "rabbitmq: consumer_timeout is '$ct', expected $RMQ_CONSUMER_TIMEOUT (check $RMQ_CONF)"
+}
+
+rmq_status() {
+    if rmq_beam_running && rmq_node_answers && amqp_port_open; then
+        echo "rabbitmq: up (consumer_timeout=$(rmq_consumer_timeout), amqp://127.0.0.1:$AMQP_PORT)"
+    else
+        echo "rabbitmq: down"
+        return 1
+    fi
+}
+
+# ======================================================================== munge
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+munge_up() {
+    need munged
+    mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
+    if [[ ! -s "$MUNGE_KEY" ]]; then
+        if command -v mungekey >/dev/null; then
+            mungekey --create --keyfile="$MUNGE_KEY" >/dev/null 2>&1 \
+                || die "munge: mungekey --create failed"
+        else
+            dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
+        fi
+    fi
+    chown munge:munge /etc/munge "$MUNGE_KEY" /var/lib/munge /var/log/munge /run/munge
+    chmod 0700 /etc/munge /var/lib/munge /var/log/munge
+    chmod 0400 "$MUNGE_KEY"
+    chmod 0755 /run/munge
+
+    munge_ok && return 0
+    stop_pidfile "$MUNGE_PIDFILE" munged   # a stuck or half-dead munged
+    local out
+    out="$(runuser -u munge -- /usr/sbin/munged 2>&1 9>&-)" \
+        || die "munge: munged failed to start: $out (see /var/log/munge/munged.log)"
+    wait_for "$TIMEOUT" munge_ok \
+        || die "munge: 'munge -n | unmunge' still fails after ${TIMEOUT}s (see /var/log/munge/munged.log)"
+}
+
+munge_down() {
+    stop_pidfile "$MUNGE_PIDFILE" munged
+    if pgrep -x munged >/dev/null; then
+        die "munge: a munged without pid file $MUNGE_PIDFILE is running; stop it by hand"
+    fi
+}
+
+munge_status() {
+    if munge_ok; then echo "munge: up"; else echo "munge: down"; return 1; fi
+}
+
+# ======================================================================== Slurm
+node_name() { slurmd -C | sed -n 's/^NodeName=\([^ ]*\).*/\1/p'; }
+
+slurm_write_conf() {
+    local nodeline host
+    nodeline="$(slurmd -C | head -n 1)"
+    [[ "$nodeline" == NodeName=* ]] || die "slurm: unexpected 'slurmd -C' output: $nodeline"
+    host="$(hostname -s)"
+    write_if_changed "$SLURM_CONF" 0644 <<EOF
+# Written by clowder-hpc-agent scripts/services.sh; edits are overwritten.
+# Single-node Slurm for tests: controller and compute node are this host.
+ClusterName=clowder-test
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+ReturnToService=2
+SlurmctldPidFile=$SLURMCTLD_PIDFILE
+SlurmdPidFile=$SLURMD_PIDFILE
+SlurmdSpoolDir=/var/spool/slurmd
+StateSaveLocation=/var/spool/slurmctld
+SlurmctldLogFile=$SLURM_LOGDIR/slurmctld.log
+SlurmdLogFile=$SLURM_LOGDIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=5
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+# SIGTERM at the time limit, SIGKILL KillWait seconds later.
+KillWait=10
+InactiveLimit=0
+Waittime=0
+# Finished jobs stay visible in squeue/scontrol for 5 minutes.
+MinJobAge=300
+MaxArraySize=10001
+MaxJobCount=20000
+$nodeline NodeAddr=127.0.0.1 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+slurmctld_ok() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
+
+node_state() { timeout 10 sinfo -h -n "$1" -o %T 2>/dev/null | head -n 1; }
+
+node_usable() {
+    local state
+    state="$(node_state "$1")"
+    case "$state" in
+        idle|mixed|allocated|completing) return 0 ;;
+        down|drained|draining|drain|fail|failing)
+            # slurmd answers but the node is marked down/drained: resume it.
+            timeout 10 scontrol update nodename="$1" state=resume >/dev/null 2>&1 || true
+            return 1 ;;
+        *) return 1 ;;   # unknown*, down*, idle* ...: slurmd not (yet) registered
+    esac
+}
+
+slurm_stop_daemons() {
+    stop_pidfile "$SLURMD_PIDFILE" slurmd
+    stop_pidfile "$SLURMCTLD_PIDFILE" slurmctld
+    # Daemons started without our pid files (by hand, another config) are not ours to kill.
+    if pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null; then
+        die "slurm: slurmd/slurmctld running without pid files $SLURMD_PIDFILE/$SLURMCTLD_PIDFILE; stop them by hand"
+    fi
+}
+
+slurm_up() {
+    need slurmctld
+    need slurmd
+    local changed=0 node out
+    if slurm_write_conf; then changed=1; fi
+    mkdir -p /var/spool/slurmd /var/spool/slurmctld "$SLURM_LOGDIR"
+    node="$(node_name)"
+    [[ -n "$node" ]] || die "slurm: could not read the node name from 'slurmd -C'"
+
+    if ((changed)); then
+        slurm_stop_daemons
+    fi
+    if ! pid_alive "$SLURMCTLD_PIDFILE" slurmctld; then
+        out="$(slurmctld 2>&1 9>&-)" || die "slurm: slurmctld failed to start: $out (see $SLURM_LOGDIR/slurmctld.log)"
+    fi
+    wait_for "$TIMEOUT" slurmctld_ok \
+        || die "slurm: slurmctld not answering 'scontrol ping' after ${TIMEOUT}s (see $SLURM_LOGDIR/slurmctld.log)"
+    if ! pid_alive "$SLURMD_PIDFILE" slurmd; then
+        out="$(slurmd 2>&1 9>&-)" || die "slurm: slurmd failed to start: $out (see $SLURM_LOGDIR/slurmd.log)"
+    fi
+    wait_for "$TIMEOUT" node_usable "$node" \
+        || die "slurm: node $node is '$(node_state "$node")' after ${TIMEOUT}s, not idle (see $SLURM_LOGDIR/)"
+}
+
+slurm_down() {
+    slurm_stop_daemons
+}
+
+slurm_status() {
+    local node state cpus
+    node="$(node_name 2>/dev/null || true)"
+    if slurmctld_ok && pid_alive "$SLURMD_PIDFILE" slurmd; then
+        state="$(node_state "$node")"
+        cpus="$(timeout 10 sinfo -h -n "$node" -o %c 2>/dev/null | head -n 1)"
+        echo "slurm: up (node $node $state, ${cpus:-?} cpus)"
+        case "$state" in idle|mixed|allocated|completing) return 0 ;; *) return 1 ;; esac
+    else
+        echo "slurm: down"
+        return 1
+    fi
+}
+
+# ======================================================================== main
+[[ "$(id -u)" == 0 ]] || die "must run as root (starts system daemons)"
+
+# One bring-up at a time: several test runs may call this concurrently. Daemons are started with
+# fd 9 closed (`9>&-`) so they do not inherit, and hold, this lock.
+mkdir -p /run/lock
+exec 9>/run/lock/clowder-hpc-agent-services.flock
+flock -w $((TIMEOUT * 5)) 9 || die "another services.sh has held the lock for $((TIMEOUT * 5))s"
+
+status_all() {
+    local rc=0
+    rmq_status || rc=1
+    munge_status || rc=1
+    slurm_status || rc=1
+    return $rc
+}
+
+case "$ACTION" in
+    up)
+        rmq_up
+        munge_up
+        slurm_up
+        status_all || die "a service is not up after bring-up"
+        ;;
+    down)
+        slurm_down
+        munge_down
+        rmq_stop
+        echo "rabbitmq: down"; echo "munge: down"; echo "slurm: down"
+        ;;
+    status)
+        status_all
+        ;;
+    *)
+        echo "usage: $0 [up|down|status]" >&2
+        exit 2
+        ;;
+esac
