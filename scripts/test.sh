@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The project's test command (README; CI runs it through .ci/run):
+#
+#   scripts/test.sh [pytest args...]
+#
+# Installs what is missing (scripts/install.sh), brings up RabbitMQ, munge and Slurm
+# (scripts/services.sh up), then runs pytest from the repo's .venv. The venv's bin comes first
+# on PATH so its MPICH mpiexec wins over Debian's /usr/bin/mpiexec (mpiexec.slurm).
+# pytest's exit 5 (no tests collected) is turned into a failure.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+bash scripts/install.sh
+bash scripts/services.sh up
+
+export PATH="$REPO/.venv/bin:$PATH"
+rc=0
+.venv/bin/python -m pytest tests -ra "$@" || rc=$?
+if ((rc == 5)); then
+    echo "test.sh: error: pytest collected no tests (exit 5); treating that as a failure" >&2
+    exit 1
+fi
+exit "$rc"
