@@ -85,8 +85,10 @@ need() { command -v "$1" >/dev/null || die "$1 not found: run scripts/install.sh
 
 # ======================================================================== RabbitMQ
 rmq_beam_running() { pgrep -u rabbitmq -f 'beam.*-s rabbit' >/dev/null 2>&1 || pgrep -u rabbitmq -x beam.smp >/dev/null 2>&1; }
-rmq_node_answers() { timeout 30 rabbitmqctl -q status >/dev/null 2>&1; }
+# `rabbitmqctl status` fails while the rabbit application is stopped; `eval` works on any live node.
+rmq_node_answers() { [[ "$(timeout 30 rabbitmqctl -q eval 'ok.' 2>/dev/null)" == ok ]]; }
 rmq_app_running() { [[ "$(timeout 30 rabbitmqctl -q eval 'rabbit:is_running().' 2>/dev/null)" == true ]]; }
+rmq_boot_state() { timeout 30 rabbitmqctl -q eval 'rabbit_boot_state:get().' 2>/dev/null || true; }
 amqp_port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$AMQP_PORT" 2>/dev/null; }
 
 rmq_consumer_timeout() {
@@ -136,10 +138,15 @@ rmq_up() {
     if rmq_beam_running; then
         # Already running (or starting): wait until it answers, then check its settings.
         wait_for "$TIMEOUT" rmq_node_answers \
-            || die "rabbitmq: a broker process exists but does not answer 'rabbitmqctl status' after ${TIMEOUT}s (see /var/log/rabbitmq/)"
-        if ! rmq_app_running && ! wait_for "$TIMEOUT" rmq_app_running; then
-            timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1 || true
+            || die "rabbitmq: a broker process exists but does not answer 'rabbitmqctl eval' after ${TIMEOUT}s (see /var/log/rabbitmq/)"
+        # The node may be up with the rabbit application stopped (`rabbitmqctl stop_app`, as
+        # broker-restart tests do): start it. A booting node is left to finish.
+        if [[ "$(rmq_boot_state)" == stopped ]]; then
+            timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1 \
+                || die "rabbitmq: the node runs but 'rabbitmqctl start_app' failed (see /var/log/rabbitmq/)"
         fi
+        wait_for "$TIMEOUT" rmq_app_running \
+            || die "rabbitmq: node answers but the rabbit application is not running after ${TIMEOUT}s"
         local ct
         ct="$(rmq_consumer_timeout)"
         if [[ "$ct" != "$RMQ_CONSUMER_TIMEOUT" ]]; then
@@ -150,11 +157,11 @@ rmq_up() {
     if ! rmq_beam_running; then
         local out
         # Not `rabbitmqctl await_startup` straight away: it fails at once until the node has
-        # registered with epmd. Poll `rabbitmqctl status` instead (see shared/FACTS.md).
+        # registered with epmd. Poll the node instead (see shared/FACTS.md).
         out="$(rabbitmq-server -detached 2>&1 9>&-)" \
             || die "rabbitmq: 'rabbitmq-server -detached' failed: $out"
         wait_for "$TIMEOUT" rmq_node_answers \
-            || die "rabbitmq: node did not answer 'rabbitmqctl status' within ${TIMEOUT}s (see /var/log/rabbitmq/)"
+            || die "rabbitmq: node did not answer 'rabbitmqctl eval' within ${TIMEOUT}s (see /var/log/rabbitmq/)"
     fi
     wait_for "$TIMEOUT" rmq_app_running \
         || die "rabbitmq: node answers but the rabbit application is not running after ${TIMEOUT}s"
@@ -167,7 +174,7 @@ rmq_up() {
 }
 
 rmq_status() {
-    if rmq_beam_running && rmq_node_answers && amqp_port_open; then
+    if rmq_beam_running && rmq_node_answers && rmq_app_running && amqp_port_open; then
         echo "rabbitmq: up (consumer_timeout=$(rmq_consumer_timeout), amqp://127.0.0.1:$AMQP_PORT)"
     else
         echo "rabbitmq: down"
