@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import filelock
 
+from launcher.broker import BrokerError
 from launcher.caps import CapsError, Request, load_caps
 from launcher.ledger import Ledger, LedgerError
 from launcher.operations import Launcher, Refused
@@ -149,6 +150,9 @@ def cmd_submit(args) -> int:
 
 def cmd_cancel(args) -> int:
     launcher = build(args)
+    if launcher.ledger.submission_by_job(args.job_id) is None and not args.force:
+        raise ConfigError(f"job {args.job_id} was not submitted by this launcher (state directory"
+                          f" {_state_dir(args)}); use --force to cancel it anyway")
     launcher.cancel(args.job_id)
     launcher.refresh()
     print(f"cancelled {args.job_id}")
@@ -212,7 +216,7 @@ def cmd_scale(args) -> int:
 
 
 def cmd_dispatch(args) -> int:
-    from launcher.broker import QueueClient
+    from launcher.broker import BrokerError, QueueClient
     from launcher.dispatch import Dispatcher
 
     launcher = build(args, need_script=True)
@@ -235,7 +239,15 @@ def cmd_dispatch(args) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     while True:
-        summary = dispatcher.step()
+        try:
+            summary = dispatcher.step()
+        except BrokerError as exc:  # broker restarting: the ledger keeps what we own
+            if args.once:
+                raise
+            log.warning("dispatch pass stopped, retrying in %g s: %s", args.interval, exc)
+            if stop.wait(args.interval):
+                return 0
+            continue
         open_rows = len(launcher.ledger.dispatch_rows("received", "submitted"))
         if args.once or args.verbose or any(summary.values()):
             print(" ".join(f"{k} {v}" for k, v in summary.items()) + f" open {open_rows}",
@@ -320,6 +332,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel a job (all its tasks)")
     p.add_argument("job_id")
+    p.add_argument("--force", action="store_true", help="also a job this launcher did not submit")
     _common(p, suppress=True)
     p.set_defaults(func=cmd_cancel, locked=True)
 
@@ -357,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except LockedError as exc:
         print(f"launcher: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    except (SchedulerError, CommandError) as exc:
+    except (SchedulerError, CommandError, BrokerError) as exc:
         print(f"launcher: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 from launcher.broker import BrokerError, QueueStats
 from launcher.caps import Allowance, Caps, Request, Usage, clamp, period_start
 from launcher.ledger import Ledger
-from launcher.runner import CommandTimeout, Runner
+from launcher.runner import CommandError, CommandTimeout, Runner
 from launcher.schedulers.base import QueryFailed, Scheduler, SubmitFailed, SubmitRequest
 from launcher.states import JobState
 from launcher.strategy import Decision, Observation, Policy, decide
@@ -163,10 +163,16 @@ class Launcher:
         picked: Dict[str, List[int]] = {}
         for row in rows[:count]:
             picked.setdefault(row["job_id"], []).append(row["idx"])
+        done = 0
         for job_id, indices in picked.items():
             total = len(self.ledger.tasks(job_id, open_only=True))
-            self.cancel(job_id, None if len(indices) == total else sorted(indices))
-        return sum(len(v) for v in picked.values())
+            try:
+                self.cancel(job_id, None if len(indices) == total else sorted(indices))
+            except CommandError as exc:  # e.g. the tasks ended meanwhile: next refresh tells
+                log.warning("cancel of %s failed: %s", job_id, exc)
+                continue
+            done += len(indices)
+        return done
 
     # ------------------------------------------------------------------ scale
     def observe(self, scheduler_ok: bool, per_file_s: Optional[float] = None
