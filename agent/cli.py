@@ -71,6 +71,7 @@ def worker_env(cfg: AgentConfig) -> dict[str, str]:
 
 def cmd_run(cfg: AgentConfig) -> int:
     from .journal import Journal
+    from .mpi_ranks import launched_by_mpi  # does not import mpi4py
     from .runner import Runner
     from .slots import Slot
     from .sources.amqp import AmqpSource, new_agent_id
@@ -85,6 +86,14 @@ def cmd_run(cfg: AgentConfig) -> int:
         log.error("%s", exc)
         return exitcodes.PLUGIN_ERROR
     queue = queue_name(cfg, spec)
+    init, env = worker_init(cfg, spec, queue), worker_env(cfg)
+    ranks = None
+    if launched_by_mpi():  # started by mpiexec: one extractor per rank, one connection per group
+        from .mpi_ranks import join_allocation
+        ranks = join_allocation(cfg, init, env, redactor)
+        if not ranks.leader:
+            return ranks.serve()  # this rank gets its files over MPI from its group's leader
+        cfg = ranks.leader_config(cfg)
     agent_id = new_agent_id()
     journal = Journal(cfg.journal_dir, agent_id)
     try:
@@ -94,16 +103,18 @@ def cmd_run(cfg: AgentConfig) -> int:
         return exitcodes.CONFIG_ERROR
     source = AmqpSource(cfg.rabbitmq_uri, queue, cfg.effective_prefetch(), journal, agent_id,
                         connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
-    init, env = worker_init(cfg, spec, queue), worker_env(cfg)
 
     def make_slot(index: int, post, on_frame) -> Slot:
+        if ranks is not None:
+            return ranks.make_slot(index, post, on_frame)
         return Slot(index, init, post, on_frame, redactor, env=env)
 
     log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
     try:
-        return Runner(cfg, source, make_slot, redactor).run()
+        code = Runner(cfg, source, make_slot, redactor).run()
     finally:
         journal.close()
+    return ranks.finish(code) if ranks is not None else code
 
 
 def cmd_plugins(cfg: AgentConfig, as_json: bool) -> int:

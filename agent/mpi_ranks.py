@@ -1,0 +1,611 @@
+"""MPI file-per-rank parallelism: one extractor process per rank, one broker connection per leader.
+
+`mpiexec -n N python -m agent run ...` starts N agents. They split into groups (AGENT_MPI_LEADER:
+`node`, the default, is one group per node; `allocation` is one group for the whole job; a number
+k makes groups of k consecutive ranks, for trying several groups on one machine). In each group:
+
+- the leader (group rank 0) runs the ordinary Runner with the ordinary AMQP source: the group's
+  only broker connection. Its slots are lanes (LaneSlot), each one job at a time as the Runner
+  expects; a lane's job goes to the least-loaded live rank of the group, the leader included,
+  so the Runner's acking, retry, journal and stop decisions are made once for the whole group;
+- every other rank runs a RankWorker (its extractor process or processes) and a small loop that
+  takes jobs from the leader over MPI and sends the extractor's frames back.
+
+Only the leader's comm thread and the other ranks' main threads call MPI, with non-blocking
+sends and probes between short sleeps: a blocking MPI receive spins a core, and 64 spinning
+ranks on two cores would starve the extractors.
+
+Failures. Ranks send heartbeats; a rank silent for AGENT_MPI_RANK_TIMEOUT seconds (or failing
+a send) is lost: its files are reported "died" to the Runner (retried like any crash) and the
+other ranks take the next files. With MPICH's hydra a killed rank takes the whole job down
+instead; nothing is lost either way, since the leader's deliveries are unacknowledged (the
+broker requeues them) or journaled (the next agent recovers them). A group that lost a rank, or
+a leader that fails outside the Runner, ends the job with MPI_Abort rather than hang in
+MPI_Finalize. A rank that loses its leader aborts too.
+
+SIGTERM/SIGINT received by any rank are relayed to the leader, whose Runner drains all lanes at
+once: one allocation (group), one decision. Idle exit, message budget and walltime are the
+leader's Runner's decisions too.
+
+Nothing here imports mpi4py unless an MPI launcher started the agent (launched_by_mpi): importing
+it initializes MPI, which a plain single-process agent must not do.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from . import exitcodes
+from .config import AgentConfig
+from .rank_worker import RankWorker
+from .redact import Redactor
+
+log = logging.getLogger("agent.mpi")
+TAG = 7177
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_CHILD_DROP_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "MV2_", "I_MPI_")
+MIN_POLL, MAX_POLL_LEADER, MAX_POLL_RANK = 0.001, 0.005, 0.05
+CLOSE_WAIT = 30.0
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def launched_by_mpi(environ: Optional[dict[str, str]] = None) -> bool:
+    """True when an MPI launcher started this process (or AGENT_MPI=1 asks for MPI anyway)."""
+    env = os.environ if environ is None else environ
+    forced = env.get("AGENT_MPI", "").strip().lower()
+    if forced in _TRUE:
+        return True
+    if forced in _FALSE:
+        return False
+    return any(env.get(name) for name in LAUNCHER_VARS)
+
+
+@dataclass(frozen=True)
+class MpiSettings:
+    """The MPI path's settings, from the environment (AGENT_MPI_LEADER, ...)."""
+
+    leader: str = "node"          # node | allocation | <ranks per group>
+    rank_timeout: float = 60.0    # seconds of silence after which a rank (or the leader) is lost
+    stage_ahead: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict[str, str]] = None) -> "MpiSettings":
+        from .config import ConfigError
+        from .stage_ahead import enabled
+
+        env = os.environ if environ is None else environ
+        leader = env.get("AGENT_MPI_LEADER", "node").strip().lower() or "node"
+        if leader not in ("node", "allocation") and not (leader.isdigit() and int(leader) > 0):
+            raise ConfigError(f"AGENT_MPI_LEADER: {leader!r} is not node, allocation or a positive number")
+        try:
+            timeout = float(env.get("AGENT_MPI_RANK_TIMEOUT", "60") or 60)
+        except ValueError:
+            raise ConfigError("AGENT_MPI_RANK_TIMEOUT: not a number") from None
+        if timeout <= 0:
+            raise ConfigError("AGENT_MPI_RANK_TIMEOUT: must be positive")
+        return cls(leader=leader, rank_timeout=timeout, stage_ahead=enabled(env))
+
+    @property
+    def heartbeat(self) -> float:
+        return min(5.0, self.rank_timeout / 4)
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """The extractor's environment without the launcher's wiring (PMI_FD belongs to the rank)."""
+    return {k: v for k, v in env.items() if not k.startswith(_CHILD_DROP_PREFIXES)}
+
+
+def _wait_for_everyone(comm: Any) -> None:
+    """A barrier that sleeps: ranks still starting get the CPU instead of spinning ranks."""
+    req = comm.Ibarrier()
+    delay = MIN_POLL
+    while not req.Test():
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_POLL_RANK)
+
+
+def _group(world: Any, mode: str) -> Any:
+    from mpi4py import MPI
+
+    if mode == "allocation":
+        return world.Dup()
+    if mode == "node":
+        return world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    return world.Split(color=world.Get_rank() // int(mode), key=world.Get_rank())
+
+
+class _RankTag(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_rank_tagged", False):
+            record.name = f"rank{self.rank}.{record.name}"
+            record._rank_tagged = True  # type: ignore[attr-defined]
+        return True
+
+
+def join_allocation(cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
+                    redactor: Redactor) -> "Leader | Follower":
+    """Initialize MPI, find this rank's group and role, start its extractor(s)."""
+    settings = MpiSettings.from_env()
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RankTag(world.Get_rank()))
+    _wait_for_everyone(world)
+    comm = _group(world, settings.leader)
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    log.info("rank %d of %d (pid %d): %s of a group of %d", world.Get_rank(), world.Get_size(), os.getpid(),
+             "leader" if comm.Get_rank() == 0 else f"member {comm.Get_rank()}", comm.Get_size())
+    member: Leader | Follower
+    if comm.Get_rank() == 0:
+        if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
+            log.error("this MPI library gives no thread support (MPI_THREAD_SERIALIZED needed by the leader)")
+            world.Abort(exitcodes.CONFIG_ERROR)
+        member = Leader(world, comm, cfg, init, child_env(env), redactor, settings)
+    else:
+        member = Follower(world, comm, cfg, init, child_env(env), redactor, settings)
+    member.start()
+    return member
+
+
+# ---------------------------------------------------------------------------------------------
+# The leader: the Runner's slots are lanes; jobs go to ranks.
+# ---------------------------------------------------------------------------------------------
+class LaneSlot:
+    """One Runner slot: one job at a time, run by whichever rank the leader picks."""
+
+    def __init__(self, index: int, leader: "Leader") -> None:
+        self.index = index
+        self.busy_with: Any = None
+        self.started_at = 0.0
+        self.info: Optional[dict[str, Any]] = None
+        self._leader = leader
+
+    def start(self) -> None:
+        """Nothing to start: the ranks' extractors started when the allocation was joined."""
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        self.info = self._leader.wait_ready(timeout)
+        return self.info
+
+    def assign(self, delivery: Any, body: dict[str, Any], job_number: int) -> None:
+        self.busy_with = delivery
+        self.started_at = time.monotonic()
+        self._leader.assign(self.index, body, job_number)
+
+    def kill(self) -> None:
+        self._leader.kill(self.index)
+
+    def close(self) -> None:
+        self._leader.close_lane(self.index)
+
+
+class Leader:
+    """Group rank 0: the Runner's lanes, its own extractor(s), and the comm thread for the others."""
+
+    leader = True
+
+    def __init__(self, world: Any, comm: Any, cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
+                 redactor: Redactor, settings: MpiSettings) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.world, self.comm, self.settings = world, comm, settings
+        self.size = comm.Get_size()
+        self.worker = RankWorker(init, env, redactor, self._local_frame, extractors=cfg.slots,
+                                 stage_ahead=settings.stage_ahead)
+        self.lanes_total = self.worker.capacity * self.size
+        self._lock = threading.Lock()
+        self._lanes: dict[int, LaneSlot] = {}
+        self._post: Optional[Callable[[Callable[[], None]], None]] = None
+        self._on_frame: Optional[Callable[[Any, dict[str, Any]], None]] = None
+        self._where: dict[int, int] = {}          # lane -> rank running its job
+        self._load = [0] * self.size
+        self._ready: set[int] = set()             # ranks whose extractor is ready
+        self._failed: dict[int, str] = {}         # ranks whose extractor could not start
+        self.lost: dict[int, str] = {}            # ranks that stopped answering
+        self._acks: set[int] = set()              # ranks that closed
+        self._closed_lanes: set[int] = set()
+        self._closing = False
+        self._answered = threading.Event()
+        self._out: "queue.SimpleQueue[tuple[int, tuple]]" = queue.SimpleQueue()
+        now = time.monotonic()
+        self._last_seen = [now] * self.size
+        self._last_sent = [now] * self.size
+        self._relay: Optional[int] = None
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._comm_main, name="mpi-comm", daemon=True)
+        self.info: Optional[dict[str, Any]] = None
+        self.sent_jobs = [0] * self.size
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        atexit.register(self._abort_if_unfinished)
+        self.worker.start()
+        self._thread.start()
+        if self.size == 1:
+            self._answered.set()
+        log.info("MPI group of %d rank(s) (AGENT_MPI_LEADER=%s): this rank holds the group's broker connection",
+                 self.size, self.settings.leader)
+
+    def leader_config(self, cfg: AgentConfig) -> AgentConfig:
+        """The Runner's settings: one slot per lane of the whole group."""
+        return dataclasses.replace(cfg, slots=self.lanes_total)
+
+    def make_slot(self, index: int, post: Callable[[Callable[[], None]], None],
+                  on_frame: Callable[[Any, dict[str, Any]], None]) -> LaneSlot:
+        self._post, self._on_frame = post, on_frame
+        slot = LaneSlot(index, self)
+        self._lanes[index] = slot
+        return slot
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """This rank's extractor ready, then every other rank ready or failed (up to timeout)."""
+        if self.info is not None:
+            return self.info
+        deadline = time.monotonic() + timeout
+        if not self.worker.ready.wait(timeout):
+            raise RuntimeError(f"extractor process did not start within {timeout:.0f}s")
+        if self.worker.fatal:
+            raise RuntimeError(self.worker.fatal)
+        with self._lock:
+            self._ready.add(0)
+        self._answered.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            ready, failed = sorted(self._ready), dict(self._failed)
+        for rank, reason in sorted(failed.items()):
+            log.error("rank %d cannot run the extractor: %s; the other ranks carry on", rank, reason)
+        silent = self.size - len(ready) - len(failed)
+        if silent:
+            log.warning("%d rank(s) not ready after %.0fs; they get files once they are", silent, timeout)
+        log.info("%d of %d rank(s) ready: %d extractor process(es) per rank, %d lane(s)%s", len(ready),
+                 self.size, self.worker.extractors, self.lanes_total,
+                 ", stage-ahead on" if self.worker.stage_ahead else "")
+        self.info = self.worker.info
+        return self.info  # type: ignore[return-value]
+
+    # -- lanes (main thread) --------------------------------------------------------------------
+    def _pick(self) -> int:
+        live = [r for r in self._ready if r not in self.lost and r not in self._failed]
+        if not live:
+            return 0
+        return min(live, key=lambda r: (self._load[r], r))
+
+    def assign(self, lane: int, body: dict[str, Any], number: int) -> None:
+        with self._lock:
+            rank = self._pick()
+            self._where[lane] = rank
+            self._load[rank] += 1
+            self.sent_jobs[rank] += 1
+        if rank == 0:
+            self.worker.submit(lane, number, body)
+        else:
+            self._out.put((rank, ("job", lane, number, body)))
+
+    def kill(self, lane: int) -> None:
+        with self._lock:
+            rank = self._where.get(lane)
+        if rank == 0:
+            self.worker.kill(lane)
+        elif rank is not None:
+            self._out.put((rank, ("kill", lane)))
+
+    def close_lane(self, lane: int) -> None:
+        self._closed_lanes.add(lane)
+        if self._closing or len(self._closed_lanes) < len(self._lanes):
+            return
+        self._closing = True
+        self.worker.close()
+        for rank in range(1, self.size):
+            self._out.put((rank, ("close",)))
+
+    # -- frames (worker and comm threads) -----------------------------------------------------------
+    def _local_frame(self, lane: int, frame: dict[str, Any]) -> None:
+        self._frame(0, lane, frame)
+
+    def _frame(self, rank: int, lane: int, frame: dict[str, Any]) -> None:
+        kind = frame.get("t")
+        with self._lock:
+            if self._where.get(lane) != rank:
+                return  # a late frame from a rank already given up on
+            if kind in ("done", "died"):
+                del self._where[lane]
+                self._load[rank] -= 1
+        slot = self._lanes[lane]
+        assert self._post is not None and self._on_frame is not None
+        on_frame = self._on_frame
+        self._post(lambda: on_frame(slot, frame))
+
+    def _lose(self, rank: int, reason: str) -> None:
+        with self._lock:
+            if rank in self.lost:
+                return
+            self.lost[rank] = reason
+            lanes = [lane for lane, r in self._where.items() if r == rank]
+            for lane in lanes:
+                del self._where[lane]
+            self._load[rank] = 0
+        log.error("MPI rank %d lost (%s): %d file(s) it held go back for another attempt; the other ranks "
+                  "carry on", rank, reason, len(lanes))
+        self._check_answered()
+        for lane in lanes:
+            slot, on_frame = self._lanes[lane], self._on_frame
+            assert self._post is not None and on_frame is not None
+            self._post(lambda s=slot, f=on_frame: f(s, {"t": "died", "reason": f"MPI rank {rank} was lost: {reason}"}))
+
+    # -- the comm thread ------------------------------------------------------------------------------
+    def _comm_main(self) -> None:
+        try:
+            self._comm_loop()
+        except BaseException:  # noqa: BLE001 - without this thread the group cannot work
+            log.exception("MPI communication failed; aborting the MPI job")
+            logging.shutdown()
+            self.world.Abort(exitcodes.INTERNAL_ERROR)
+
+    def _comm_loop(self) -> None:
+        MPI = self._MPI
+        status = MPI.Status()
+        sends: list[tuple[int, Any]] = []
+        carried: Optional[tuple[int, tuple]] = None
+        interval = MIN_POLL
+        hb = self.settings.heartbeat
+        while not (self._stop.is_set() and not sends):
+            busy = carried is not None
+            while True:
+                if carried is None:
+                    try:
+                        carried = self._out.get_nowait()
+                    except queue.Empty:
+                        break
+                dest, msg = carried
+                carried = None
+                busy = True
+                self._send(dest, msg, sends)
+            sends = self._completed(sends)
+            while True:
+                try:
+                    message = self.comm.improbe(MPI.ANY_SOURCE, TAG, status)
+                except MPI.Exception as exc:
+                    log.warning("MPI probe failed: %s", exc)
+                    break
+                if message is None:
+                    break
+                src = status.Get_source()
+                try:
+                    msg = message.recv()
+                except MPI.Exception as exc:
+                    self._lose(src, f"receive failed: {exc}")
+                    continue
+                busy = True
+                self._last_seen[src] = time.monotonic()
+                self._handle(src, msg)
+            now = time.monotonic()
+            for rank in range(1, self.size):
+                if rank in self.lost or rank in self._acks:
+                    continue
+                if now - self._last_seen[rank] > self.settings.rank_timeout:
+                    self._lose(rank, f"no word from it for {self.settings.rank_timeout:g}s")
+                elif now - self._last_sent[rank] >= hb:
+                    self._send(rank, ("hb",), sends)
+            self._relay_signal()
+            interval = MIN_POLL if busy else min(interval * 2, MAX_POLL_LEADER)
+            try:
+                carried = self._out.get(timeout=interval)
+            except queue.Empty:
+                pass
+
+    def _send(self, dest: int, msg: tuple, sends: list[tuple[int, Any]]) -> None:
+        if dest in self.lost:
+            return  # its jobs were already reported died by _lose
+        try:
+            sends.append((dest, self.comm.isend(msg, dest=dest, tag=TAG)))
+            self._last_sent[dest] = time.monotonic()
+        except self._MPI.Exception as exc:
+            self._lose(dest, f"send failed: {exc}")
+
+    def _completed(self, sends: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        left = []
+        for dest, req in sends:
+            if dest in self.lost:
+                continue  # abandoned; the job ends with MPI_Abort
+            try:
+                if not req.Test():
+                    left.append((dest, req))
+            except self._MPI.Exception as exc:
+                self._lose(dest, f"send failed: {exc}")
+        return left
+
+    def _handle(self, src: int, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "frame":
+            self._frame(src, msg[1], msg[2])
+        elif kind in ("ready", "fatal"):
+            with self._lock:
+                if kind == "ready":
+                    self._ready.add(src)
+                else:
+                    self._failed[src] = msg[1]
+            self._check_answered()
+        elif kind == "signal":
+            log.info("rank %d received %s: stopping the group", src, signal.Signals(msg[1]).name)
+            self._relay = msg[1]
+        elif kind == "closed":
+            self._acks.add(src)
+
+    def _check_answered(self) -> None:
+        with self._lock:
+            if len(self._ready | set(self._failed) | set(self.lost) | {0}) >= self.size:
+                self._answered.set()
+
+    def _relay_signal(self) -> None:
+        """A rank's SIGTERM/SIGINT becomes the leader's: the Runner's handler drains every lane."""
+        signum = self._relay
+        if signum is None or not callable(signal.getsignal(signum)):
+            return  # no handler yet (still starting): keep it until the Runner installed one
+        self._relay = None
+        os.kill(os.getpid(), signum)
+
+    # -- the end ----------------------------------------------------------------------------------------
+    def finish(self, code: int) -> int:
+        """After the Runner: wait for the ranks to close; abort the job if some cannot."""
+        self._finished = True
+        if not self._closing:  # the Runner never closed its lanes (it was not built, or failed)
+            self._closing = True
+            self.worker.close()
+            for rank in range(1, self.size):
+                self._out.put((rank, ("close",)))
+        deadline = time.monotonic() + CLOSE_WAIT
+        while time.monotonic() < deadline:
+            expected = set(range(1, self.size)) - set(self.lost)
+            if expected <= self._acks:
+                break
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(10)
+        self.worker.join(10)
+        missing = sorted(set(range(1, self.size)) - set(self.lost) - self._acks)
+        counts = ", ".join(f"rank {r}: {n}" for r, n in enumerate(self.sent_jobs))
+        log.info("files handed out per rank: %s", counts)
+        if self.lost or missing:
+            log.error("ending the MPI job with MPI_Abort (lost rank(s): %s; not closing: %s); every file was "
+                      "settled or handed back first", sorted(self.lost) or "none", missing or "none")
+            logging.shutdown()
+            self.world.Abort(code)
+        return code
+
+    def _abort_if_unfinished(self) -> None:
+        if not self._finished:
+            log.error("the leader is exiting without closing its ranks; aborting the MPI job")
+            logging.shutdown()
+            self.world.Abort(exitcodes.INTERNAL_ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every other rank: run the jobs the leader sends.
+# ---------------------------------------------------------------------------------------------
+class Follower:
+    """A rank that gets its files over MPI from its group's leader."""
+
+    leader = False
+
+    def __init__(self, world: Any, comm: Any, cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
+                 redactor: Redactor, settings: MpiSettings) -> None:
+        self.world, self.comm, self.settings = world, comm, settings
+        self._up: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self.worker = RankWorker(init, env, redactor, self._emit, extractors=cfg.slots,
+                                 stage_ahead=settings.stage_ahead, on_ready=self._ready)
+        self._signals: list[int] = []
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def leader_config(self, cfg: AgentConfig) -> AgentConfig:  # pragma: no cover - leader only
+        return cfg
+
+    def _emit(self, lane: int, frame: dict[str, Any]) -> None:
+        self._up.put(("frame", lane, frame))
+
+    def _ready(self, info: Optional[dict[str, Any]], reason: str) -> None:
+        self._up.put(("ready", info) if info is not None else ("fatal", reason))
+
+    def serve(self) -> int:
+        """Run jobs from the leader until it says close; returns this rank's exit code."""
+        def on_signal(signum: int, _frame: Any) -> None:
+            self._signals.append(signum)
+            self._up.put(("wake",))
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            return self._loop()
+        except BaseException:  # noqa: BLE001 - never hang the job in MPI_Finalize
+            log.exception("rank failed; aborting the MPI job")
+            logging.shutdown()
+            self.world.Abort(exitcodes.INTERNAL_ERROR)
+            raise
+
+    def _loop(self) -> int:
+        from mpi4py import MPI
+
+        status = MPI.Status()
+        sends: list[Any] = []
+        last_heard = last_sent = time.monotonic()
+        interval = MIN_POLL
+        hb = self.settings.heartbeat
+        carried: Optional[tuple] = None
+        while True:
+            busy = carried is not None
+            while True:
+                if carried is None:
+                    try:
+                        carried = self._up.get_nowait()
+                    except queue.Empty:
+                        break
+                msg, carried = carried, None
+                busy = True
+                if msg[0] != "wake":
+                    sends.append(self.comm.isend(msg, dest=0, tag=TAG))
+                    last_sent = time.monotonic()
+            while self._signals:
+                sends.append(self.comm.isend(("signal", self._signals.pop(0)), dest=0, tag=TAG))
+            sends = [r for r in sends if not r.Test()]
+            closing = False
+            while True:
+                message = self.comm.improbe(0, TAG, status)
+                if message is None:
+                    break
+                msg = message.recv()
+                busy = True
+                last_heard = time.monotonic()
+                if msg[0] == "job":
+                    self.worker.submit(msg[1], msg[2], msg[3])
+                elif msg[0] == "kill":
+                    self.worker.kill(msg[1])
+                elif msg[0] == "close":
+                    closing = True
+            if closing:
+                return self._close(sends)
+            now = time.monotonic()
+            if now - last_heard > self.settings.rank_timeout:
+                log.error("no word from the leader for %gs: aborting the MPI job (its deliveries go back to "
+                          "the queue with its connection)", self.settings.rank_timeout)
+                logging.shutdown()
+                self.world.Abort(exitcodes.INTERNAL_ERROR)
+            if now - last_sent >= hb:
+                sends.append(self.comm.isend(("hb",), dest=0, tag=TAG))
+                last_sent = now
+            interval = MIN_POLL if busy else min(interval * 2, MAX_POLL_RANK)
+            try:
+                carried = self._up.get(timeout=interval)
+            except queue.Empty:
+                pass
+
+    def _close(self, sends: list[Any]) -> int:
+        self.worker.close()
+        self.worker.join(10)
+        while True:  # frames still queued (none expected: the leader closes when all lanes are idle)
+            try:
+                msg = self._up.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] in ("frame", "ready", "fatal"):
+                sends.append(self.comm.isend(msg, dest=0, tag=TAG))
+        sends.append(self.comm.isend(("closed",), dest=0, tag=TAG))
+        deadline = time.monotonic() + 10
+        while sends and time.monotonic() < deadline:
+            sends = [r for r in sends if not r.Test()]
+            time.sleep(0.005)
+        return exitcodes.PLUGIN_ERROR if self.worker.fatal else exitcodes.OK
