@@ -70,7 +70,16 @@ PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null || die "$PY not found"
 
 if [[ ! -x .venv/bin/python ]]; then
-    quiet "$PY" -m venv .venv || die "could not create .venv with $PY (python3-venv missing?)"
+    if ! "$PY" -m venv .venv >/dev/null 2>&1; then
+        # Debian's own python3 needs python3-venv (pyenv/python.org builds do not).
+        rm -rf .venv
+        if [[ "$(command -v "$PY")" == /usr/bin/* ]] && [[ "$(id -u)" == 0 ]]; then
+            quiet apt-get update -q || die "apt-get update failed"
+            DEBIAN_FRONTEND=noninteractive quiet apt-get install -y -q --no-install-recommends \
+                python3-venv || die "apt-get install python3-venv failed"
+        fi
+        quiet "$PY" -m venv .venv || die "could not create .venv with $PY (python3-venv missing?)"
+    fi
 fi
 
 stamp=.venv/.clowder-hpc-agent-setup.sha256

@@ -11,10 +11,15 @@
 #             select/cons_tres + CR_Core so several 1-cpu array tasks run at once, no accounting.
 #             Logs: /var/log/slurm/. The Debian slurm-wlm-torque wrappers give qsub/qstat/qdel;
 #             qsub accepts both `-J 1-3` and `-t 1-3` for arrays on the command line, and sbatch
-#             itself reads `#PBS -J`/`#PBS -t` lines (see scripts/NOTES-slurm.md).
+#             itself reads `#PBS -J`/`#PBS -t` lines. `qsub -v X=1` means `--export=none,X=1`
+#             (login environment + X, not the submitter's PATH), no PBS_* variables are set, and
+#             with the array only in `#PBS -J` all tasks share one output file. Details and what
+#             was verified (walltime TIMEOUT, MPI inside jobs): scripts/NOTES-slurm.md.
 #
-# Idempotent: config files are rewritten only when their content differs, and daemons are
-# restarted only when their config changed (or the running broker has another consumer_timeout).
+# Idempotent: config files are rewritten only when their content differs. Slurm daemons are
+# restarted only when slurm.conf changed; the broker only when its running consumer_timeout is
+# not 60000; a broker node whose rabbit app was stopped gets `start_app`; a down/drained node
+# is resumed.
 # Each service must come up within $SERVICE_TIMEOUT seconds (default 60) or the script exits 1.
 # Quiet on success apart from one summary line per service.
 set -euo pipefail
