@@ -70,16 +70,34 @@ def worker_env(cfg: AgentConfig) -> dict[str, str]:
 
 
 def cmd_run(cfg: AgentConfig) -> int:
+    import logging
+    import time
+
+    from .jobenv import detect, scheduler_end_time
     from .journal import Journal
     from .mpi_ranks import launched_by_mpi  # does not import mpi4py
     from .runner import Runner
     from .slots import Slot
     from .sources.amqp import AmqpSource, new_agent_id
+    from .walltime import default_margin, parse_walltime
 
+    identity = detect()
     redactor = Redactor()
-    setup_logging(cfg.log_level, redactor, log_file=cfg.log_file)
-    import logging
+    setup_logging(cfg.log_level, redactor, identity=identity.label() if identity.scheduler else "",
+                  log_file=cfg.log_file)
     log = logging.getLogger("agent")
+    started = time.time()
+    if cfg.walltime:
+        end_time: Optional[float] = started + parse_walltime(cfg.walltime)
+    else:
+        end_time = scheduler_end_time(identity)
+        if identity.scheduler and end_time is None:
+            log.warning("the scheduler did not say when this task ends; set AGENT_WALLTIME so the agent can "
+                        "stop taking files in time")
+    margin = cfg.walltime_margin or default_margin(end_time - started if end_time else None)
+    if end_time is not None:
+        log.info("task ends at %s (%.0fs from now); files start only while they fit, with a %.0fs margin",
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end_time)), end_time - started, margin)
     try:
         spec = find_plugin(cfg.plugin, cfg.plugin_path)
     except PluginError as exc:
@@ -94,7 +112,7 @@ def cmd_run(cfg: AgentConfig) -> int:
         if not ranks.leader:
             return ranks.serve()  # this rank gets its files over MPI from its group's leader
         cfg = ranks.leader_config(cfg)
-    agent_id = new_agent_id()
+    agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
     journal = Journal(cfg.journal_dir, agent_id)
     try:
         journal.open()
@@ -111,7 +129,8 @@ def cmd_run(cfg: AgentConfig) -> int:
 
     log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
     try:
-        code = Runner(cfg, source, make_slot, redactor).run()
+        code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
+                      identity=identity.label()).run()
     finally:
         journal.close()
     return ranks.finish(code) if ranks is not None else code

@@ -100,7 +100,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prefetch", int, 0, "deliveries held at once (0: twice the slots)"),
     Setting("idle_exit", float, 0.0, "exit 0 after this many seconds without work (0: never)"),
     Setting("max_messages", int, 0, "exit 0 after this many messages (0: no limit)"),
-    Setting("stop_grace", float, 20.0, "seconds in-flight work may finish after SIGTERM before it is handed back"),
+    Setting("stop_grace", float, 5.0, "seconds in-flight work may finish after SIGTERM before it is handed back"),
+    Setting("walltime", _to_optional_str, None,
+            "this task's time limit (HH:MM:SS); default: asked of the scheduler (Slurm, PBS, Torque)"),
+    Setting("walltime_margin", float, 0.0,
+            "seconds kept free at the end of the allocation (0: 5%% of the walltime, 10 s to 5 min)"),
     Setting("journal_dir", str, os.path.join("~", ".clowder-hpc-agent", "journal"),
             "in-flight journal (on a filesystem every node sees) for extractions longer than journal_after"),
     Setting("journal_after", float, 20.0,
@@ -137,7 +141,9 @@ class AgentConfig:
     prefetch: int = 0
     idle_exit: float = 0.0
     max_messages: int = 0
-    stop_grace: float = 20.0
+    stop_grace: float = 5.0
+    walltime: Optional[str] = None
+    walltime_margin: float = 0.0
     journal_dir: str = os.path.join("~", ".clowder-hpc-agent", "journal")
     journal_after: float = 20.0
     connect_timeout: float = 60.0
@@ -161,12 +167,18 @@ class AgentConfig:
         for name in ("max_retries", "prefetch", "max_messages"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
-        for name in ("idle_exit", "stop_grace", "journal_after", "retry_backoff", "heartbeat",
+        for name in ("idle_exit", "stop_grace", "walltime_margin", "journal_after", "retry_backoff", "heartbeat",
                      "connect_timeout", "reconnect_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
         if self.journal_after <= 0:
             raise ConfigError("journal_after: must be positive (RabbitMQ closes channels holding old deliveries)")
+        if self.walltime is not None:
+            from .walltime import parse_walltime
+            try:
+                parse_walltime(self.walltime)
+            except ValueError as exc:
+                raise ConfigError(f"walltime: {exc}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
 

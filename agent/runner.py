@@ -14,6 +14,10 @@ thread-safe). Slot threads hand frames back through `post`. The rules, in one pl
   deliveries still waiting for a slot by then are handed back for other workers instead.
 - On SIGTERM/SIGINT: no new work; waiting deliveries are handed back at once; work in flight
   may finish for stop_grace seconds, then it is killed and handed back (not a failed attempt).
+  SIGUSR1 drains: no new work, and work in flight finishes however long it takes.
+- In a batch task with a known end time, a file is started only when the time left can fit
+  one more file (the longest recent duration) plus a safety margin; otherwise the agent drains
+  and exits 0, leaving the rest of the queue to tasks that have the time.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .messages import BadMessage, Delivery, parse_body, status_payload
 from .redact import Redactor
 from .slots import Slot
 from .sources.base import SourceLost, SourceUnavailable, WorkSource
+from .walltime import DurationEstimate, admit
 
 log = logging.getLogger("agent")
 RECOVERY_INTERVAL = 30.0
@@ -59,8 +64,14 @@ class Runner:
     """Runs one plugin's extractor slots against one work source until told or due to stop."""
 
     def __init__(self, cfg: AgentConfig, source: WorkSource, make_slot: Callable[..., Slot],
-                 redactor: Redactor, clock: Callable[[], float] = time.monotonic) -> None:
+                 redactor: Redactor, clock: Callable[[], float] = time.monotonic,
+                 end_time: Optional[float] = None, margin: float = 10.0, identity: str = "") -> None:
+        """end_time: epoch seconds when the batch task will be killed (None: no limit)."""
         self.cfg = cfg
+        self.end_time = end_time
+        self.margin = margin
+        self.identity = identity
+        self.estimate = DurationEstimate()
         self.source = source
         self.redactor = redactor
         self._clock = clock
@@ -140,8 +151,8 @@ class Runner:
             self._signal = signum  # acted on by the main loop: pika must not be re-entered here
             self.source.wake()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, handler)
 
     def request_stop(self, reason: str, grace: Optional[float] = None) -> None:
         """Take no new work; let in-flight work finish for grace seconds (default stop_grace)."""
@@ -214,11 +225,22 @@ class Runner:
                                  self.redactor(message), pyclowder.utils.iso8601time())
         self.source.publish_status(delivery, payload)
 
+    def remaining(self) -> Optional[float]:
+        """Seconds until the batch task's end, None when it has none."""
+        return None if self.end_time is None else self.end_time - time.time()
+
     def _dispatch(self) -> None:
         for slot in self.slots:
             if not self.pending:
                 return
             if slot.busy_with is None and self._stop_reason is None:
+                remaining, estimate = self.remaining(), self.estimate.value()
+                if not admit(remaining, estimate, self.margin):
+                    assert remaining is not None
+                    self.request_stop(f"walltime drain: {remaining:.0f}s left, a file takes about "
+                                      f"{estimate or 0:.0f}s plus a {self.margin:.0f}s margin",
+                                      grace=float("inf"))
+                    return
                 delivery, body = self.pending.popleft()
                 self._job_seq += 1
                 slot.assign(delivery, body, self._job_seq)
@@ -251,6 +273,10 @@ class Runner:
         if kind == "status":
             if delivery is not None:
                 payload = frame["payload"]
+                if self.identity and payload.get("message_type") == str(pyclowder.utils.StatusMessage.start):
+                    # Which batch task has the file: what a person needs when it goes wrong.
+                    payload["message"] = f"{payload.get('message', '')} [{self.identity}]"
+                    payload["status"] = f"{payload['message_type']}: {payload['message']}"
                 for key in ("status", "message"):
                     if isinstance(payload.get(key), str):
                         payload[key] = self.redactor(payload[key])
@@ -264,6 +290,7 @@ class Runner:
                 log.warning("slot %d: idle %s", slot.index, frame.get("reason"))
             return
         elapsed = self._clock() - slot.started_at
+        self.estimate.add(elapsed)
         if kind == "died":
             if slot.index in self._killed_for_stop:
                 # We killed it at the end of the grace period: not the file's fault.
@@ -303,8 +330,18 @@ class Runner:
 
     # -- time-driven duties ----------------------------------------------------------------------
     def _tick(self, now: float) -> None:
-        if self._signal is not None and self._stop_reason is None:
-            self.request_stop(f"received {signal.Signals(self._signal).name}")
+        if self._signal is not None:
+            signum, self._signal = self._signal, None
+            name = signal.Signals(signum).name
+            if signum == signal.SIGUSR1:
+                self.request_stop(f"received {name}: draining", grace=float("inf"))
+            elif self._stop_reason is None:
+                self.request_stop(f"received {name}")
+            else:
+                # A second signal (SIGTERM at the walltime during a drain): hand back soon.
+                self._stop_deadline = min(self._stop_deadline or float("inf"), self._clock() + self.cfg.stop_grace)
+                log.info("received %s while stopping: in-flight work is handed back in %.0fs", name,
+                         self.cfg.stop_grace)
         self._retry_due(now)
         self._secure_old(now)
         if self.deferred and self.source.connected:

@@ -263,3 +263,31 @@ def test_failed_republish_keeps_the_entry(tmp_path):
     assert len(dead.entries()) == 1
     got = []
     assert recover(str(tmp_path), "", got.append) == 1
+
+
+# -- property-based: message parsing never fails other than with BadMessage ---------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                   max_size=4), max_leaves=20)
+_fields = st.fixed_dictionaries({}, optional={
+    "id": st.text(max_size=300) | _json, "host": st.sampled_from(["http://c/", "https://c/x/", "ftp://x"]) | _json,
+    "secretKey": st.text(max_size=50) | _json, "filename": st.text() | _json, "routing_key": st.text() | _json,
+    "retry_count": st.integers() | _json, "datasetId": st.text() | _json})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000) | _fields.map(lambda d: json.dumps(d).encode()) |
+       _json.map(lambda v: json.dumps(v).encode()))
+def test_parse_body_accepts_or_rejects_cleanly(raw):
+    try:
+        body = parse_body(raw, "q")
+    except BadMessage as exc:
+        assert str(exc)
+        return
+    assert isinstance(body, dict)
+    for name in ("id", "host", "secretKey", "routing_key"):
+        assert isinstance(body[name], str)
+    assert body["host"].startswith(("http://", "https://"))
+    assert "/" not in body["id"] and "\x00" not in body["id"]

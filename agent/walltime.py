@@ -1,0 +1,80 @@
+"""Walltime: parsing limits, estimating a file's duration, and the admission rule.
+
+A batch task must take a file only when it can finish it before the scheduler's end time;
+otherwise the file would be killed half-done at the limit and retried by another task.
+"""
+from __future__ import annotations
+
+import collections
+import re
+from typing import Optional
+
+_UNITS = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.I)
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_walltime(text: str) -> float:
+    """Seconds in a walltime: "HH:MM:SS", "MM:SS", "D-HH:MM:SS" (Slurm), "SS", "1d2h30m", "90s".
+
+    PBS and Slurm read "MM:SS" and bare numbers differently (Slurm: minutes); here a bare number
+    is seconds, as in `--walltime 3600`. Raises ValueError with the reason.
+    """
+    value = str(text).strip()
+    if not value:
+        raise ValueError("empty walltime")
+    if re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}(\.\d+)?", value):
+        days = 0
+        if "-" in value:
+            day_text, value = value.split("-", 1)
+            days = int(day_text)
+        fields = [float(f) for f in value.split(":")]
+        if days:
+            # Slurm's D-HH, D-HH:MM and D-HH:MM:SS
+            fields += [0.0] * (3 - len(fields))
+        else:
+            # SS, MM:SS or HH:MM:SS
+            fields = [0.0] * (3 - len(fields)) + fields
+        hours, minutes, seconds = fields
+        return days * 86400 + hours * 3600 + minutes * 60 + seconds
+    units = _UNITS.findall(value)
+    if units and _UNITS.sub("", value).strip() == "":
+        return sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in units)
+    raise ValueError(f"cannot read walltime {text!r} (use HH:MM:SS, D-HH:MM:SS, seconds, or 1h30m)")
+
+
+class DurationEstimate:
+    """A cautious running estimate of how long one file takes with this plugin.
+
+    Uses the longest of the recent durations: under-estimating costs a file killed at the
+    limit, over-estimating only ends the task a little early.
+    """
+
+    def __init__(self, window: int = 20, initial: Optional[float] = None) -> None:
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._initial = initial
+
+    def add(self, seconds: float) -> None:
+        self._recent.append(max(0.0, seconds))
+
+    def value(self) -> Optional[float]:
+        """Estimated seconds per file; None when nothing is known yet."""
+        if self._recent:
+            return max(self._recent)
+        return self._initial
+
+
+def default_margin(total_walltime: Optional[float]) -> float:
+    """Safety margin kept free at the end of an allocation: 5% of it, at least 10 s, at most 5 min."""
+    if not total_walltime:
+        return 10.0
+    return min(300.0, max(10.0, 0.05 * total_walltime))
+
+
+def admit(remaining: Optional[float], estimate: Optional[float], margin: float) -> bool:
+    """May a task with `remaining` seconds left take a file expected to take `estimate` seconds?
+
+    No known end time: always. Unknown duration: only while more than the margin is left.
+    """
+    if remaining is None:
+        return True
+    return remaining > (estimate or 0.0) + margin
