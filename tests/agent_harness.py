@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Optional
 
 import pika
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_PLUGINS = os.path.join(REPO, "tests", "plugins")
@@ -161,3 +162,16 @@ class AgentHarness:
             self._conn.close()
         except pika.exceptions.AMQPError:
             pass
+
+
+@pytest.fixture
+def harness(rabbitmq: str, amqp_queue: str, tmp_path: Any):
+    """An AgentHarness on a fresh queue with its own Clowder stand-in (import it into a test module)."""
+    from agent.clowder_standin import ClowderStandin
+
+    with ClowderStandin() as standin:
+        h = AgentHarness(rabbitmq, amqp_queue, standin, tmp_path)
+        try:
+            yield h
+        finally:
+            h.close()

@@ -6,20 +6,10 @@ import time
 
 import pytest
 
-from agent.clowder_standin import ClowderStandin
-from agent_harness import AgentHarness
+from agent_harness import AgentHarness, harness  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
-@pytest.fixture
-def harness(rabbitmq, amqp_queue, tmp_path):
-    with ClowderStandin() as standin:
-        h = AgentHarness(rabbitmq, amqp_queue, standin, tmp_path)
-        try:
-            yield h
-        finally:
-            h.close()
 
 
 def _consumer_timeout_ms() -> int:

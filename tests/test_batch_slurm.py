@@ -9,20 +9,10 @@ import time
 
 import pytest
 
-from agent.clowder_standin import ClowderStandin
-from agent_harness import REPO, AgentHarness
+from agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
 
-pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 
-
-@pytest.fixture
-def harness(rabbitmq, amqp_queue, slurm, tmp_path):
-    with ClowderStandin() as standin:
-        h = AgentHarness(rabbitmq, amqp_queue, standin, tmp_path)
-        try:
-            yield h
-        finally:
-            h.close()
 
 
 SETTINGS = ("RABBITMQ_QUEUE", "AGENT_PLUGIN_PATH", "AGENT_PLUGIN", "AGENT_JOURNAL_DIR", "DIRECTIVE_LOG",
