@@ -11,6 +11,10 @@ k makes groups of k consecutive ranks, for trying several groups on one machine)
 - every other rank runs a RankWorker (its extractor process or processes) and a small loop that
   takes jobs from the leader over MPI and sends the extractor's frames back.
 
+The `slots` setting means extractor processes *per rank* here (default 1: one file at a time per
+rank); the leader's Runner gets ranks x slots lanes (x2 with stage-ahead, AGENT_STAGE_AHEAD=1,
+where each extractor holds its next file while it works on the current one).
+
 Only the leader's comm thread and the other ranks' main threads call MPI, with non-blocking
 sends and probes between short sleeps: a blocking MPI receive spins a core, and 64 spinning
 ranks on two cores would starve the extractors.
@@ -52,7 +56,11 @@ log = logging.getLogger("agent.mpi")
 TAG = 7177
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _CHILD_DROP_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "MV2_", "I_MPI_")
-MIN_POLL, MAX_POLL_LEADER, MAX_POLL_RANK = 0.001, 0.005, 0.05
+# Poll intervals (s): back off from MIN_POLL after activity. A rank with a free lane may get a
+# job any moment; a rank whose lanes are all busy only expects kill/close, and 64 ranks polling
+# fast on two cores would take the CPU their extractors need.
+MIN_POLL, MAX_POLL_LEADER, MAX_POLL_RANK, MAX_POLL_RANK_FULL = 0.001, 0.005, 0.05, 0.25
+SCAN_EVERY = 0.25   # leader: heartbeat and timeout checks
 CLOSE_WAIT = 30.0
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -362,6 +370,7 @@ class Leader:
         carried: Optional[tuple[int, tuple]] = None
         interval = MIN_POLL
         hb = self.settings.heartbeat
+        next_scan = 0.0
         while not (self._stop.is_set() and not sends):
             busy = carried is not None
             while True:
@@ -393,14 +402,16 @@ class Leader:
                 self._last_seen[src] = time.monotonic()
                 self._handle(src, msg)
             now = time.monotonic()
-            for rank in range(1, self.size):
-                if rank in self.lost or rank in self._acks:
-                    continue
-                if now - self._last_seen[rank] > self.settings.rank_timeout:
-                    self._lose(rank, f"no word from it for {self.settings.rank_timeout:g}s")
-                elif now - self._last_sent[rank] >= hb:
-                    self._send(rank, ("hb",), sends)
-            self._relay_signal()
+            if now >= next_scan:
+                next_scan = now + SCAN_EVERY
+                for rank in range(1, self.size):
+                    if rank in self.lost or rank in self._acks:
+                        continue
+                    if now - self._last_seen[rank] > self.settings.rank_timeout:
+                        self._lose(rank, f"no word from it for {self.settings.rank_timeout:g}s")
+                    elif now - self._last_sent[rank] >= hb:
+                        self._send(rank, ("hb",), sends)
+                self._relay_signal()
             interval = MIN_POLL if busy else min(interval * 2, MAX_POLL_LEADER)
             try:
                 carried = self._out.get(timeout=interval)
@@ -477,8 +488,10 @@ class Leader:
         self._thread.join(10)
         self.worker.join(10)
         missing = sorted(set(range(1, self.size)) - set(self.lost) - self._acks)
-        counts = ", ".join(f"rank {r}: {n}" for r, n in enumerate(self.sent_jobs))
-        log.info("files handed out per rank: %s", counts)
+        if self.size > 1:
+            shares = self.sent_jobs
+            log.info("files handed out: %d to this rank, %d to %d other rank(s) (%d to %d each)", shares[0],
+                     sum(shares[1:]), self.size - 1, min(shares[1:]), max(shares[1:]))
         if self.lost or missing:
             log.error("ending the MPI job with MPI_Abort (lost rank(s): %s; not closing: %s); every file was "
                       "settled or handed back first", sorted(self.lost) or "none", missing or "none")
@@ -587,7 +600,8 @@ class Follower:
             if now - last_sent >= hb:
                 sends.append(self.comm.isend(("hb",), dest=0, tag=TAG))
                 last_sent = now
-            interval = MIN_POLL if busy else min(interval * 2, MAX_POLL_RANK)
+            cap = MAX_POLL_RANK_FULL if self.worker.load() >= self.worker.capacity else MAX_POLL_RANK
+            interval = MIN_POLL if busy else min(interval * 2, cap)
             try:
                 carried = self._up.get(timeout=interval)
             except queue.Empty:
