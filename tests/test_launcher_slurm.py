@@ -1,7 +1,8 @@
 """The launcher against the real single-node Slurm (and RabbitMQ for scaling).
 
-Run by CI after scripts/services.sh. With CI=true a missing Slurm or broker is a failure, not a
-skip. Every job a test submits is scancel'ed in a finally block.
+Run by CI after scripts/services.sh. The fixtures come from tests/conftest.py: with CI=true a
+missing Slurm or broker is a failure, not a skip. Every job a test submits is scancel'ed in a
+finally block.
 """
 import json
 import os
@@ -10,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,61 +19,17 @@ pytestmark = [pytest.mark.slurm]
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _unavailable(what):
-    if IN_CI:
-        pytest.fail(f"{what} is not available, and CI=true: run scripts/services.sh first")
-    pytest.skip(f"{what} is not available (run scripts/services.sh)")
-
-
-@pytest.fixture(scope="module")
-def slurm_up(request):
-    try:
-        request.getfixturevalue("slurm")  # tests/conftest.py, when present
-    except pytest.FixtureLookupError:
-        try:
-            ok = subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if not ok:
-            _unavailable("Slurm (sinfo)")
-
-
-@pytest.fixture(scope="module")
-def amqp_url(request):
-    try:
-        return request.getfixturevalue("rabbitmq")
-    except pytest.FixtureLookupError:
-        pass
-    url = os.environ.get("RABBITMQ_URI", "amqp://guest:guest@127.0.0.1:5672/%2f")
-    try:
-        import pika
-        pika.BlockingConnection(pika.URLParameters(url)).close()
-    except Exception:
-        _unavailable("RabbitMQ")
-    return url
 
 
 @pytest.fixture
-def queue_name(request, amqp_url):
-    try:
-        yield request.getfixturevalue("amqp_queue")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    import pika
-    name = f"test-launcher-{uuid.uuid4().hex[:8]}"
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    conn.channel().queue_declare(name, durable=True)
-    conn.close()
-    try:
-        yield name
-    finally:
-        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        conn.channel().queue_delete(name)
-        conn.close()
+def amqp_url(rabbitmq):
+    """tests/conftest.py's broker (fails with CI=true when it is missing, skips elsewhere)."""
+    return rabbitmq
+
+
+@pytest.fixture
+def queue_name(amqp_queue):
+    return amqp_queue
 
 
 def publish(url, queue, n):
@@ -106,7 +62,7 @@ node_hours: {budget: 10, period: day}
 
 
 @pytest.fixture
-def env(tmp_path, slurm_up):
+def env(tmp_path, slurm):
     """Environment for launcher subprocesses: own caps, state dir and a tiny job script."""
     caps = tmp_path / "caps.yaml"
     caps.write_text(CAPS)
@@ -244,6 +200,7 @@ def test_scale_up_from_backlog_then_to_zero(env, amqp_url, queue_name):
 
 
 @pytest.mark.integration
+@pytest.mark.chaos
 def test_killed_mid_submission_restarts_without_double_submit(env, amqp_url, queue_name,
                                                               tmp_path):
     """kill -9 the launcher after sbatch created the job, before it read the job id."""
@@ -322,7 +279,7 @@ def test_dispatch_one_job_per_message(env, amqp_url, queue_name, tmp_path):
     conn.close()
     try:
         proc = launcher(env, "dispatch", "--until-empty", "--interval", "1", "--max-attempts",
-                        "2", timeout=120)
+                        "2", timeout=240)  # jobs may queue behind other tests
         db = sqlite3.connect(str(tmp_path / "state" / "ledger.sqlite"))
         rows = db.execute("SELECT file_id, state, job_id, attempts, reason FROM dispatch"
                           " ORDER BY id").fetchall()
