@@ -77,7 +77,10 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("plugin", _to_optional_str, None, "extractor to run: its extractor_info name or folder name"),
     Setting("plugin_path", _to_path_list, [], "extra folders holding plugin folders (colon-separated)"),
-    Setting("source", str, "amqp", "where work comes from: amqp"),
+    Setting("source", str, "amqp", "where work comes from: amqp (RabbitMQ) or relay (python -m launcher relay)"),
+    Setting("relay_url", _to_optional_str, None, "source relay: the relay's URL, e.g. https://login1:8765"),
+    Setting("relay_token_file", _to_optional_str, None, "source relay: file holding the relay's bearer token (mode 0600)"),
+    Setting("relay_ca", _to_optional_str, None, "source relay: CA bundle to verify the relay's TLS certificate"),
     Setting("rabbitmq_uri", str, "amqp://guest:guest@127.0.0.1:5672/%2f", "broker URI",
             ("RABBITMQ_URI",), secret=True),
     Setting("rabbitmq_queue", _to_optional_str, None, "queue to consume (default: the extractor's name)",
@@ -104,7 +107,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("walltime", _to_optional_str, None,
             "this task's time limit (HH:MM:SS); default: asked of the scheduler (Slurm, PBS, Torque)"),
     Setting("walltime_margin", float, 0.0,
-            "seconds kept free at the end of the allocation (0: 5%% of the walltime, 10 s to 5 min)"),
+            "seconds kept free at the end of the allocation (0: 5%% of the walltime, 20 s to 5 min)"),
     Setting("journal_dir", str, os.path.join("~", ".clowder-hpc-agent", "journal"),
             "in-flight journal (on a filesystem every node sees) for extractions longer than journal_after"),
     Setting("journal_after", float, 20.0,
@@ -126,6 +129,9 @@ class AgentConfig:
     plugin: Optional[str] = None
     plugin_path: list[str] = field(default_factory=list)
     source: str = "amqp"
+    relay_url: Optional[str] = None
+    relay_token_file: Optional[str] = None
+    relay_ca: Optional[str] = None
     rabbitmq_uri: str = "amqp://guest:guest@127.0.0.1:5672/%2f"
     rabbitmq_queue: Optional[str] = None
     extractor_key: Optional[str] = None
@@ -158,8 +164,17 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values no agent can run with."""
-        if self.source not in ("amqp",):
-            raise ConfigError(f"source: unknown work source {self.source!r} (known: amqp)")
+        if self.source not in ("amqp", "relay"):
+            raise ConfigError(f"source: unknown work source {self.source!r} (known: amqp, relay)")
+        if self.source == "relay":
+            if not self.relay_url or not self.relay_token_file:
+                raise ConfigError("source relay needs relay_url and relay_token_file (AGENT_RELAY_URL, "
+                                  "AGENT_RELAY_TOKEN_FILE)")
+            if not self.relay_url.startswith(("http://", "https://")):
+                raise ConfigError(f"relay_url: {self.relay_url!r} is not an http(s) URL")
+            if self.clowder_url:
+                raise ConfigError("clowder_url cannot be used with source relay: the relay forwards Clowder calls "
+                                  "(give the relay --clowder-url instead)")
         if self.clowder_version not in (1, 2):
             raise ConfigError(f"clowder_version: must be 1 or 2, not {self.clowder_version}")
         if self.slots < 1:

@@ -63,11 +63,14 @@ class DurationEstimate:
         return self._initial
 
 
+MIN_MARGIN = 20.0  # above the 15 s by which pbs/agent_array.slurm asks Slurm to signal early
+
+
 def default_margin(total_walltime: Optional[float]) -> float:
-    """Safety margin kept free at the end of an allocation: 5% of it, at least 10 s, at most 5 min."""
+    """Safety margin kept free at the end of an allocation: 5% of it, at least 20 s, at most 5 min."""
     if not total_walltime:
-        return 10.0
-    return min(300.0, max(10.0, 0.05 * total_walltime))
+        return MIN_MARGIN
+    return min(300.0, max(MIN_MARGIN, 0.05 * total_walltime))
 
 
 def admit(remaining: Optional[float], estimate: Optional[float], margin: float) -> bool:

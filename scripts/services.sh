@@ -230,10 +230,18 @@ munge_status() {
 node_name() { slurmd -C | sed -n 's/^NodeName=\([^ ]*\).*/\1/p'; }
 
 slurm_write_conf() {
-    local nodeline host
+    local nodeline host name cpus mem
     nodeline="$(slurmd -C | head -n 1)"
     [[ "$nodeline" == NodeName=* ]] || die "slurm: unexpected 'slurmd -C' output: $nodeline"
     host="$(hostname -s)"
+    # The node offers at least SLURM_TEST_CPUS (default 4) CPUs even on a 2-core machine, so that
+    # three agent array tasks (or an MPI job with more ranks than cores) run at once as they would
+    # on a real compute node; config_overrides stops slurmd from draining the node for it.
+    name="$(sed -n 's/^NodeName=\([^ ]*\).*/\1/p' <<<"$nodeline")"
+    cpus="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$nodeline")"
+    mem="$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$nodeline")"
+    (( cpus < ${SLURM_TEST_CPUS:-4} )) && cpus="${SLURM_TEST_CPUS:-4}"
+    nodeline="NodeName=$name CPUs=$cpus RealMemory=$mem"
     write_if_changed "$SLURM_CONF" 0644 <<EOF
 # Written by clowder-hpc-agent scripts/services.sh; edits are overwritten.
 # Single-node Slurm for tests: controller and compute node are this host.
@@ -271,6 +279,7 @@ Waittime=0
 MinJobAge=300
 MaxArraySize=10001
 MaxJobCount=20000
+SlurmdParameters=config_overrides
 $nodeline NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -48,8 +48,8 @@ def test_estimate_is_the_longest_recent_duration():
 
 
 def test_default_margin():
-    assert default_margin(None) == 10.0
-    assert default_margin(60) == 10.0
+    assert default_margin(None) == 20.0
+    assert default_margin(60) == 20.0
     assert default_margin(3600) == 180.0
     assert default_margin(86400) == 300.0
 
