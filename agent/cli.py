@@ -79,6 +79,7 @@ def cmd_run(cfg: AgentConfig) -> int:
     from .runner import Runner
     from .slots import Slot
     from .sources.amqp import AmqpSource, new_agent_id
+    from .sources.base import WorkSource
     from .walltime import default_margin, parse_walltime
 
     identity = detect()
@@ -113,14 +114,26 @@ def cmd_run(cfg: AgentConfig) -> int:
             return ranks.serve()  # this rank gets its files over MPI from its group's leader
         cfg = ranks.leader_config(cfg)
     agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
-    journal = Journal(cfg.journal_dir, agent_id)
-    try:
-        journal.open()
-    except OSError as exc:
-        log.error("cannot use journal folder %s: %s", journal.root, exc.strerror)
-        return exitcodes.CONFIG_ERROR
-    source = AmqpSource(cfg.rabbitmq_uri, queue, cfg.effective_prefetch(), journal, agent_id,
-                        connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
+    journal: Optional[Journal] = None
+    source: WorkSource
+    if cfg.source == "relay":  # leases live in the relay: no journal, no broker connection
+        from .sources.relay import TokenFileError, from_config
+        try:
+            source = from_config(cfg, agent_id)
+        except TokenFileError as exc:
+            log.error("%s", exc)
+            return exitcodes.CONFIG_ERROR
+        if cfg.relay_ca:
+            env["REQUESTS_CA_BUNDLE"] = cfg.relay_ca  # the extractor's Clowder calls go to the relay too
+    else:
+        journal = Journal(cfg.journal_dir, agent_id)
+        try:
+            journal.open()
+        except OSError as exc:
+            log.error("cannot use journal folder %s: %s", journal.root, exc.strerror)
+            return exitcodes.CONFIG_ERROR
+        source = AmqpSource(cfg.rabbitmq_uri, queue, cfg.effective_prefetch(), journal, agent_id,
+                            connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
 
     def make_slot(index: int, post, on_frame) -> Slot:
         if ranks is not None:
@@ -132,7 +145,8 @@ def cmd_run(cfg: AgentConfig) -> int:
         code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
                       identity=identity.label()).run()
     finally:
-        journal.close()
+        if journal is not None:
+            journal.close()
     return ranks.finish(code) if ranks is not None else code
 
 

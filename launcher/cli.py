@@ -1,4 +1,4 @@
-"""Command line: ``python -m launcher {submit,status,scale,cancel,reconcile}``.
+"""Command line: ``python -m launcher {submit,status,scale,dispatch,relay,cancel,reconcile}``.
 
 Settings precedence: command-line flag > environment variable > default. Global options may
 be given before or after the subcommand.
@@ -260,6 +260,12 @@ def cmd_dispatch(args) -> int:
             return 0
 
 
+def cmd_relay(args) -> int:
+    from launcher.relay.main import main_from_cli
+
+    return main_from_cli(args, str(_state_dir(args)))
+
+
 # ---------------------------------------------------------------------- parser
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d = {"default": argparse.SUPPRESS} if suppress else {"default": None}
@@ -329,6 +335,12 @@ def parser() -> argparse.ArgumentParser:
     _job_options(p)
     _common(p, suppress=True)
     p.set_defaults(func=cmd_dispatch, locked=True)
+
+    p = sub.add_parser("relay", help="lease messages to agents over HTTP and forward their Clowder calls")
+    from launcher.relay.main import add_arguments as relay_arguments
+    relay_arguments(p)
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_relay, locked=False)
 
     p = sub.add_parser("cancel", help="cancel a job (all its tasks)")
     p.add_argument("job_id")

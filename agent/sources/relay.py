@@ -1,0 +1,379 @@
+"""Relay work source: the agent leases messages over HTTP from `python -m launcher relay`.
+
+For compute nodes that reach the login node (or the extractor VM) and nothing else. The relay
+hands out each message with its `host` pointing at the relay and a per-lease Clowder key, so the
+extractor's Clowder calls go through the relay too: with `source: relay` the agent opens no
+connection to anything but AGENT_RELAY_URL.
+
+Threads (the Runner's main thread only calls the methods below; none of them blocks for long):
+  - lease thread: long-polls POST /v1/lease while fewer than `prefetch` leases are held and
+    intake is on; leased deliveries wait in a queue that poll() hands to the Runner;
+  - heartbeat thread: extends every held lease every lease_ttl/3 seconds (a lease lives in the
+    relay's table, not in an open delivery, so RabbitMQ's consumer_timeout never applies and
+    `secure()` has nothing to do);
+  - status thread: posts status messages in batches (best effort, like pyclowder's).
+Settling (complete/release/retry/dead_letter) is a synchronous call that returns once the relay
+has committed it. Every delivery is marked `secured`: the relay keeps its lease while it is
+unreachable, so a settle that fails with SourceLost is kept by the Runner and retried when the
+relay answers again (`connected`). A lease the relay no longer knows (409: it expired and went
+back to the queue) is logged and dropped: that message may run twice, never zero times.
+The source raises SourceUnavailable once the relay has been unreachable for reconnect_timeout.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import requests
+
+from ..messages import Delivery
+from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
+
+log = logging.getLogger("agent.relay")
+TRACEBACK_LIMIT = 8000
+MIN_TOKEN = 16
+
+
+class TokenFileError(ValueError):
+    """The token file is missing, unreadable, too open (not 0600) or too short."""
+
+
+def read_token_file(path: str) -> str:
+    """Read a bearer token from a file that only its owner can read or write (mode 0600 or 0400)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise TokenFileError(f"token file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenFileError(f"token file {path} is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise TokenFileError(f"token file {path} has mode {mode:04o}: others may read it; run chmod 600 {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"token file {path} cannot be read: {exc.__class__.__name__}") from None
+    if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
+        raise TokenFileError(f"token file {path} must hold one token of at least {MIN_TOKEN} characters "
+                             "without spaces (e.g. from: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+class _Gone(Exception):
+    """The relay answered 409: the lease is no longer live."""
+
+
+class RelaySource(WorkSource):
+    """Lease messages from a relay (see the module docstring)."""
+
+    def __init__(self, url: str, token: str, prefetch: int, agent_id: str, connect_timeout: float = 60.0,
+                 reconnect_timeout: float = 300.0, verify: Any = True, lease_wait: float = 20.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url.rstrip("/")
+        self.prefetch = max(1, prefetch)
+        self.agent_id = agent_id
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.lease_wait = lease_wait
+        self.queue = ""
+        self.lease_ttl = 60.0
+        self._clock = clock
+        self._auth = {"Authorization": f"Bearer {token}"}
+        self._verify = verify
+        self._settle_http = self._session()
+        self._inbox: "queue.Queue[Optional[Delivery]]" = queue.Queue()
+        self._statuses: "queue.Queue[dict[str, Any]]" = queue.Queue(maxsize=10000)
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
+        self._room = threading.Event()
+        self._stop = threading.Event()
+        self._intake = True
+        self._down_since: Optional[float] = None
+        self._fatal: Optional[str] = None
+        self._on_delivery: Optional[OnDelivery] = None
+        self._threads: list[threading.Thread] = []
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def _session(self) -> requests.Session:
+        s = requests.Session()
+        s.headers.update(self._auth)
+        s.verify = self._verify
+        s.trust_env = False  # the relay is reached directly: no proxy from the environment
+        return s
+
+    def _call(self, http: requests.Session, method: str, path: str, payload: Optional[dict[str, Any]] = None,
+              timeout: float = 30.0) -> dict[str, Any]:
+        """One request; SourceLost when the relay cannot be reached or fails, _Gone on 409."""
+        try:
+            resp = http.request(method, self.url + path, json=payload, timeout=(10.0, timeout))
+        except requests.RequestException as exc:
+            self._note_down(exc.__class__.__name__)
+            raise SourceLost(f"relay not reachable ({exc.__class__.__name__})") from None
+        if resp.status_code == 409:
+            self._note_up()
+            raise _Gone(path)
+        if resp.status_code == 401:
+            self._note_up()
+            raise SourceUnavailable("the relay refused our token (401): check AGENT_RELAY_TOKEN_FILE")
+        if resp.status_code >= 500:
+            self._note_down(f"HTTP {resp.status_code}")
+            raise SourceLost(f"relay answered {resp.status_code}")
+        if resp.status_code >= 400:
+            self._note_up()
+            raise SourceLost(f"relay refused {path}: {resp.status_code} {_error_text(resp)}")
+        self._note_up()
+        try:
+            return resp.json()
+        except ValueError:
+            return {}
+
+    def _note_down(self, why: str) -> None:
+        if self._down_since is None:
+            self._down_since = self._clock()
+            log.warning("relay at %s not reachable (%s); retrying", self.url, why)
+
+    def _note_up(self) -> None:
+        if self._down_since is not None:
+            log.info("relay reachable again after %.1fs", self._clock() - self._down_since)
+            self._down_since = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
+        """Say hello (retrying within connect_timeout), then start the lease, heartbeat and status threads."""
+        self._on_delivery = on_delivery  # on_lost is not needed: leases outlive a lost relay
+        deadline = self._clock() + self.connect_timeout
+        delay = 1.0
+        while True:
+            try:
+                hello = self._call(self._settle_http, "GET", "/v1/hello", timeout=10.0)
+                break
+            except SourceLost as exc:
+                if self._clock() >= deadline:
+                    raise SourceUnavailable(f"cannot use the relay at {self.url}: {exc}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self.queue = str(hello.get("queue", ""))
+        self.lease_ttl = float(hello.get("lease_ttl", 60.0))
+        self.lease_wait = min(self.lease_wait, float(hello.get("max_wait", self.lease_wait)))
+        self.generation = 1
+        log.info("relay %s: queue %s, leases of %.0fs, up to %d held", self.url, self.queue, self.lease_ttl,
+                 self.prefetch)
+        for target, name in ((self._lease_loop, "relay-lease"), (self._heartbeat_loop, "relay-heartbeat"),
+                             (self._status_loop, "relay-status")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def poll(self, timeout: float) -> None:
+        if self._fatal:
+            raise SourceUnavailable(self._fatal)
+        if self._down_since is not None and self._clock() - self._down_since > self.reconnect_timeout:
+            raise SourceUnavailable(f"relay at {self.url} unreachable for {self.reconnect_timeout:.0f}s")
+        try:
+            item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                assert self._on_delivery is not None
+                self._on_delivery(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def wake(self) -> None:
+        self._inbox.put(None)
+
+    @property
+    def connected(self) -> bool:
+        return self._down_since is None
+
+    def stop_intake(self) -> None:
+        self._intake = False
+        self._room.set()
+
+    def close(self) -> None:
+        """Stop the threads; hand back leases received but never given to the Runner."""
+        self._intake = False
+        self._stop.set()
+        self._room.set()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                try:
+                    self.release(item)
+                except SourceLost:
+                    pass
+        self._flush_statuses()
+        for thread in self._threads:
+            thread.join(timeout=0.3)  # a lease long poll in flight is not waited for (the relay notices)
+        self._settle_http.close()
+
+    # -- background loops ----------------------------------------------------------------------
+    def _lease_loop(self) -> None:
+        http = self._session()
+        delay = 0.5
+        while not self._stop.is_set():
+            with self._held_lock:
+                room = self.prefetch - len(self._held)
+            if not self._intake or room <= 0:
+                self._room.wait(1.0)
+                self._room.clear()
+                continue
+            try:
+                answer = self._call(http, "POST", "/v1/lease",
+                                    {"agent": self.agent_id, "max": room, "wait": self.lease_wait},
+                                    timeout=self.lease_wait + 15.0)
+                delay = 0.5
+            except (SourceLost, _Gone, SourceUnavailable) as exc:
+                if isinstance(exc, SourceUnavailable):
+                    self._fatal = str(exc)
+                    self.wake()
+                    return
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for item in answer.get("leases", []):
+                delivery = self._delivery(item)
+                with self._held_lock:
+                    self._held.add(delivery.token)
+                if not self._intake or self._stop.is_set():
+                    try:
+                        self.release(delivery)
+                    except SourceLost:
+                        pass
+                    continue
+                self._inbox.put(delivery)
+        http.close()
+
+    def _delivery(self, item: dict[str, Any]) -> Delivery:
+        return Delivery(body=base64.b64decode(item["body_b64"]), routing_key=item.get("routing_key") or self.queue,
+                        reply_to=item.get("reply_to"), correlation_id=item.get("correlation_id"),
+                        headers=dict(item.get("headers") or {}), content_type=item.get("content_type"),
+                        redelivered=int(item.get("attempts") or 0) > 0, token=item["lease_id"],
+                        received_at=self._clock(), secured=True)
+
+    def _heartbeat_loop(self) -> None:
+        http = self._session()
+        while not self._stop.wait(max(1.0, self.lease_ttl / 3.0)):
+            with self._held_lock:
+                ids = sorted(self._held)
+            if not ids:
+                continue
+            try:
+                answer = self._call(http, "POST", "/v1/extend", {"lease_ids": ids}, timeout=15.0)
+            except (SourceLost, _Gone, SourceUnavailable):
+                continue
+            gone = answer.get("gone") or []
+            if gone:
+                log.warning("%d lease(s) expired on the relay before their work ended; those messages may run "
+                            "twice", len(gone))
+        http.close()
+
+    def _status_loop(self) -> None:
+        http = self._session()
+        while not self._stop.is_set():
+            try:
+                first = self._statuses.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._post_statuses(http, first)
+        http.close()
+
+    def _post_statuses(self, http: requests.Session, first: Optional[dict[str, Any]]) -> None:
+        items = [first] if first is not None else []
+        while len(items) < 200:
+            try:
+                items.append(self._statuses.get_nowait())
+            except queue.Empty:
+                break
+        if not items:
+            return
+        try:
+            self._call(http, "POST", "/v1/status", {"items": items}, timeout=15.0)
+        except (SourceLost, _Gone, SourceUnavailable):
+            log.debug("dropped %d status message(s): relay not reachable", len(items))
+
+    def _flush_statuses(self) -> None:
+        if not self._statuses.empty() and self.connected:
+            self._post_statuses(self._settle_http, None)
+
+    # -- settling ---------------------------------------------------------------------------------
+    def _settle(self, path: str, delivery: Delivery, payload: dict[str, Any]) -> dict[str, Any]:
+        lease_id = delivery.token
+        try:
+            answer = self._call(self._settle_http, "POST", path, dict(payload, lease_id=lease_id), timeout=30.0)
+        except _Gone:
+            log.warning("lease of message %s had expired on the relay (%s not recorded); the relay has given it "
+                        "out again", delivery.file_id or "(unparsed)", path.rsplit("/", 1)[-1])
+            answer = {"gone": True}
+        except SourceUnavailable as exc:
+            raise SourceLost(str(exc)) from None
+        with self._held_lock:
+            self._held.discard(lease_id)
+        self._room.set()
+        return answer
+
+    def complete(self, delivery: Delivery) -> None:
+        self._settle("/v1/complete", delivery, {})
+
+    def release(self, delivery: Delivery) -> None:
+        self._settle("/v1/release", delivery, {})
+
+    def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
+        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:2000]})
+
+    def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
+        self._settle("/v1/dead-letter", delivery, {"reason": reason[:2000], "traceback": traceback[-TRACEBACK_LIMIT:],
+                                                   "attempts": attempts, "agent": self.agent_id})
+
+    def secure(self, delivery: Delivery) -> None:
+        """Nothing to do: a lease is durable in the relay's table from the start."""
+
+    # -- replies and registration ---------------------------------------------------------------
+    def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
+        try:
+            self._statuses.put_nowait({"lease_id": delivery.token, "payload": payload})
+        except queue.Full:
+            pass
+
+    def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
+        try:
+            self._call(self._settle_http, "POST", "/v1/register",
+                       {"agent": self.agent_id, "extractor_info": extractor_info, "owner": owner or ""}, timeout=10.0)
+        except (SourceLost, _Gone, SourceUnavailable) as exc:
+            log.debug("registration through the relay failed: %s", exc)
+
+    def recover_orphans(self) -> int:
+        """Nothing to do: the relay returns the leases of dead agents when they expire."""
+        return 0
+
+
+def _error_text(resp: requests.Response) -> str:
+    try:
+        return str(resp.json().get("error", ""))[:300]
+    except ValueError:
+        return resp.text[:300]
+
+
+def from_config(cfg: Any, agent_id: str) -> RelaySource:
+    """A RelaySource from the agent's settings; raises TokenFileError for a bad token file."""
+    token = read_token_file(os.path.expanduser(cfg.relay_token_file))
+    verify: Any = cfg.relay_ca if getattr(cfg, "relay_ca", None) else True
+    return RelaySource(cfg.relay_url, token, cfg.effective_prefetch(), agent_id,
+                       connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout, verify=verify)
+
+
+__all__ = ["RelaySource", "TokenFileError", "from_config", "read_token_file"]

@@ -1,0 +1,49 @@
+"""The work relay: agents on compute nodes that reach only the login node (or the extractor VM).
+
+    python -m launcher relay --bind HOST:PORT --token-file FILE [--cert C --key K]
+    (broker from RABBITMQ_URI, queue from RABBITMQ_QUEUE)
+
+An HTTP service that takes messages from RabbitMQ and leases them to agents running with
+`source: relay`, and forwards the Clowder API calls their extractors make. An agent then needs
+to reach the relay and nothing else.
+
+Leases and durability (launcher.relay.store, launcher.relay.broker)
+  The relay `basic_get`s a batch from the queue, records it in a SQLite lease table (WAL, fsync'd
+  commit) in its state folder, then acknowledges it to RabbitMQ. From then on the table is the
+  message's only copy, so RabbitMQ's consumer_timeout never applies to long work. Only a bounded
+  number of unleased rows is kept (`--buffer`): the relay does not drain the queue into SQLite.
+  An agent leases rows (long poll) for `--lease-ttl` seconds and extends them by heartbeat:
+    complete     -> the row is deleted (the results are in Clowder);
+    release      -> leasable again at once (hand back, not a failure);
+    fail         -> attempts+1; leasable after a backoff, or past `--max-retries` dead;
+    dead-letter  -> dead at once, with the agent's reason and traceback;
+    expiry       -> a lease not extended for lease_ttl returns within ~1 s (reaper) and counts
+                    as a failed attempt (an agent that keeps dying on a file ends its retries);
+    dead rows    -> published to `error.<queue>` with the original body and properties plus
+                    `x-error-reason`/`x-error-traceback`, publisher-confirmed, then deleted.
+  Leases survive a relay restart (the table is on disk; on start every live lease gets one more
+  lease_ttl so agents can reconnect). kill -9 of the relay loses nothing: a message is either
+  still unacknowledged in RabbitMQ or committed in the table (a crash between the two makes a
+  duplicate, never a loss). Only the insert before the ack is fsync'd against power loss; the
+  other changes can only roll back to a state that runs a message again. At shutdown the rows not
+  leased are handed back to RabbitMQ (confirmed); leased ones wait for the next start.
+  One relay per queue and state folder (a lock file enforces the folder); several relays on
+  one queue also work, each holding its own small buffer.
+
+Forwarding without an open proxy (launcher.relay.forward, launcher.relay.routes)
+  A leased body is handed out with `host` = `<relay URL>/clowder/<lease id>/` and `secretKey` =
+  a random key for that lease; the real host and key stay in the table. Calls to
+  `/clowder/<lease id>/api/...` are forwarded only while the lease is live, only with its key,
+  only for the API routes pyclowder calls and only for the lease's own file, dataset and the
+  ids its own calls created or listed, and only to the lease's own Clowder host, with the real
+  key put back (v1 `?key=`, v2 `X-API-KEY`). Bodies stream both ways (`--max-upload` bounds
+  uploads); the relay URL pyclowder writes into metadata is replaced by the real host.
+  Status messages the agent POSTs go to the lease's reply_to with its correlation_id; the
+  relay registers the extractor on the `extractors` exchange for the agent.
+
+Security
+  Every work-API request carries `Authorization: Bearer <token>` (token read from a file that
+  must be mode 0600, compared in constant time); Clowder calls carry their per-lease key. TLS
+  when --cert/--key are given; an explicit --bind address (no default); bounded request sizes;
+  clear JSON 4xx errors. Tokens and keys never appear in logs, argv or error messages.
+"""

@@ -1,0 +1,236 @@
+"""The relay's only RabbitMQ connection: intake into the lease table, and everything it publishes.
+
+One thread owns the pika connection (pika is not thread-safe). Its loop:
+
+- intake: while fewer than `buffer` rows are ready in the lease table, `basic_get` a batch
+  (never a consumer: a message is unacknowledged only for the milliseconds between get and ack,
+  so RabbitMQ's consumer_timeout never applies), record the batch with one fsync'd commit, then
+  acknowledge it (`multiple=True`). A crash between commit and ack leaves the message in both
+  places: it runs twice (at-least-once), never zero times.
+- dead rows: publish each to `error.<queue>` with the original body and properties plus
+  `x-error-reason`/`x-error-traceback` headers, wait for the broker's confirm, then delete it.
+- best-effort publishes handed over by HTTP threads through a bounded queue: status messages to
+  a lease's reply_to (with its correlation_id) and registrations on the `extractors` exchange.
+- at shutdown (`hand_back`): ready rows are published back to the queue (confirmed) and deleted.
+
+When the broker is away the loop reconnects with backoff; the relay keeps leasing what it
+already holds, and completions, releases and failures keep working (they only touch SQLite).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any, Optional
+
+import pika
+import pika.exceptions
+
+from agent.redact import redact_uri
+
+from .store import DeadRow, Incoming, LeaseStore
+
+log = logging.getLogger("launcher.relay.broker")
+TRACEBACK_LIMIT = 8000
+BATCH = 50
+_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+class BrokerLink(threading.Thread):
+    """Moves messages between RabbitMQ and the lease table (see the module docstring)."""
+
+    def __init__(self, uri: str, queue_name: str, store: LeaseStore, buffer: int = 20,
+                 relay_id: str = "relay") -> None:
+        super().__init__(name="relay-broker", daemon=True)
+        self.uri = uri
+        self.queue = queue_name
+        self.error_queue = "error." + queue_name
+        self.store = store
+        self.buffer = max(1, buffer)
+        self.relay_id = relay_id
+        self.connected = threading.Event()
+        self.intake = True
+        self._halt = threading.Event()
+        self._outbox: "queue.Queue[tuple[str, str, bytes, pika.BasicProperties]]" = queue.Queue(maxsize=10000)
+        self._conn: Optional[pika.BlockingConnection] = None
+        self._ch: Any = None
+        self._where = redact_uri(uri)
+        self.fetched = 0
+
+    # -- called from other threads -------------------------------------------------------------------
+    def publish_status(self, reply_to: str, correlation_id: Optional[str], payload: dict[str, Any]) -> bool:
+        """Queue a status message for reply_to (best effort: False when the queue is full)."""
+        props = pika.BasicProperties(delivery_mode=2, correlation_id=correlation_id,
+                                     content_type="application/json")
+        return self._offer(("", reply_to, json.dumps(payload).encode(), props))
+
+    def publish_registration(self, message: dict[str, Any]) -> bool:
+        """Queue an extractor registration for the `extractors` fanout exchange."""
+        return self._offer(("extractors", "", json.dumps(message).encode(), pika.BasicProperties()))
+
+    def _offer(self, item: tuple[str, str, bytes, pika.BasicProperties]) -> bool:
+        try:
+            self._outbox.put_nowait(item)
+            return True
+        except queue.Full:
+            return False
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    # -- the connection thread -----------------------------------------------------------------------
+    def run(self) -> None:
+        delay = 1.0
+        while not self._halt.is_set():
+            try:
+                self._connect()
+                delay = 1.0
+                self._loop()
+            except _ERRORS as exc:
+                if self._halt.is_set():
+                    break
+                log.warning("broker at %s: %s; reconnecting in %.0fs", self._where, _describe(exc), delay)
+            finally:
+                self._close()
+            if self._halt.wait(delay):
+                break
+            delay = min(delay * 2, 15.0)
+
+    def _connect(self) -> None:
+        params = pika.URLParameters(self.uri)
+        params.connection_attempts = 1
+        params.socket_timeout = 10
+        if params.heartbeat is None:
+            params.heartbeat = 60
+        params.client_properties = {"connection_name": f"clowder-relay {self.relay_id}"}
+        self._conn = pika.BlockingConnection(params)
+        ch = self._conn.channel()
+        for name in (self.queue, self.error_queue):
+            try:
+                ch.queue_declare(name, durable=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                ch = self._conn.channel()  # exists with other arguments: use it as it is
+        ch.confirm_delivery()
+        self._ch = ch
+        self.connected.set()
+        log.info("connected to %s, taking messages from %s", self._where, self.queue)
+
+    def _close(self) -> None:
+        self.connected.clear()
+        conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.close()
+            except _ERRORS:
+                pass
+
+    def _loop(self) -> None:
+        idle_until = 0.0
+        while not self._halt.is_set():
+            self._drain_outbox()
+            if self.store.dead_waiting.is_set():
+                self._publish_dead()
+            now = time.monotonic()
+            got = 0
+            if self.intake and (now >= idle_until or self.store.demand.is_set()):
+                self.store.demand.clear()
+                got = self._fetch()
+                idle_until = now + (0.0 if got else 0.25)  # an empty queue is asked again soon, or on demand
+            self._conn.process_data_events(time_limit=0 if got else 0.02)
+            if not self._ch.is_open:
+                raise pika.exceptions.ChannelClosed(0, "channel closed by the broker")
+
+    def _fetch(self) -> int:
+        room = self.buffer - self.store.ready_count()
+        if room <= 0:
+            return 0
+        batch: list[Incoming] = []
+        last_tag = None
+        for _ in range(min(room, BATCH)):
+            method, props, body = self._ch.basic_get(self.queue, auto_ack=False)
+            if method is None:
+                break
+            batch.append(Incoming(body=body, routing_key=method.routing_key or self.queue, reply_to=props.reply_to,
+                                  correlation_id=props.correlation_id, headers=dict(props.headers or {}),
+                                  content_type=props.content_type))
+            last_tag = method.delivery_tag
+        if not batch:
+            return 0
+        try:
+            self.store.add(batch)
+        except Exception:
+            # Not recorded: hand the batch back rather than acknowledge what we do not hold.
+            self._ch.basic_nack(last_tag, multiple=True, requeue=True)
+            raise
+        self._ch.basic_ack(last_tag, multiple=True)
+        self.fetched += len(batch)
+        return len(batch)
+
+    def _drain_outbox(self) -> None:
+        for _ in range(500):
+            try:
+                exchange, key, body, props = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if exchange == "extractors":
+                    self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+                self._ch.basic_publish(exchange, key, body, props)
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
+                log.debug("status or registration not routed (%s)", key or exchange)
+
+    def _props(self, row: DeadRow, headers: dict[str, Any]) -> pika.BasicProperties:
+        return pika.BasicProperties(delivery_mode=2, reply_to=row.reply_to, correlation_id=row.correlation_id,
+                                    headers=headers, content_type=row.content_type or "application/json")
+
+    def _publish_confirmed(self, queue_name: str, row: DeadRow, headers: dict[str, Any]) -> None:
+        try:
+            self._ch.basic_publish("", queue_name, row.body, self._props(row, headers), mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            raise pika.exceptions.AMQPError(f"broker did not take the message for {queue_name}: "
+                                            f"{exc.__class__.__name__}") from None
+
+    def _publish_dead(self) -> None:
+        for row in self.store.dead_rows():
+            headers = dict(row.headers)
+            headers.update({"x-error-reason": row.reason[:2000], "x-error-traceback": row.traceback[-TRACEBACK_LIMIT:],
+                            "x-agent-attempts": row.attempts, "x-original-routing-key": row.routing_key,
+                            "x-agent-id": row.agent or self.relay_id, "x-error-time": int(time.time())})
+            self._publish_confirmed(self.error_queue, row, headers)
+            self.store.delete(row.row, only_state="dead")
+            log.warning("message (row %d) dead-lettered to %s: %s", row.row, self.error_queue, row.reason[:300])
+
+    def hand_back(self, timeout: float = 30.0) -> int:
+        """At shutdown, from the connection thread's caller after stop(): return ready rows to RabbitMQ."""
+        deadline = time.monotonic() + timeout
+        done = 0
+        try:
+            if self._conn is None or not self._conn.is_open:
+                self._connect()
+            self._drain_outbox()
+            self._publish_dead()
+            while time.monotonic() < deadline:
+                rows = self.store.ready_rows()
+                if not rows:
+                    break
+                for row in rows:
+                    headers = dict(row.headers)
+                    headers["x-agent-attempts"] = row.attempts
+                    self._publish_confirmed(self.queue, row, headers)
+                    self.store.delete(row.row, only_state="ready")
+                    done += 1
+        except _ERRORS as exc:
+            log.warning("could not hand every waiting message back to %s (%s); they stay in the lease table "
+                        "for the relay's next start", self.queue, _describe(exc))
+        finally:
+            self._close()
+        return done
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}"

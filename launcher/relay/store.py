@@ -1,0 +1,443 @@
+"""The relay's lease table: SQLite (WAL) in the relay's state folder, the messages' only copy.
+
+A row is one message taken from RabbitMQ. Its `state` is
+
+  ready   leasable once `available_at` has passed (a retry's backoff sets it in the future)
+  leased  held by an agent until `expires_at` (epoch seconds; extended by heartbeats)
+  dead    to be published to error.<queue>, then deleted (the broker link does it)
+
+Only the insert that precedes the ack to RabbitMQ must survive a power loss, so it commits with
+`synchronous=FULL` (fsync of the WAL). Every other change commits with `synchronous=NORMAL`:
+durable against a crash of the relay process (kill -9), and after a power loss it can only roll
+back to an earlier state (a lease not recorded, a completion not recorded), whose effect is that
+a message is leased again: a duplicate, never a loss.
+
+All methods are thread-safe (one connection behind one lock; SQLite's own work per call is small).
+Long-polling lessees wait on `self.changed`, notified whenever something may have become leasable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL,
+    routing_key TEXT NOT NULL,
+    reply_to TEXT,
+    correlation_id TEXT,
+    headers TEXT NOT NULL DEFAULT '{}',
+    content_type TEXT,
+    received_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'ready',
+    available_at REAL NOT NULL DEFAULT 0,
+    lease_id TEXT UNIQUE,
+    lease_key TEXT,
+    lease_host TEXT,
+    agent TEXT,
+    expires_at REAL,
+    learned TEXT NOT NULL DEFAULT '{}',
+    reason TEXT,
+    traceback TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_state ON messages (state, available_at);
+"""
+RECENT_ROUTES = 10000     # finished leases whose reply_to is remembered for late status messages
+RECENT_SECONDS = 600.0
+
+
+@dataclass
+class Incoming:
+    """A message as it came from RabbitMQ."""
+
+    body: bytes
+    routing_key: str
+    reply_to: Optional[str] = None
+    correlation_id: Optional[str] = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    content_type: Optional[str] = None
+
+
+@dataclass
+class Lease:
+    """A leased message: what the relay hands out and what it needs to forward Clowder calls."""
+
+    row: int
+    lease_id: str
+    lease_key: str          # the per-lease Clowder key handed to the agent instead of the real one
+    body: bytes             # the original body, unchanged
+    routing_key: str
+    reply_to: Optional[str]
+    correlation_id: Optional[str]
+    headers: dict[str, Any]
+    content_type: Optional[str]
+    attempts: int
+    expires_at: float
+    lease_host: str = ""    # the host URL handed to the agent (relay URL + /clowder/<lease id>/)
+    learned: dict[str, list[str]] = field(default_factory=dict)
+
+    def original(self) -> dict[str, Any]:
+        """The body as a JSON object ({} when it is not one)."""
+        try:
+            parsed = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+
+
+@dataclass
+class DeadRow:
+    """A message to publish to the error queue."""
+
+    row: int
+    body: bytes
+    routing_key: str
+    reply_to: Optional[str]
+    correlation_id: Optional[str]
+    headers: dict[str, Any]
+    content_type: Optional[str]
+    attempts: int
+    reason: str
+    traceback: str
+    agent: Optional[str]
+
+
+class LeaseStore:
+    """Durable lease table plus an in-memory index of live leases for the forwarding path."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.changed = threading.Condition(self._lock)
+        self.demand = threading.Event()      # a lessee found nothing: the broker link should fetch
+        self.dead_waiting = threading.Event()
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._live: dict[str, Lease] = {}
+        self._recent: "OrderedDict[str, tuple[float, Optional[str], Optional[str]]]" = OrderedDict()
+        self._load()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _tx(self, full: bool = False) -> "_Tx":
+        return _Tx(self._db, full)
+
+    def _load(self) -> None:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, lease_id, lease_key, body, routing_key, reply_to, correlation_id, headers, "
+                "content_type, attempts, expires_at, lease_host, learned FROM messages WHERE state='leased'"
+            ).fetchall()
+            for r in rows:
+                lease = _lease_from(r)
+                self._live[lease.lease_id] = lease
+            if self._db.execute("SELECT 1 FROM messages WHERE state='dead' LIMIT 1").fetchone():
+                self.dead_waiting.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- intake ------------------------------------------------------------------------------------
+    def add(self, messages: Iterable[Incoming]) -> int:
+        """Record messages durably (fsync'd) in one transaction; return how many."""
+        now = self._clock()
+        count = 0
+        with self._lock:
+            with self._tx(full=True):
+                for m in messages:
+                    attempts = _attempts(m.headers)
+                    self._db.execute(
+                        "INSERT INTO messages (body, routing_key, reply_to, correlation_id, headers, "
+                        "content_type, received_at, attempts, available_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (m.body, m.routing_key, m.reply_to, m.correlation_id, json.dumps(m.headers, default=str),
+                         m.content_type, now, attempts, 0.0))
+                    count += 1
+            if count:
+                self.changed.notify_all()
+        return count
+
+    def ready_count(self) -> int:
+        """Rows waiting for an agent (including those in retry backoff)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM messages WHERE state='ready'").fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall()
+        out = {"ready": 0, "leased": 0, "dead": 0}
+        out.update({state: n for state, n in rows})
+        return out
+
+    # -- leasing -----------------------------------------------------------------------------------
+    def lease(self, agent: str, limit: int, ttl: float, host_for: Callable[[str], str]) -> list[Lease]:
+        """Lease up to limit ready rows to agent for ttl seconds (no waiting)."""
+        now = self._clock()
+        out: list[Lease] = []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, body, routing_key, reply_to, correlation_id, headers, content_type, attempts "
+                "FROM messages WHERE state='ready' AND available_at<=? ORDER BY available_at, id LIMIT ?",
+                (now, limit)).fetchall()
+            if not rows:
+                return out
+            with self._tx():
+                for r in rows:
+                    lease_id = secrets.token_urlsafe(18)
+                    lease = Lease(row=r[0], lease_id=lease_id, lease_key=secrets.token_urlsafe(24), body=r[1],
+                                  routing_key=r[2], reply_to=r[3], correlation_id=r[4],
+                                  headers=json.loads(r[5] or "{}"), content_type=r[6], attempts=r[7],
+                                  expires_at=now + ttl, lease_host=host_for(lease_id))
+                    self._db.execute(
+                        "UPDATE messages SET state='leased', lease_id=?, lease_key=?, lease_host=?, agent=?, "
+                        "expires_at=?, learned='{}' WHERE id=?",
+                        (lease.lease_id, lease.lease_key, lease.lease_host, agent, lease.expires_at, lease.row))
+                    out.append(lease)
+            for lease in out:
+                self._live[lease.lease_id] = lease
+        self.demand.set()  # room in the buffer: the broker link may fetch more
+        return out
+
+    def wait_lease(self, agent: str, limit: int, ttl: float, wait: float, host_for: Callable[[str], str],
+                   stopping: Callable[[], bool] = lambda: False) -> list[Lease]:
+        """Lease up to limit rows, waiting up to wait seconds for the first one (long poll)."""
+        deadline = time.monotonic() + wait
+        with self._lock:
+            while True:
+                got = self.lease(agent, limit, ttl, host_for)
+                remaining = deadline - time.monotonic()
+                if got or remaining <= 0 or stopping():
+                    return got
+                self.demand.set()
+                self.changed.wait(min(remaining, 0.5))
+
+    def live(self, lease_id: str) -> Optional[Lease]:
+        """The live lease with this id (not expired), or None."""
+        with self._lock:
+            lease = self._live.get(lease_id)
+            if lease is None or lease.expires_at < self._clock():
+                return None
+            return lease
+
+    def extend(self, lease_ids: Iterable[str], ttl: float) -> tuple[list[str], list[str]]:
+        """Push the expiry of live leases to now + ttl; return (extended, gone)."""
+        now = self._clock()
+        ok, gone = [], []
+        with self._lock:
+            with self._tx():
+                for lease_id in lease_ids:
+                    lease = self._live.get(lease_id)
+                    if lease is None or lease.expires_at < now:
+                        gone.append(lease_id)
+                        continue
+                    lease.expires_at = now + ttl
+                    self._db.execute("UPDATE messages SET expires_at=? WHERE id=?", (lease.expires_at, lease.row))
+                    ok.append(lease_id)
+        return ok, gone
+
+    def grace_all(self, ttl: float) -> int:
+        """After a restart: give every live lease at least ttl more seconds to be heard from."""
+        now = self._clock()
+        with self._lock:
+            with self._tx():
+                for lease in self._live.values():
+                    lease.expires_at = max(lease.expires_at, now + ttl)
+                    self._db.execute("UPDATE messages SET expires_at=? WHERE id=?", (lease.expires_at, lease.row))
+            return len(self._live)
+
+    def _take(self, lease_id: str) -> Optional[Lease]:
+        lease = self._live.get(lease_id)
+        if lease is None or lease.expires_at < self._clock():
+            return None
+        return lease
+
+    def _forget(self, lease: Lease) -> None:
+        self._live.pop(lease.lease_id, None)
+        self._recent[lease.lease_id] = (self._clock(), lease.reply_to, lease.correlation_id)
+        while len(self._recent) > RECENT_ROUTES:
+            self._recent.popitem(last=False)
+
+    def complete(self, lease_id: str) -> bool:
+        """The work is done and in Clowder: delete the row. False when the lease is not live."""
+        with self._lock:
+            lease = self._take(lease_id)
+            if lease is None:
+                return False
+            with self._tx():
+                self._db.execute("DELETE FROM messages WHERE id=?", (lease.row,))
+            self._forget(lease)
+            return True
+
+    def release(self, lease_id: str) -> bool:
+        """Hand back, not a failure: leasable again at once."""
+        with self._lock:
+            lease = self._take(lease_id)
+            if lease is None:
+                return False
+            self._to_ready(lease, lease.attempts, 0.0)
+            self.changed.notify_all()
+            return True
+
+    def fail(self, lease_id: str, attempts: int, reason: str, max_retries: int,
+             backoff: Callable[[int], float]) -> Optional[str]:
+        """A failed attempt: 'retry' (leasable after backoff), 'dead' (past max_retries) or None (not live)."""
+        with self._lock:
+            lease = self._take(lease_id)
+            if lease is None:
+                return None
+            attempts = max(lease.attempts + 1, attempts)
+            if attempts > max_retries:
+                self._to_dead(lease, attempts, f"gave up after {attempts} attempt(s): {reason}", "", None)
+                return "dead"
+            self._to_ready(lease, attempts, backoff(attempts), reason)
+            self.changed.notify_all()
+            return "retry"
+
+    def dead_letter(self, lease_id: str, reason: str, traceback: str, attempts: int, agent: Optional[str]) -> bool:
+        """Record the message for the error queue (published by the broker link, then deleted)."""
+        with self._lock:
+            lease = self._take(lease_id)
+            if lease is None:
+                return False
+            self._to_dead(lease, max(attempts, lease.attempts), reason, traceback, agent)
+            return True
+
+    def _to_ready(self, lease: Lease, attempts: int, delay: float, reason: Optional[str] = None) -> None:
+        with self._tx():
+            self._db.execute(
+                "UPDATE messages SET state='ready', lease_id=NULL, lease_key=NULL, lease_host=NULL, agent=NULL, "
+                "expires_at=NULL, attempts=?, available_at=?, reason=COALESCE(?, reason) WHERE id=?",
+                (attempts, self._clock() + delay, reason, lease.row))
+        self._forget(lease)
+
+    def _to_dead(self, lease: Lease, attempts: int, reason: str, traceback: str, agent: Optional[str]) -> None:
+        with self._tx():
+            self._db.execute(
+                "UPDATE messages SET state='dead', lease_id=NULL, lease_key=NULL, expires_at=NULL, attempts=?, "
+                "reason=?, traceback=?, agent=COALESCE(?, agent) WHERE id=?",
+                (attempts, reason, traceback, agent, lease.row))
+        self._forget(lease)
+        self.dead_waiting.set()
+
+    def expire(self, max_retries: int) -> tuple[int, int]:
+        """Leases past their expiry go back to ready (one more attempt) or dead; return (ready, dead)."""
+        now = self._clock()
+        back = dead = 0
+        with self._lock:
+            for lease in [x for x in self._live.values() if x.expires_at < now]:
+                attempts = lease.attempts + 1
+                if attempts > max_retries:
+                    self._to_dead(lease, attempts, f"lease expired {attempts} time(s): the agent holding it "
+                                  "died or lost the relay each time", "", None)
+                    dead += 1
+                else:
+                    self._to_ready(lease, attempts, 0.0, "lease expired")
+                    back += 1
+            if back:
+                self.changed.notify_all()
+        return back, dead
+
+    # -- forwarding and status support ---------------------------------------------------------------
+    def learn(self, lease_id: str, kind: str, ids: Iterable[str]) -> None:
+        """Allow further Clowder ids for this lease (ids the lease's own calls created or listed)."""
+        with self._lock:
+            lease = self._live.get(lease_id)
+            if lease is None:
+                return
+            known = lease.learned.setdefault(kind, [])
+            added = list(dict.fromkeys(i for i in ids if isinstance(i, str) and i and i not in known))
+            if not added:
+                return
+            known.extend(added[:10000])
+            with self._tx():
+                self._db.execute("UPDATE messages SET learned=? WHERE id=?", (json.dumps(lease.learned), lease.row))
+
+    def route(self, lease_id: str) -> Optional[tuple[Optional[str], Optional[str]]]:
+        """(reply_to, correlation_id) of a live or recently finished lease."""
+        with self._lock:
+            lease = self._live.get(lease_id)
+            if lease is not None:
+                return lease.reply_to, lease.correlation_id
+            recent = self._recent.get(lease_id)
+            if recent is None or self._clock() - recent[0] > RECENT_SECONDS:
+                return None
+            return recent[1], recent[2]
+
+    # -- the broker link's side ------------------------------------------------------------------------
+    def dead_rows(self, limit: int = 100) -> list[DeadRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, body, routing_key, reply_to, correlation_id, headers, content_type, attempts, "
+                "reason, traceback, agent FROM messages WHERE state='dead' ORDER BY id LIMIT ?", (limit,)).fetchall()
+            if len(rows) < limit:
+                self.dead_waiting.clear()
+        return [DeadRow(row=r[0], body=r[1], routing_key=r[2], reply_to=r[3], correlation_id=r[4],
+                        headers=json.loads(r[5] or "{}"), content_type=r[6], attempts=r[7], reason=r[8] or "",
+                        traceback=r[9] or "", agent=r[10]) for r in rows]
+
+    def ready_rows(self, limit: int = 100) -> list[DeadRow]:
+        """Unleased rows (for handing back to RabbitMQ at shutdown); reason/traceback unused."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, body, routing_key, reply_to, correlation_id, headers, content_type, attempts "
+                "FROM messages WHERE state='ready' ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [DeadRow(row=r[0], body=r[1], routing_key=r[2], reply_to=r[3], correlation_id=r[4],
+                        headers=json.loads(r[5] or "{}"), content_type=r[6], attempts=r[7], reason="",
+                        traceback="", agent=None) for r in rows]
+
+    def delete(self, row: int, only_state: Optional[str] = None) -> bool:
+        """Delete a row whose message is safely elsewhere (error queue, back in RabbitMQ)."""
+        with self._lock:
+            with self._tx():
+                if only_state:
+                    cur = self._db.execute("DELETE FROM messages WHERE id=? AND state=?", (row, only_state))
+                else:
+                    cur = self._db.execute("DELETE FROM messages WHERE id=?", (row,))
+            return cur.rowcount > 0
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, with a full fsync when asked."""
+
+    def __init__(self, db: sqlite3.Connection, full: bool) -> None:
+        self.db, self.full = db, full
+
+    def __enter__(self) -> None:
+        if self.full:
+            self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            if self.full:
+                self.db.execute("PRAGMA synchronous=NORMAL")
+
+
+def _attempts(headers: dict[str, Any]) -> int:
+    try:
+        return max(0, int(headers.get("x-agent-attempts", 0)))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _lease_from(r: tuple) -> Lease:
+    return Lease(row=r[0], lease_id=r[1], lease_key=r[2], body=r[3], routing_key=r[4], reply_to=r[5],
+                 correlation_id=r[6], headers=json.loads(r[7] or "{}"), content_type=r[8], attempts=r[9],
+                 expires_at=r[10] or 0.0, lease_host=r[11] or "", learned=json.loads(r[12] or "{}"))

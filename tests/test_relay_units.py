@@ -1,0 +1,163 @@
+"""Relay pure parts: the route rules, the lease table's life cycle, token files, agent settings."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent.config import ConfigError, load_config
+from agent.sources.relay import TokenFileError, read_token_file
+from launcher.relay.routes import Refusal, check, ids_in, lease_scope
+from launcher.relay.store import Incoming, LeaseStore
+
+BODY = {"id": "f1", "intermediateId": "f1i", "datasetId": "d1", "host": "http://clowder/", "secretKey": "k"}
+
+
+@pytest.mark.parametrize("method, path, learned, allowed", [
+    ("GET", "api/files/f1", {}, True),
+    ("GET", "api/files/f1i", {}, True),                     # v1 downloads the intermediate id
+    ("GET", "api/files/f1/metadata", {}, True),
+    ("POST", "api/files/f1/metadata.jsonld", {}, True),
+    ("POST", "api/files/f1/tags", {}, True),
+    ("GET", "api/files/f2", {}, False),                     # another file
+    ("POST", "api/previews", {}, True),
+    ("POST", "api/files/f1/previews/p1", {}, False),        # a preview this lease did not upload
+    ("POST", "api/files/f1/previews/p1", {"preview": ["p1"]}, True),
+    ("POST", "api/uploadToDataset/d1", {}, True),
+    ("POST", "api/uploadToDataset/d2", {}, False),
+    ("GET", "api/datasets/d1/files", {}, True),
+    ("GET", "api/files/f9", {"file": ["f9"]}, True),        # listed by the lease's own dataset call
+    ("POST", "api/datasets/createempty", {}, True),
+    ("GET", "api/v2/files/f1", {}, True),
+    ("POST", "api/v2/files/f1/metadata", {}, True),
+    ("POST", "api/v2/datasets/d1/files", {}, True),
+    ("GET", "api/collections", {}, False),
+    ("GET", "api/users", {}, False),
+    ("DELETE", "api/files/f1", {}, False),
+])
+def test_route_rules(method, path, learned, allowed):
+    scope = lease_scope(BODY, learned)
+    if allowed:
+        check(method, path, scope)
+    else:
+        with pytest.raises(Refusal) as info:
+            check(method, path, scope)
+        assert info.value.status in (403, 405)
+
+
+@pytest.mark.parametrize("path", ["api/files/../users", "api//files/f1", "api/files/%66%31", "/api/files/f1",
+                                  "api/files/f1\\..", "api/files/f1 x", "http://evil/api/files/f1"])
+def test_paths_that_could_escape_are_refused(path):
+    with pytest.raises(Refusal) as info:
+        check("GET", path, lease_scope(BODY, {}))
+    assert info.value.status in (400, 403)
+
+
+def test_ids_in_answers():
+    assert ids_in({"id": "a"}) == ["a"]
+    assert ids_in([{"id": "a"}, {"id": "b"}, {"x": 1}]) == ["a", "b"]
+    assert ids_in({"data": [{"id": "c"}]}) == ["c"]
+    assert ids_in("nope") == []
+
+
+def _store(tmp_path, now):
+    return LeaseStore(str(tmp_path / "l.sqlite3"), clock=lambda: now[0])
+
+
+def test_lease_lifecycle_and_restart(tmp_path):
+    now = [1000.0]
+    store = _store(tmp_path, now)
+    assert store.add([Incoming(body=b'{"id": "a"}', routing_key="q"), Incoming(body=b'{"id": "b"}', routing_key="q",
+                                                                             headers={"x-agent-attempts": 2})]) == 2
+    assert store.ready_count() == 2
+    leases = store.lease("agent-1", 5, 10.0, lambda i: f"http://relay/clowder/{i}/")
+    assert len(leases) == 2 and leases[1].attempts == 2
+    assert store.live(leases[0].lease_id) is not None
+    assert store.complete(leases[0].lease_id) and not store.complete(leases[0].lease_id)
+    store.close()
+    # A restart keeps the live lease, its key and host.
+    store = _store(tmp_path, now)
+    kept = store.live(leases[1].lease_id)
+    assert kept is not None and kept.lease_key == leases[1].lease_key and kept.lease_host == leases[1].lease_host
+    assert store.release(leases[1].lease_id)
+    again = store.lease("agent-2", 5, 10.0, lambda i: "h")
+    assert len(again) == 1 and again[0].attempts == 2  # a release is not a failure
+    now[0] += 11  # expired
+    assert store.live(again[0].lease_id) is None
+    assert store.extend([again[0].lease_id], 10.0) == ([], [again[0].lease_id])
+    assert store.expire(max_retries=2) == (0, 1)  # third attempt > 2 retries: dead
+    dead = store.dead_rows()
+    assert len(dead) == 1 and "expired" in dead[0].reason and dead[0].body == b'{"id": "b"}'
+    assert store.delete(dead[0].row, only_state="dead")
+    assert store.counts() == {"ready": 0, "leased": 0, "dead": 0}
+
+
+def test_fail_backs_off_then_dead_letters(tmp_path):
+    now = [0.0]
+    store = _store(tmp_path, now)
+    store.add([Incoming(body=b"x", routing_key="q")])
+    lease = store.lease("a", 1, 60.0, lambda i: "h")[0]
+    assert store.fail(lease.lease_id, 1, "boom", max_retries=1, backoff=lambda n: 5.0) == "retry"
+    assert store.lease("a", 1, 60.0, lambda i: "h") == []  # in backoff
+    now[0] += 6
+    lease = store.lease("a", 1, 60.0, lambda i: "h")[0]
+    assert lease.attempts == 1
+    assert store.fail(lease.lease_id, 0, "boom again", max_retries=1, backoff=lambda n: 5.0) == "dead"
+    assert "gave up after 2 attempt(s): boom again" in store.dead_rows()[0].reason
+    assert store.fail("nope", 1, "x", 1, lambda n: 0.0) is None
+
+
+def test_learned_ids_persist(tmp_path):
+    now = [0.0]
+    store = _store(tmp_path, now)
+    store.add([Incoming(body=b"x", routing_key="q")])
+    lease = store.lease("a", 1, 60.0, lambda i: "h")[0]
+    store.learn(lease.lease_id, "preview", ["p1", "p1", "p2"])
+    store.close()
+    assert _store(tmp_path, now).live(lease.lease_id).learned == {"preview": ["p1", "p2"]}
+
+
+def test_token_file_must_be_private(tmp_path):
+    path = tmp_path / "t"
+    path.write_text("a" * 40 + "\n")
+    os.chmod(path, 0o644)
+    with pytest.raises(TokenFileError, match="chmod 600"):
+        read_token_file(str(path))
+    os.chmod(path, 0o600)
+    assert read_token_file(str(path)) == "a" * 40
+    path.write_text("short")
+    with pytest.raises(TokenFileError, match="at least"):
+        read_token_file(str(path))
+    with pytest.raises(TokenFileError):
+        read_token_file(str(tmp_path / "missing"))
+
+
+def test_relay_settings(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("AGENT_") or name in ("CLOWDER_URL",):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AGENT_SOURCE", "relay")
+    with pytest.raises(ConfigError, match="relay_url and relay_token_file"):
+        load_config({})
+    monkeypatch.setenv("AGENT_RELAY_URL", "http://login1:8765")
+    monkeypatch.setenv("AGENT_RELAY_TOKEN_FILE", "/x")
+    cfg = load_config({})
+    assert (cfg.source, cfg.relay_url, cfg.relay_token_file) == ("relay", "http://login1:8765", "/x")
+    assert load_config({"relay_url": "https://other:1"}).relay_url == "https://other:1"  # flag wins
+    monkeypatch.setenv("CLOWDER_URL", "http://clowder")
+    with pytest.raises(ConfigError, match="clowder_url"):
+        load_config({})
+    monkeypatch.delenv("CLOWDER_URL")
+    monkeypatch.setenv("AGENT_SOURCE", "carrier-pigeon")
+    with pytest.raises(ConfigError, match="known: amqp, relay"):
+        load_config({})
+
+
+def test_relay_settings_from_yaml(tmp_path, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("AGENT_") or name == "CLOWDER_URL":
+            monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "agent.yaml"
+    path.write_text("source: relay\nrelay_url: http://10.0.0.1:8765\nrelay_token_file: ~/.relay-token\n")
+    cfg = load_config({}, config_file=str(path))
+    assert (cfg.source, cfg.relay_url, cfg.relay_token_file) == ("relay", "http://10.0.0.1:8765", "~/.relay-token")
