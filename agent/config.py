@@ -100,6 +100,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat", float, 300.0, "seconds between registrations on the 'extractors' exchange",
             ("HEARTBEAT",)),
     Setting("slots", int, 1, "extractor processes this agent runs at once"),
+    Setting("time_limit", float, 0.0, "seconds one file may take before its extractor is killed (0: no limit)"),
+    Setting("memory_limit", float, 0.0, "MB one extractor process tree may use before it is killed (0: no limit)"),
+    Setting("recycle_after", int, 0, "replace an extractor process after this many files (0: never)"),
     Setting("prefetch", int, 0, "deliveries held at once (0: twice the slots)"),
     Setting("idle_exit", float, 0.0, "exit 0 after this many seconds without work (0: never)"),
     Setting("max_messages", int, 0, "exit 0 after this many messages (0: no limit)"),
@@ -144,6 +147,9 @@ class AgentConfig:
     retry_backoff: float = 2.0
     heartbeat: float = 300.0
     slots: int = 1
+    time_limit: float = 0.0
+    memory_limit: float = 0.0
+    recycle_after: int = 0
     prefetch: int = 0
     idle_exit: float = 0.0
     max_messages: int = 0
@@ -179,10 +185,10 @@ class AgentConfig:
             raise ConfigError(f"clowder_version: must be 1 or 2, not {self.clowder_version}")
         if self.slots < 1:
             raise ConfigError("slots: must be at least 1")
-        for name in ("max_retries", "prefetch", "max_messages"):
+        for name in ("max_retries", "prefetch", "max_messages", "recycle_after"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
-        for name in ("idle_exit", "stop_grace", "walltime_margin", "journal_after", "retry_backoff", "heartbeat",
+        for name in ("idle_exit", "stop_grace", "walltime_margin", "time_limit", "memory_limit", "journal_after", "retry_backoff", "heartbeat",
                      "connect_timeout", "reconnect_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")

@@ -12,7 +12,10 @@ every retryable failure is reported as "retry" for the agent to count.
 """
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
+import tempfile
 import traceback
 from typing import Any, Callable, Optional
 
@@ -47,6 +50,9 @@ class AgentConnector(pyclowder.connectors.Connector):
         self.outcome = None
         job = body.get("jobid", body.get("job_id"))
         self.job_id = job if isinstance(job, str) else None
+        short = self._scratch_shortage(body)
+        if short:
+            return {"outcome": "release", "reason": short, "traceback": ""}
         try:
             self._process_message(body)
         except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
@@ -57,6 +63,20 @@ class AgentConnector(pyclowder.connectors.Connector):
             # pyclowder returns silently when it cannot build a resource (empty host, ...).
             self._set_outcome("error", "pyclowder could not process this message (no resource or host)")
         return self.outcome
+
+    def _scratch_shortage(self, body: dict[str, Any]) -> Optional[str]:
+        """Why the file cannot be downloaded here (too little scratch space), or None."""
+        if self.mounted_paths:
+            return None  # files may be read in place: nothing to download
+        try:
+            size = int(body.get("fileSize") or 0)
+        except (TypeError, ValueError):
+            return None
+        scratch = tempfile.gettempdir()
+        free = shutil.disk_usage(scratch).free
+        if size > free:
+            return f"scratch space: the file needs {size} bytes, {scratch} has {free} free"
+        return None
 
     def _set_outcome(self, kind: str, reason: str, with_traceback: bool = False) -> None:
         tb = traceback.format_exc() if with_traceback and sys.exc_info()[0] is not None else ""
@@ -80,6 +100,10 @@ class AgentConnector(pyclowder.connectors.Connector):
 
     def message_resubmit(self, resource: dict[str, Any], retry_count: int, message: Optional[str] = None) -> None:
         exc = sys.exc_info()[1]
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            # A full scratch disk is this node's problem, not the file's: hand it to another node.
+            self.outcome = {"outcome": "release", "reason": f"scratch space: {exc}", "traceback": ""}
+            return
         if exc is not None and is_final_client_error(exc):
             # A 4xx from Clowder (unknown file, no permission) will not change on retry.
             reason = f"Clowder refused the request: {exc}"

@@ -10,3 +10,4 @@ CONFIG_ERROR = 2        # bad settings or command line
 PLUGIN_ERROR = 3        # extractor not found or failed to load
 BROKER_UNREACHABLE = 4  # work source unreachable after the configured retries
 LOCAL_FAILURES = 5      # `agent local`: some files failed
+NO_SCRATCH = 6          # this node's scratch disk cannot hold the files: work handed back

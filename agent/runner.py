@@ -305,6 +305,13 @@ class Runner:
             log.info("done %s in %.2fs", delivery.file_id, elapsed)
             self._settle(delivery, "acknowledge", lambda: self.source.complete(delivery))
             self._work_done()
+        elif frame.get("outcome") == "release":
+            # Not the file's fault (this node's scratch disk is full): another node should take it.
+            self.counters.handed_back += 1
+            self._settle(delivery, "hand back", lambda: self.source.release(delivery))
+            log.error("%s; handing the message back and stopping this agent", frame.get("reason"))
+            self.exit_code = exitcodes.NO_SCRATCH
+            self.request_stop(frame.get("reason") or "resources")
         elif frame.get("outcome") == "error":
             self._reject(delivery, frame.get("reason") or "extractor error", frame.get("traceback") or "",
                          attempts=delivery.attempts + 1, send_status=False)

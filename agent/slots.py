@@ -4,6 +4,12 @@ The agent's main thread owns all message state. A slot's thread only carries fra
 the job to the child's pipe and forwards every frame the child sends back to the main thread
 through `post` (for the AMQP source, pika's add_callback_threadsafe). When the child dies, the
 thread posts a "died" frame and the slot starts a fresh child for the next job.
+
+Limits (the init frame's "limits": time_limit seconds, memory_limit MB, recycle_after files) are
+enforced here, next to the process: a watchdog kills a child that runs a job too long or whose
+process tree grows past the memory limit, and the "died" frame says which limit it broke. A child
+is replaced after recycle_after files, or when it idles at more than half the memory limit, so a
+slow leak never reaches the limit mid-file.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Optional
+
+import psutil
 
 from . import ipc
 from .redact import Redactor
@@ -44,6 +52,13 @@ class Slot:
         self._thread = threading.Thread(target=self._run, name=f"slot-{index}", daemon=True)
         self._ready = threading.Event()
         self._fatal: Optional[str] = None
+        limits = init_frame.get("limits") or {}
+        self.time_limit = float(limits.get("time_limit") or 0)
+        self.memory_limit_mb = float(limits.get("memory_limit") or 0)
+        self.recycle_after = int(limits.get("recycle_after") or 0)
+        self._job_started: Optional[float] = None   # set while the child works on a job
+        self._kill_reason: Optional[str] = None
+        self._served = 0
 
     # -- main-thread API -----------------------------------------------------------------------
     def start(self) -> None:
@@ -63,8 +78,10 @@ class Slot:
         self.started_at = time.monotonic()
         self._jobs.put({"t": "job", "job": job_number, "body": body})
 
-    def kill(self) -> None:
-        """Kill the child (hung or over its limits); the thread reports it as died."""
+    def kill(self, reason: Optional[str] = None) -> None:
+        """Kill the child (hung or over its limits); the thread reports it as died, with reason."""
+        if reason and self._kill_reason is None:
+            self._kill_reason = reason
         proc = self.proc
         if proc and proc.poll() is None:
             try:
@@ -74,6 +91,38 @@ class Slot:
 
     def close(self) -> None:
         self._jobs.put(None)
+
+    def memory_mb(self) -> float:
+        """Resident memory of the child and all its descendants, in MB (0 when there is none)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return 0.0
+        try:
+            root = psutil.Process(proc.pid)
+            tree = [root] + root.children(recursive=True)
+        except psutil.Error:
+            return 0.0
+        total = 0
+        for p in tree:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / (1024 * 1024)
+
+    def _watch(self) -> None:
+        """Watchdog thread: enforce the time and memory limits of the job in progress."""
+        while True:
+            time.sleep(0.5)
+            started = self._job_started
+            if started is None:
+                continue
+            if self.time_limit and time.monotonic() - started > self.time_limit:
+                self.kill(f"time limit of {self.time_limit:g}s exceeded")
+            elif self.memory_limit_mb:
+                used = self.memory_mb()
+                if used > self.memory_limit_mb:
+                    self.kill(f"memory limit of {self.memory_limit_mb:g} MB exceeded ({used:.0f} MB)")
 
     # -- slot thread ---------------------------------------------------------------------------
     def _spawn(self) -> tuple[subprocess.Popen[bytes], Any]:
@@ -99,6 +148,8 @@ class Slot:
                 child_log.info("%s", self._redactor(line))
 
     def _run(self) -> None:
+        if self.time_limit or self.memory_limit_mb:
+            threading.Thread(target=self._watch, name=f"slot-{self.index}-watch", daemon=True).start()
         while True:
             try:
                 proc, first = self._spawn()
@@ -136,17 +187,45 @@ class Slot:
                 except subprocess.TimeoutExpired:
                     self.kill()
                 return False
+            self._kill_reason = None
             try:
                 ipc.send(proc.stdin, job)
+                self._job_started = time.monotonic()
                 while True:
                     frame = ipc.recv(proc.stdout)
                     if frame is None:
                         raise ipc.FrameError("closed")
+                    if frame.get("t") == "done":
+                        self._job_started = None
                     self._post(lambda f=frame: self._on_frame(self, f))
                     if frame.get("t") == "done":
                         break
             except (OSError, ipc.FrameError, ValueError):
+                self._job_started = None
                 code = proc.wait()
                 how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                self._post(lambda h=how: self._on_frame(self, {"t": "died", "reason": f"extractor process {h}"}))
+                reason = self._kill_reason or f"extractor process {how}"
+                self._post(lambda r=reason: self._on_frame(self, {"t": "died", "reason": r}))
                 return True
+            self._served += 1
+            if self._should_recycle():
+                self._retire(proc)
+                return True
+
+    def _should_recycle(self) -> bool:
+        if self.recycle_after and self._served >= self.recycle_after:
+            return True
+        return bool(self.memory_limit_mb) and self.memory_mb() > self.memory_limit_mb / 2
+
+    def _retire(self, proc: subprocess.Popen[bytes]) -> None:
+        """End an idle child politely so a fresh one takes its place."""
+        log.info("slot %d: replacing its extractor process after %d file(s) (%.0f MB)", self.index,
+                 self._served, self.memory_mb())
+        self._served = 0
+        try:
+            assert proc.stdin is not None
+            ipc.send(proc.stdin, {"t": "exit"})
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+            proc.wait()

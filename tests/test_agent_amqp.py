@@ -201,3 +201,40 @@ def test_secrets_never_reach_the_log(harness):
         assert "key=secret" not in props.headers["x-error-reason"] + props.headers["x-error-traceback"]
     for s in harness.statuses():
         assert "key=secret" not in s["status"]
+
+
+def test_time_limit_kills_a_hung_extractor_and_counts_an_attempt(harness):
+    fid = harness.publish_file(b"sleep 300\n")
+    good = harness.publish_file(b"ok\n")
+    assert harness.run_agent("--idle-exit", "2", AGENT_TIME_LIMIT="2", AGENT_MAX_RETRIES="1") == 0
+    assert len(harness.standin.metadata_for(good)) == 1
+    errors = harness.errors()
+    assert len(errors) == 1 and json.loads(errors[0][1])["id"] == fid
+    assert "time limit of 2s exceeded" in errors[0][0].headers["x-error-reason"]
+    assert errors[0][0].headers["x-agent-attempts"] == 2
+
+
+def test_memory_limit_kills_a_hog(harness):
+    fid = harness.publish_file(b"leak 300\n")
+    assert harness.run_agent("--idle-exit", "2", AGENT_MEMORY_LIMIT="150", AGENT_MAX_RETRIES="0") == 0
+    errors = harness.errors()
+    assert len(errors) == 1 and json.loads(errors[0][1])["id"] == fid
+    assert "memory limit of 150 MB exceeded" in errors[0][0].headers["x-error-reason"]
+
+
+def test_extractor_process_is_recycled_after_n_files(harness):
+    ids = [harness.publish_file(b"ok\n") for _ in range(4)]
+    assert harness.run_agent("--idle-exit", "2", AGENT_RECYCLE_AFTER="2") == 0
+    assert all(harness.standin.metadata_for(f) for f in ids)
+    assert len({pid for _, pid, _ in harness.runs()}) == 2
+
+
+def test_file_larger_than_scratch_is_handed_back_and_the_agent_stops(harness):
+    fid = harness.add_file(b"ok\n")
+    harness.publish(harness.v1_body(fid, fileSize=str(10 ** 18)))
+    assert harness.run_agent("--idle-exit", "5") == 6  # exitcodes.NO_SCRATCH
+    assert harness.runs() == [] and harness.errors() == []
+    harness.wait_for(lambda: harness.depth() == 1, 10, "the message back in the queue")
+    _method, props, _body = harness.ch.basic_get(harness.queue, auto_ack=True)
+    assert not (props.headers or {}).get("x-agent-attempts")
+    assert "scratch space" in harness.log_text()

@@ -11,6 +11,7 @@
   abort              PyClowderExtractionAbort (permanent failure)
   print              print() to stdout (must not corrupt anything), then as ok
   tags               upload tags and metadata
+  leak MB            hold MB megabytes, then sleep 30 s (a memory hog)
 Every run appends "<file id> <pid>" to $DIRECTIVE_LOG when that is set, so tests count runs.
 """
 import os
@@ -56,6 +57,11 @@ class Directive(Extractor):
             raise PyClowderExtractionAbort("directive says abort")
         elif verb == "print":
             print("hello from an extractor that prints")
+        elif verb == "leak":
+            hog = bytearray(int(words[1]) * 1024 * 1024)
+            for i in range(0, len(hog), 4096):
+                hog[i] = 1  # touch every page so it is resident
+            time.sleep(30)
         elif verb == "tags":
             pyclowder.files.upload_tags(connector, host, secret_key, resource["id"], {"tags": ["directive"]})
         content = {"directive": verb, "pid": os.getpid(), "bytes": len(data)}
