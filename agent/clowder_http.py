@@ -98,6 +98,14 @@ def _path(url: str) -> str:
     return url.split("?", 1)[0]
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for failures of Clowder or the network, not of the file: no answer, 5xx, 429, a cut download."""
+    if isinstance(exc, requests.HTTPError):
+        code = exc.response.status_code if exc.response is not None else 0
+        return code in RETRY_STATUS or code >= 500
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError))
+
+
 def is_final_client_error(exc: BaseException) -> bool:
     """True for an HTTP 4xx that retrying will not fix (not 408 or 429)."""
     if isinstance(exc, requests.HTTPError) and exc.response is not None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import pyclowder.connectors
 import pyclowder.utils
 
-from .clowder_http import ClowderHTTP, is_final_client_error
+from .clowder_http import ClowderHTTP, is_final_client_error, is_transient
 from .messages import status_payload
 
 Emit = Callable[[dict[str, Any]], None]
@@ -103,6 +103,10 @@ class AgentConnector(pyclowder.connectors.Connector):
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             # A full scratch disk is this node's problem, not the file's: hand it to another node.
             self.outcome = {"outcome": "release", "reason": f"scratch space: {exc}", "traceback": ""}
+            return
+        if exc is not None and is_transient(exc):
+            # Clowder down or the connection cut (retried already): not the file's fault.
+            self.outcome = {"outcome": "defer", "reason": f"Clowder unavailable: {exc}", "traceback": ""}
             return
         if exc is not None and is_final_client_error(exc):
             # A 4xx from Clowder (unknown file, no permission) will not change on retry.

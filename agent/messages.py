@@ -90,6 +90,8 @@ def parse_body(raw: bytes, routing_key: str) -> dict[str, Any]:
     for name in ("datasetId", "filename", "routing_key", "jobid", "job_id"):
         if name in body and body[name] is not None and not isinstance(body[name], str):
             raise BadMessage(f"field {name!r} must be a string, not {type(body[name]).__name__}")
+    if isinstance(body.get("filename"), str) and "\x00" in body["filename"]:
+        raise BadMessage("field 'filename' contains a NUL byte")
     if "retry_count" in body and not isinstance(body["retry_count"], int):
         raise BadMessage("field 'retry_count' must be an integer")
     if not body.get("routing_key"):

@@ -88,6 +88,7 @@ class Runner:
         self._stop_deadline: Optional[float] = None
         self._signal: Optional[int] = None
         self._killed_for_stop: set[int] = set()
+        self._defers = 0  # consecutive "Clowder unavailable" outcomes, for their backoff
         self._next_register = 0.0
         self._next_recovery = 0.0
         self.exit_code = exitcodes.OK
@@ -301,10 +302,18 @@ class Runner:
                 return
             self._failed(delivery, frame.get("reason") or "extractor process died", "", elapsed)
         elif frame.get("outcome") == "ok":
+            self._defers = 0
             self.counters.succeeded += 1
             log.info("done %s in %.2fs", delivery.file_id, elapsed)
             self._settle(delivery, "acknowledge", lambda: self.source.complete(delivery))
             self._work_done()
+        elif frame.get("outcome") == "defer":
+            # Clowder unreachable: try again later without spending one of the file's attempts.
+            self._defers += 1
+            delay = min(self.cfg.retry_backoff * (2 ** min(self._defers, 5)), MAX_BACKOFF)
+            log.warning("message %s deferred %.0fs: %s", delivery.file_id, delay,
+                        self.redactor(frame.get("reason") or ""))
+            self.backoff.append((self._clock() + delay, delivery, delivery.attempts, frame.get("reason") or ""))
         elif frame.get("outcome") == "release":
             # Not the file's fault (this node's scratch disk is full): another node should take it.
             self.counters.handed_back += 1

@@ -238,3 +238,21 @@ def test_file_larger_than_scratch_is_handed_back_and_the_agent_stops(harness):
     _method, props, _body = harness.ch.basic_get(harness.queue, auto_ack=True)
     assert not (props.headers or {}).get("x-agent-attempts")
     assert "scratch space" in harness.log_text()
+
+
+def test_clowder_down_for_a_while_does_not_spend_attempts(harness):
+    fid = harness.publish_file(b"ok\n")
+    harness.standin.fail_next(12, status=502, route_contains="metadata.jsonld")  # three rounds of retries
+    assert harness.run_agent("--idle-exit", "3", AGENT_MAX_RETRIES="0") == 0, harness.log_text()
+    assert len(harness.standin.metadata_for(fid)) == 1
+    assert harness.errors() == []
+    assert "deferred" in harness.log_text()
+
+
+def test_download_cut_mid_file_is_retried_not_handed_over_truncated(harness):
+    fid = harness.publish_file(b"ok " + b"x" * 200000 + b"\n")
+    harness.standin.drop_next(2, route_contains=f"api/files/{fid}")
+    assert harness.run_agent("--idle-exit", "3", AGENT_MAX_RETRIES="0") == 0, harness.log_text()
+    md = harness.standin.metadata_for(fid)
+    assert len(md) == 1 and md[0]["content"]["bytes"] == 200004  # the whole file, never a prefix
+    assert harness.errors() == []

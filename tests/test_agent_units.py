@@ -92,6 +92,7 @@ GOOD = {"id": "abc", "host": "http://clowder/", "secretKey": "k"}
     (json.dumps({**GOOD, "host": "file:///etc"}).encode(), "'host'"),
     (json.dumps({**GOOD, "secretKey": None}).encode(), "'secretKey' must be a string"),
     (json.dumps({**GOOD, "filename": ["x"]}).encode(), "'filename' must be a string"),
+    (json.dumps({**GOOD, "filename": "a\u0000.txt"}).encode(), "NUL byte"),
     (json.dumps({**GOOD, "retry_count": "1"}).encode(), "'retry_count' must be an integer"),
     (b"[" * 100000, "not JSON"),
 ])
