@@ -1,10 +1,15 @@
 #!/usr/bin/env python
 """End-to-end demo on this machine: Clowder-style messages in, metadata out.
 
-A Clowder stand-in serves a few text files, their extraction messages are published to
-RabbitMQ exactly as Clowder v1 publishes them, and an agent runs the unchanged example
-wordcount extractor until the queue is drained, then exits by itself (idle exit). Prints
-what reached "Clowder": the metadata and the status messages.
+A Clowder stand-in serves some text files and their extraction messages are published to
+RabbitMQ exactly as Clowder v1 publishes them. Then the product does its job: the launcher
+(`scale --once`) reads the queue depth and submits an agent job array to the local Slurm
+(pbs/agent_array.slurm) within the demo's site caps; the array tasks run the unchanged example
+wordcount extractor until the queue is drained and exit by themselves (idle exit). Prints what
+reached "Clowder" (metadata and status messages) and the launcher's status screen.
+
+  python scripts/demo.py            # through the launcher and Slurm
+  python scripts/demo.py --direct   # one agent process, no scheduler
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -26,6 +32,48 @@ TEXTS = {
     "haiku.txt": "An old silent pond\nA frog jumps into the pond\nSplash! Silence again.\n",
     "lorem.txt": "lorem ipsum dolor sit amet\n" * 50,
 }
+TEXTS.update({f"numbers-{i:02d}.txt": " ".join(str(n) for n in range(i * 10)) + "\n" for i in range(1, 58)})
+CAPS = """# Demo site caps: what a sysadmin allows the launcher (see launcher/README.md)
+max_array_size: 4
+max_running: 4
+max_queued: 4
+max_walltime: "00:30:00"
+default_walltime: "00:10:00"
+cores_per_task: 1
+"""
+
+
+def run_agent_directly(env: dict) -> int:
+    return subprocess.call([sys.executable, "-m", "agent", "run", "--plugin", "ncsa.wordcount.hpc",
+                            "--idle-exit", "3"], cwd=REPO, env=env)
+
+
+def run_through_launcher(env: dict, work: str) -> int:
+    """launcher scale --once submits the array; wait until its tasks are gone."""
+    caps = os.path.join(work, "caps.yaml")
+    with open(caps, "w") as fh:
+        fh.write(CAPS)
+    os.chmod(caps, 0o644)
+    env.update({"LAUNCHER_CAPS": caps, "LAUNCHER_STATE_DIR": os.path.join(work, "launcher"),
+                "AGENT_PLUGIN": "ncsa.wordcount.hpc", "AGENT_IDLE_EXIT": "5",
+                "AGENT_LOG_DIR": os.path.join(work, "logs"), "AGENT_JOURNAL_DIR": os.path.join(work, "journal")})
+    launcher = [sys.executable, "-m", "launcher"]
+    print("$ python -m launcher scale --once --files-per-task 20")
+    code = subprocess.call(launcher + ["scale", "--once", "--files-per-task", "20"], cwd=REPO, env=env)
+    if code != 0:
+        return code
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        out = subprocess.run(launcher + ["status", "--json"], cwd=REPO, env=env, capture_output=True, text=True)
+        tasks = json.loads(out.stdout or "{}").get("tasks", {}) if out.returncode == 0 else {}
+        if out.returncode == 0 and not tasks.get("queued") and not tasks.get("running"):
+            break
+        time.sleep(2)
+    print("\n$ python -m launcher status")
+    subprocess.call(launcher + ["status"], cwd=REPO, env=env)
+    logs = sorted(os.listdir(os.path.join(work, "logs"))) if os.path.isdir(os.path.join(work, "logs")) else []
+    print(f"\nagent logs (one per array task): {', '.join(logs) or 'none'}")
+    return 0
 
 
 def main() -> int:
@@ -46,15 +94,20 @@ def main() -> int:
                     "filename": name, "routing_key": "clowder.file.text.plain", "flags": "", "parameters": {}}
             ch.basic_publish("", queue, json.dumps(body), pika.BasicProperties(
                 delivery_mode=2, reply_to=reply, correlation_id=str(uuid.uuid4()), content_type="application/json"))
-        print(f"published {len(ids)} extraction messages to queue {queue!r}; starting the agent")
-        env = dict(os.environ, AGENT_PLUGIN_PATH=os.path.join(REPO, "examples"), RABBITMQ_URI=url)
+        print(f"published {len(ids)} extraction messages to queue {queue!r}")
+        env = dict(os.environ, AGENT_PLUGIN_PATH=os.path.join(REPO, "examples"), RABBITMQ_URI=url,
+                   RABBITMQ_QUEUE=queue)
         started = time.time()
-        code = subprocess.call([sys.executable, "-m", "agent", "run", "--plugin", "ncsa.wordcount.hpc",
-                                "--idle-exit", "3"], cwd=REPO, env=env)
-        print(f"agent exited with code {code} after {time.time() - started:.1f}s\n")
+        with tempfile.TemporaryDirectory(prefix="clowder-demo-") as work:
+            code = run_agent_directly(env) if "--direct" in sys.argv[1:] else run_through_launcher(env, work)
+        print(f"\nfinished with code {code} after {time.time() - started:.1f}s")
+        shown = 0
         for fid, name in ids.items():
             for md in clowder.metadata_for(fid):
-                print(f"  {name:10s} metadata from {md['agent']['name']}: {json.dumps(md['content'])}")
+                if shown < 5:
+                    print(f"  {name:15s} metadata from {md['agent']['name']}: {json.dumps(md['content'])}")
+                shown += 1
+        print(f"  ... metadata for {sum(1 for f in ids if clowder.metadata_for(f))} of {len(ids)} files")
         statuses = []
         while True:
             method, _props, body = ch.basic_get(reply, auto_ack=True)
