@@ -7,7 +7,7 @@ no longer knows the job: we do not know how it ended, and we never pretend it su
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Collection, Optional
 
 
 class JobState(str, enum.Enum):
@@ -56,20 +56,25 @@ PBS_EXIT_WALLTIME = -29  # JOB_EXEC_KILL_WALLTIME
 PBS_EXIT_DELETED = (271, 265)  # 256 + SIGTERM (qdel), 256 + SIGKILL (qdel after kill_delay)
 
 
+def _finished_state(exit_status: Optional[int], walltime_code: int, deleted_codes: Collection[int]) -> JobState:
+    """A finished PBS-family job's state from its exit status; None means deleted before it ran."""
+    if exit_status is None:
+        return JobState.CANCELLED
+    if exit_status == 0:
+        return JobState.COMPLETED
+    if exit_status == walltime_code:
+        return JobState.TIMEOUT
+    if exit_status in deleted_codes:
+        return JobState.CANCELLED
+    return JobState.FAILED
+
+
 def pbs_finished_state(exit_status: Optional[int]) -> JobState:
     """Translate the Exit_status of a finished PBS Pro job or subjob.
 
     No exit status on a finished job means it never ran: it was deleted while queued.
     """
-    if exit_status is None:
-        return JobState.CANCELLED
-    if exit_status == 0:
-        return JobState.COMPLETED
-    if exit_status == PBS_EXIT_WALLTIME:
-        return JobState.TIMEOUT
-    if exit_status in PBS_EXIT_DELETED:
-        return JobState.CANCELLED
-    return JobState.FAILED
+    return _finished_state(exit_status, PBS_EXIT_WALLTIME, PBS_EXIT_DELETED)
 
 
 # ---------------------------------------------------------------- Torque
@@ -89,15 +94,7 @@ TORQUE_EXIT_DELETED = (271, 265)
 
 def torque_finished_state(exit_status: Optional[int]) -> JobState:
     """Translate the exit_status of a completed (C) Torque job or array task."""
-    if exit_status is None:
-        return JobState.CANCELLED
-    if exit_status == 0:
-        return JobState.COMPLETED
-    if exit_status == TORQUE_EXIT_WALLTIME:
-        return JobState.TIMEOUT
-    if exit_status in TORQUE_EXIT_DELETED:
-        return JobState.CANCELLED
-    return JobState.FAILED
+    return _finished_state(exit_status, TORQUE_EXIT_WALLTIME, TORQUE_EXIT_DELETED)
 
 
 # ---------------------------------------------------------------- Slurm

@@ -186,13 +186,18 @@ class PBSPro(Scheduler):
         return ["qselect", "-N", job_name] + (["-x"] if self.history else [])
 
     def parse_find(self, job_name: str, stdout: str) -> List[str]:
-        ids = []
-        for line in stdout.split():
-            try:
-                seq, index, server = split_job_id(line)
-            except ValueError:
-                continue
-            job = seq + ("[]" if index is not None else "") + (f".{server}" if server else "")
-            if job not in ids:
-                ids.append(job)
-        return ids
+        return parse_qselect(stdout)
+
+
+def parse_qselect(stdout: str) -> List[str]:
+    """Job ids from `qselect` output (PBS Pro and Torque), subjobs folded into their array id."""
+    ids: List[str] = []
+    for line in stdout.split():
+        try:
+            seq, index, server = split_job_id(line)
+        except ValueError:
+            continue
+        job = seq + ("[]" if index is not None else "") + (f".{server}" if server else "")
+        if job not in ids:
+            ids.append(job)
+    return ids

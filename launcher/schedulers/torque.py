@@ -9,7 +9,7 @@ from launcher.runner import CommandError
 from launcher.schedulers.base import (
     JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, format_ranges, format_walltime,
 )
-from launcher.schedulers.pbs import _task_from_entry, split_job_id
+from launcher.schedulers.pbs import _task_from_entry, parse_qselect, split_job_id
 from launcher.states import TORQUE_FINISHED, TORQUE_STATES, torque_finished_state
 
 
@@ -90,13 +90,4 @@ class Torque(Scheduler):
         return ["qselect", "-N", job_name]
 
     def parse_find(self, job_name: str, stdout: str) -> List[str]:
-        ids = []
-        for line in stdout.split():
-            try:
-                seq, index, server = split_job_id(line)
-            except ValueError:
-                continue
-            job = seq + ("[]" if index is not None else "") + (f".{server}" if server else "")
-            if job not in ids:
-                ids.append(job)
-        return ids
+        return parse_qselect(stdout)
