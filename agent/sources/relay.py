@@ -12,8 +12,9 @@ Threads (the Runner's main thread only calls the methods below; none of them blo
     relay's table, not in an open delivery, so RabbitMQ's consumer_timeout never applies and
     `secure()` has nothing to do);
   - status thread: posts status messages in batches (best effort, like pyclowder's).
-Settling (complete/release/retry/dead_letter) is a synchronous call that returns once the relay
-has committed it. Every delivery is marked `secured`: the relay keeps its lease while it is
+  - completion thread: sends completions in batches, so the Runner never waits for one.
+Release, retry and dead_letter are synchronous calls that return once the relay has committed
+them. Every delivery is marked `secured`: the relay keeps its lease while it is
 unreachable, so a settle that fails with SourceLost is kept by the Runner and retried when the
 relay answers again (`connected`). A lease the relay no longer knows (409: it expired and went
 back to the queue) is logged and dropped: that message may run twice, never zero times.
@@ -39,6 +40,7 @@ from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 log = logging.getLogger("agent.relay")
 TRACEBACK_LIMIT = 8000
 MIN_TOKEN = 16
+STATUS_LINGER = 0.1
 
 
 class TokenFileError(ValueError):
@@ -98,6 +100,10 @@ class RelaySource(WorkSource):
         self._intake = True
         self._down_since: Optional[float] = None
         self._fatal: Optional[str] = None
+        self._polling_since: Optional[float] = None
+        self._done: list[Delivery] = []
+        self._done_lock = threading.Lock()
+        self._done_ready = threading.Event()
         self._on_delivery: Optional[OnDelivery] = None
         self._threads: list[threading.Thread] = []
 
@@ -167,7 +173,7 @@ class RelaySource(WorkSource):
         log.info("relay %s: queue %s, leases of %.0fs, up to %d held", self.url, self.queue, self.lease_ttl,
                  self.prefetch)
         for target, name in ((self._lease_loop, "relay-lease"), (self._heartbeat_loop, "relay-heartbeat"),
-                             (self._status_loop, "relay-status")):
+                             (self._status_loop, "relay-status"), (self._complete_loop, "relay-complete")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -206,6 +212,14 @@ class RelaySource(WorkSource):
         self._intake = False
         self._stop.set()
         self._room.set()
+        # Let the lease thread hand back what a poll just brought; a poll still waiting is left
+        # to the relay, which sees this process hang up and leases nothing on that connection.
+        deadline = self._clock() + 2.0
+        while self._threads and self._threads[0].is_alive() and self._clock() < deadline:
+            started = self._polling_since
+            if started is not None and self._clock() - started > 0.2:
+                break
+            time.sleep(0.01)
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -217,6 +231,7 @@ class RelaySource(WorkSource):
                 except SourceLost:
                     pass
         self._flush_statuses()
+        self._flush_completions()
         for thread in self._threads:
             thread.join(timeout=0.3)  # a lease long poll in flight is not waited for (the relay notices)
         self._settle_http.close()
@@ -232,12 +247,14 @@ class RelaySource(WorkSource):
                 self._room.wait(1.0)
                 self._room.clear()
                 continue
+            self._polling_since = self._clock()
             try:
                 answer = self._call(http, "POST", "/v1/lease",
                                     {"agent": self.agent_id, "max": room, "wait": self.lease_wait},
                                     timeout=self.lease_wait + 15.0)
                 delay = 0.5
             except (SourceLost, _Gone, SourceUnavailable) as exc:
+                self._polling_since = None
                 if isinstance(exc, SourceUnavailable):
                     self._fatal = str(exc)
                     self.wake()
@@ -245,13 +262,14 @@ class RelaySource(WorkSource):
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            self._polling_since = None
             for item in answer.get("leases", []):
                 delivery = self._delivery(item)
                 with self._held_lock:
                     self._held.add(delivery.token)
                 if not self._intake or self._stop.is_set():
                     try:
-                        self.release(delivery)
+                        self._settle("/v1/release", delivery, {}, http)
                     except SourceLost:
                         pass
                     continue
@@ -289,6 +307,7 @@ class RelaySource(WorkSource):
                 first = self._statuses.get(timeout=0.5)
             except queue.Empty:
                 continue
+            self._stop.wait(STATUS_LINGER)  # gather the statuses of a few files into one request
             self._post_statuses(http, first)
         http.close()
 
@@ -311,10 +330,12 @@ class RelaySource(WorkSource):
             self._post_statuses(self._settle_http, None)
 
     # -- settling ---------------------------------------------------------------------------------
-    def _settle(self, path: str, delivery: Delivery, payload: dict[str, Any]) -> dict[str, Any]:
+    def _settle(self, path: str, delivery: Delivery, payload: dict[str, Any],
+                http: Optional[requests.Session] = None) -> dict[str, Any]:
         lease_id = delivery.token
         try:
-            answer = self._call(self._settle_http, "POST", path, dict(payload, lease_id=lease_id), timeout=30.0)
+            answer = self._call(http or self._settle_http, "POST", path, dict(payload, lease_id=lease_id),
+                                timeout=30.0)
         except _Gone:
             log.warning("lease of message %s had expired on the relay (%s not recorded); the relay has given it "
                         "out again", delivery.file_id or "(unparsed)", path.rsplit("/", 1)[-1])
@@ -327,7 +348,66 @@ class RelaySource(WorkSource):
         return answer
 
     def complete(self, delivery: Delivery) -> None:
-        self._settle("/v1/complete", delivery, {})
+        """Queue the completion for the completion thread (like an AMQP ack, not waited for).
+
+        A crash before it reaches the relay lets the lease expire and the message run again:
+        at-least-once, as with RabbitMQ, and the Runner's main thread goes on at once.
+        """
+        with self._done_lock:
+            self._done.append(delivery)
+        self._done_ready.set()
+
+    def _complete_loop(self) -> None:
+        http = self._session()
+        delay = 0.5
+        while not self._stop.is_set():
+            if not self._done_ready.wait(0.5):
+                continue
+            if self._send_completions(http):
+                delay = 0.5
+            else:
+                self._stop.wait(delay)  # relay away: the leases wait for us there
+                delay = min(delay * 2, 5.0)
+        http.close()
+
+    def _send_completions(self, http: requests.Session) -> bool:
+        """Post every queued completion in one request; False when the relay could not be reached."""
+        with self._done_lock:
+            batch, self._done = self._done, []
+            self._done_ready.clear()
+        if not batch:
+            return True
+        try:
+            answer = self._call(http, "POST", "/v1/complete", {"lease_ids": [d.token for d in batch]}, timeout=30.0)
+        except (SourceLost, SourceUnavailable, _Gone):
+            with self._done_lock:
+                self._done[:0] = batch
+                self._done_ready.set()
+            return False
+        gone = set(answer.get("gone") or [])
+        for delivery in batch:
+            if delivery.token in gone:
+                log.warning("lease of message %s had expired on the relay before its completion; the relay has "
+                            "given it out again", delivery.file_id or "(unparsed)")
+        with self._held_lock:
+            self._held.difference_update(d.token for d in batch)
+        self._room.set()
+        return True
+
+    def _flush_completions(self) -> None:
+        """At close: send what is queued, trying for a while if the relay is away."""
+        deadline = self._clock() + min(self.reconnect_timeout, 30.0)
+        while True:
+            with self._done_lock:
+                if not self._done:
+                    return
+            if self._send_completions(self._settle_http):
+                continue
+            if self._clock() >= deadline:
+                log.error("%d completion(s) could not reach the relay; their leases will expire and those "
+                          "messages run again", len(self._done))
+                return
+            time.sleep(1.0)
 
     def release(self, delivery: Delivery) -> None:
         self._settle("/v1/release", delivery, {})

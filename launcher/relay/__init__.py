@@ -32,7 +32,8 @@ Leases and durability (launcher.relay.store, launcher.relay.broker)
 
 Forwarding without an open proxy (launcher.relay.forward, launcher.relay.routes)
   A leased body is handed out with `host` = `<relay URL>/clowder/<lease id>/` and `secretKey` =
-  a random key for that lease; the real host and key stay in the table. Calls to
+  a key of the relay's own (an HMAC of a relay secret, the agent and the real key: worthless
+  without a live lease id of that agent); the real host and key stay in the table. Calls to
   `/clowder/<lease id>/api/...` are forwarded only while the lease is live, only with its key,
   only for the API routes pyclowder calls and only for the lease's own file, dataset and the
   ids its own calls created or listed, and only to the lease's own Clowder host, with the real

@@ -2,7 +2,8 @@
 
 One thread owns the pika connection (pika is not thread-safe). Its loop:
 
-- intake: while fewer than `buffer` rows are ready in the lease table, `basic_get` a batch
+- intake: when fewer than half of `buffer` rows are ready in the lease table (or none, and an
+  agent is waiting), `basic_get` a batch to fill it
   (never a consumer: a message is unacknowledged only for the milliseconds between get and ack,
   so RabbitMQ's consumer_timeout never applies), record the batch with one fsync'd commit, then
   acknowledge it (`multiple=True`). A crash between commit and ack leaves the message in both
@@ -56,6 +57,7 @@ class BrokerLink(threading.Thread):
         self._outbox: "queue.Queue[tuple[str, str, bytes, pika.BasicProperties]]" = queue.Queue(maxsize=10000)
         self._conn: Optional[pika.BlockingConnection] = None
         self._ch: Any = None
+        self._confirmed: Any = None
         self._where = redact_uri(uri)
         self.fetched = 0
 
@@ -114,14 +116,16 @@ class BrokerLink(threading.Thread):
                 if exc.reply_code != 406:
                     raise
                 ch = self._conn.channel()  # exists with other arguments: use it as it is
-        ch.confirm_delivery()
-        self._ch = ch
+        confirmed = self._conn.channel()
+        confirmed.confirm_delivery()
+        self._ch = ch              # basic_get/ack, status messages and registrations (no confirms)
+        self._confirmed = confirmed  # error-queue copies and hand-backs: each waits for its confirm
         self.connected.set()
         log.info("connected to %s, taking messages from %s", self._where, self.queue)
 
     def _close(self) -> None:
         self.connected.clear()
-        conn, self._conn, self._ch = self._conn, None, None
+        conn, self._conn, self._ch, self._confirmed = self._conn, None, None, None
         if conn is not None:
             try:
                 conn.close()
@@ -139,15 +143,18 @@ class BrokerLink(threading.Thread):
             if self.intake and (now >= idle_until or self.store.demand.is_set()):
                 self.store.demand.clear()
                 got = self._fetch()
-                idle_until = now + (0.0 if got else 0.25)  # an empty queue is asked again soon, or on demand
-            self._conn.process_data_events(time_limit=0 if got else 0.02)
-            if not self._ch.is_open:
+                # an empty queue is asked again soon, or at once when a lessee finds nothing
+                idle_until = now + (0.0 if got > 0 else 0.02 if got < 0 else 0.25)
+            self._conn.process_data_events(time_limit=0 if got > 0 else 0.02)
+            if not self._ch.is_open or not self._confirmed.is_open:
                 raise pika.exceptions.ChannelClosed(0, "channel closed by the broker")
 
     def _fetch(self) -> int:
-        room = self.buffer - self.store.ready_count()
-        if room <= 0:
-            return 0
+        """Fill the buffer from the queue; return how many were taken (-1: buffer full enough)."""
+        ready = self.store.ready_count()
+        room = self.buffer - ready
+        if room <= 0 or (ready > 0 and room < max(1, self.buffer // 2)):
+            return -1  # refill in batches: one fsync'd commit for many messages
         batch: list[Incoming] = []
         last_tag = None
         for _ in range(min(room, BATCH)):
@@ -176,12 +183,9 @@ class BrokerLink(threading.Thread):
                 exchange, key, body, props = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            try:
-                if exchange == "extractors":
-                    self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-                self._ch.basic_publish(exchange, key, body, props)
-            except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-                log.debug("status or registration not routed (%s)", key or exchange)
+            if exchange == "extractors":
+                self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+            self._ch.basic_publish(exchange, key, body, props)
 
     def _props(self, row: DeadRow, headers: dict[str, Any]) -> pika.BasicProperties:
         return pika.BasicProperties(delivery_mode=2, reply_to=row.reply_to, correlation_id=row.correlation_id,
@@ -189,7 +193,7 @@ class BrokerLink(threading.Thread):
 
     def _publish_confirmed(self, queue_name: str, row: DeadRow, headers: dict[str, Any]) -> None:
         try:
-            self._ch.basic_publish("", queue_name, row.body, self._props(row, headers), mandatory=True)
+            self._confirmed.basic_publish("", queue_name, row.body, self._props(row, headers), mandatory=True)
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
             raise pika.exceptions.AMQPError(f"broker did not take the message for {queue_name}: "
                                             f"{exc.__class__.__name__}") from None

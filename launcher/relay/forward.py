@@ -183,11 +183,13 @@ class Forwarder:
                     conn.putheader("Transfer-Encoding", "chunked")
                 else:
                     conn.putheader("Content-Length", str(length))
-                conn.endheaders()
+                small = isinstance(payload, bytes) and len(payload) <= 65536
+                conn.endheaders(payload if small and payload else None)  # one segment with its headers
                 if conn.sock is not None:
                     conn.sock.settimeout(self.timeout)
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if isinstance(payload, bytes):
-                    if payload:
+                    if payload and not small:
                         conn.send(payload)
                 else:
                     for block in payload:

@@ -5,7 +5,7 @@ Work API (JSON in and out, `Authorization: Bearer <token>` on every call):
   GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload}
   POST /v1/lease       {agent, max, wait}  up to max leases, waiting up to wait s for the first
   POST /v1/extend      {lease_ids}         heartbeat: {extended, gone}
-  POST /v1/complete    {lease_id}          done, results in Clowder: the message is forgotten
+  POST /v1/complete    {lease_id} or {lease_ids}   done, results in Clowder: the message is forgotten
   POST /v1/release     {lease_id}          hand back (not a failure): leasable again at once
   POST /v1/fail        {lease_id, attempts, reason}          {outcome: retry | dead}
   POST /v1/dead-letter {lease_id, reason, traceback, attempts, agent}
@@ -410,6 +410,12 @@ class Relay:
         return 200, {"extended": ok, "gone": gone, "lease_ttl": self.settings.lease_ttl}
 
     def _complete(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if "lease_ids" in body:  # a batch: {"done": [...], "gone": [...]}
+            ids = _field(body, "lease_ids", list)
+            if len(ids) > 10000 or not all(isinstance(i, str) and len(i) <= 64 for i in ids):
+                raise ClientError(400, "field 'lease_ids' must be a list of lease ids")
+            done = set(self.store.complete_many(ids))
+            return 200, {"done": sorted(done), "gone": [i for i in ids if i not in done]}
         return (200, {"ok": True}) if self.store.complete(self._lease_id(body)) else self._gone()
 
     def _release(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -17,6 +17,9 @@ Long-polling lessees wait on `self.changed`, notified whenever something may hav
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -50,6 +53,7 @@ CREATE TABLE IF NOT EXISTS messages (
     traceback TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (state, available_at);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 RECENT_ROUTES = 10000     # finished leases whose reply_to is remembered for late status messages
 RECENT_SECONDS = 600.0
@@ -86,12 +90,17 @@ class Lease:
     learned: dict[str, list[str]] = field(default_factory=dict)
 
     def original(self) -> dict[str, Any]:
-        """The body as a JSON object ({} when it is not one)."""
-        try:
-            parsed = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            return {}
-        return parsed if isinstance(parsed, dict) else {}
+        """The body as a JSON object ({} when it is not one); a fresh shallow copy each call."""
+        parsed = self.__dict__.get("_parsed")
+        if parsed is None:
+            try:
+                parsed = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError):
+                parsed = {}
+            if not isinstance(parsed, dict):
+                parsed = {}
+            self.__dict__["_parsed"] = parsed
+        return dict(parsed)
 
 
 @dataclass
@@ -129,6 +138,7 @@ class LeaseStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._key_secret = self._meta_secret()
         self._live: dict[str, Lease] = {}
         self._recent: "OrderedDict[str, tuple[float, Optional[str], Optional[str]]]" = OrderedDict()
         self._load()
@@ -136,6 +146,32 @@ class LeaseStore:
     # -- plumbing ----------------------------------------------------------------------------------
     def _tx(self, full: bool = False) -> "_Tx":
         return _Tx(self._db, full)
+
+    def _meta_secret(self) -> bytes:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name='key_secret'").fetchone()
+            if row is not None:
+                return bytes(row[0])
+            secret = secrets.token_bytes(32)
+            with self._tx(full=True):
+                self._db.execute("INSERT INTO meta (name, value) VALUES ('key_secret', ?)", (secret,))
+            return secret
+
+    def lease_key(self, agent: str, body: bytes) -> str:
+        """The Clowder key handed out instead of the message's real one.
+
+        Derived (HMAC) from a secret of this relay, the agent and the real key: one agent sees one
+        key per Clowder key (its secret masking stays small), and the key is worth nothing
+        without a live lease id of that agent's in the URL. Unparsable bodies get a random key.
+        """
+        try:
+            real = json.loads(body).get("secretKey")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            real = None
+        if not isinstance(real, str):
+            return secrets.token_urlsafe(24)
+        digest = hmac.new(self._key_secret, agent.encode() + b"\0" + real.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 
     def _load(self) -> None:
         with self._lock:
@@ -199,7 +235,7 @@ class LeaseStore:
             with self._tx():
                 for r in rows:
                     lease_id = secrets.token_urlsafe(18)
-                    lease = Lease(row=r[0], lease_id=lease_id, lease_key=secrets.token_urlsafe(24), body=r[1],
+                    lease = Lease(row=r[0], lease_id=lease_id, lease_key=self.lease_key(agent, r[1]), body=r[1],
                                   routing_key=r[2], reply_to=r[3], correlation_id=r[4],
                                   headers=json.loads(r[5] or "{}"), content_type=r[6], attempts=r[7],
                                   expires_at=now + ttl, lease_host=host_for(lease_id))
@@ -228,11 +264,10 @@ class LeaseStore:
 
     def live(self, lease_id: str) -> Optional[Lease]:
         """The live lease with this id (not expired), or None."""
-        with self._lock:
-            lease = self._live.get(lease_id)
-            if lease is None or lease.expires_at < self._clock():
-                return None
-            return lease
+        lease = self._live.get(lease_id)  # no lock: the forwarding path must not wait for a commit
+        if lease is None or lease.expires_at < self._clock():
+            return None
+        return lease
 
     def extend(self, lease_ids: Iterable[str], ttl: float) -> tuple[list[str], list[str]]:
         """Push the expiry of live leases to now + ttl; return (extended, gone)."""
@@ -282,6 +317,21 @@ class LeaseStore:
                 self._db.execute("DELETE FROM messages WHERE id=?", (lease.row,))
             self._forget(lease)
             return True
+
+    def complete_many(self, lease_ids: Iterable[str]) -> list[str]:
+        """complete() for several leases in one transaction; return the ids that were live."""
+        done: list[str] = []
+        with self._lock:
+            leases = [lease for lease in (self._take(i) for i in lease_ids) if lease is not None]
+            if not leases:
+                return done
+            with self._tx():
+                for lease in leases:
+                    self._db.execute("DELETE FROM messages WHERE id=?", (lease.row,))
+            for lease in leases:
+                self._forget(lease)
+                done.append(lease.lease_id)
+        return done
 
     def release(self, lease_id: str) -> bool:
         """Hand back, not a failure: leasable again at once."""

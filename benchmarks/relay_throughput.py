@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Throughput through the relay vs direct AMQP, with the same agents, same run.
+
+Each case publishes the same number of v1 messages for 1 KB files held by one Clowder stand-in
+process, runs agents with the unchanged wordcount extractor until every file has its metadata,
+and reports steady-state files/s (first result to last). "direct" agents consume RabbitMQ and
+call the stand-in themselves; "relay" agents lease from `python -m launcher relay` (its own
+process, on loopback) and every Clowder call of theirs is forwarded by the relay. The relay
+runs on the same 2-core machine as the agents, the broker and the stand-in, so it competes with
+them for CPU: on a cluster it has the login node to itself.
+Writes benchmarks/results/relay_throughput.md (and prints it).
+
+  python benchmarks/relay_throughput.py [--files 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pika
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
+                     wait_count)
+
+FLOOR = 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Relay:
+    """The relay as a subprocess for one queue."""
+
+    def __init__(self, queue: str, workdir: str) -> None:
+        self.port = _free_port()
+        self.token_file = os.path.join(workdir, "token")
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, secrets.token_urlsafe(32).encode())
+        os.close(fd)
+        env = dict(os.environ, RABBITMQ_URI=AMQP_URL, RABBITMQ_QUEUE=queue, PYTHONPATH=REPO)
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "relay", "--bind", f"127.0.0.1:{self.port}",
+                                      "--token-file", self.token_file, "--state-dir", os.path.join(workdir, "state"),
+                                      "--buffer", "40"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        assert "relay listening" in line, line
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def run_case(name: str, standin: StandinProcess, ch, n: int, agents: int, slots: int, via_relay: bool,
+             env: dict, timeout: float = 600) -> dict:
+    standin.clear()
+    queue = fresh_queue(ch, "bench-relay")
+    files = standin.add_files(n, b"lorem ipsum dolor sit amet\n" * 37)
+    publish(ch, queue, [v1_message(f, standin.url) for f in files], reply_to="bench-replies")
+    workdir = tempfile.mkdtemp(prefix="bench-relay-")
+    relay = Relay(queue, workdir) if via_relay else None
+    agent_env = dict(env, RABBITMQ_QUEUE=queue)
+    if relay is not None:
+        agent_env.update(AGENT_SOURCE="relay", AGENT_RELAY_URL=relay.url, AGENT_RELAY_TOKEN_FILE=relay.token_file)
+    started = time.time()
+    procs = [subprocess.Popen([sys.executable, "-m", "agent", "run", "--plugin", "ncsa.wordcount.hpc",
+                               "--slots", str(slots)], cwd=REPO, env=agent_env, stderr=subprocess.DEVNULL)
+             for _ in range(agents)]
+    try:
+        times = wait_count(standin, n, timeout)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if relay is not None:
+            relay.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    ch.queue_delete(queue)
+    ch.queue_delete("error." + queue)
+    return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "relay_throughput.md"))
+    args = parser.parse_args()
+    env = dict(os.environ, RABBITMQ_URI=AMQP_URL, PYTHONPATH=REPO, AGENT_LOG_LEVEL="WARNING",
+               AGENT_PLUGIN_PATH=os.path.join(REPO, "examples"), AGENT_JOURNAL_DIR="/tmp/bench-journal")
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    ch = conn.channel()
+    ch.queue_declare("bench-replies", durable=False, auto_delete=False)
+    standin = StandinProcess()
+    pairs = []
+    try:
+        for label, agents, slots in (("1 agent, 1 slot", 1, 1), ("1 agent, 2 slots", 1, 2),
+                                     ("2 agents, 1 slot each", 2, 1)):
+            direct = run_case(f"direct AMQP, {label}", standin, ch, args.files, agents, slots, False, env)
+            relayed = run_case(f"through the relay, {label}", standin, ch, args.files, agents, slots, True, env)
+            pairs.append((label, direct, relayed))
+    finally:
+        standin.close()
+        ch.queue_delete("bench-replies")
+        conn.close()
+    lines = [f"# Relay throughput ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
+             f"Machine: {machine()}", "",
+             "Unchanged wordcount extractor, 1 KB text files, v1 messages; one broker and one Clowder stand-in "
+             "process for all cases; the relay on loopback, on the same machine. Steady state = files/s from the "
+             "first result to the last. Ratio = relay / direct (floor {:.1f}).".format(FLOOR), "",
+             "| agents | direct AMQP files/s | through the relay files/s | ratio | first result, direct / relay (s) |",
+             "|---|---:|---:|---:|---:|"]
+    worst = float("inf")
+    for label, d, r in pairs:
+        ratio = r["rate"] / d["rate"]
+        worst = min(worst, ratio)
+        lines.append(f"| {label} | {d['rate']:.1f} | {r['rate']:.1f} | {ratio:.2f} | {d['first']:.2f} / "
+                     f"{r['first']:.2f} |")
+    lines += ["", f"{args.files} files per case. Lowest ratio: {worst:.2f} "
+              f"({'meets' if worst >= FLOOR else 'BELOW'} the {FLOOR} floor).", "",
+              "Command: `python benchmarks/relay_throughput.py`"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    return 0 if worst >= FLOOR else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
