@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from typing import Optional, Sequence
+from urllib.parse import urlsplit
 
 from . import exitcodes
 from .config import AgentConfig, ConfigError, add_setting_flags, load_config
@@ -127,6 +128,11 @@ def cmd_run(cfg: AgentConfig) -> int:
             return exitcodes.CONFIG_ERROR
         if cfg.relay_ca:
             env["REQUESTS_CA_BUNDLE"] = cfg.relay_ca  # the extractor's Clowder calls go to the relay too
+        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), urlsplit(cfg.relay_url or "").hostname]))
+    elif cfg.source == "spool":  # messages and files on the shared filesystem; Clowder calls recorded
+        from .sources.spool import from_config as spool_source
+        source = spool_source(cfg, agent_id)
+        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1"]))
     else:
         journal = Journal(cfg.journal_dir, agent_id)
         try:

@@ -77,10 +77,11 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("plugin", _to_optional_str, None, "extractor to run: its extractor_info name or folder name"),
     Setting("plugin_path", _to_path_list, [], "extra folders holding plugin folders (colon-separated)"),
-    Setting("source", str, "amqp", "where work comes from: amqp (RabbitMQ) or relay (python -m launcher relay)"),
+    Setting("source", str, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool)"),
     Setting("relay_url", _to_optional_str, None, "source relay: the relay's URL, e.g. https://login1:8765"),
     Setting("relay_token_file", _to_optional_str, None, "source relay: file holding the relay's bearer token (mode 0600)"),
     Setting("relay_ca", _to_optional_str, None, "source relay: CA bundle to verify the relay's TLS certificate"),
+    Setting("spool_dir", _to_optional_str, None, "source spool: the spool folder (python -m launcher spool --dir)"),
     Setting("rabbitmq_uri", str, "amqp://guest:guest@127.0.0.1:5672/%2f", "broker URI",
             ("RABBITMQ_URI",), secret=True),
     Setting("rabbitmq_queue", _to_optional_str, None, "queue to consume (default: the extractor's name)",
@@ -135,6 +136,7 @@ class AgentConfig:
     relay_url: Optional[str] = None
     relay_token_file: Optional[str] = None
     relay_ca: Optional[str] = None
+    spool_dir: Optional[str] = None
     rabbitmq_uri: str = "amqp://guest:guest@127.0.0.1:5672/%2f"
     rabbitmq_queue: Optional[str] = None
     extractor_key: Optional[str] = None
@@ -170,8 +172,10 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values no agent can run with."""
-        if self.source not in ("amqp", "relay"):
-            raise ConfigError(f"source: unknown work source {self.source!r} (known: amqp, relay)")
+        if self.source not in ("amqp", "relay", "spool"):
+            raise ConfigError(f"source: unknown work source {self.source!r} (known: amqp, relay, spool)")
+        if self.source == "spool" and not self.spool_dir:
+            raise ConfigError("source spool needs spool_dir (AGENT_SPOOL_DIR)")
         if self.source == "relay":
             if not self.relay_url or not self.relay_token_file:
                 raise ConfigError("source relay needs relay_url and relay_token_file (AGENT_RELAY_URL, "

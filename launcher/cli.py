@@ -1,4 +1,4 @@
-"""Command line: ``python -m launcher {submit,status,scale,dispatch,relay,cancel,reconcile}``.
+"""Command line: ``python -m launcher {submit,status,scale,dispatch,relay,spool,cancel,reconcile}``.
 
 Settings precedence: command-line flag > environment variable > default. Global options may
 be given before or after the subcommand.
@@ -266,6 +266,12 @@ def cmd_relay(args) -> int:
     return main_from_cli(args, str(_state_dir(args)))
 
 
+def cmd_spool(args) -> int:
+    from launcher.relay.spool import main_from_cli
+
+    return main_from_cli(args)
+
+
 # ---------------------------------------------------------------------- parser
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d = {"default": argparse.SUPPRESS} if suppress else {"default": None}
@@ -341,6 +347,12 @@ def parser() -> argparse.ArgumentParser:
     relay_arguments(p)
     _common(p, suppress=True)
     p.set_defaults(func=cmd_relay, locked=False)
+
+    p = sub.add_parser("spool", help="stage messages and files into a spool folder; upload the agents' results")
+    from launcher.relay.spool import add_arguments as spool_arguments
+    spool_arguments(p)
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_spool, locked=False)
 
     p = sub.add_parser("cancel", help="cancel a job (all its tasks)")
     p.add_argument("job_id")

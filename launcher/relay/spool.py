@@ -1,0 +1,414 @@
+"""`python -m launcher spool`: the login node's side of the spool transport (agent.sources.spool).
+
+For sites whose compute nodes reach nothing but the shared filesystem. One loop, each pass:
+
+1. reclaim: claims of agents that died go back to inbox/ with one more attempt; a message past
+   --max-retries is dead-lettered instead;
+2. collect: every sealed outbox/<msg>/ is replayed to the real Clowder in the order the
+   extractor made its calls (placeholder ids from the agent's recorder mapped to the ids Clowder
+   returns; progress is recorded after each call so a crash does not replay twice what was
+   done), its status messages are published to the message's reply_to, and the message is
+   forgotten; outcome "dead" goes to error.<queue> (original body, `x-error-reason` and
+   `x-error-traceback` headers, publisher-confirmed). A 4xx from Clowder during the replay
+   dead-letters the message; a 5xx or a lost connection leaves it for the next pass;
+3. stage: while inbox/ holds fewer than --buffer messages, `basic_get` one, download its file
+   from Clowder into files/<msg>/ (fsync'd), write inbox/<msg>.json (fsync'd, renamed into
+   place), and only then acknowledge it. From then on the spool is the message's only copy
+   (RabbitMQ's consumer_timeout never applies); a crash between the write and the ack makes a
+   duplicate, never a loss. A file Clowder does not have (4xx) is dead-lettered at once; a 5xx
+   or a lost connection puts the message back in the queue for a later pass.
+
+File extractors only: dataset messages are staged without files and their extractors' reads of
+Clowder fail in the agent (dead-lettered with the reason). The spool folder is local to this
+process; staging to a login node over SSH/SFTP is not implemented.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+import requests
+
+from agent.redact import redact_uri
+from agent.sources.spool import SpoolLayout, bump_attempts, fsync_dir, reclaim
+
+log = logging.getLogger("launcher.relay.spool")
+TRACEBACK_LIMIT = 8000
+
+
+class Spooler:
+    """Stage messages into a spool folder and collect their results (see the module docstring)."""
+
+    def __init__(self, uri: str, queue: str, root: str, buffer: int = 20, max_retries: int = 3,
+                 clowder_version: int = 1, clowder_url: Optional[str] = None, heartbeat: float = 300.0) -> None:
+        self.uri = uri
+        self.queue = queue
+        self.layout = SpoolLayout(root)
+        self.buffer = max(1, buffer)
+        self.max_retries = max_retries
+        self.clowder_version = clowder_version
+        self.clowder_url = clowder_url
+        self.heartbeat = heartbeat
+        self.http = requests.Session()
+        self._conn: Any = None
+        self._ch: Any = None
+        self._confirmed: Any = None
+        self._next_register = 0.0
+        self.counts = {"staged": 0, "done": 0, "dead": 0, "reclaimed": 0}
+
+    # -- broker ------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        import pika
+
+        if self._conn is not None and self._conn.is_open:
+            return
+        params = pika.URLParameters(self.uri)
+        params.connection_attempts = 1
+        params.socket_timeout = 10
+        self._conn = pika.BlockingConnection(params)
+        self._ch = self._conn.channel()
+        for name in (self.queue, "error." + self.queue):
+            self._ch.queue_declare(name, durable=True)
+        self._confirmed = self._conn.channel()
+        self._confirmed.confirm_delivery()
+        log.info("connected to %s, staging %s into %s", redact_uri(self.uri), self.queue, self.layout.root)
+
+    def close(self) -> None:
+        if self._conn is not None and self._conn.is_open:
+            self._conn.close()
+        self._conn = None
+
+    def _publish_dead(self, staged: dict[str, Any], reason: str, traceback: str, attempts: int) -> None:
+        import pika
+
+        headers = dict(staged.get("headers") or {})
+        headers.update({"x-error-reason": reason[:2000], "x-error-traceback": traceback[-TRACEBACK_LIMIT:],
+                        "x-agent-attempts": attempts, "x-original-routing-key": staged.get("routing_key") or "",
+                        "x-agent-id": "spool", "x-error-time": int(time.time())})
+        props = pika.BasicProperties(delivery_mode=2, reply_to=staged.get("reply_to"),
+                                     correlation_id=staged.get("correlation_id"), headers=headers,
+                                     content_type=staged.get("content_type") or "application/json")
+        self._confirmed.basic_publish("", "error." + self.queue, base64.b64decode(staged["body_b64"]), props,
+                                      mandatory=True)
+        self.counts["dead"] += 1
+        log.warning("spool: message dead-lettered to error.%s: %s", self.queue, reason[:300])
+
+    # -- one pass ----------------------------------------------------------------------------------
+    def step(self) -> dict[str, int]:
+        """Reclaim, collect, stage once; return what this pass did."""
+        self.layout.make()
+        self.connect()
+        before = dict(self.counts)
+        self.counts["reclaimed"] += reclaim(self.layout)
+        self._dead_letter_exhausted()
+        for name in sorted(os.listdir(self.layout.outbox)):
+            if not name.endswith((".partial",)) and ".tmp-" not in name and \
+                    os.path.isfile(os.path.join(self.layout.outbox, name, "result.json")):
+                self._collect(name)
+        self._stage()
+        self._register()
+        self._conn.process_data_events(time_limit=0)
+        return {k: self.counts[k] - before[k] for k in self.counts}
+
+    def idle(self) -> bool:
+        """Nothing staged, claimed or waiting to be collected, and the queue is empty."""
+        claimed = [n for d in os.listdir(self.layout.claimed)
+                   for n in os.listdir(os.path.join(self.layout.claimed, d)) if n.endswith(".json")]
+        depth = self._ch.queue_declare(self.queue, durable=True, passive=True).method.message_count
+        return not os.listdir(self.layout.inbox) and not claimed and not os.listdir(self.layout.outbox) and depth == 0
+
+    def _dead_letter_exhausted(self) -> None:
+        for name in sorted(os.listdir(self.layout.inbox)):
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(self.layout.inbox, name)
+            try:
+                staged = SpoolLayout.read_json(path)
+            except (OSError, ValueError):
+                continue  # claimed meanwhile, or being written
+            attempts = int((staged.get("headers") or {}).get("x-agent-attempts", 0) or 0)
+            if attempts > self.max_retries:
+                try:
+                    os.rename(path, path + ".dead")  # take it out of reach of agents first
+                except FileNotFoundError:
+                    continue
+                self._publish_dead(staged, f"gave up after {attempts} attempt(s): "
+                                   f"{staged['headers'].get('x-agent-last-error', '')}", "", attempts)
+                os.unlink(path + ".dead")
+                self._forget(name[:-5])
+
+    def _forget(self, msg: str) -> None:
+        shutil.rmtree(os.path.join(self.layout.files, msg), ignore_errors=True)
+        shutil.rmtree(self.layout.result_dir(msg), ignore_errors=True)
+        shutil.rmtree(self.layout.result_dir(msg, partial=True), ignore_errors=True)
+
+    # -- collecting --------------------------------------------------------------------------------
+    def _collect(self, msg: str) -> None:
+        folder = self.layout.result_dir(msg)
+        result = SpoolLayout.read_json(os.path.join(folder, "result.json"))
+        staged_path = os.path.join(folder, "staged.json")
+        if not os.path.exists(staged_path):
+            staged = self._staged_copy(msg)
+            if staged is None:
+                log.error("spool: outbox %s has no staged message; removing it", msg)
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            SpoolLayout.write_json(staged_path, staged)
+        staged = SpoolLayout.read_json(staged_path)
+        if result.get("outcome") == "ok":
+            try:
+                self._replay(msg, folder, staged, str(result.get("host_shown") or ""))
+            except _ReplayRefused as exc:
+                self._publish_dead(staged, f"Clowder refused the extractor's results: {exc}", "",
+                                   int(result.get("attempts") or 0))
+                self._forget(msg)
+                return
+            except _ReplayLater as exc:
+                log.warning("spool: results of %s not delivered yet (%s); trying again next pass", msg, exc)
+                return
+            self.counts["done"] += 1
+        else:
+            self._publish_dead(staged, str(result.get("reason") or "extractor error"),
+                               str(result.get("traceback") or ""), int(result.get("attempts") or 0))
+        self._publish_statuses(folder, staged)
+        self._forget(msg)
+
+    def _staged_copy(self, msg: str) -> Optional[dict[str, Any]]:
+        """The staged message of msg, wherever its claim file is (the outbox keeps its own copy)."""
+        for d in os.listdir(self.layout.claimed):
+            path = os.path.join(self.layout.claimed, d, msg + ".json")
+            if os.path.exists(path):
+                return SpoolLayout.read_json(path)
+        meta = os.path.join(self.layout.files, msg, "staged.json")
+        return SpoolLayout.read_json(meta) if os.path.exists(meta) else None
+
+    def _real(self, staged: dict[str, Any]) -> tuple[str, str]:
+        body = json.loads(base64.b64decode(staged["body_b64"]))
+        host = self.clowder_url or body["host"]
+        return (host if host.endswith("/") else host + "/"), body["secretKey"]
+
+    def _replay(self, msg: str, folder: str, staged: dict[str, Any], shown: str) -> None:
+        host, key = self._real(staged)
+        progress_path = os.path.join(folder, "replayed.json")
+        progress = SpoolLayout.read_json(progress_path) if os.path.exists(progress_path) else {"done": 0, "ids": {}}
+        calls = sorted(n for n in os.listdir(folder) if re.fullmatch(r"\d{5}\.json", n))
+        for name in calls[progress["done"]:]:
+            call = SpoolLayout.read_json(os.path.join(folder, name))
+            ids: dict[str, str] = progress["ids"]
+            path = _substitute_text(call["path"], ids)
+            query = [(k, _substitute_text(v, ids)) for k, v in call["query"]]
+            headers = {"Content-Type": call["content_type"]} if call.get("content_type") else {}
+            if call.get("by_query"):
+                query.append(("key", key))
+            else:
+                headers["X-API-KEY"] = key
+            data = b""
+            if call.get("body"):
+                with open(os.path.join(folder, call["body"]), "rb") as fh:
+                    data = fh.read()
+                data = _substitute_bytes(data, ids)
+                if shown:  # pyclowder writes its host into metadata (extractor_id): the real one
+                    data = data.replace(shown.encode(), host.encode()).replace(shown.rstrip("/").encode(),
+                                                                               host.rstrip("/").encode())
+            try:
+                resp = self.http.request(call["method"], host + path, params=query, data=data, headers=headers,
+                                         timeout=(10, 300))
+            except requests.RequestException as exc:
+                raise _ReplayLater(exc.__class__.__name__) from None
+            if resp.status_code >= 500 or resp.status_code in (408, 429):
+                raise _ReplayLater(f"{call['method']} {path}: {resp.status_code}")
+            if resp.status_code >= 400:
+                raise _ReplayRefused(f"{call['method']} {path}: {resp.status_code} {resp.text[:200]}")
+            if call.get("placeholder"):
+                try:
+                    real = resp.json().get("id")
+                except (ValueError, AttributeError):
+                    real = None
+                if isinstance(real, str):
+                    ids[call["placeholder"]] = real
+            progress["done"] += 1
+            SpoolLayout.write_json(progress_path, progress)
+
+    def _publish_statuses(self, folder: str, staged: dict[str, Any]) -> None:
+        import pika
+
+        path = os.path.join(folder, "statuses.jsonl")
+        if not staged.get("reply_to") or not os.path.exists(path):
+            return
+        props = pika.BasicProperties(delivery_mode=2, correlation_id=staged.get("correlation_id"),
+                                     content_type="application/json")
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    self._ch.basic_publish("", staged["reply_to"], line.strip().encode(), props)
+
+    # -- staging -----------------------------------------------------------------------------------
+    def _stage(self) -> None:
+        while len([n for n in os.listdir(self.layout.inbox) if n.endswith(".json")]) < self.buffer:
+            method, props, body = self._ch.basic_get(self.queue, auto_ack=False)
+            if method is None:
+                return
+            msg = uuid.uuid4().hex
+            staged = {"msg": msg, "body_b64": base64.b64encode(body).decode("ascii"),
+                      "routing_key": method.routing_key or self.queue, "reply_to": props.reply_to,
+                      "correlation_id": props.correlation_id, "headers": dict(props.headers or {}),
+                      "content_type": props.content_type, "staged_at": time.time()}
+            try:
+                staged["file"] = self._download(msg, body, method.routing_key or "")
+            except _ReplayLater as exc:
+                log.warning("spool: cannot download a file now (%s); the message goes back to the queue", exc)
+                self._ch.basic_nack(method.delivery_tag, requeue=True)
+                shutil.rmtree(os.path.join(self.layout.files, msg), ignore_errors=True)
+                return
+            except _ReplayRefused as exc:
+                self._publish_dead(staged, f"cannot stage the file: {exc}", "", 0)
+                self._ch.basic_ack(method.delivery_tag)
+                shutil.rmtree(os.path.join(self.layout.files, msg), ignore_errors=True)
+                continue
+            folder = os.path.join(self.layout.files, msg)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            SpoolLayout.write_json(os.path.join(folder, "staged.json"), staged)
+            SpoolLayout.write_json(self.layout.staged(msg), staged)
+            self._ch.basic_ack(method.delivery_tag)
+            self.counts["staged"] += 1
+
+    def _download(self, msg: str, raw: bytes, routing_key: str) -> Optional[str]:
+        """Fetch the message's file into files/<msg>/; its path relative to the spool (None: no file)."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("id", "host", "secretKey")):
+            return None  # the agent dead-letters it with the reason
+        if body.get("resource_type") == "dataset" or ".dataset." in (body.get("routing_key") or routing_key):
+            return None
+        host = self.clowder_url or body["host"]
+        host = host if host.endswith("/") else host + "/"
+        file_id = body.get("intermediateId") or body["id"] if self.clowder_version == 1 else body["id"]
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", file_id):
+            return None
+        if self.clowder_version == 1:
+            url, params, headers = f"{host}api/files/{file_id}", {"key": body["secretKey"]}, {}
+        else:
+            url, params, headers = f"{host}api/v2/files/{file_id}", {}, {"X-API-KEY": body["secretKey"]}
+        name = re.sub(r"[^A-Za-z0-9_.\-]", "_", os.path.basename(str(body.get("filename") or "input"))) or "input"
+        folder = os.path.join(self.layout.files, msg)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        target = os.path.join(folder, name)
+        try:
+            with self.http.get(url, params=params, headers=headers, stream=True, timeout=(10, 300)) as resp:
+                if resp.status_code >= 500 or resp.status_code in (408, 429):
+                    raise _ReplayLater(f"Clowder answered {resp.status_code}")
+                if resp.status_code >= 400:
+                    raise _ReplayRefused(f"Clowder answered {resp.status_code} for file {body['id']}")
+                with open(target, "wb") as fh:
+                    for block in resp.iter_content(1 << 20):
+                        fh.write(block)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except requests.RequestException as exc:
+            raise _ReplayLater(exc.__class__.__name__) from None
+        fsync_dir(folder)
+        return os.path.relpath(target, self.layout.root)
+
+    def _register(self) -> None:
+        import pika
+
+        now = time.monotonic()
+        if now < self._next_register or not os.path.exists(self.layout.info_file):
+            return
+        self._next_register = now + self.heartbeat
+        info = SpoolLayout.read_json(self.layout.info_file)
+        message = {"id": f"spool-{socket.gethostname()}", "queue": self.queue, "owner": info.get("owner", ""),
+                   "extractor_info": info.get("extractor_info", {})}
+        self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+        self._ch.basic_publish("extractors", "", json.dumps(message).encode(), pika.BasicProperties())
+
+
+class _ReplayLater(Exception):
+    """Clowder or the network failed for now: try again on a later pass."""
+
+
+class _ReplayRefused(Exception):
+    """Clowder refused (4xx): asking again will not help."""
+
+
+def _substitute_text(text: str, ids: dict[str, str]) -> str:
+    for placeholder, real in ids.items():
+        text = text.replace(placeholder, real)
+    return text
+
+
+def _substitute_bytes(data: bytes, ids: dict[str, str]) -> bytes:
+    for placeholder, real in ids.items():
+        data = data.replace(placeholder.encode(), real.encode())
+    return data
+
+
+# -- command line -------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The spool command's own flags."""
+    p.add_argument("--dir", required=True, metavar="SPOOL", help="spool folder on the shared filesystem")
+    p.add_argument("--buffer", type=int, default=20, help="staged messages waiting for agents at most (default 20)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between passes (default 1)")
+    p.add_argument("--max-retries", type=int, default=3, help="attempts beyond which a message is dead-lettered")
+    p.add_argument("--clowder-version", type=int, choices=(1, 2),
+                   default=int(os.environ.get("CLOWDER_VERSION", "1") or 1), help="Clowder API (env CLOWDER_VERSION)")
+    p.add_argument("--clowder-url", metavar="URL", help="reach Clowder here instead of the message's host")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--until-empty", action="store_true",
+                   help="exit when the queue, the inbox, the claims and the outbox are all empty")
+
+
+def main_from_cli(args: argparse.Namespace) -> int:
+    """Run passes until a signal (or --once / --until-empty); exit 2 on bad settings."""
+    import sys
+
+    logging.getLogger("launcher.relay").setLevel(logging.INFO)
+    uri = os.environ.get("RABBITMQ_URI")
+    queue = getattr(args, "rabbitmq_queue", None) or os.environ.get("RABBITMQ_QUEUE")
+    if not uri or not queue:
+        print("launcher spool: error: RABBITMQ_URI and RABBITMQ_QUEUE must be set", file=sys.stderr)
+        return 2
+    spooler = Spooler(uri, queue, args.dir, buffer=args.buffer, max_retries=args.max_retries,
+                      clowder_version=args.clowder_version, clowder_url=args.clowder_url)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    delay = args.interval
+    try:
+        while not stop.is_set():
+            try:
+                summary = spooler.step()
+                delay = args.interval
+            except Exception as exc:  # noqa: BLE001 - broker or disk trouble: log, wait, try again
+                import pika.exceptions
+                if not isinstance(exc, (pika.exceptions.AMQPError, OSError)):
+                    raise
+                log.warning("spool pass stopped (%s: %s); trying again in %.0fs", exc.__class__.__name__,
+                            str(exc)[:200], delay)
+                spooler.close()
+                if args.once:
+                    return 1
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if any(summary.values()):
+                print(" ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
+            if args.once or (args.until_empty and spooler.idle()):
+                return 0
+            stop.wait(args.interval)
+    finally:
+        spooler.close()
+    return 0
