@@ -124,6 +124,7 @@ def test_files_and_results_travel_through_the_spool(harness, spool):
     assert spool.inbox() == [] and os.listdir(os.path.join(spool.dir, "outbox")) == []
 
 
+@pytest.mark.chaos
 def test_a_crashed_agents_claim_is_reclaimed(harness, spool):
     slow = harness.publish_file(b"sleep 3\n")
     launcher = spool.start_launcher()
