@@ -246,11 +246,14 @@ def test_poison_and_abort_are_dead_lettered_with_the_original_body(harness, netn
     bodies = {poison: harness.v1_body(poison), abort: harness.v1_body(abort)}
     for body in bodies.values():
         harness.publish(body)
+    harness.publish(None, raw=b"\xff not json")
     good = harness.publish_file(b"ok\n")
     proc = start_agent_in(harness, netns, "--idle-exit", "2", AGENT_MAX_RETRIES="1", **relay.agent_env())
     assert wait_exit(harness, proc) == 0, harness.log_text()
     assert unprocessed(harness, [good]) == []
-    errors = {json.loads(body)["id"]: (props, body) for props, body in harness.errors()}
+    all_errors = harness.errors()
+    assert [b for _, b in all_errors if b == b"\xff not json"], "a bad body is dead-lettered unchanged"
+    errors = {json.loads(body)["id"]: (props, body) for props, body in all_errors if body != b"\xff not json"}
     assert set(errors) == {poison, abort}
     for fid, (props, body) in errors.items():
         assert json.loads(body) == bodies[fid]  # unchanged: the real host and key, not the relay's

@@ -90,7 +90,7 @@ class BrokerLink(threading.Thread):
                 self._connect()
                 delay = 1.0
                 self._loop()
-            except _ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - broker or disk trouble must not end the link
                 if self._halt.is_set():
                     break
                 log.warning("broker at %s: %s; reconnecting in %.0fs", self._where, _describe(exc), delay)

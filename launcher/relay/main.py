@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds before a failed message is leasable again, doubling (default 2, max 60)")
     p.add_argument("--max-upload", type=int, default=50 << 30, metavar="BYTES",
                    help="largest request body forwarded to Clowder (default 50 GiB)")
-    p.add_argument("--max-connections", type=int, default=256, help="open connections at most (default 256)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most (default 1024; an agent keeps about 6 open)")
     p.add_argument("--clowder-url", metavar="URL",
                    help="reach Clowder here instead of the message's host (env CLOWDER_URL)")
     p.add_argument("--public-url", metavar="URL",
