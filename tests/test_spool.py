@@ -6,11 +6,12 @@ and the Clowder stand-in, and the extractor's uploads go back the same way.
 """
 from __future__ import annotations
 
-import base64
+import getpass
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,11 +51,11 @@ class Spool:
         self.log_path = str(tmp / "spool.log")
         self.proc = None
 
-    def start_launcher(self, *extra: str) -> subprocess.Popen:
+    def start_launcher(self, *extra: str, ssh: Any = None) -> subprocess.Popen:
         env = dict(os.environ, RABBITMQ_URI=self.h.url, RABBITMQ_QUEUE=self.h.queue, PYTHONPATH=REPO)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "spool", "--dir", self.dir, "--interval",
-                                          "0.2", *extra], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                          "0.2", *extra, *(ssh or ())], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         return self.proc
 
@@ -179,3 +180,58 @@ def test_recorded_ids_are_mapped_to_the_real_ones(harness, tmp_path):
         assert len(previews) == 1 and not previews[0]["preview_id"].startswith("spool-")
     finally:
         spooler.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A private sshd on 127.0.0.1 standing in for the login node; yields an ssh -F config file."""
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not (os.path.exists(sshd_bin) and shutil.which("ssh") and shutil.which("ssh-keygen")):
+        services.unavailable("OpenSSH server and client are needed (scripts/install.sh installs them)")
+    d = tmp_path_factory.mktemp("spool-sshd")
+    d.chmod(0o700)
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nUsePAM no\n"
+        f"StrictModes no\nPidFile {d}/sshd.pid\nPermitRootLogin prohibit-password\n")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stdout=subprocess.DEVNULL,
+                            stderr=open(d / "sshd.log", "w"))
+    host_pub = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    config = d / "ssh_config"
+    config.write_text(f"Host loginnode\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+                      f"  IdentityFile {d}/user_key\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
+                      "  GlobalKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    try:
+        yield str(config)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_launcher_stages_over_ssh_to_the_login_node(harness, spool, sshd):
+    """The launcher on a VM without the shared filesystem: the spool lives on the 'login node'."""
+    ids = [harness.publish_file(b"ok\n") for _ in range(3)]
+    launcher = spool.start_launcher("--until-empty", ssh=("--ssh", "loginnode", "--ssh-config", sshd,
+                                                          "--remote-python", sys.executable))
+    harness.wait_for(lambda: len(spool.inbox()) >= 3, 30, "messages staged over ssh")
+    agent = spool.start_agent("--idle-exit", "2")
+    assert spool.wait(agent) == 0, harness.log_text()
+    assert spool.wait(launcher) == 0, spool.log()
+    for fid in ids:
+        assert len(harness.standin.metadata_for(fid)) == 1, spool.log()
+    assert harness.depth() == 0 and harness.errors() == []

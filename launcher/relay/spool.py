@@ -19,8 +19,10 @@ For sites whose compute nodes reach nothing but the shared filesystem. One loop,
    or a lost connection puts the message back in the queue for a later pass.
 
 File extractors only: dataset messages are staged without files and their extractors' reads of
-Clowder fail in the agent (dead-lettered with the reason). The spool folder is local to this
-process; staging to a login node over SSH/SFTP is not implemented.
+Clowder fail in the agent (dead-lettered with the reason). The spool folder is local, or on a
+login node reached with `--ssh HOST` (launcher.relay.spool_fs: one SSH connection, the file
+operations done on the login node itself), for a launcher on a VM that reaches RabbitMQ and
+Clowder but shares no filesystem with the cluster.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import threading
@@ -41,7 +42,7 @@ from typing import Any, Optional
 import requests
 
 from agent.redact import redact_uri
-from agent.sources.spool import SpoolLayout, bump_attempts, fsync_dir, reclaim
+from .spool_fs import LocalSpoolFS, RemoteSpoolFS, SpoolFSError
 
 log = logging.getLogger("launcher.relay.spool")
 TRACEBACK_LIMIT = 8000
@@ -51,10 +52,11 @@ class Spooler:
     """Stage messages into a spool folder and collect their results (see the module docstring)."""
 
     def __init__(self, uri: str, queue: str, root: str, buffer: int = 20, max_retries: int = 3,
-                 clowder_version: int = 1, clowder_url: Optional[str] = None, heartbeat: float = 300.0) -> None:
+                 clowder_version: int = 1, clowder_url: Optional[str] = None, heartbeat: float = 300.0,
+                 fs: Optional[Any] = None) -> None:
         self.uri = uri
         self.queue = queue
-        self.layout = SpoolLayout(root)
+        self.fs = fs or LocalSpoolFS(root)  # or RemoteSpoolFS: the spool on a login node, over SSH
         self.buffer = max(1, buffer)
         self.max_retries = max_retries
         self.clowder_version = clowder_version
@@ -82,12 +84,17 @@ class Spooler:
             self._ch.queue_declare(name, durable=True)
         self._confirmed = self._conn.channel()
         self._confirmed.confirm_delivery()
-        log.info("connected to %s, staging %s into %s", redact_uri(self.uri), self.queue, self.layout.root)
+        log.info("connected to %s, staging %s into %s", redact_uri(self.uri), self.queue, self.fs.description)
 
     def close(self) -> None:
         if self._conn is not None and self._conn.is_open:
             self._conn.close()
         self._conn = None
+
+    def shutdown(self) -> None:
+        """Close the broker connection and the spool (an SSH connection, for a remote spool)."""
+        self.close()
+        self.fs.close()
 
     def _publish_dead(self, staged: dict[str, Any], reason: str, traceback: str, attempts: int) -> None:
         import pika
@@ -107,14 +114,13 @@ class Spooler:
     # -- one pass ----------------------------------------------------------------------------------
     def step(self) -> dict[str, int]:
         """Reclaim, collect, stage once; return what this pass did."""
-        self.layout.make()
+        self.fs.make()
         self.connect()
         before = dict(self.counts)
-        self.counts["reclaimed"] += reclaim(self.layout)
+        self.counts["reclaimed"] += self.fs.reclaim()
         self._dead_letter_exhausted()
-        for name in sorted(os.listdir(self.layout.outbox)):
-            if not name.endswith((".partial",)) and ".tmp-" not in name and \
-                    os.path.isfile(os.path.join(self.layout.outbox, name, "result.json")):
+        for name in self.fs.listdir("outbox"):
+            if not name.endswith(".partial") and ".tmp-" not in name and self.fs.isfile(f"outbox/{name}/result.json"):
                 self._collect(name)
         self._stage()
         self._register()
@@ -123,49 +129,45 @@ class Spooler:
 
     def idle(self) -> bool:
         """Nothing staged, claimed or waiting to be collected, and the queue is empty."""
-        claimed = [n for d in os.listdir(self.layout.claimed)
-                   for n in os.listdir(os.path.join(self.layout.claimed, d)) if n.endswith(".json")]
+        claimed = [n for d in self.fs.listdir("claimed") for n in self.fs.listdir(f"claimed/{d}") if n.endswith(".json")]
         depth = self._ch.queue_declare(self.queue, durable=True, passive=True).method.message_count
-        return not os.listdir(self.layout.inbox) and not claimed and not os.listdir(self.layout.outbox) and depth == 0
+        return not self.fs.listdir("inbox") and not claimed and not self.fs.listdir("outbox") and depth == 0
 
     def _dead_letter_exhausted(self) -> None:
-        for name in sorted(os.listdir(self.layout.inbox)):
+        for name in self.fs.listdir("inbox"):
             if not name.endswith(".json"):
                 continue
-            path = os.path.join(self.layout.inbox, name)
+            path = f"inbox/{name}"
             try:
-                staged = SpoolLayout.read_json(path)
+                staged = self.fs.read_json(path)
             except (OSError, ValueError):
                 continue  # claimed meanwhile, or being written
             attempts = int((staged.get("headers") or {}).get("x-agent-attempts", 0) or 0)
             if attempts > self.max_retries:
-                try:
-                    os.rename(path, path + ".dead")  # take it out of reach of agents first
-                except FileNotFoundError:
+                if not self.fs.rename(path, path + ".dead"):  # out of reach of agents first
                     continue
                 self._publish_dead(staged, f"gave up after {attempts} attempt(s): "
                                    f"{staged['headers'].get('x-agent-last-error', '')}", "", attempts)
-                os.unlink(path + ".dead")
+                self.fs.unlink(path + ".dead")
                 self._forget(name[:-5])
 
     def _forget(self, msg: str) -> None:
-        shutil.rmtree(os.path.join(self.layout.files, msg), ignore_errors=True)
-        shutil.rmtree(self.layout.result_dir(msg), ignore_errors=True)
-        shutil.rmtree(self.layout.result_dir(msg, partial=True), ignore_errors=True)
+        for rel in (f"files/{msg}", f"outbox/{msg}", f"outbox/{msg}.partial"):
+            self.fs.rmtree(rel)
 
     # -- collecting --------------------------------------------------------------------------------
     def _collect(self, msg: str) -> None:
-        folder = self.layout.result_dir(msg)
-        result = SpoolLayout.read_json(os.path.join(folder, "result.json"))
-        staged_path = os.path.join(folder, "staged.json")
-        if not os.path.exists(staged_path):
+        folder = f"outbox/{msg}"
+        result = self.fs.read_json(f"{folder}/result.json")
+        staged_path = f"{folder}/staged.json"
+        if not self.fs.exists(staged_path):
             staged = self._staged_copy(msg)
             if staged is None:
                 log.error("spool: outbox %s has no staged message; removing it", msg)
-                shutil.rmtree(folder, ignore_errors=True)
+                self.fs.rmtree(folder)
                 return
-            SpoolLayout.write_json(staged_path, staged)
-        staged = SpoolLayout.read_json(staged_path)
+            self.fs.write_json(staged_path, staged)
+        staged = self.fs.read_json(staged_path)
         if result.get("outcome") == "ok":
             try:
                 self._replay(msg, folder, staged, str(result.get("host_shown") or ""))
@@ -186,12 +188,12 @@ class Spooler:
 
     def _staged_copy(self, msg: str) -> Optional[dict[str, Any]]:
         """The staged message of msg, wherever its claim file is (the outbox keeps its own copy)."""
-        for d in os.listdir(self.layout.claimed):
-            path = os.path.join(self.layout.claimed, d, msg + ".json")
-            if os.path.exists(path):
-                return SpoolLayout.read_json(path)
-        meta = os.path.join(self.layout.files, msg, "staged.json")
-        return SpoolLayout.read_json(meta) if os.path.exists(meta) else None
+        for d in self.fs.listdir("claimed"):
+            path = f"claimed/{d}/{msg}.json"
+            if self.fs.exists(path):
+                return self.fs.read_json(path)
+        meta = f"files/{msg}/staged.json"
+        return self.fs.read_json(meta) if self.fs.exists(meta) else None
 
     def _real(self, staged: dict[str, Any]) -> tuple[str, str]:
         body = json.loads(base64.b64decode(staged["body_b64"]))
@@ -200,11 +202,11 @@ class Spooler:
 
     def _replay(self, msg: str, folder: str, staged: dict[str, Any], shown: str) -> None:
         host, key = self._real(staged)
-        progress_path = os.path.join(folder, "replayed.json")
-        progress = SpoolLayout.read_json(progress_path) if os.path.exists(progress_path) else {"done": 0, "ids": {}}
-        calls = sorted(n for n in os.listdir(folder) if re.fullmatch(r"\d{5}\.json", n))
+        progress_path = f"{folder}/replayed.json"
+        progress = self.fs.read_json(progress_path) if self.fs.exists(progress_path) else {"done": 0, "ids": {}}
+        calls = [n for n in self.fs.listdir(folder) if re.fullmatch(r"\d{5}\.json", n)]
         for name in calls[progress["done"]:]:
-            call = SpoolLayout.read_json(os.path.join(folder, name))
+            call = self.fs.read_json(f"{folder}/{name}")
             ids: dict[str, str] = progress["ids"]
             path = _substitute_text(call["path"], ids)
             query = [(k, _substitute_text(v, ids)) for k, v in call["query"]]
@@ -215,9 +217,7 @@ class Spooler:
                 headers["X-API-KEY"] = key
             data = b""
             if call.get("body"):
-                with open(os.path.join(folder, call["body"]), "rb") as fh:
-                    data = fh.read()
-                data = _substitute_bytes(data, ids)
+                data = _substitute_bytes(self.fs.read_bytes(f"{folder}/{call['body']}"), ids)
                 if shown:  # pyclowder writes its host into metadata (extractor_id): the real one
                     data = data.replace(shown.encode(), host.encode()).replace(shown.rstrip("/").encode(),
                                                                                host.rstrip("/").encode())
@@ -238,24 +238,23 @@ class Spooler:
                 if isinstance(real, str):
                     ids[call["placeholder"]] = real
             progress["done"] += 1
-            SpoolLayout.write_json(progress_path, progress)
+            self.fs.write_json(progress_path, progress)
 
     def _publish_statuses(self, folder: str, staged: dict[str, Any]) -> None:
         import pika
 
-        path = os.path.join(folder, "statuses.jsonl")
-        if not staged.get("reply_to") or not os.path.exists(path):
+        path = f"{folder}/statuses.jsonl"
+        if not staged.get("reply_to") or not self.fs.exists(path):
             return
         props = pika.BasicProperties(delivery_mode=2, correlation_id=staged.get("correlation_id"),
                                      content_type="application/json")
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    self._ch.basic_publish("", staged["reply_to"], line.strip().encode(), props)
+        for line in self.fs.read_bytes(path).splitlines():
+            if line.strip():
+                self._ch.basic_publish("", staged["reply_to"], line.strip(), props)
 
     # -- staging -----------------------------------------------------------------------------------
     def _stage(self) -> None:
-        while len([n for n in os.listdir(self.layout.inbox) if n.endswith(".json")]) < self.buffer:
+        while len([n for n in self.fs.listdir("inbox") if n.endswith(".json")]) < self.buffer:
             method, props, body = self._ch.basic_get(self.queue, auto_ack=False)
             if method is None:
                 return
@@ -269,17 +268,16 @@ class Spooler:
             except _ReplayLater as exc:
                 log.warning("spool: cannot download a file now (%s); the message goes back to the queue", exc)
                 self._ch.basic_nack(method.delivery_tag, requeue=True)
-                shutil.rmtree(os.path.join(self.layout.files, msg), ignore_errors=True)
+                self.fs.rmtree(f"files/{msg}")
                 return
             except _ReplayRefused as exc:
                 self._publish_dead(staged, f"cannot stage the file: {exc}", "", 0)
                 self._ch.basic_ack(method.delivery_tag)
-                shutil.rmtree(os.path.join(self.layout.files, msg), ignore_errors=True)
+                self.fs.rmtree(f"files/{msg}")
                 continue
-            folder = os.path.join(self.layout.files, msg)
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            SpoolLayout.write_json(os.path.join(folder, "staged.json"), staged)
-            SpoolLayout.write_json(self.layout.staged(msg), staged)
+            self.fs.makedirs(f"files/{msg}")
+            self.fs.write_json(f"files/{msg}/staged.json", staged)
+            self.fs.write_json(f"inbox/{msg}.json", staged)
             self._ch.basic_ack(method.delivery_tag)
             self.counts["staged"] += 1
 
@@ -303,33 +301,27 @@ class Spooler:
         else:
             url, params, headers = f"{host}api/v2/files/{file_id}", {}, {"X-API-KEY": body["secretKey"]}
         name = re.sub(r"[^A-Za-z0-9_.\-]", "_", os.path.basename(str(body.get("filename") or "input"))) or "input"
-        folder = os.path.join(self.layout.files, msg)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        target = os.path.join(folder, name)
+        self.fs.makedirs(f"files/{msg}")
+        target = f"files/{msg}/{name}"
         try:
             with self.http.get(url, params=params, headers=headers, stream=True, timeout=(10, 300)) as resp:
                 if resp.status_code >= 500 or resp.status_code in (408, 429):
                     raise _ReplayLater(f"Clowder answered {resp.status_code}")
                 if resp.status_code >= 400:
                     raise _ReplayRefused(f"Clowder answered {resp.status_code} for file {body['id']}")
-                with open(target, "wb") as fh:
-                    for block in resp.iter_content(1 << 20):
-                        fh.write(block)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                self.fs.write_file(target, resp.iter_content(1 << 20))  # streamed, fsync'd
         except requests.RequestException as exc:
             raise _ReplayLater(exc.__class__.__name__) from None
-        fsync_dir(folder)
-        return os.path.relpath(target, self.layout.root)
+        return target
 
     def _register(self) -> None:
         import pika
 
         now = time.monotonic()
-        if now < self._next_register or not os.path.exists(self.layout.info_file):
+        if now < self._next_register or not self.fs.exists("extractor_info.json"):
             return
         self._next_register = now + self.heartbeat
-        info = SpoolLayout.read_json(self.layout.info_file)
+        info = self.fs.read_json("extractor_info.json")
         message = {"id": f"spool-{socket.gethostname()}", "queue": self.queue, "owner": info.get("owner", ""),
                    "extractor_info": info.get("extractor_info", {})}
         self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
@@ -366,6 +358,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clowder-version", type=int, choices=(1, 2),
                    default=int(os.environ.get("CLOWDER_VERSION", "1") or 1), help="Clowder API (env CLOWDER_VERSION)")
     p.add_argument("--clowder-url", metavar="URL", help="reach Clowder here instead of the message's host")
+    p.add_argument("--remote-home", metavar="DIR",
+                   help="with --ssh: the project checkout on the login node (default: this checkout's path)")
+    p.add_argument("--remote-python", metavar="PATH", default="python3",
+                   help="with --ssh: Python 3.9+ on the login node (default python3)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p.add_argument("--until-empty", action="store_true",
                    help="exit when the queue, the inbox, the claims and the outbox are all empty")
@@ -381,8 +377,22 @@ def main_from_cli(args: argparse.Namespace) -> int:
     if not uri or not queue:
         print("launcher spool: error: RABBITMQ_URI and RABBITMQ_QUEUE must be set", file=sys.stderr)
         return 2
+    ssh = getattr(args, "ssh", None) or os.environ.get("LAUNCHER_SSH")
+
+    def open_remote() -> Any:
+        return RemoteSpoolFS(ssh, args.dir, ssh_config=getattr(args, "ssh_config", None)
+                             or os.environ.get("LAUNCHER_SSH_CONFIG"), remote_home=args.remote_home,
+                             remote_python=args.remote_python)
+
+    fs: Any = None
+    if ssh:
+        try:
+            fs = open_remote()
+        except OSError as exc:
+            print(f"launcher spool: error: cannot open the spool on {ssh}: {exc}", file=sys.stderr)
+            return 1
     spooler = Spooler(uri, queue, args.dir, buffer=args.buffer, max_retries=args.max_retries,
-                      clowder_version=args.clowder_version, clowder_url=args.clowder_url)
+                      clowder_version=args.clowder_version, clowder_url=args.clowder_url, fs=fs)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -401,6 +411,12 @@ def main_from_cli(args: argparse.Namespace) -> int:
                 spooler.close()
                 if args.once:
                     return 1
+                if ssh and isinstance(exc, SpoolFSError):  # the SSH connection broke: open a new one
+                    spooler.fs.close()
+                    try:
+                        spooler.fs = open_remote()
+                    except OSError:
+                        pass
                 stop.wait(delay)
                 delay = min(delay * 2, 30.0)
                 continue
@@ -410,5 +426,5 @@ def main_from_cli(args: argparse.Namespace) -> int:
                 return 0
             stop.wait(args.interval)
     finally:
-        spooler.close()
+        spooler.shutdown()
     return 0
