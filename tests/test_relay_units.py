@@ -161,3 +161,45 @@ def test_relay_settings_from_yaml(tmp_path, monkeypatch):
     path.write_text("source: relay\nrelay_url: http://10.0.0.1:8765\nrelay_token_file: ~/.relay-token\n")
     cfg = load_config({}, config_file=str(path))
     assert (cfg.source, cfg.relay_url, cfg.relay_token_file) == ("relay", "http://10.0.0.1:8765", "~/.relay-token")
+
+
+def test_spool_paths_stay_inside_the_spool(tmp_path):
+    from launcher.relay.spool_fs import LocalSpoolFS, SpoolFSError
+
+    fs = LocalSpoolFS(str(tmp_path / "spool"))
+    fs.make()
+    fs.write_json("inbox/a.json", {"x": 1})
+    assert fs.listdir("inbox") == ["a.json"] and fs.read_json("inbox/a.json") == {"x": 1}
+    for bad in ("../escape", "/etc/passwd", "inbox/../../x"):
+        with pytest.raises(SpoolFSError):
+            fs.read_json(bad)
+    assert fs.rename("inbox/a.json", "inbox/b.json") and not fs.rename("inbox/a.json", "inbox/c.json")
+
+
+def test_placeholders_are_replaced_in_paths_and_bodies():
+    from launcher.relay.spool import _substitute_bytes, _substitute_text
+
+    ids = {"spool-m1-2": "5f0c"}
+    assert _substitute_text("api/files/f1/previews/spool-m1-2", ids) == "api/files/f1/previews/5f0c"
+    assert _substitute_bytes(b'{"preview": "spool-m1-2"}', ids) == b'{"preview": "5f0c"}'
+
+
+def test_a_dead_agents_claim_goes_back_with_one_more_attempt(tmp_path):
+    from agent.sources.spool import SpoolLayout, reclaim, take_lock
+
+    layout = SpoolLayout(str(tmp_path / "spool"))
+    layout.make()
+    dead = os.path.join(layout.claimed, "dead-agent")
+    os.makedirs(dead)
+    SpoolLayout.write_json(os.path.join(dead, "m1.json"), {"body_b64": "", "headers": {}})
+    os.makedirs(layout.result_dir("m1", partial=True))
+    alive = os.path.join(layout.claimed, "live-agent")
+    os.makedirs(alive)
+    fd = take_lock(os.path.join(alive, "lock"))  # held: this agent is alive
+    SpoolLayout.write_json(os.path.join(alive, "m2.json"), {"body_b64": "", "headers": {}})
+    open(os.path.join(dead, "lock"), "w").close()
+    assert reclaim(layout) == 1
+    assert SpoolLayout.read_json(layout.staged("m1"))["headers"]["x-agent-attempts"] == 1
+    assert not os.path.exists(dead) and not os.path.exists(layout.result_dir("m1", partial=True))
+    assert os.path.exists(os.path.join(alive, "m2.json"))
+    os.close(fd)

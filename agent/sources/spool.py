@@ -23,7 +23,9 @@ the real ids when it replays. Reads of other Clowder data are not available offl
 A claim whose agent died (its lock can be taken) is reclaimed by any agent or the launcher:
 the message goes back to inbox/ with one more attempt, its partial outbox is deleted (a
 finished outbox/<msg>/ wins: its results are collected). Needs flock that works across nodes
-(NFSv4, Lustre mounted with -o flock), as the journal does.
+(NFSv4, Lustre mounted with -o flock), as the journal does. The recorder listens on the
+loopback of the node whose agent holds the messages: under MPI keep one group per node
+(AGENT_MPI_LEADER=node, the default), so every rank's extractor is on the recorder's node.
 """
 from __future__ import annotations
 
