@@ -32,7 +32,7 @@ quiet() {
     fi
 }
 
-APT_PACKAGES=(rabbitmq-server slurm-wlm slurm-wlm-torque munge openssh-server openssh-client
+APT_PACKAGES=(rabbitmq-server slurm-wlm slurm-wlm-torque munge openssh-server openssh-client openssl
               iproute2 procps)
 
 # ---------------------------------------------------------------- Debian packages
