@@ -370,6 +370,10 @@ class Runner:
         if self.source.connected and now >= self._next_recovery:
             self._next_recovery = now + RECOVERY_INTERVAL
             self.source.recover_orphans()
+        if not self.source.connected:
+            # Without the broker the agent cannot know whether the queue is empty: time spent
+            # reconnecting is not idleness (reconnect_timeout bounds it, with exit code 4).
+            self._last_activity = now
         if self._stop_reason is None and self.cfg.idle_exit and not self.pending and not self._busy() \
                 and not self.backoff and now - self._last_activity >= self.cfg.idle_exit:
             self.request_stop(f"idle for {self.cfg.idle_exit:g}s")
