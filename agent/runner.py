@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import pyclowder.utils
 
-from . import exitcodes
+from . import exitcodes, reports
 from .config import AgentConfig
 from .messages import BadMessage, Delivery, parse_body, status_payload
 from .redact import Redactor
@@ -88,6 +88,7 @@ class Runner:
         self._stop_deadline: Optional[float] = None
         self._signal: Optional[int] = None
         self._killed_for_stop: set[int] = set()
+        self._report = {"done": 0, "failed": 0, "busy": 0.0, "since": clock()}
         self._defers = 0  # consecutive "Clowder unavailable" outcomes, for their backoff
         self._next_register = 0.0
         self._next_recovery = 0.0
@@ -138,6 +139,7 @@ class Runner:
             self.exit_code = exitcodes.BROKER_UNREACHABLE
         finally:
             self._close_slots()
+            self._publish_report(self._clock())
             self.source.close()
         c = self.counters
         log.info("stopped (%s): %d received, %d succeeded, %d retried, %d dead-lettered, %d handed back",
@@ -292,6 +294,8 @@ class Runner:
             return
         elapsed = self._clock() - slot.started_at
         self.estimate.add(elapsed)
+        self._report["busy"] += elapsed
+        self._report["done" if kind == "done" and frame.get("outcome") == "ok" else "failed"] += 1
         if kind == "died":
             if slot.index in self._killed_for_stop:
                 # We killed it at the end of the grace period: not the file's fault.
@@ -367,6 +371,8 @@ class Runner:
         if self.source.connected and now >= self._next_register and self.info:
             self.source.register(self.info, self.cfg.clowder_email)
             self._next_register = now + self.cfg.heartbeat
+        if now - self._report["since"] >= reports.REPORT_INTERVAL:
+            self._publish_report(now)
         if self.source.connected and now >= self._next_recovery:
             self._next_recovery = now + RECOVERY_INTERVAL
             self.source.recover_orphans()
@@ -379,6 +385,15 @@ class Runner:
             self.request_stop(f"idle for {self.cfg.idle_exit:g}s")
         if self._stop_reason is not None and self._stop_deadline is not None and now >= self._stop_deadline:
             self._end_grace()
+
+    def _publish_report(self, now: float) -> None:
+        """Tell the launcher what this agent finished since the last report (best effort)."""
+        r = self._report
+        if self.source.connected:
+            self.source.publish_report(reports.report(
+                getattr(self.source, "agent_id", ""), self.source.queue, self.identity, now - r["since"],
+                r["done"], r["failed"], r["busy"]))
+        self._report = {"done": 0, "failed": 0, "busy": 0.0, "since": now}
 
     def _retry_due(self, now: float) -> None:
         if not self.backoff:

@@ -11,6 +11,8 @@ import dataclasses
 from typing import Optional
 from urllib.parse import quote, unquote, urlsplit
 
+from agent.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
+                           summarize, window_queue)
 from launcher.redact import redact_text, redact_uri
 
 
@@ -26,6 +28,7 @@ class QueueStats:
     consumers: int
     unacked: Optional[int] = None  # None: unknown
     ack_rate: Optional[float] = None  # messages/s acknowledged recently, None: unknown
+    activity: Optional[Activity] = None  # what the agents reported in the last window (agent.reports)
 
 
 def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
@@ -47,6 +50,7 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
         channel = conn.channel()
         ok = channel.queue_declare(queue=queue, passive=True)
         ready, consumers = ok.method.message_count, ok.method.consumer_count
+        activity = _agent_activity(conn, queue)
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 404:
             raise BrokerError(f"queue {queue!r} does not exist on {redact_uri(uri)}") from None
@@ -62,7 +66,33 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
     unacked = ack_rate = None
     if management_url:
         unacked, ack_rate = _management(uri, queue, management_url, timeout)
-    return QueueStats(ready, consumers, unacked, ack_rate)
+    return QueueStats(ready, consumers, unacked, ack_rate, activity)
+
+
+def _agent_activity(conn, queue: str) -> Optional[Activity]:
+    """Summarize the agents' recent reports, leaving them in their window queue.
+
+    The reports are read without acknowledgement and requeued when the channel closes, so the
+    queue keeps a sliding window (its messages expire after agent.reports.WINDOW seconds).
+    """
+    import json
+
+    channel = conn.channel()
+    name = window_queue(queue)
+    channel.exchange_declare(REPORTS_EXCHANGE, exchange_type="direct", durable=True)
+    channel.queue_declare(name, durable=True, arguments=WINDOW_QUEUE_ARGUMENTS)
+    channel.queue_bind(name, REPORTS_EXCHANGE, routing_key=queue)
+    found = []
+    for _ in range(MAX_REPORTS):
+        method, _props, body = channel.basic_get(name, auto_ack=False)
+        if method is None:
+            break
+        try:
+            found.append(json.loads(body))
+        except ValueError:
+            continue
+    channel.close()  # unacknowledged: every report goes back into the window
+    return summarize(found)
 
 
 def _management(uri: str, queue: str, url: str, timeout: float):

@@ -185,6 +185,8 @@ class Launcher:
             try:
                 stats = self.broker()
                 ready, consumers, unacked = stats.ready, stats.consumers, stats.unacked
+                if per_file_s is None and stats.activity is not None:
+                    per_file_s = stats.activity.per_file_seconds  # measured by the agents themselves
             except BrokerError as exc:
                 error = str(exc)
         else:

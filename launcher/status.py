@@ -52,8 +52,14 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
         broker["error"] = "no broker configured (RABBITMQ_URI, RABBITMQ_QUEUE)"
     start = period_start(now, caps.budget_period)
     used, committed = launcher.ledger.node_hours(start, now)
-    rate = stats.ack_rate * 60 if stats is not None and stats.ack_rate is not None else None
-    rate_source = "broker ack rate" if rate is not None else "lower bound from queue-depth falls"
+    activity = stats.activity if stats is not None else None
+    if activity is not None:
+        rate, rate_source = activity.files_per_minute, f"reported by {activity.agents} agent(s)"
+        if activity.per_file_seconds is not None:
+            broker["per_file_seconds"] = round(activity.per_file_seconds, 3)
+    else:
+        rate = stats.ack_rate * 60 if stats is not None and stats.ack_rate is not None else None
+        rate_source = "broker ack rate" if rate is not None else "lower bound from queue-depth falls"
     if rate is None:
         rate = drain_rate(launcher, now)
     decisions = [
@@ -120,8 +126,10 @@ def render(data: dict) -> str:
     lines.append(f"period     completed {p['completed']}  timeout {p['timeout']}  failed"
                  f" {p['failed']}  cancelled {p['cancelled']}  (since the {nh['period']} began)")
     fpm = data["files_per_minute"]
+    per_file = data["broker"].get("per_file_seconds")
     lines.append("throughput " + ("unknown" if fpm is None else
-                                  f"{fpm:g} files/min ({data['files_per_minute_source']})"))
+                                  f"{fpm:g} files/min ({data['files_per_minute_source']})")
+                 + ("" if per_file is None else f", {per_file:g} s per file"))
     budget = "no budget" if nh["budget"] is None else f"{nh['budget']:g} per {nh['period']}"
     lines.append(f"node-hours {nh['used']:.2f} used, {nh['committed']:.2f} committed / {budget}")
     lines.append(f"caps       array {c['max_array_size']}  running {c['max_running']}  queued"

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import pika
 import pika.exceptions
 
+from .. import reports
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
 from ..redact import redact_uri
@@ -316,22 +317,25 @@ class AmqpSource(WorkSource):
                 pass
 
     def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
-        if not self.connected:
-            return
         message = {"id": self.agent_id, "queue": self.queue, "owner": owner or "",
                    "extractor_info": extractor_info}
+        self._announce("extractors", "fanout", "", message)
+
+    def publish_report(self, report: dict[str, Any]) -> None:
+        self._announce(reports.EXCHANGE, "direct", self.queue, report)
+
+    def _announce(self, exchange: str, kind: str, routing_key: str, message: dict[str, Any]) -> None:
+        """Best-effort publish to an exchange declared on the way (registration, reports)."""
+        if not self.connected:
+            return
         try:
-            self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-            self._ch.basic_publish("extractors", "", json.dumps(message))
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            log.warning("registration on exchange 'extractors' refused: %s", exc)
-            try:
-                self._lose(exc, "registration")
-            except SourceLost:
-                pass
+            self._ch.exchange_declare(exchange, exchange_type=kind, durable=True)
+            self._ch.basic_publish(exchange, routing_key, json.dumps(message))
         except _PIKA_ERRORS as exc:
+            if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+                log.warning("publishing to exchange %r refused: %s", exchange, exc)
             try:
-                self._lose(exc, "registration")
+                self._lose(exc, f"publishing to {exchange}")
             except SourceLost:
                 pass
 

@@ -82,6 +82,9 @@ class WorkSource(abc.ABC):
     def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
         """Best effort: tell Clowder how the work is going (dropped when disconnected)."""
 
+    def publish_report(self, report: dict[str, Any]) -> None:
+        """Best effort: tell the launcher what this agent did lately (agent.reports); optional."""
+
     @abc.abstractmethod
     def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
         """Announce the extractor so Clowder lists it (best effort)."""
