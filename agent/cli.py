@@ -129,6 +129,17 @@ def cmd_run(cfg: AgentConfig) -> int:
         if cfg.relay_ca:
             env["REQUESTS_CA_BUNDLE"] = cfg.relay_ca  # the extractor's Clowder calls go to the relay too
         env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), urlsplit(cfg.relay_url or "").hostname]))
+    elif cfg.source == "file":  # one message for a dispatch job: the launcher settles it from our exit code
+        import dataclasses
+
+        from .sources.message_file import MessageFileError, MessageFileSource
+        assert cfg.message_file is not None
+        try:
+            source = MessageFileSource(cfg.message_file, queue, cfg.rabbitmq_uri)
+        except MessageFileError as exc:
+            log.error("%s", exc)
+            return exitcodes.CONFIG_ERROR
+        cfg = dataclasses.replace(cfg, max_messages=1, idle_exit=0.0)
     elif cfg.source == "spool":  # messages and files on the shared filesystem; Clowder calls recorded
         from .sources.spool import from_config as spool_source
         source = spool_source(cfg, agent_id)
@@ -152,6 +163,10 @@ def cmd_run(cfg: AgentConfig) -> int:
     try:
         code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
                       identity=identity.label()).run()
+        outcome = getattr(source, "outcome", "done") if cfg.source == "file" else "done"
+        if code == exitcodes.OK and outcome != "done":
+            log.error("message not processed (%s): %s", outcome, redactor(getattr(source, "reason", "")))
+            code = exitcodes.MESSAGE_NOT_DONE
     finally:
         if journal is not None:
             journal.close()

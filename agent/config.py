@@ -77,10 +77,14 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("plugin", _to_optional_str, None, "extractor to run: its extractor_info name or folder name"),
     Setting("plugin_path", _to_path_list, [], "extra folders holding plugin folders (colon-separated)"),
-    Setting("source", str, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool)"),
+    Setting("source", str, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool), or file "
+            "(one message, for python -m launcher dispatch)"),
     Setting("relay_url", _to_optional_str, None, "source relay: the relay's URL, e.g. https://login1:8765"),
     Setting("relay_token_file", _to_optional_str, None, "source relay: file holding the relay's bearer token (mode 0600)"),
     Setting("relay_ca", _to_optional_str, None, "source relay: CA bundle to verify the relay's TLS certificate"),
+    Setting("message_file", _to_optional_str, None,
+            "source file: the one message to process (written by python -m launcher dispatch)",
+            ("CLOWDER_MESSAGE_FILE",)),
     Setting("spool_dir", _to_optional_str, None, "source spool: the spool folder (python -m launcher spool --dir)"),
     Setting("rabbitmq_uri", str, "amqp://guest:guest@127.0.0.1:5672/%2f", "broker URI",
             ("RABBITMQ_URI",), secret=True),
@@ -136,6 +140,7 @@ class AgentConfig:
     relay_url: Optional[str] = None
     relay_token_file: Optional[str] = None
     relay_ca: Optional[str] = None
+    message_file: Optional[str] = None
     spool_dir: Optional[str] = None
     rabbitmq_uri: str = "amqp://guest:guest@127.0.0.1:5672/%2f"
     rabbitmq_queue: Optional[str] = None
@@ -172,8 +177,10 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values no agent can run with."""
-        if self.source not in ("amqp", "relay", "spool"):
-            raise ConfigError(f"source: unknown work source {self.source!r} (known: amqp, relay, spool)")
+        if self.source not in ("amqp", "relay", "spool", "file"):
+            raise ConfigError(f"source: unknown work source {self.source!r} (known: amqp, relay, spool, file)")
+        if self.source == "file" and not self.message_file:
+            raise ConfigError("source file needs message_file (AGENT_MESSAGE_FILE or CLOWDER_MESSAGE_FILE)")
         if self.source == "spool" and not self.spool_dir:
             raise ConfigError("source spool needs spool_dir (AGENT_SPOOL_DIR)")
         if self.source == "relay":

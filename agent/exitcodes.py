@@ -11,3 +11,4 @@ PLUGIN_ERROR = 3        # extractor not found or failed to load
 BROKER_UNREACHABLE = 4  # work source unreachable after the configured retries
 LOCAL_FAILURES = 5      # `agent local`: some files failed
 NO_SCRATCH = 6          # this node's scratch disk cannot hold the files: work handed back
+MESSAGE_NOT_DONE = 7    # source file: the message was not processed (retry or dead-letter it)

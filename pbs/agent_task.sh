@@ -28,6 +28,11 @@ if [ -f "$ENV_FILE" ]; then
     set +a
 fi
 
+# A job of `python -m launcher dispatch` processes the one message it was given.
+if [ -n "${CLOWDER_MESSAGE_FILE:-}" ] && [ -z "${AGENT_SOURCE:-}" ]; then
+    export AGENT_SOURCE=file
+fi
+
 # A batch task leaves as soon as the queue is dry, so an idle allocation is given back.
 export AGENT_IDLE_EXIT="${AGENT_IDLE_EXIT:-60}"
 

@@ -1,0 +1,140 @@
+"""One message from a file: the agent as the job of `python -m launcher dispatch`.
+
+dispatch writes each message (body and AMQP properties, mode 0600) to a file and submits one
+batch job for it with CLOWDER_MESSAGE_FILE set; the launcher has already recorded the message
+durably and settles it from the job's exit code. So this source settles nothing itself: it only
+remembers what the runner decided, and the agent exits 0 when the file was processed, or with
+exitcodes.MESSAGE_NOT_DONE otherwise (the launcher then retries or dead-letters it, with the
+reason from the job's log). Status messages go to the message's reply_to when the broker in
+RABBITMQ_URI can be reached from the job, and are only logged otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Optional
+
+from ..messages import Delivery
+from ..redact import redact_uri
+from .base import OnDelivery, WorkSource
+
+log = logging.getLogger("agent.message_file")
+
+
+class MessageFileError(ValueError):
+    """The message file is missing or not what dispatch writes."""
+
+
+class MessageFileSource(WorkSource):
+    """Deliver the one message in a file; record its fate in `outcome`."""
+
+    def __init__(self, path: str, queue: str, rabbitmq_uri: Optional[str] = None) -> None:
+        self.path = path
+        self.queue = queue
+        self.generation = 1
+        self.outcome: Optional[str] = None    # done, released, retry or dead-lettered
+        self.reason = ""
+        self._uri = rabbitmq_uri
+        self._conn: Any = None
+        self._channel: Any = None
+        self._delivery = self._read()
+
+    def _read(self) -> Delivery:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            props = data.get("properties") or {}
+            body = data["body"]
+        except OSError as exc:
+            raise MessageFileError(f"message file {self.path}: {exc.strerror}") from None
+        except (ValueError, KeyError, AttributeError):
+            raise MessageFileError(f"message file {self.path}: not a dispatch message (needs body, properties)") \
+                from None
+        return Delivery(body=body.encode("utf-8") if isinstance(body, str) else bytes(body),
+                        routing_key=props.get("routing_key") or self.queue, reply_to=props.get("reply_to"),
+                        correlation_id=props.get("correlation_id"), headers=dict(props.get("headers") or {}),
+                        content_type=props.get("content_type"), token=self.path, received_at=time.monotonic())
+
+    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
+        delivery = self._delivery
+        delivery.received_at = time.monotonic()
+        if self._uri and delivery.reply_to:
+            self._connect_for_statuses()
+        on_delivery(delivery)
+
+    def _connect_for_statuses(self) -> None:
+        import pika
+
+        try:
+            params = pika.URLParameters(self._uri)
+            params.connection_attempts, params.socket_timeout = 1, 5
+            self._conn = pika.BlockingConnection(params)
+            self._channel = self._conn.channel()
+        except Exception as exc:  # best effort: a job without broker access still processes its file
+            log.info("no broker for status messages (%s): %s", redact_uri(self._uri or ""), exc.__class__.__name__)
+            self._conn = self._channel = None
+
+    def poll(self, timeout: float) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.process_data_events(time_limit=timeout)
+                return
+            except Exception:
+                self._conn = self._channel = None
+        time.sleep(min(timeout, 0.05))
+
+    def wake(self) -> None:
+        pass  # poll sleeps at most 50 ms without a broker; with one, pika's own wake-up is not needed
+
+    @property
+    def connected(self) -> bool:
+        return True  # nothing to reach: settling is the launcher's job
+
+    def stop_intake(self) -> None:
+        pass
+
+    def _settle(self, outcome: str, reason: str = "") -> None:
+        if self.outcome is None:
+            self.outcome, self.reason = outcome, reason
+
+    def complete(self, delivery: Delivery) -> None:
+        self._settle("done")
+
+    def release(self, delivery: Delivery) -> None:
+        self._settle("released", "handed back")
+
+    def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
+        self._settle("retry", reason)
+
+    def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
+        self._settle("dead-lettered", reason)
+
+    def secure(self, delivery: Delivery) -> None:
+        delivery.secured = True  # the launcher's ledger already holds it durably
+
+    def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
+        log.info("status: %s", payload.get("status"))
+        if self._channel is None or not delivery.reply_to:
+            return
+        import pika
+
+        try:
+            self._channel.basic_publish("", delivery.reply_to, json.dumps(payload),
+                                        pika.BasicProperties(delivery_mode=2, correlation_id=delivery.correlation_id,
+                                                             content_type="application/json"))
+        except Exception:
+            self._conn = self._channel = None
+
+    def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
+        pass
+
+    def recover_orphans(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
