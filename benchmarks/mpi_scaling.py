@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from typing import Optional
 
 import pika
 
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
+DISTURBED = 0.25  # cores of other load above which a comparison is flagged
 CPU_PLUGIN = '''#!/usr/bin/env python
 """Fixed CPU work per file (WORK_ITERATIONS), whatever the wall time: shows CPU contention."""
 import os
@@ -61,6 +63,65 @@ if __name__ == "__main__":
 CPU_INFO = {"@context": "http://clowder.ncsa.illinois.edu/contexts/extractors.jsonld", "name": "bench.cpuwork",
             "version": "1.0", "description": "fixed CPU work per file", "author": "benchmarks",
             "contexts": [{"x": "http://example.org/x"}], "process": {"file": [""]}}
+
+
+def _proc_table() -> dict[int, tuple[int, float, str]]:
+    """pid -> (parent pid, CPU seconds used, command line)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmd)
+    return table
+
+
+def _busy_seconds() -> float:
+    with open("/proc/stat") as fh:
+        cpu = [int(v) for v in fh.readline().split()[1:]]
+    return (sum(cpu[:8]) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used on the machine during a case by processes that are not the benchmark's own.
+
+    Other work on a shared machine (another test run) shows up here, so a reader can tell a
+    measured number from a disturbed one.
+    """
+
+    def __init__(self, roots: list[int]) -> None:
+        self.roots = set(roots)
+        self.start = self._sample()
+
+    def _ours(self) -> float:
+        table = _proc_table()
+        ours, total = set(self.roots) | {os.getpid()}, 0.0
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, _, _) in table.items():
+                if ppid in ours and pid not in ours:
+                    ours.add(pid)
+                    changed = True
+        for pid, (_, cpu, cmd) in table.items():
+            if pid in ours or "beam.smp" in cmd:  # the broker serves us (and whoever else uses it)
+                total += cpu
+        return total
+
+    def _sample(self) -> tuple[float, float, float]:
+        return time.time(), _busy_seconds(), self._ours()
+
+    def foreign_cores(self) -> float:
+        t, busy, ours = self._sample()
+        t0, busy0, ours0 = self.start
+        return max(0.0, (busy - busy0) - (ours - ours0)) / max(t - t0, 1e-6)
 
 
 def calibrate(seconds: float) -> int:
@@ -138,6 +199,7 @@ class Bench:
             ready_after = time.time() - started
             with open(log_path, "rb") as fh:
                 all_ready = fh.read().decode("utf-8", "replace").count(f"{ranks // leaders} of {ranks // leaders} rank(s) ready")
+            meter = CpuMeter([proc.pid, self.standin.proc.pid])
             t0 = time.time()
             publish(self.ch, queue, bodies, reply_to="bench-replies")
             connections = {self.consumers(queue)}
@@ -150,6 +212,7 @@ class Bench:
                     raise RuntimeError(f"{name}: {len(times)} of {files} files done; see {log_path}")
                 connections.add(self.consumers(queue))
                 time.sleep(0.25)
+            foreign = meter.foreign_cores()
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -164,7 +227,8 @@ class Bench:
             self.ch.queue_delete("error." + queue)
         makespan = times[-1] - t0
         return {"name": name, "ranks": ranks, "files": files, "makespan": makespan, "rate": files / makespan,
-                "ready_after": ready_after, "all_ready": all_ready == leaders, "connections": max(connections)}
+                "ready_after": ready_after, "all_ready": all_ready == leaders, "connections": max(connections),
+                "foreign": foreign}
 
     def close(self) -> None:
         self.standin.close()
@@ -175,6 +239,7 @@ class Bench:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer files per case (a smoke run)")
+    parser.add_argument("--tries", type=int, default=3, help="runs of a disturbed group before keeping the best")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "mpi_scaling.md"))
     args = parser.parse_args()
     k = 1 if args.quick else 3  # files per rank multiplier
@@ -184,22 +249,40 @@ def main() -> int:
     iterations = calibrate(1.0)
     bench = Bench(log_dir, f"{os.path.join(REPO, 'examples')}:{plugins}")
     sleepy = "ncsa.sleepy"
+    half = {"SLEEP_SECONDS": "0.5"}
+    cpu = {"WORK_ITERATIONS": str(iterations)}
+    # Cases compared with each other run together; a group disturbed by other work on the machine
+    # (see CpuMeter) is run again, up to `--tries` times, and the least disturbed run is kept.
+    groups = [
+        [("s1", "sleep 0.5 s, 1 rank", 1, 8 * k, sleepy, half, {}),
+         ("s4", "sleep 0.5 s, 4 ranks", 4, 32 * k, sleepy, half, {}),
+         ("s8", "sleep 0.5 s, 8 ranks", 8, 64 * k, sleepy, half, {})],
+        [("s64", "sleep 2 s, 64 ranks", 64, 64 * (5 + k), sleepy, {"SLEEP_SECONDS": "2"}, {})],
+        [("c1", "CPU 1 s, 1 rank", 1, 3 * k, "bench.cpuwork", cpu, {}),
+         ("c2", "CPU 1 s, 2 ranks", 2, 6 * k, "bench.cpuwork", cpu, {})],
+        [("d0", "download 0.5 s + sleep 0.5 s, 4 ranks", 4, 16 * k, sleepy, half, {"slow_download": 0.5}),
+         ("d1", "same, stage-ahead", 4, 16 * k, sleepy, dict(half, AGENT_STAGE_AHEAD="1"), {"slow_download": 0.5})],
+        [("z8", "0 s files, 8 ranks (leader ceiling)", 8, 400 * k, sleepy, {"SLEEP_SECONDS": "0"}, {})],
+        [("g8", "sleep 0.5 s, 8 ranks in 2 groups", 8, 64 * k, sleepy, dict(half, AGENT_MPI_LEADER="4"),
+          {"leaders": 2})],
+    ]
     r: dict[str, dict] = {}
+    reruns: list[str] = []
     try:
-        half = {"SLEEP_SECONDS": "0.5"}
-        r["s1"] = bench.case("sleep 0.5 s, 1 rank", 1, 8 * k, sleepy, half)
-        r["s4"] = bench.case("sleep 0.5 s, 4 ranks", 4, 32 * k, sleepy, half)
-        r["s8"] = bench.case("sleep 0.5 s, 8 ranks", 8, 64 * k, sleepy, half)
-        r["s64"] = bench.case("sleep 2 s, 64 ranks", 64, 64 * (5 + k), sleepy, {"SLEEP_SECONDS": "2"})
-        cpu = {"WORK_ITERATIONS": str(iterations)}
-        r["c1"] = bench.case("CPU 1 s, 1 rank", 1, 3 * k, "bench.cpuwork", cpu)
-        r["c2"] = bench.case("CPU 1 s, 2 ranks", 2, 6 * k, "bench.cpuwork", cpu)
-        r["d0"] = bench.case("download 0.5 s + sleep 0.5 s, 4 ranks", 4, 16 * k, sleepy, half, slow_download=0.5)
-        r["d1"] = bench.case("same, stage-ahead", 4, 16 * k, sleepy, dict(half, AGENT_STAGE_AHEAD="1"),
-                             slow_download=0.5)
-        r["z8"] = bench.case("0 s files, 8 ranks (leader ceiling)", 8, 400 * k, sleepy, {"SLEEP_SECONDS": "0"})
-        r["g8"] = bench.case("sleep 0.5 s, 8 ranks in 2 groups", 8, 64 * k, sleepy,
-                             dict(half, AGENT_MPI_LEADER="4"), leaders=2)
+        for group in groups:
+            best: Optional[dict[str, dict]] = None
+            for attempt in range(args.tries):
+                run = {key: bench.case(name, ranks, files, plugin, env, **kw)
+                       for key, name, ranks, files, plugin, env, kw in group}
+                load = max(c["foreign"] for c in run.values())
+                if best is None or load < max(c["foreign"] for c in best.values()):
+                    best = run
+                if load <= DISTURBED:
+                    break
+                reruns.append(f"{', '.join(c['name'] for c in run.values())}: attempt {attempt + 1} had "
+                              f"{load:.2f} cores of other load")
+            assert best is not None
+            r.update(best)
     finally:
         bench.close()
 
@@ -211,25 +294,33 @@ def main() -> int:
         return c["files"] * seconds / (c["ranks"] * c["makespan"])
 
     checks = [
-        ("4 ranks vs 1 (sleep 0.5 s)", speed("s4", "s1"), 3.6, "x"),
-        ("8 ranks vs 1 (sleep 0.5 s)", speed("s8", "s1"), 7.0, "x"),
-        ("64 ranks, 2 s sleep: parallel efficiency", eff("s64", 2.0), 0.85, ""),
-        ("CPU-bound, 2 ranks vs 1", speed("c2", "c1"), 1.8, "x"),
-        ("stage-ahead vs none (download = processing)", speed("d1", "d0"), 1.6, "x"),
+        ("4 ranks vs 1 (sleep 0.5 s)", speed("s4", "s1"), 3.6, "x", ("s4", "s1")),
+        ("8 ranks vs 1 (sleep 0.5 s)", speed("s8", "s1"), 7.0, "x", ("s8", "s1")),
+        ("64 ranks, 2 s sleep: parallel efficiency", eff("s64", 2.0), 0.85, "", ("s64",)),
+        ("CPU-bound, 2 ranks vs 1", speed("c2", "c1"), 1.8, "x", ("c2", "c1")),
+        ("stage-ahead vs none (download = processing)", speed("d1", "d0"), 1.6, "x", ("d1", "d0")),
     ]
     lines = [f"# MPI file-per-rank scaling ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
              f"Machine: {machine()}; mpich wheel's mpiexec (hydra), mpi4py; Clowder stand-in in its own process.", "",
              "Each case: ranks started and all ready first (the leader consumes only then), then the files are "
              "published; makespan = first publish to last metadata upload (dispatch latency and tail included, "
-             "start-up excluded). Broker connections = consumers on the case's queue during the run.", "",
+             "start-up excluded). Broker connections = consumers on the case's queue during the run. Other "
+             "load = CPU used meanwhile by processes that are not this benchmark's (nor the broker), in cores: "
+             "near 0 means the machine was ours.", "",
              "| case | ranks | files | makespan (s) | files/s | ranks ready before timing | start-up (s) | "
-             "broker connections |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+             "broker connections | other load (cores) |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for c in r.values():
         lines.append(f"| {c['name']} | {c['ranks']} | {c['files']} | {c['makespan']:.2f} | {c['rate']:.2f} | "
-                     f"{'all' if c['all_ready'] else 'NOT all'} | {c['ready_after']:.1f} | {c['connections']} |")
+                     f"{'all' if c['all_ready'] else 'NOT all'} | {c['ready_after']:.1f} | {c['connections']} | "
+                     f"{c['foreign']:.2f} |")
     lines += ["", "| requirement | measured | floor | met |", "|---|---:|---:|---|"]
-    for label, value, floor, unit in checks:
-        lines.append(f"| {label} | {value:.2f}{unit} | {floor:g}{unit} | {'yes' if value >= floor else 'NO'} |")
+    for label, value, floor, unit, cases in checks:
+        disturbed = max(r[c]["foreign"] for c in cases) > DISTURBED
+        lines.append(f"| {label} | {value:.2f}{unit} | {floor:g}{unit} | {'yes' if value >= floor else 'NO'}"
+                     f"{' (other load during the run)' if disturbed else ''} |")
+    if reruns:
+        lines += ["", "Re-run because other work shared the machine (the least disturbed run is shown):"]
+        lines += [f"- {line}" for line in reruns]
     ceiling = r["z8"]["rate"]
     lines += ["", f"Leader ceiling: one leader (broker, acks, status replies, MPI hand-out for its group) moved "
               f"{ceiling:.0f} files/s of 0 s files through 8 ranks on this 2-core machine, with the ranks' "
