@@ -69,6 +69,14 @@ def worker_env(cfg: AgentConfig) -> dict[str, str]:
     env["CLOWDER_VERSION"] = str(cfg.clowder_version)
     if cfg.rabbitmq_queue:
         env["RABBITMQ_QUEUE"] = cfg.rabbitmq_queue
+    # Extractors of every rank (MPI included) talk to Clowder through the relay or the spool's
+    # local recorder: never through a proxy, and trusting the relay's CA.
+    if cfg.source == "relay":
+        if cfg.relay_ca:
+            env["REQUESTS_CA_BUNDLE"] = cfg.relay_ca
+        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), urlsplit(cfg.relay_url or "").hostname]))
+    elif cfg.source == "spool":
+        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1"]))
     return env
 
 
@@ -126,9 +134,6 @@ def cmd_run(cfg: AgentConfig) -> int:
         except TokenFileError as exc:
             log.error("%s", exc)
             return exitcodes.CONFIG_ERROR
-        if cfg.relay_ca:
-            env["REQUESTS_CA_BUNDLE"] = cfg.relay_ca  # the extractor's Clowder calls go to the relay too
-        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), urlsplit(cfg.relay_url or "").hostname]))
     elif cfg.source == "file":  # one message for a dispatch job: the launcher settles it from our exit code
         import dataclasses
 
@@ -143,7 +148,6 @@ def cmd_run(cfg: AgentConfig) -> int:
     elif cfg.source == "spool":  # messages and files on the shared filesystem; Clowder calls recorded
         from .sources.spool import from_config as spool_source
         source = spool_source(cfg, agent_id)
-        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1"]))
     else:
         journal = Journal(cfg.journal_dir, agent_id)
         try:

@@ -36,6 +36,9 @@ OnFrame = Callable[["Slot", dict[str, Any]], None]
 class Slot:
     """One extractor child process, restarted when it dies."""
 
+    #: the module the child runs (python -m ...); subclasses name their own
+    worker_module = "agent.worker_process"
+
     def __init__(self, index: int, init_frame: dict[str, Any], post: Post, on_frame: OnFrame,
                  redactor: Redactor, env: Optional[dict[str, str]] = None) -> None:
         self.index = index
@@ -127,7 +130,7 @@ class Slot:
     # -- slot thread ---------------------------------------------------------------------------
     def _spawn(self) -> tuple[subprocess.Popen[bytes], Any]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.worker_process"],
+            [sys.executable, "-m", self.worker_module],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=self._env, start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
         self.proc = proc

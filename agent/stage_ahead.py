@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 from typing import Any, Optional
 
-from . import ipc
 from .slots import Slot
 
 log = logging.getLogger("agent.stage")
@@ -98,18 +96,7 @@ def stage_file(body: dict[str, Any], init: dict[str, Any], folder: str) -> Optio
 class StagedSlot(Slot):
     """A Slot whose extractor process understands staged files."""
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], Any]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.stage_ahead"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self._env, start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-        self.proc = proc
-        threading.Thread(target=self._relay_stderr, args=(proc,), name=f"slot-{self.index}-log",
-                         daemon=True).start()
-        assert proc.stdin is not None and proc.stdout is not None
-        ipc.send(proc.stdin, self._init)
-        first = ipc.recv(proc.stdout)
-        return proc, first
+    worker_module = "agent.stage_ahead"
 
 
 def _install_staged_connector() -> None:
