@@ -6,11 +6,18 @@ issue asks of every scenario: every file ends with metadata in Clowder or in err
 reason, none is lost, agents exit only as the scenario expects (killed only where it kills them),
 and duplicates (at-least-once) are counted and reported, not hidden.
 
-Markers: chaos on all, integration on those that need the broker; slow on the ones that take more than about 30 s. They need
-root (tmpfs, rabbitmqctl) like CI has; without it they fail with CI=true and skip elsewhere.
+Markers: chaos on all, integration on those that need the broker, slow on those that take more
+than about 30 s. They need root (tmpfs, rabbitmqctl) like CI has; without it they fail with
+CI=true and skip elsewhere.
+
+Time: the three longest scenarios (two 30 s outages and the 20-round kill -9 loop) mostly wait,
+and none of them touches the shared broker, so they run at once, each on its own queue, stand-in
+and agents (`waiting_faults`); the broker restart runs before them, alone. The whole module takes
+about 3 minutes on a 2-core machine. The report script runs every scenario alone.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import pytest
@@ -37,6 +44,30 @@ def run(fn, rabbitmq, tmp_path) -> cs.Result:
     return r
 
 
+# Test name -> scenario run in the background by `waiting_faults`.
+CONCURRENT = {"test_broker_unreachable_for_30s": cs.broker_unreachable,
+              "test_clowder_5xx_and_timeouts_for_30s": cs.clowder_outage,
+              "test_kill_9_loop_20_rounds": cs.kill9_loop}
+
+
+@pytest.fixture(scope="module")
+def waiting_faults(request, rabbitmq, tmp_path_factory):
+    """Start the selected CONCURRENT scenarios together; each test waits for its own result."""
+    selected = sorted({item.originalname for item in request.session.items} & CONCURRENT.keys())
+    pool = ThreadPoolExecutor(max_workers=max(1, len(selected)))
+    futures = {name: pool.submit(CONCURRENT[name], rabbitmq, tmp_path_factory.mktemp(name[5:25]))
+               for name in selected}
+    try:
+        yield futures
+    finally:
+        pool.shutdown(wait=True)
+
+
+def run_concurrent(name, futures) -> cs.Result:
+    return run(lambda *_: futures[name].result(), None, None)
+
+
+# Stops the shared broker's application: must not overlap with anything, so it runs first.
 @pytest.mark.integration
 @pytest.mark.slow
 def test_broker_restart_mid_run(rabbitmq, tmp_path):
@@ -47,18 +78,25 @@ def test_broker_restart_mid_run(rabbitmq, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_broker_unreachable_for_30s(rabbitmq, tmp_path):
-    r = run(cs.broker_unreachable, rabbitmq, tmp_path)
+def test_broker_unreachable_for_30s(waiting_faults):
+    r = run_concurrent("test_broker_unreachable_for_30s", waiting_faults)
     assert r.dead_lettered == 0 and r.processed == r.sent
     assert r.recover_seconds is not None
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_clowder_5xx_and_timeouts_for_30s(rabbitmq, tmp_path):
-    r = run(cs.clowder_outage, rabbitmq, tmp_path)
+def test_clowder_5xx_and_timeouts_for_30s(waiting_faults):
+    r = run_concurrent("test_clowder_5xx_and_timeouts_for_30s", waiting_faults)
     assert r.dead_lettered == 0 and r.processed == r.sent  # an outage spends no attempts
     assert r.recover_seconds is not None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kill_9_loop_20_rounds(waiting_faults):
+    r = run_concurrent("test_kill_9_loop_20_rounds", waiting_faults)
+    assert r.dead_lettered == 0 and r.processed == r.sent
 
 
 @pytest.mark.integration
@@ -72,13 +110,6 @@ def test_scratch_full_enospc(rabbitmq, tmp_path):
     r = run(cs.scratch_full, rabbitmq, tmp_path)
     assert r.dead_lettered == 0 and r.processed == r.sent
     assert r.duplicates == 0
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_kill_9_loop_20_rounds(rabbitmq, tmp_path):
-    r = run(cs.kill9_loop, rabbitmq, tmp_path)
-    assert r.dead_lettered == 0 and r.processed == r.sent
 
 
 @pytest.mark.integration
