@@ -129,7 +129,9 @@ def test_killed_rank_loses_nothing(harness):
     code = harness.wait_exit(proc, 30)
     assert code != 0  # the launcher tore the job down
     done = len(ids) - len(harness.unprocessed(ids))
-    harness.wait_for(lambda: harness.depth() == len(ids) - done, 10, "unfinished files back in the queue")
+    # Every unfinished file is back in the queue; a file whose upload landed just before the job
+    # was torn down may be back too (its ack died with the job): at-least-once, never lost.
+    harness.wait_for(lambda: harness.depth() >= len(ids) - done, 10, "unfinished files back in the queue")
     assert harness.run_agent("--idle-exit", "2", timeout=90) == 0
     assert harness.unprocessed(ids) == [] and harness.depth() == 0 and harness.errors() == []
 

@@ -187,9 +187,10 @@ class AmqpSource(WorkSource):
         if now < self._next_attempt:
             time.sleep(min(timeout, self._next_attempt - now))
             return
+        lost_for = now - self._lost_since
         try:
             self._connect()
-            log.info("reconnected after %.1fs", now - self._lost_since if self._lost_since else 0.0)
+            log.info("reconnected after %.1fs", lost_for)
         except _PIKA_ERRORS as exc:
             self._backoff = min(self._backoff * 2, 15.0)
             self._next_attempt = self._clock() + self._backoff
