@@ -41,7 +41,9 @@ class AgentHarness:
 
     def reconnect(self) -> None:
         """(Re)open the harness's own broker connection, e.g. after a broker restart."""
-        self._conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        params = pika.URLParameters(self.url)
+        params.heartbeat = 0  # the test may wait minutes without pika I/O: no heartbeat to miss
+        self._conn = pika.BlockingConnection(params)
         self.ch = self._conn.channel()
         queue = self.queue
         self.ch.queue_declare(queue, durable=True)
