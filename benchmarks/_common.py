@@ -46,6 +46,12 @@ class StandinProcess:
         self.proc.wait(timeout=10)
 
 
+def agent_env() -> dict:
+    """Environment of the agents a benchmark starts: examples as plugins, quiet logs, own journal."""
+    return dict(os.environ, RABBITMQ_URI=AMQP_URL, PYTHONPATH=REPO, AGENT_LOG_LEVEL="WARNING",
+                AGENT_PLUGIN_PATH=os.path.join(REPO, "examples"), AGENT_JOURNAL_DIR="/tmp/bench-journal")
+
+
 def v1_message(file_id: str, host: str) -> bytes:
     return json.dumps({"id": file_id, "intermediateId": file_id, "jobid": uuid.uuid4().hex, "host": host,
                        "secretKey": "secret", "fileSize": "1024", "datasetId": "bench", "filename": "f.txt",

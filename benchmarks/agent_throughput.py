@@ -19,7 +19,7 @@ import time
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
+from _common import (agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
                      wait_count)
 
 WORDCOUNT = os.path.join(REPO, "examples", "wordcount")
@@ -52,8 +52,7 @@ def main() -> int:
     parser.add_argument("--pyclowder-files", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "agent_throughput.md"))
     args = parser.parse_args()
-    env = dict(os.environ, RABBITMQ_URI=AMQP_URL, PYTHONPATH=REPO, AGENT_LOG_LEVEL="WARNING",
-               AGENT_PLUGIN_PATH=os.path.join(REPO, "examples"), AGENT_JOURNAL_DIR="/tmp/bench-journal")
+    env = agent_env()
     conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     ch = conn.channel()
     ch.queue_declare("bench-replies", durable=False, auto_delete=False)

@@ -27,7 +27,7 @@ import time
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
+from _common import (agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
                      wait_count)
 
 FLOOR = 0.5
@@ -100,8 +100,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "relay_throughput.md"))
     args = parser.parse_args()
-    env = dict(os.environ, RABBITMQ_URI=AMQP_URL, PYTHONPATH=REPO, AGENT_LOG_LEVEL="WARNING",
-               AGENT_PLUGIN_PATH=os.path.join(REPO, "examples"), AGENT_JOURNAL_DIR="/tmp/bench-journal")
+    env = agent_env()
     conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     ch = conn.channel()
     ch.queue_declare("bench-replies", durable=False, auto_delete=False)
