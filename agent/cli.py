@@ -19,7 +19,7 @@ from . import exitcodes
 from .config import AgentConfig, ConfigError, add_setting_flags, load_config
 from .logs import setup_logging
 from .plugin_loader import PluginError, PluginSpec, discover, find_plugin, search_dirs
-from .redact import Redactor
+from hpc_common.redact import Redactor
 
 
 def _parser() -> argparse.ArgumentParser:

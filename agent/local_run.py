@@ -21,7 +21,7 @@ from .clowder_standin import ClowderStandin
 from .config import AgentConfig
 from .logs import setup_logging
 from .plugin_loader import PluginError, find_plugin
-from .redact import Redactor
+from hpc_common.redact import Redactor
 from .slots import Slot
 
 log = logging.getLogger("agent.local")

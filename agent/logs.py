@@ -5,7 +5,7 @@ import logging
 import sys
 from typing import Optional
 
-from .redact import Redactor
+from hpc_common.redact import Redactor
 
 
 class _RedactingFormatter(logging.Formatter):

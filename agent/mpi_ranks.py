@@ -50,7 +50,7 @@ from typing import Any, Callable, Optional
 from . import exitcodes
 from .config import AgentConfig
 from .rank_worker import RankWorker
-from .redact import Redactor
+from hpc_common.redact import Redactor
 
 log = logging.getLogger("agent.mpi")
 TAG = 7177

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import psutil
 
 from . import ipc
-from .redact import Redactor
+from hpc_common.redact import Redactor
 
 log = logging.getLogger("agent.slot")
 Post = Callable[[Callable[[], None]], None]

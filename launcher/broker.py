@@ -11,9 +11,9 @@ import dataclasses
 from typing import Optional
 from urllib.parse import quote, unquote, urlsplit
 
-from agent.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
+from hpc_common.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
                            summarize, window_queue)
-from launcher.redact import redact_text, redact_uri
+from hpc_common.redact import redact_text, redact_uri
 
 
 class BrokerError(Exception):

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from agent.config import ConfigError, load_config
-from agent.sources.relay import TokenFileError, read_token_file
-from launcher.relay.routes import Refusal, check, ids_in, lease_scope
+from hpc_common.tokens import TokenFileError, read_token_file
+from hpc_common.routes import Refusal, check, ids_in, lease_scope
 from launcher.relay.store import Incoming, LeaseStore
 
 BODY = {"id": "f1", "intermediateId": "f1i", "datasetId": "d1", "host": "http://clowder/", "secretKey": "k"}

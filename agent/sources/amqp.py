@@ -18,10 +18,10 @@ from typing import Any, Callable, Optional
 import pika
 import pika.exceptions
 
-from .. import reports
+from hpc_common import reports
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
-from ..redact import redact_uri
+from hpc_common.redact import redact_uri
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.amqp")

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Optional
 
 from ..messages import Delivery
-from ..redact import redact_uri
+from hpc_common.redact import redact_uri
 from .base import OnDelivery, WorkSource
 
 log = logging.getLogger("agent.message_file")

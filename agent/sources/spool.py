@@ -393,8 +393,6 @@ class SpoolSource(WorkSource):
 
     # -- the recorder ------------------------------------------------------------------------------
     def _handle(self, h: _RecorderHandler) -> None:
-        from launcher.relay.routes import Refusal, check, lease_scope
-
         split = urlsplit(h.path)
         parts = split.path.split("/", 3)  # '', 'm', msg, rest
         length = int(h.headers.get("Content-Length") or 0)

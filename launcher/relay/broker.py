@@ -29,7 +29,7 @@ from typing import Any, Optional
 import pika
 import pika.exceptions
 
-from agent.redact import redact_uri
+from hpc_common.redact import redact_uri
 
 from .store import DeadRow, Incoming, LeaseStore
 

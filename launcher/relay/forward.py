@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from .routes import Refusal, check, ids_in, lease_scope
+from hpc_common.routes import Refusal, check, ids_in, lease_scope
 from .store import LeaseStore
 
 log = logging.getLogger("launcher.relay.forward")

@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Optional
 
-from agent.sources.relay import TokenFileError, read_token_file
+from hpc_common.tokens import TokenFileError, read_token_file
 
 log = logging.getLogger("launcher.relay")
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2

@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import requests
 
-from agent.redact import redact_uri
+from hpc_common.redact import redact_uri
 from .spool_fs import LocalSpoolFS, RemoteSpoolFS, SpoolFSError
 
 log = logging.getLogger("launcher.relay.spool")
