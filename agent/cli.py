@@ -91,7 +91,9 @@ def cmd_run(cfg: AgentConfig) -> int:
     from .slots import Slot
     from .sources.amqp import AmqpSource, new_agent_id
     from .sources.base import WorkSource
-    from .walltime import default_margin, parse_walltime
+    from hpc_common.walltime import parse_walltime
+
+    from .walltime import default_margin
 
     identity = detect()
     redactor = Redactor()

@@ -65,3 +65,8 @@ def format_walltime(seconds: float) -> str:
     """``5400`` -> ``"01:30:00"``: the HH:MM:SS form every scheduler takes (hours may exceed 24)."""
     seconds = int(seconds)
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def walltime_seconds(text: str, bare: str = SECONDS) -> int:
+    """parse_walltime in whole seconds (rounded up), the unit schedulers are asked for; no unlimited."""
+    return int(math.ceil(parse_walltime(text, bare=bare)))

@@ -185,7 +185,8 @@ def test_placeholders_are_replaced_in_paths_and_bodies():
 
 
 def test_a_dead_agents_claim_goes_back_with_one_more_attempt(tmp_path):
-    from agent.sources.spool import SpoolLayout, reclaim, take_lock
+    from hpc_common.owned_folders import try_lock
+    from hpc_common.spool_layout import SpoolLayout, reclaim
 
     layout = SpoolLayout(str(tmp_path / "spool"))
     layout.make()
@@ -195,7 +196,7 @@ def test_a_dead_agents_claim_goes_back_with_one_more_attempt(tmp_path):
     os.makedirs(layout.result_dir("m1", partial=True))
     alive = os.path.join(layout.claimed, "live-agent")
     os.makedirs(alive)
-    fd = take_lock(os.path.join(alive, "lock"))  # held: this agent is alive
+    fd = try_lock(os.path.join(alive, "lock"))  # held: this agent is alive
     SpoolLayout.write_json(os.path.join(alive, "m2.json"), {"body_b64": "", "headers": {}})
     open(os.path.join(dead, "lock"), "w").close()
     assert reclaim(layout) == 1
