@@ -19,13 +19,13 @@ import pika
 import pika.exceptions
 
 from hpc_common import reports
+from hpc_common.messages import RECOVERED, dead_letter_headers, retry_headers
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
 from hpc_common.redact import redact_uri
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.amqp")
-TRACEBACK_LIMIT = 8000
 _PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
@@ -268,19 +268,15 @@ class AmqpSource(WorkSource):
             self._lose(exc, "release")
 
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
-        headers = dict(delivery.headers)
-        headers["x-agent-attempts"] = attempts
-        headers["x-agent-last-error"] = reason[:1000]
+        headers = retry_headers(delivery.headers, attempts, reason)
         if not delivery.secured and self._tag(delivery) is None:
             raise SourceLost("delivery from a lost connection")
         self._publish_durable(self.queue, delivery.body, self._props(delivery, headers))
         self.complete(delivery)
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
-        headers = dict(delivery.headers)
-        headers.update({"x-error-reason": reason[:2000], "x-error-traceback": traceback[-TRACEBACK_LIMIT:],
-                        "x-agent-attempts": attempts, "x-original-routing-key": delivery.routing_key,
-                        "x-agent-id": self.agent_id, "x-error-time": int(time.time())})
+        headers = dead_letter_headers(delivery.headers, reason, traceback, attempts, delivery.routing_key,
+                                      self.agent_id)
         if not delivery.secured and self._tag(delivery) is None:
             raise SourceLost("delivery from a lost connection")
         self._publish_durable(self.error_queue, delivery.body, self._props(delivery, headers))
@@ -346,7 +342,7 @@ class AmqpSource(WorkSource):
 
         def republish(entry: JournalEntry) -> None:
             headers = dict(entry.headers)
-            headers["x-agent-recovered"] = int(headers.get("x-agent-recovered", 0)) + 1
+            headers[RECOVERED] = int(headers.get(RECOVERED, 0)) + 1
             props = pika.BasicProperties(delivery_mode=2, reply_to=entry.reply_to,
                                          correlation_id=entry.correlation_id, headers=headers,
                                          content_type=entry.content_type or "application/json")

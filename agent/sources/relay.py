@@ -33,12 +33,12 @@ from typing import Any, Callable, Optional
 
 import requests
 
+from hpc_common.messages import REASON_LIMIT, TRACEBACK_LIMIT
 from hpc_common.tokens import TokenFileError, read_token_file
 from ..messages import Delivery
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.relay")
-TRACEBACK_LIMIT = 8000
 STATUS_LINGER = 0.1
 
 
@@ -386,10 +386,10 @@ class RelaySource(WorkSource):
         self._settle("/v1/release", delivery, {})
 
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
-        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:2000]})
+        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:REASON_LIMIT]})
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
-        self._settle("/v1/dead-letter", delivery, {"reason": reason[:2000], "traceback": traceback[-TRACEBACK_LIMIT:],
+        self._settle("/v1/dead-letter", delivery, {"reason": reason[:REASON_LIMIT], "traceback": traceback[-TRACEBACK_LIMIT:],
                                                    "attempts": attempts, "agent": self.agent_id})
 
     def secure(self, delivery: Delivery) -> None:

@@ -29,12 +29,12 @@ from typing import Any, Optional
 import pika
 import pika.exceptions
 
+from hpc_common.messages import ATTEMPTS, Message, dead_letter_headers
 from hpc_common.redact import redact_uri
 
-from .store import DeadRow, Incoming, LeaseStore
+from .store import DeadRow, LeaseStore
 
 log = logging.getLogger("launcher.relay.broker")
-TRACEBACK_LIMIT = 8000
 BATCH = 50
 _ERRORS = (pika.exceptions.AMQPError, OSError)
 
@@ -155,13 +155,13 @@ class BrokerLink(threading.Thread):
         room = self.buffer - ready
         if room <= 0 or (ready > 0 and room < max(1, self.buffer // 2)):
             return -1  # refill in batches: one fsync'd commit for many messages
-        batch: list[Incoming] = []
+        batch: list[Message] = []
         last_tag = None
         for _ in range(min(room, BATCH)):
             method, props, body = self._ch.basic_get(self.queue, auto_ack=False)
             if method is None:
                 break
-            batch.append(Incoming(body=body, routing_key=method.routing_key or self.queue, reply_to=props.reply_to,
+            batch.append(Message(body=body, routing_key=method.routing_key or self.queue, reply_to=props.reply_to,
                                   correlation_id=props.correlation_id, headers=dict(props.headers or {}),
                                   content_type=props.content_type))
             last_tag = method.delivery_tag
@@ -200,10 +200,8 @@ class BrokerLink(threading.Thread):
 
     def _publish_dead(self) -> None:
         for row in self.store.dead_rows():
-            headers = dict(row.headers)
-            headers.update({"x-error-reason": row.reason[:2000], "x-error-traceback": row.traceback[-TRACEBACK_LIMIT:],
-                            "x-agent-attempts": row.attempts, "x-original-routing-key": row.routing_key,
-                            "x-agent-id": row.agent or self.relay_id, "x-error-time": int(time.time())})
+            headers = dead_letter_headers(row.headers, row.reason, row.traceback, row.attempts, row.routing_key,
+                                          row.agent or self.relay_id)
             self._publish_confirmed(self.error_queue, row, headers)
             self.store.delete(row.row, only_state="dead")
             log.warning("message (row %d) dead-lettered to %s: %s", row.row, self.error_queue, row.reason[:300])
@@ -223,7 +221,7 @@ class BrokerLink(threading.Thread):
                     break
                 for row in rows:
                     headers = dict(row.headers)
-                    headers["x-agent-attempts"] = row.attempts
+                    headers[ATTEMPTS] = row.attempts
                     self._publish_confirmed(self.queue, row, headers)
                     self.store.delete(row.row, only_state="ready")
                     done += 1

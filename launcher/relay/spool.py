@@ -41,11 +41,12 @@ from typing import Any, Optional
 
 import requests
 
+from hpc_common.messages import LAST_ERROR, attempts_of, dead_letter_headers
 from hpc_common.redact import redact_uri
+
 from .spool_fs import LocalSpoolFS, RemoteSpoolFS, SpoolFSError
 
 log = logging.getLogger("launcher.relay.spool")
-TRACEBACK_LIMIT = 8000
 
 
 class Spooler:
@@ -99,10 +100,8 @@ class Spooler:
     def _publish_dead(self, staged: dict[str, Any], reason: str, traceback: str, attempts: int) -> None:
         import pika
 
-        headers = dict(staged.get("headers") or {})
-        headers.update({"x-error-reason": reason[:2000], "x-error-traceback": traceback[-TRACEBACK_LIMIT:],
-                        "x-agent-attempts": attempts, "x-original-routing-key": staged.get("routing_key") or "",
-                        "x-agent-id": "spool", "x-error-time": int(time.time())})
+        headers = dead_letter_headers(staged.get("headers") or {}, reason, traceback, attempts,
+                                      staged.get("routing_key") or "", "spool")
         props = pika.BasicProperties(delivery_mode=2, reply_to=staged.get("reply_to"),
                                      correlation_id=staged.get("correlation_id"), headers=headers,
                                      content_type=staged.get("content_type") or "application/json")
@@ -142,12 +141,12 @@ class Spooler:
                 staged = self.fs.read_json(path)
             except (OSError, ValueError):
                 continue  # claimed meanwhile, or being written
-            attempts = int((staged.get("headers") or {}).get("x-agent-attempts", 0) or 0)
+            attempts = attempts_of(staged.get("headers") or {})
             if attempts > self.max_retries:
                 if not self.fs.rename(path, path + ".dead"):  # out of reach of agents first
                     continue
                 self._publish_dead(staged, f"gave up after {attempts} attempt(s): "
-                                   f"{staged['headers'].get('x-agent-last-error', '')}", "", attempts)
+                                   f"{staged['headers'].get(LAST_ERROR, '')}", "", attempts)
                 self.fs.unlink(path + ".dead")
                 self._forget(name[:-5])
 
