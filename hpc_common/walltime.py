@@ -16,15 +16,16 @@ _UNITS = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.I)
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _SLURM_DAYS = re.compile(r"(\d+)-(\d+)(?::(\d+))?(?::(\d+))?")
 _CLOCK = re.compile(r"\d+(?::\d+){0,2}(?:\.\d+)?")
-_FORMS = "HH:MM:SS, D-HH:MM:SS, MM:SS, seconds, or 1h30m"
+_SCHEDULER_FORMS = "HH:MM:SS, D-HH:MM:SS, MM:SS or seconds"
+_FORMS = _SCHEDULER_FORMS + ", or 1h30m"
 
 
-def parse_walltime(text: str, bare: str = SECONDS, unlimited: bool = False) -> float:
+def parse_walltime(text: str, bare: str = SECONDS, units: bool = True, unlimited: bool = False) -> float:
     """Seconds in a walltime; raises ValueError naming the text and the accepted forms.
 
     Accepted: Slurm `MM` (with bare=MINUTES), `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
     `D-HH:MM:SS`; PBS/Torque `[[HH:]MM:]SS[.ms]` and bare seconds (bare=SECONDS, the default);
-    unit forms `1d2h30m`, `90s`. Slurm's `UNLIMITED`/`INFINITE`/`NOT_SET` give math.inf when
+    with units=True (AGENT_WALLTIME), also `1d2h30m`, `90s`. Slurm's `UNLIMITED`/`INFINITE`/`NOT_SET` give math.inf when
     unlimited=True and are refused otherwise. Minutes and seconds fields after the first must
     be below 60.
     """
@@ -36,7 +37,7 @@ def parse_walltime(text: str, bare: str = SECONDS, unlimited: bool = False) -> f
     if value.upper() in UNLIMITED_WORDS:
         if unlimited:
             return math.inf
-        raise ValueError(f"walltime {text!r} has no limit: give one ({_FORMS})")
+        raise ValueError(f"walltime {text!r} has no limit: give one ({_SCHEDULER_FORMS})")
     days = _SLURM_DAYS.fullmatch(value)
     if days:
         d, h, m, s = (int(g) if g else 0 for g in days.groups())
@@ -50,10 +51,10 @@ def parse_walltime(text: str, bare: str = SECONDS, unlimited: bool = False) -> f
         fields = [0.0] * (3 - len(fields)) + fields
         hours, minutes, seconds = fields
         return hours * 3600 + minutes * 60 + seconds
-    units = _UNITS.findall(value)
-    if units and _UNITS.sub("", value).strip() == "":
-        return float(sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in units))
-    raise ValueError(f"cannot read walltime {text!r} (use {_FORMS})")
+    found = _UNITS.findall(value) if units else []
+    if found and _UNITS.sub("", value).strip() == "":
+        return float(sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in found))
+    raise ValueError(f"bad walltime {text!r}: use {_FORMS if units else _SCHEDULER_FORMS}")
 
 
 def _check_sexagesimal(text: str, fields: list) -> None:
@@ -68,5 +69,5 @@ def format_walltime(seconds: float) -> str:
 
 
 def walltime_seconds(text: str, bare: str = SECONDS) -> int:
-    """parse_walltime in whole seconds (rounded up), the unit schedulers are asked for; no unlimited."""
-    return int(math.ceil(parse_walltime(text, bare=bare)))
+    """A limit in the forms schedulers take (no unit forms, no unlimited), in whole seconds rounded up."""
+    return int(math.ceil(parse_walltime(text, bare=bare, units=False)))

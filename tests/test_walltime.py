@@ -59,3 +59,5 @@ def test_whole_seconds_and_format():
     assert format_walltime(walltime_seconds("1-00:00:01")) == "24:00:01"
     with pytest.raises(ValueError):
         walltime_seconds("UNLIMITED")
+    with pytest.raises(ValueError, match="bad walltime"):  # scheduler forms only: caps files, --walltime
+        walltime_seconds("24h")
