@@ -1,7 +1,7 @@
 """The agent's main loop: deliveries in, extractor slots busy, every message settled once.
 
-All message state lives on the main thread, which also drives the work source (pika is not
-thread-safe). Slot threads hand frames back through `post`. The rules, in one place:
+All message state lives on the main thread, which also drives the work source (the broker
+client is not thread-safe). Slot threads hand frames back through `post`. The rules, in one place:
 
 - A message is acknowledged only after its extractor reported success, that is after pyclowder
   finished its uploads; status replies go to the message's reply_to as they happen.
@@ -152,7 +152,7 @@ class Runner:
             return
 
         def handler(signum: int, _frame: Any) -> None:
-            self._signal = signum  # acted on by the main loop: pika must not be re-entered here
+            self._signal = signum  # acted on by the main loop: the broker client must not be re-entered here
             self.source.wake()
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
