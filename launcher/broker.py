@@ -103,7 +103,7 @@ class QueueStats:
     consumers: int
     unacked: Optional[int] = None  # None: unknown
     ack_rate: Optional[float] = None  # messages/s acknowledged recently, None: unknown
-    activity: Optional[Activity] = None  # what the agents reported in the last window (agent.reports)
+    activity: Optional[Activity] = None  # what the agents reported in the last window (hpc_common.reports)
 
 
 def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
@@ -148,7 +148,7 @@ def _agent_activity(conn, queue: str) -> Optional[Activity]:
     """Summarize the agents' recent reports, leaving them in their window queue.
 
     The reports are read without acknowledgement and requeued when the channel closes, so the
-    queue keeps a sliding window (its messages expire after agent.reports.WINDOW seconds).
+    queue keeps a sliding window (its messages expire after hpc_common.reports.WINDOW seconds).
     """
     import json
 

@@ -16,7 +16,7 @@ Clowder and forgets the message. Layout (all writes are write-to-temporary + fsy
 
 The extractor talks to a recorder the agent runs on 127.0.0.1: it answers the file's info with
 the staged file's local path (pyclowder then reads it in place), serves its bytes, records every
-write that launcher.relay.routes allows for the message (anything else: 403), and answers the
+write that hpc_common.routes allows for the message (anything else: 403), and answers the
 calls that create ids (previews, uploads, new datasets) with placeholders the launcher maps to
 the real ids when it replays. Reads of other Clowder data are not available offline (404).
 
