@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from hpc_common.redact import Redactor
+
 from .slots import Slot
 
 log = logging.getLogger("agent.rank")

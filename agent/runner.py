@@ -33,10 +33,11 @@ from typing import Any, Callable, Optional
 import pyclowder.utils
 
 from hpc_common import reports
+from hpc_common.redact import Redactor
+
 from . import exitcodes
 from .config import AgentConfig
 from .messages import BadMessage, Delivery, parse_body, status_payload
-from hpc_common.redact import Redactor
 from .slots import Slot
 from .sources.base import SourceLost, SourceUnavailable, WorkSource
 from .walltime import DurationEstimate, admit

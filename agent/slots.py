@@ -25,8 +25,9 @@ from typing import Any, Callable, Optional
 
 import psutil
 
-from . import ipc
 from hpc_common.redact import Redactor
+
+from . import ipc
 
 log = logging.getLogger("agent.slot")
 Post = Callable[[Callable[[], None]], None]

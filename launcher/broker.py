@@ -17,9 +17,9 @@ import dataclasses
 from typing import Any, Iterator, Optional
 from urllib.parse import quote, unquote, urlsplit
 
-from hpc_common.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
-                           summarize, window_queue)
 from hpc_common.redact import redact_text, redact_uri
+from hpc_common.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
+                                summarize, window_queue)
 
 
 class BrokerError(Exception):

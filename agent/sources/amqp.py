@@ -23,9 +23,10 @@ import pika.exceptions
 
 from hpc_common import reports
 from hpc_common.messages import RECOVERED, dead_letter_headers, retry_headers
+from hpc_common.redact import redact_uri
+
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
-from hpc_common.redact import redact_uri
 from .base import OnDelivery, SourceError, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.amqp")

@@ -35,6 +35,7 @@ import requests
 
 from hpc_common.messages import REASON_LIMIT, TRACEBACK_LIMIT
 from hpc_common.tokens import TokenFileError, read_token_file
+
 from ..messages import Delivery
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 

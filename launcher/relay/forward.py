@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from hpc_common.routes import Refusal, check, ids_in, lease_scope
+
 from .store import LeaseStore
 
 log = logging.getLogger("launcher.relay.forward")
