@@ -43,6 +43,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
 from hpc_common.owned_folders import OwnedFolder, fsync_dir
+from hpc_common.routes import Refusal, check, lease_scope
 from hpc_common.spool_layout import SpoolLayout, bump_attempts, reclaim
 
 from ..messages import Delivery
