@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hpc_common.messages import Message
-from hpc_common.owned_folders import OwnedFolder, dead_owner_folders, release_folder, write_atomic
+from hpc_common.owned_folders import OwnedFolder, release_folder, take_over_dead_owners, write_atomic
 
 log = logging.getLogger("agent.journal")
 SUFFIX = ".msg.json"
@@ -98,27 +98,26 @@ def recover(root: str, own_dir: str, republish: Callable[[JournalEntry], None], 
     """
     root = os.path.abspath(os.path.expanduser(root))
     recovered = 0
-    for folder, fd in dead_owner_folders(root, own_dir, min_age):
-        try:
-            names = sorted(n for n in os.listdir(folder) if n.endswith(SUFFIX))
-            for name in names:
-                path = os.path.join(folder, name)
-                try:
-                    with open(path, encoding="utf-8") as fh:
-                        entry = JournalEntry.from_json(json.load(fh), path)
-                except (OSError, ValueError, KeyError) as exc:
-                    log.error("journal: unreadable entry %s kept for a person to inspect: %s", path, exc)
-                    continue
-                republish(entry)
-                os.unlink(path)
-                recovered += 1
-            for name in os.listdir(folder):
-                if name.endswith(".tmp"):  # never renamed: its delivery was never acknowledged
-                    os.unlink(os.path.join(folder, name))
-            if not any(n.endswith(SUFFIX) for n in os.listdir(folder)):
-                release_folder(folder)
-        except OSError as exc:
-            log.warning("journal: recovery of %s stopped: %s", folder, exc)
-        finally:
-            os.close(fd)
+
+    def take_over(folder: str) -> None:
+        nonlocal recovered
+        names = sorted(n for n in os.listdir(folder) if n.endswith(SUFFIX))
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    entry = JournalEntry.from_json(json.load(fh), path)
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("journal: unreadable entry %s kept for a person to inspect: %s", path, exc)
+                continue
+            republish(entry)
+            os.unlink(path)
+            recovered += 1
+        for name in os.listdir(folder):
+            if name.endswith(".tmp"):  # never renamed: its delivery was never acknowledged
+                os.unlink(os.path.join(folder, name))
+        if not any(n.endswith(SUFFIX) for n in os.listdir(folder)):
+            release_folder(folder)
+
+    take_over_dead_owners(root, own_dir, min_age, take_over, "journal: recovery of")
     return recovered

@@ -15,7 +15,7 @@ import fcntl
 import logging
 import os
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 log = logging.getLogger("hpc_common.owned_folders")
 LOCK_NAME = "lock"
@@ -128,3 +128,18 @@ def dead_owner_folders(root: str, own_dir: Optional[str], min_age: float) -> Ite
             continue
         if fd is not None:
             yield folder, fd
+
+
+def take_over_dead_owners(root: str, own_dir: Optional[str], min_age: float, take_over: Callable[[str], None],
+                          what: str) -> None:
+    """Call take_over(folder) for each folder whose owner died, holding its lock meanwhile.
+
+    An OSError stops that folder only (logged as "<what> <folder> stopped"); the lock is always released.
+    """
+    for folder, fd in dead_owner_folders(root, own_dir, min_age):
+        try:
+            take_over(folder)
+        except OSError as exc:
+            log.warning("%s %s stopped: %s", what, folder, exc)
+        finally:
+            os.close(fd)

@@ -20,7 +20,7 @@ import threading
 from typing import Any, Optional
 
 from .messages import ATTEMPTS, retry_headers
-from .owned_folders import dead_owner_folders, release_folder, write_atomic
+from .owned_folders import LOCK_NAME, release_folder, take_over_dead_owners, write_atomic
 
 log = logging.getLogger("hpc_common.spool")
 RECLAIM_MIN_AGE = 30.0   # seconds a claim folder without its lock file is left to its agent's start-up
@@ -77,31 +77,30 @@ def bump_attempts(staged: dict[str, Any], reason: str) -> int:
 def reclaim(layout: SpoolLayout, own: Optional[str] = None, min_age: float = RECLAIM_MIN_AGE) -> int:
     """Put back the claims of agents that died; return how many messages went back to inbox/."""
     back = 0
-    own_dir = os.path.join(layout.claimed, own) if own else None
-    for folder, fd in dead_owner_folders(layout.claimed, own_dir, min_age):
+
+    def take_over(folder: str) -> None:
+        nonlocal back
         name = os.path.basename(folder)
-        try:
-            for entry in sorted(os.listdir(folder)):
-                if not entry.endswith(".json"):
-                    continue
-                msg = entry[:-5]
-                claim = os.path.join(folder, entry)
-                if os.path.isdir(layout.result_dir(msg)):
-                    os.unlink(claim)  # it finished: the launcher collects its outbox
-                    continue
-                shutil.rmtree(layout.result_dir(msg, partial=True), ignore_errors=True)
-                staged = SpoolLayout.read_json(claim)
-                bump_attempts(staged, f"agent {name} died while holding the message")
-                SpoolLayout.write_json(claim, staged)
-                os.rename(claim, layout.staged(msg))
-                back += 1
-                log.warning("spool: message %s put back: its agent %s died", msg, name)
-            for entry in os.listdir(folder):
-                if entry != "lock":
-                    os.unlink(os.path.join(folder, entry))
-            release_folder(folder)
-        except OSError as exc:
-            log.warning("spool: reclaiming %s stopped: %s", folder, exc)
-        finally:
-            os.close(fd)
+        for entry in sorted(os.listdir(folder)):
+            if not entry.endswith(".json"):
+                continue
+            msg = entry[:-5]
+            claim = os.path.join(folder, entry)
+            if os.path.isdir(layout.result_dir(msg)):
+                os.unlink(claim)  # it finished: the launcher collects its outbox
+                continue
+            shutil.rmtree(layout.result_dir(msg, partial=True), ignore_errors=True)
+            staged = SpoolLayout.read_json(claim)
+            bump_attempts(staged, f"agent {name} died while holding the message")
+            SpoolLayout.write_json(claim, staged)
+            os.rename(claim, layout.staged(msg))
+            back += 1
+            log.warning("spool: message %s put back: its agent %s died", msg, name)
+        for entry in os.listdir(folder):
+            if entry != LOCK_NAME:
+                os.unlink(os.path.join(folder, entry))
+        release_folder(folder)
+
+    own_dir = os.path.join(layout.claimed, own) if own else None
+    take_over_dead_owners(layout.claimed, own_dir, min_age, take_over, "spool: reclaiming")
     return back
