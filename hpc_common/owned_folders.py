@@ -21,6 +21,10 @@ log = logging.getLogger("hpc_common.owned_folders")
 LOCK_NAME = "lock"
 
 
+class FolderLocked(BlockingIOError):
+    """Another live process holds the folder's lock (an OSError, as a failed flock is)."""
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename or unlink in folder `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -76,11 +80,11 @@ class OwnedFolder:
         return self._fd is not None
 
     def open(self) -> None:
-        """Create the folder and take its lock; RuntimeError when another live process holds it."""
+        """Create the folder and take its lock; FolderLocked when another live process holds it."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         fd = try_lock(os.path.join(self.dir, LOCK_NAME))
         if fd is None:
-            raise RuntimeError(f"folder {self.dir} is locked by another process")
+            raise FolderLocked(errno.EWOULDBLOCK, "locked by another live process", self.dir)
         self._fd = fd
 
     def close(self, remove: bool = True) -> None:
