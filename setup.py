@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Run unchanged pyclowder extractors on HPC allocations (PBS, Torque, Slurm)",
     python_requires=">=3.9",
-    packages=find_packages(include=["agent", "agent.*", "launcher", "launcher.*"]),
+    packages=find_packages(include=["agent", "agent.*", "launcher", "launcher.*", "hpc_common", "hpc_common.*"]),
     include_package_data=True,
     install_requires=[
         "requests>=2.28",
@@ -21,7 +21,7 @@ setup(
         # HPC sites bring their own MPI (mpi4py built against it); for development
         # and CI the MPICH wheel from PyPI is enough.
         "mpi": ["mpich"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "import-linter>=2"],
     },
     entry_points={
         "console_scripts": [

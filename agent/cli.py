@@ -15,11 +15,12 @@ import sys
 from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
+from hpc_common.redact import Redactor
+
 from . import exitcodes
 from .config import AgentConfig, ConfigError, add_setting_flags, load_config
 from .logs import setup_logging
 from .plugin_loader import PluginError, PluginSpec, discover, find_plugin, search_dirs
-from .redact import Redactor
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +92,8 @@ def cmd_run(cfg: AgentConfig) -> int:
     from .slots import Slot
     from .sources.amqp import AmqpSource, new_agent_id
     from .sources.base import WorkSource
-    from .walltime import default_margin, parse_walltime
+    from .walltime import default_margin
+    from hpc_common.walltime import parse_walltime
 
     identity = detect()
     redactor = Redactor()

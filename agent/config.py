@@ -206,7 +206,7 @@ class AgentConfig:
         if self.journal_after <= 0:
             raise ConfigError("journal_after: must be positive (RabbitMQ closes channels holding old deliveries)")
         if self.walltime is not None:
-            from .walltime import parse_walltime
+            from hpc_common.walltime import parse_walltime
             try:
                 parse_walltime(self.walltime)
             except ValueError as exc:

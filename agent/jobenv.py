@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .walltime import parse_walltime
+from hpc_common.walltime import parse_walltime
 
 log = logging.getLogger("agent.jobenv")
 QUERY_TIMEOUT = 20.0

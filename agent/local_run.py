@@ -15,13 +15,14 @@ import queue
 import secrets
 from typing import Any, Callable
 
+from hpc_common.redact import Redactor
+
 from . import exitcodes
 from .cli import worker_env, worker_init
 from .clowder_standin import ClowderStandin
 from .config import AgentConfig
 from .logs import setup_logging
 from .plugin_loader import PluginError, find_plugin
-from .redact import Redactor
 from .slots import Slot
 
 log = logging.getLogger("agent.local")

@@ -5,7 +5,7 @@ import logging
 import sys
 from typing import Optional
 
-from .redact import Redactor
+from hpc_common.redact import Redactor
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -29,5 +29,4 @@ def setup_logging(level: str, redactor: Redactor, identity: str = "", log_file: 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("pika").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -8,8 +8,10 @@ succeed, so it is dead-lettered at once with the reason instead of being retried
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
+
+from hpc_common.messages import Message
 
 
 class BadMessage(ValueError):
@@ -17,29 +19,15 @@ class BadMessage(ValueError):
 
 
 @dataclass
-class Delivery:
+class Delivery(Message):
     """One message held from a work source, with what is needed to reply, retry or dead-letter it."""
 
-    body: bytes
-    routing_key: str
-    reply_to: Optional[str] = None
-    correlation_id: Optional[str] = None
-    headers: dict[str, Any] = field(default_factory=dict)
-    content_type: Optional[str] = None
     redelivered: bool = False
     token: Any = None                    # source-specific handle (delivery tag, lease id, journal entry)
     received_at: float = 0.0
     secured: bool = False                # no longer needs an open delivery (journaled and acked)
     stale: bool = False                  # its delivery died with a lost connection: cannot be acked
     parsed: Optional[dict[str, Any]] = None
-
-    @property
-    def attempts(self) -> int:
-        """Failed attempts so far, carried across workers in a header."""
-        try:
-            return max(0, int(self.headers.get("x-agent-attempts", 0)))
-        except (TypeError, ValueError):
-            return 0
 
     @property
     def file_id(self) -> str:

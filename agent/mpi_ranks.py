@@ -47,10 +47,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from hpc_common.redact import Redactor
+
 from . import exitcodes
 from .config import AgentConfig
 from .rank_worker import RankWorker
-from .redact import Redactor
 
 log = logging.getLogger("agent.mpi")
 TAG = 7177

@@ -20,7 +20,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .redact import Redactor
+from hpc_common.redact import Redactor
+
 from .slots import Slot
 
 log = logging.getLogger("agent.rank")

@@ -1,7 +1,7 @@
 """The agent's main loop: deliveries in, extractor slots busy, every message settled once.
 
-All message state lives on the main thread, which also drives the work source (pika is not
-thread-safe). Slot threads hand frames back through `post`. The rules, in one place:
+All message state lives on the main thread, which also drives the work source (the broker
+client is not thread-safe). Slot threads hand frames back through `post`. The rules, in one place:
 
 - A message is acknowledged only after its extractor reported success, that is after pyclowder
   finished its uploads; status replies go to the message's reply_to as they happen.
@@ -32,10 +32,12 @@ from typing import Any, Callable, Optional
 
 import pyclowder.utils
 
-from . import exitcodes, reports
+from hpc_common import reports
+from hpc_common.redact import Redactor
+
+from . import exitcodes
 from .config import AgentConfig
 from .messages import BadMessage, Delivery, parse_body, status_payload
-from .redact import Redactor
 from .slots import Slot
 from .sources.base import SourceLost, SourceUnavailable, WorkSource
 from .walltime import DurationEstimate, admit
@@ -151,7 +153,7 @@ class Runner:
             return
 
         def handler(signum: int, _frame: Any) -> None:
-            self._signal = signum  # acted on by the main loop: pika must not be re-entered here
+            self._signal = signum  # acted on by the main loop: the broker client must not be re-entered here
             self.source.wake()
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):

@@ -2,7 +2,7 @@
 
 The agent's main thread owns all message state. A slot's thread only carries frames: it writes
 the job to the child's pipe and forwards every frame the child sends back to the main thread
-through `post` (for the AMQP source, pika's add_callback_threadsafe). When the child dies, the
+through `post` (for the AMQP source, the connection's add_callback_threadsafe). When the child dies, the
 thread posts a "died" frame and the slot starts a fresh child for the next job.
 
 Limits (the init frame's "limits": time_limit seconds, memory_limit MB, recycle_after files) are
@@ -25,8 +25,9 @@ from typing import Any, Callable, Optional
 
 import psutil
 
+from hpc_common.redact import Redactor
+
 from . import ipc
-from .redact import Redactor
 
 log = logging.getLogger("agent.slot")
 Post = Callable[[Callable[[], None]], None]

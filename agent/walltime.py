@@ -1,4 +1,6 @@
-"""Walltime: parsing limits, estimating a file's duration, and the admission rule.
+"""Walltime inside a task: estimating a file's duration, and the admission rule.
+
+(Reading walltime limits is hpc_common.walltime, shared with the launcher.)
 
 A batch task must take a file only when it can finish it before the scheduler's end time;
 otherwise the file would be killed half-done at the limit and retried by another task.
@@ -6,40 +8,7 @@ otherwise the file would be killed half-done at the limit and retried by another
 from __future__ import annotations
 
 import collections
-import re
 from typing import Optional
-
-_UNITS = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.I)
-_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_walltime(text: str) -> float:
-    """Seconds in a walltime: "HH:MM:SS", "MM:SS", "D-HH:MM:SS" (Slurm), "SS", "1d2h30m", "90s".
-
-    PBS and Slurm read "MM:SS" and bare numbers differently (Slurm: minutes); here a bare number
-    is seconds, as in `--walltime 3600`. Raises ValueError with the reason.
-    """
-    value = str(text).strip()
-    if not value:
-        raise ValueError("empty walltime")
-    if re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}(\.\d+)?", value):
-        days = 0
-        if "-" in value:
-            day_text, value = value.split("-", 1)
-            days = int(day_text)
-        fields = [float(f) for f in value.split(":")]
-        if days:
-            # Slurm's D-HH, D-HH:MM and D-HH:MM:SS
-            fields += [0.0] * (3 - len(fields))
-        else:
-            # SS, MM:SS or HH:MM:SS
-            fields = [0.0] * (3 - len(fields)) + fields
-        hours, minutes, seconds = fields
-        return days * 86400 + hours * 3600 + minutes * 60 + seconds
-    units = _UNITS.findall(value)
-    if units and _UNITS.sub("", value).strip() == "":
-        return sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in units)
-    raise ValueError(f"cannot read walltime {text!r} (use HH:MM:SS, D-HH:MM:SS, seconds, or 1h30m)")
 
 
 class DurationEstimate:

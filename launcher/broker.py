@@ -1,4 +1,9 @@
-"""What the launcher needs from RabbitMQ: queue depth and consumers. The only module using pika.
+"""The launcher's RabbitMQ client: the only launcher module that imports pika.
+
+Queue depth and consumers for `status` and scaling, a short-lived session for `dispatch`, and
+for the relay and spool links: connect(), properties() and translated(), which turns pika's
+exceptions into this module's BrokerError family (messages redacted), so no other launcher module
+needs pika's names.
 
 Depth and consumer count come from a passive ``queue.declare`` (works for any user allowed to
 read the queue). Unacknowledged messages and the ack rate are not visible over AMQP; when a
@@ -7,17 +12,87 @@ password as the AMQP URI (never put on a command line).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import quote, unquote, urlsplit
 
-from agent.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
-                           summarize, window_queue)
-from launcher.redact import redact_text, redact_uri
+from hpc_common.redact import redact_text, redact_uri
+from hpc_common.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
+                                summarize, window_queue)
 
 
 class BrokerError(Exception):
-    """The broker could not be queried (message already redacted)."""
+    """The broker could not be reached or refused an operation (message already redacted)."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker closed the channel over one operation (reply_code 404: no such queue, 406: mismatch)."""
+
+    def __init__(self, text: str, reply_code: int) -> None:
+        super().__init__(text)
+        self.reply_code = reply_code
+
+
+class BrokerUnroutable(BrokerError):
+    """A confirmed publish was not taken (unroutable, or nacked by the broker)."""
+
+
+@contextlib.contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Run a block of broker calls, raising BrokerError (or a subclass) for pika's errors.
+
+    Plain OSError passes through unchanged: callers already treat it as "try again".
+    """
+    import pika.exceptions
+
+    try:
+        yield
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise BrokerRefused(f"{what}: broker refused: {exc.reply_code} {redact_text(exc.reply_text)}",
+                            exc.reply_code) from None
+    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+        raise BrokerUnroutable(f"{what}: broker did not take the message ({exc.__class__.__name__})") from None
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerError(f"{what}: {redact_text(_describe(exc))}") from None
+
+
+def connect(uri: str, connection_name: Optional[str] = None, socket_timeout: float = 10.0,
+            heartbeat: Optional[int] = 60) -> Any:
+    """A blocking connection to uri (one attempt); BrokerError when it cannot be made.
+
+    heartbeat applies only when the URI does not set one (None: the broker's proposal).
+    """
+    import pika
+
+    where = f"cannot connect to {redact_uri(uri)}"
+    with translated(where):
+        try:
+            params = pika.URLParameters(uri)
+        except ValueError as exc:
+            raise BrokerError(f"bad broker URI {redact_uri(uri)}: {redact_text(str(exc))}") from None
+        params.connection_attempts = 1
+        params.socket_timeout = socket_timeout
+        if params.heartbeat is None and heartbeat is not None:
+            params.heartbeat = heartbeat
+        if connection_name:
+            params.client_properties = {"connection_name": connection_name}
+        try:
+            return pika.BlockingConnection(params)
+        except OSError as exc:
+            raise BrokerError(f"{where}: {redact_text(_describe(exc))}") from None
+
+
+def properties(**fields: Any) -> Any:
+    """AMQP message properties (delivery_mode, reply_to, correlation_id, headers, content_type...)."""
+    import pika
+
+    return pika.BasicProperties(**fields)
+
+
+def closed(reason: str) -> BrokerError:
+    """The error for a channel found closed between operations."""
+    return BrokerError(f"channel closed by the broker: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +103,7 @@ class QueueStats:
     consumers: int
     unacked: Optional[int] = None  # None: unknown
     ack_rate: Optional[float] = None  # messages/s acknowledged recently, None: unknown
-    activity: Optional[Activity] = None  # what the agents reported in the last window (agent.reports)
+    activity: Optional[Activity] = None  # what the agents reported in the last window (hpc_common.reports)
 
 
 def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
@@ -73,7 +148,7 @@ def _agent_activity(conn, queue: str) -> Optional[Activity]:
     """Summarize the agents' recent reports, leaving them in their window queue.
 
     The reports are read without acknowledgement and requeued when the channel closes, so the
-    queue keeps a sliding window (its messages expire after agent.reports.WINDOW seconds).
+    queue keeps a sliding window (its messages expire after hpc_common.reports.WINDOW seconds).
     """
     import json
 

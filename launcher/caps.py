@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-from launcher.schedulers.base import format_walltime, parse_walltime
+from hpc_common.walltime import format_walltime, walltime_seconds
 
 PERIODS = ("day", "week", "month")
 _KEYS = {
@@ -97,7 +97,7 @@ def _int(data: dict, key: str, path: Path, minimum: int = 0) -> int:
 
 def _walltime(data: dict, key: str, path: Path) -> int:
     try:
-        seconds = parse_walltime(str(data[key]))
+        seconds = walltime_seconds(str(data[key]))
     except ValueError as exc:
         raise CapsError(f"caps file {path}: {key}: {exc}") from None
     if seconds < 60:

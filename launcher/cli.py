@@ -18,14 +18,15 @@ from typing import List, Optional
 
 import filelock
 
+from hpc_common.redact import redact_text, redact_uri
+from hpc_common.walltime import walltime_seconds as parse_walltime  # whole seconds, bare number = seconds
 from launcher.broker import BrokerError
 from launcher.caps import CapsError, Request, load_caps
 from launcher.ledger import Ledger, LedgerError
 from launcher.operations import Launcher, Refused
-from launcher.redact import redact_text, redact_uri
 from launcher.runner import CommandError, LocalRunner, Runner, SSHRunner, default_control_dir
 from launcher.schedulers import detect_scheduler, make_scheduler
-from launcher.schedulers.base import SchedulerError, parse_walltime
+from launcher.schedulers.base import SchedulerError
 from launcher.strategy import Policy
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_REFUSED, EXIT_LOCKED = 1, 2, 3, 4

@@ -8,7 +8,7 @@ from typing import Optional
 from launcher.broker import BrokerError, QueueStats
 from launcher.caps import period_start
 from launcher.operations import Launcher
-from launcher.schedulers.base import format_walltime
+from hpc_common.walltime import format_walltime
 
 THROUGHPUT_WINDOW_S = 900.0
 

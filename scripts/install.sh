@@ -87,7 +87,7 @@ want="$(sha256sum setup.py | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 
 if [[ "$want" != "$have" ]] \
-   || ! .venv/bin/python -c 'import agent, launcher, mpi4py, pika, pyclowder, pytest, hypothesis' \
+   || ! .venv/bin/python -c 'import agent, launcher, hpc_common, mpi4py, pika, pyclowder, pytest, hypothesis, importlinter' \
         >/dev/null 2>&1 \
    || [[ ! -x .venv/bin/mpiexec ]]; then
     rm -f "$stamp"

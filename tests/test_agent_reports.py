@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.reports import report, summarize
+from hpc_common.reports import report, summarize
 from agent_harness import harness  # noqa: F401 (fixture)
 
 

@@ -15,7 +15,7 @@ from agent.config import ConfigError, load_config
 from agent.journal import Journal, JournalEntry, recover
 from agent.messages import BadMessage, Delivery, parse_body
 from agent.plugin_loader import PluginError, discover, find_plugin, inspect_folder
-from agent.redact import Redactor, redact_uri
+from hpc_common.redact import Redactor, redact_uri
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,7 +236,8 @@ def test_journal_of_a_dead_agent_is_republished_once(tmp_path):
         j = Journal({str(tmp_path)!r}, "dead")
         j.open()
         for n in range(3):
-            j.add(JournalEntry("q", b'{{"n": %d}}' % n, "q", "r", str(n), {{}}, None))
+            j.add(JournalEntry(queue="q", body=b'{{"n": %d}}' % n, routing_key="q", reply_to="r",
+                              correlation_id=str(n)))
         import os; os._exit(0)   # dies holding entries, as kill -9 would leave them
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from agent.jobenv import detect, parse_pbs_end, parse_slurm_end
-from agent.walltime import DurationEstimate, admit, default_margin, parse_walltime
+from agent.walltime import DurationEstimate, admit, default_margin
+from hpc_common.walltime import parse_walltime
 
 
 @pytest.mark.parametrize("text, seconds", [

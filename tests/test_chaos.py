@@ -140,7 +140,7 @@ def test_time_without_the_broker_is_not_idleness():
     """Regression (found by test_broker_unreachable_for_30s): an agent whose broker was unreachable
     for longer than idle_exit exited 0 "idle" while its queue was full."""
     from agent.config import AgentConfig
-    from agent.redact import Redactor
+    from hpc_common.redact import Redactor
     from agent.runner import Runner
 
     now = [0.0]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launcher import cli
-from launcher.redact import redact_text, redact_uri
+from hpc_common.redact import redact_text, redact_uri
 
 REPO = Path(__file__).resolve().parent.parent
 

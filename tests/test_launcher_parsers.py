@@ -7,10 +7,8 @@ import pytest
 
 from launcher.runner import CommandError
 from launcher.schedulers import make_scheduler
-from launcher.schedulers.base import (
-    QueryFailed, SubmitFailed, SubmitRequest, format_ranges, format_walltime, parse_ranges,
-    parse_walltime,
-)
+from hpc_common.walltime import format_walltime, parse_walltime
+from launcher.schedulers.base import QueryFailed, SubmitFailed, SubmitRequest, format_ranges, parse_ranges
 from launcher.schedulers.pbs import PBSPro
 from launcher.schedulers.slurm import Slurm
 from launcher.schedulers.torque import Torque

@@ -6,9 +6,10 @@ import os
 import pytest
 
 from agent.config import ConfigError, load_config
-from agent.sources.relay import TokenFileError, read_token_file
-from launcher.relay.routes import Refusal, check, ids_in, lease_scope
-from launcher.relay.store import Incoming, LeaseStore
+from hpc_common.tokens import TokenFileError, read_token_file
+from hpc_common.routes import Refusal, check, ids_in, lease_scope
+from hpc_common.messages import Message
+from launcher.relay.store import LeaseStore
 
 BODY = {"id": "f1", "intermediateId": "f1i", "datasetId": "d1", "host": "http://clowder/", "secretKey": "k"}
 
@@ -67,7 +68,7 @@ def _store(tmp_path, now):
 def test_lease_lifecycle_and_restart(tmp_path):
     now = [1000.0]
     store = _store(tmp_path, now)
-    assert store.add([Incoming(body=b'{"id": "a"}', routing_key="q"), Incoming(body=b'{"id": "b"}', routing_key="q",
+    assert store.add([Message(body=b'{"id": "a"}', routing_key="q"), Message(body=b'{"id": "b"}', routing_key="q",
                                                                              headers={"x-agent-attempts": 2})]) == 2
     assert store.ready_count() == 2
     leases = store.lease("agent-1", 5, 10.0, lambda i: f"http://relay/clowder/{i}/")
@@ -95,7 +96,7 @@ def test_lease_lifecycle_and_restart(tmp_path):
 def test_fail_backs_off_then_dead_letters(tmp_path):
     now = [0.0]
     store = _store(tmp_path, now)
-    store.add([Incoming(body=b"x", routing_key="q")])
+    store.add([Message(body=b"x", routing_key="q")])
     lease = store.lease("a", 1, 60.0, lambda i: "h")[0]
     assert store.fail(lease.lease_id, 1, "boom", max_retries=1, backoff=lambda n: 5.0) == "retry"
     assert store.lease("a", 1, 60.0, lambda i: "h") == []  # in backoff
@@ -110,7 +111,7 @@ def test_fail_backs_off_then_dead_letters(tmp_path):
 def test_learned_ids_persist(tmp_path):
     now = [0.0]
     store = _store(tmp_path, now)
-    store.add([Incoming(body=b"x", routing_key="q")])
+    store.add([Message(body=b"x", routing_key="q")])
     lease = store.lease("a", 1, 60.0, lambda i: "h")[0]
     store.learn(lease.lease_id, "preview", ["p1", "p1", "p2"])
     store.close()
@@ -185,7 +186,8 @@ def test_placeholders_are_replaced_in_paths_and_bodies():
 
 
 def test_a_dead_agents_claim_goes_back_with_one_more_attempt(tmp_path):
-    from agent.sources.spool import SpoolLayout, reclaim, take_lock
+    from hpc_common.owned_folders import try_lock
+    from hpc_common.spool_layout import SpoolLayout, reclaim
 
     layout = SpoolLayout(str(tmp_path / "spool"))
     layout.make()
@@ -195,7 +197,7 @@ def test_a_dead_agents_claim_goes_back_with_one_more_attempt(tmp_path):
     os.makedirs(layout.result_dir("m1", partial=True))
     alive = os.path.join(layout.claimed, "live-agent")
     os.makedirs(alive)
-    fd = take_lock(os.path.join(alive, "lock"))  # held: this agent is alive
+    fd = try_lock(os.path.join(alive, "lock"))  # held: this agent is alive
     SpoolLayout.write_json(os.path.join(alive, "m2.json"), {"body_b64": "", "headers": {}})
     open(os.path.join(dead, "lock"), "w").close()
     assert reclaim(layout) == 1

@@ -1,4 +1,7 @@
-"""RabbitMQ work source: the only module that touches pika.
+"""RabbitMQ work source: the only agent module that imports pika.
+
+pika's exceptions stop here: what leaves is SourceLost/SourceUnavailable (agent.sources.base)
+or BrokerError (the status channel a message-file job may open, see open_status_channel).
 
 One BlockingConnection, used only from the agent's main thread (pika is not thread-safe);
 other threads only wake it through add_callback_threadsafe. Two channels:
@@ -18,15 +21,50 @@ from typing import Any, Callable, Optional
 import pika
 import pika.exceptions
 
-from .. import reports
+from hpc_common import reports
+from hpc_common.messages import RECOVERED, dead_letter_headers, retry_headers
+from hpc_common.redact import redact_uri
+
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
-from ..redact import redact_uri
-from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
+from .base import OnDelivery, SourceError, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.amqp")
-TRACEBACK_LIMIT = 8000
+logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO lines are per connection event
 _PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+class BrokerError(SourceError):
+    """A broker operation outside the work source failed (the message is redacted)."""
+
+
+def open_status_channel(uri: str) -> tuple[Any, Any]:
+    """A connection and channel for status replies only (one attempt, 5 s); BrokerError otherwise."""
+    try:
+        params = pika.URLParameters(uri)
+        params.connection_attempts, params.socket_timeout = 1, 5
+        conn = pika.BlockingConnection(params)
+        return conn, conn.channel()
+    except (*_PIKA_ERRORS, ValueError) as exc:
+        raise BrokerError(f"no broker at {redact_uri(uri)}: {exc.__class__.__name__}") from None
+
+
+def publish_reply(channel: Any, reply_to: str, correlation_id: Optional[str], payload: dict[str, Any]) -> None:
+    """Publish a status reply as pyclowder does (persistent JSON); BrokerError when it fails."""
+    try:
+        channel.basic_publish("", reply_to, json.dumps(payload),
+                              pika.BasicProperties(delivery_mode=2, correlation_id=correlation_id,
+                                                   content_type="application/json"))
+    except _PIKA_ERRORS as exc:
+        raise BrokerError(f"status reply failed: {exc.__class__.__name__}") from None
+
+
+def pump(conn: Any, timeout: float) -> None:
+    """Let a status connection do its I/O for up to timeout seconds; BrokerError when it broke."""
+    try:
+        conn.process_data_events(time_limit=timeout)
+    except _PIKA_ERRORS as exc:
+        raise BrokerError(f"status connection lost: {exc.__class__.__name__}") from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -268,19 +306,15 @@ class AmqpSource(WorkSource):
             self._lose(exc, "release")
 
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
-        headers = dict(delivery.headers)
-        headers["x-agent-attempts"] = attempts
-        headers["x-agent-last-error"] = reason[:1000]
+        headers = retry_headers(delivery.headers, attempts, reason)
         if not delivery.secured and self._tag(delivery) is None:
             raise SourceLost("delivery from a lost connection")
         self._publish_durable(self.queue, delivery.body, self._props(delivery, headers))
         self.complete(delivery)
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
-        headers = dict(delivery.headers)
-        headers.update({"x-error-reason": reason[:2000], "x-error-traceback": traceback[-TRACEBACK_LIMIT:],
-                        "x-agent-attempts": attempts, "x-original-routing-key": delivery.routing_key,
-                        "x-agent-id": self.agent_id, "x-error-time": int(time.time())})
+        headers = dead_letter_headers(delivery.headers, reason, traceback, attempts, delivery.routing_key,
+                                      self.agent_id)
         if not delivery.secured and self._tag(delivery) is None:
             raise SourceLost("delivery from a lost connection")
         self._publish_durable(self.error_queue, delivery.body, self._props(delivery, headers))
@@ -346,7 +380,7 @@ class AmqpSource(WorkSource):
 
         def republish(entry: JournalEntry) -> None:
             headers = dict(entry.headers)
-            headers["x-agent-recovered"] = int(headers.get("x-agent-recovered", 0)) + 1
+            headers[RECOVERED] = int(headers.get(RECOVERED, 0)) + 1
             props = pika.BasicProperties(delivery_mode=2, reply_to=entry.reply_to,
                                          correlation_id=entry.correlation_id, headers=headers,
                                          content_type=entry.content_type or "application/json")

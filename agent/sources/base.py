@@ -83,7 +83,7 @@ class WorkSource(abc.ABC):
         """Best effort: tell Clowder how the work is going (dropped when disconnected)."""
 
     def publish_report(self, report: dict[str, Any]) -> None:
-        """Best effort: tell the launcher what this agent did lately (agent.reports); optional."""
+        """Best effort: tell the launcher what this agent did lately (hpc_common.reports); optional."""
 
     @abc.abstractmethod
     def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:

@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable, Optional
 
 from ..messages import Delivery
-from ..redact import redact_uri
 from .base import OnDelivery, WorkSource
 
 log = logging.getLogger("agent.message_file")
@@ -64,28 +63,27 @@ class MessageFileSource(WorkSource):
         on_delivery(delivery)
 
     def _connect_for_statuses(self) -> None:
-        import pika
+        from .amqp import BrokerError, open_status_channel
 
         try:
-            params = pika.URLParameters(self._uri)
-            params.connection_attempts, params.socket_timeout = 1, 5
-            self._conn = pika.BlockingConnection(params)
-            self._channel = self._conn.channel()
-        except Exception as exc:  # best effort: a job without broker access still processes its file
-            log.info("no broker for status messages (%s): %s", redact_uri(self._uri or ""), exc.__class__.__name__)
+            self._conn, self._channel = open_status_channel(self._uri or "")
+        except BrokerError as exc:  # best effort: a job without broker access still processes its file
+            log.info("no broker for status messages: %s", exc)
             self._conn = self._channel = None
 
     def poll(self, timeout: float) -> None:
         if self._conn is not None:
+            from .amqp import BrokerError, pump
+
             try:
-                self._conn.process_data_events(time_limit=timeout)
+                pump(self._conn, timeout)
                 return
-            except Exception:
+            except BrokerError:
                 self._conn = self._channel = None
         time.sleep(min(timeout, 0.05))
 
     def wake(self) -> None:
-        pass  # poll sleeps at most 50 ms without a broker; with one, pika's own wake-up is not needed
+        pass  # poll sleeps at most 50 ms without a broker; with one, the connection's own wake-up is not needed
 
     @property
     def connected(self) -> bool:
@@ -117,13 +115,11 @@ class MessageFileSource(WorkSource):
         log.info("status: %s", payload.get("status"))
         if self._channel is None or not delivery.reply_to:
             return
-        import pika
+        from .amqp import BrokerError, publish_reply
 
         try:
-            self._channel.basic_publish("", delivery.reply_to, json.dumps(payload),
-                                        pika.BasicProperties(delivery_mode=2, correlation_id=delivery.correlation_id,
-                                                             content_type="application/json"))
-        except Exception:
+            publish_reply(self._channel, delivery.reply_to, delivery.correlation_id, payload)
+        except BrokerError:
             self._conn = self._channel = None
 
     def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:

@@ -27,46 +27,20 @@ import json
 import logging
 import os
 import queue
-import stat
 import threading
 import time
 from typing import Any, Callable, Optional
 
 import requests
 
+from hpc_common.messages import REASON_LIMIT, TRACEBACK_LIMIT
+from hpc_common.tokens import TokenFileError, read_token_file
+
 from ..messages import Delivery
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.relay")
-TRACEBACK_LIMIT = 8000
-MIN_TOKEN = 16
 STATUS_LINGER = 0.1
-
-
-class TokenFileError(ValueError):
-    """The token file is missing, unreadable, too open (not 0600) or too short."""
-
-
-def read_token_file(path: str) -> str:
-    """Read a bearer token from a file that only its owner can read or write (mode 0600 or 0400)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise TokenFileError(f"token file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise TokenFileError(f"token file {path} is not a regular file")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise TokenFileError(f"token file {path} has mode {mode:04o}: others may read it; run chmod 600 {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            token = fh.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenFileError(f"token file {path} cannot be read: {exc.__class__.__name__}") from None
-    if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
-        raise TokenFileError(f"token file {path} must hold one token of at least {MIN_TOKEN} characters "
-                             "without spaces (e.g. from: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
-    return token
 
 
 class _Gone(Exception):
@@ -413,10 +387,10 @@ class RelaySource(WorkSource):
         self._settle("/v1/release", delivery, {})
 
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
-        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:2000]})
+        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:REASON_LIMIT]})
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
-        self._settle("/v1/dead-letter", delivery, {"reason": reason[:2000], "traceback": traceback[-TRACEBACK_LIMIT:],
+        self._settle("/v1/dead-letter", delivery, {"reason": reason[:REASON_LIMIT], "traceback": traceback[-TRACEBACK_LIMIT:],
                                                    "attempts": attempts, "agent": self.agent_id})
 
     def secure(self, delivery: Delivery) -> None:

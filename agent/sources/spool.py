@@ -16,7 +16,7 @@ Clowder and forgets the message. Layout (all writes are write-to-temporary + fsy
 
 The extractor talks to a recorder the agent runs on 127.0.0.1: it answers the file's info with
 the staged file's local path (pyclowder then reads it in place), serves its bytes, records every
-write that launcher.relay.routes allows for the message (anything else: 403), and answers the
+write that hpc_common.routes allows for the message (anything else: 403), and answers the
 calls that create ids (previews, uploads, new datasets) with placeholders the launcher maps to
 the real ids when it replays. Reads of other Clowder data are not available offline (404).
 
@@ -30,8 +30,6 @@ loopback of the node whose agent holds the messages: under MPI keep one group pe
 from __future__ import annotations
 
 import base64
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -43,126 +41,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qsl, urlsplit
 
+from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
+from hpc_common.owned_folders import OwnedFolder, fsync_dir
+from hpc_common.routes import Refusal, check, lease_scope
+from hpc_common.spool_layout import SpoolLayout, bump_attempts, reclaim
+
 from ..messages import Delivery
 from .base import OnDelivery, WorkSource
 
 log = logging.getLogger("agent.spool")
 PLACEHOLDER = "spool-"
-TRACEBACK_LIMIT = 8000
-
-
-# -- the folder layout (shared with the launcher's side) ------------------------------------------
-class SpoolLayout:
-    """Paths and atomic file operations of one spool folder."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(os.path.expanduser(root))
-        self.inbox = os.path.join(self.root, "inbox")
-        self.files = os.path.join(self.root, "files")
-        self.claimed = os.path.join(self.root, "claimed")
-        self.outbox = os.path.join(self.root, "outbox")
-        self.info_file = os.path.join(self.root, "extractor_info.json")
-
-    def make(self) -> None:
-        for folder in (self.root, self.inbox, self.files, self.claimed, self.outbox):
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-
-    def staged(self, msg: str) -> str:
-        return os.path.join(self.inbox, msg + ".json")
-
-    def result_dir(self, msg: str, partial: bool = False) -> str:
-        return os.path.join(self.outbox, msg + (".partial" if partial else ""))
-
-    @staticmethod
-    def write_json(path: str, data: Any) -> None:
-        """Write JSON durably: temporary file, fsync, rename, fsync of the folder."""
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, path)
-        fsync_dir(os.path.dirname(path))
-
-    @staticmethod
-    def read_json(path: str) -> Any:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def take_lock(path: str) -> Optional[int]:
-    """flock path without waiting; the fd (keep it open to hold the lock) or None when held elsewhere."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
-
-
-def bump_attempts(staged: dict[str, Any], reason: str) -> int:
-    headers = staged.setdefault("headers", {})
-    try:
-        attempts = int(headers.get("x-agent-attempts", 0)) + 1
-    except (TypeError, ValueError):
-        attempts = 1
-    headers["x-agent-attempts"] = attempts
-    headers["x-agent-last-error"] = reason[:1000]
-    return attempts
-
-
-def reclaim(layout: SpoolLayout, own: Optional[str] = None, min_age: float = 30.0) -> int:
-    """Put back the claims of agents that died; return how many messages went back to inbox/."""
-    back = 0
-    try:
-        names = os.listdir(layout.claimed)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        folder = os.path.join(layout.claimed, name)
-        if name == own or not os.path.isdir(folder):
-            continue
-        lock_path = os.path.join(folder, "lock")
-        if not os.path.exists(lock_path) and time.time() - os.stat(folder).st_mtime < min_age:
-            continue  # an agent still setting up its folder
-        fd = take_lock(lock_path)
-        if fd is None:
-            continue  # its agent is alive
-        try:
-            for entry in sorted(os.listdir(folder)):
-                if not entry.endswith(".json"):
-                    continue
-                msg = entry[:-5]
-                claim = os.path.join(folder, entry)
-                if os.path.isdir(layout.result_dir(msg)):
-                    os.unlink(claim)  # it finished: the launcher collects its outbox
-                    continue
-                shutil.rmtree(layout.result_dir(msg, partial=True), ignore_errors=True)
-                staged = SpoolLayout.read_json(claim)
-                bump_attempts(staged, f"agent {name} died while holding the message")
-                SpoolLayout.write_json(claim, staged)
-                os.rename(claim, layout.staged(msg))
-                back += 1
-                log.warning("spool: message %s put back: its agent %s died", msg, name)
-            for entry in os.listdir(folder):
-                os.unlink(os.path.join(folder, entry))
-            os.rmdir(folder)
-        except OSError as exc:
-            log.warning("spool: reclaiming %s stopped: %s", folder, exc)
-        finally:
-            os.close(fd)
-    return back
 
 
 # -- the recorder the extractor talks to -----------------------------------------------------------
@@ -223,8 +111,8 @@ class SpoolSource(WorkSource):
         self.queue = "spool"
         self.generation = 1
         self._clock = clock
-        self._dir = os.path.join(self.layout.claimed, agent_id)
-        self._lock_fd: Optional[int] = None
+        self._claims = OwnedFolder(self.layout.claimed, agent_id)
+        self._dir = self._claims.dir
         self._held: dict[str, _Held] = {}
         self._intake = True
         self._wake = threading.Event()
@@ -236,10 +124,7 @@ class SpoolSource(WorkSource):
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
         self._on_delivery = on_delivery
         self.layout.make()
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        self._lock_fd = take_lock(os.path.join(self._dir, "lock"))
-        if self._lock_fd is None:
-            raise RuntimeError(f"spool claim folder {self._dir} is locked by another process")
+        self._claims.open()
         self._server = _Recorder(self)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="spool-recorder",
                          daemon=True).start()
@@ -291,7 +176,7 @@ class SpoolSource(WorkSource):
         delivery = Delivery(body=handed, routing_key=staged.get("routing_key") or self.queue,
                             reply_to=staged.get("reply_to"), correlation_id=staged.get("correlation_id"),
                             headers=headers, content_type=staged.get("content_type"),
-                            redelivered=bool(headers.get("x-agent-attempts")), token=msg, received_at=self._clock(),
+                            redelivered=bool(headers.get(ATTEMPTS)), token=msg, received_at=self._clock(),
                             secured=True)
         assert self._on_delivery is not None
         self._on_delivery(delivery)
@@ -312,14 +197,7 @@ class SpoolSource(WorkSource):
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-        if self._lock_fd is not None:
-            try:
-                os.unlink(os.path.join(self._dir, "lock"))
-                os.rmdir(self._dir)
-            except OSError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._claims.close()
 
     # -- settling --------------------------------------------------------------------------------
     def _claim_path(self, msg: str) -> str:
@@ -363,11 +241,11 @@ class SpoolSource(WorkSource):
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
         held = self._held.get(delivery.token)
         if held is not None:
-            held.staged.setdefault("headers", {})["x-agent-attempts"] = attempts - 1  # bump adds the one
+            held.staged.setdefault("headers", {})[ATTEMPTS] = attempts - 1  # bump adds the one
         self._back_to_inbox(delivery.token, reason)
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
-        self._finish(delivery.token, {"outcome": "dead", "reason": reason[:2000], "attempts": attempts,
+        self._finish(delivery.token, {"outcome": "dead", "reason": reason[:REASON_LIMIT], "attempts": attempts,
                                       "traceback": traceback[-TRACEBACK_LIMIT:], "agent": self.agent_id,
                                       "time": time.time()})
 
@@ -393,8 +271,6 @@ class SpoolSource(WorkSource):
 
     # -- the recorder ------------------------------------------------------------------------------
     def _handle(self, h: _RecorderHandler) -> None:
-        from launcher.relay.routes import Refusal, check, lease_scope
-
         split = urlsplit(h.path)
         parts = split.path.split("/", 3)  # '', 'm', msg, rest
         length = int(h.headers.get("Content-Length") or 0)
@@ -471,4 +347,4 @@ def from_config(cfg: Any, agent_id: str) -> SpoolSource:
     return SpoolSource(cfg.spool_dir, cfg.effective_prefetch(), agent_id)
 
 
-__all__ = ["SpoolLayout", "SpoolSource", "bump_attempts", "from_config", "reclaim", "take_lock"]
+__all__ = ["SpoolSource", "from_config"]

@@ -30,7 +30,7 @@ Leases and durability (launcher.relay.store, launcher.relay.broker)
   One relay per queue and state folder (a lock file enforces the folder); several relays on
   one queue also work, each holding its own small buffer.
 
-Forwarding without an open proxy (launcher.relay.forward, launcher.relay.routes)
+Forwarding without an open proxy (launcher.relay.forward, hpc_common.routes)
   A leased body is handed out with `host` = `<relay URL>/clowder/<lease id>/` and `secretKey` =
   a key of the relay's own (an HMAC of a relay secret, the agent and the real key: worthless
   without a live lease id of that agent); the real host and key stay in the table. Calls to

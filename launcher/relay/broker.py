@@ -1,6 +1,6 @@
 """The relay's only RabbitMQ connection: intake into the lease table, and everything it publishes.
 
-One thread owns the pika connection (pika is not thread-safe). Its loop:
+One thread owns the broker connection (made by launcher.broker; it is not thread-safe). Its loop:
 
 - intake: when fewer than half of `buffer` rows are ready in the lease table (or none, and an
   agent is waiting), `basic_get` a batch to fill it
@@ -26,17 +26,15 @@ import threading
 import time
 from typing import Any, Optional
 
-import pika
-import pika.exceptions
+from hpc_common.messages import ATTEMPTS, Message, dead_letter_headers
+from hpc_common.redact import redact_uri
+from launcher.broker import BrokerError, BrokerRefused, closed, connect, properties, translated
 
-from agent.redact import redact_uri
-
-from .store import DeadRow, Incoming, LeaseStore
+from .store import DeadRow, LeaseStore
 
 log = logging.getLogger("launcher.relay.broker")
-TRACEBACK_LIMIT = 8000
 BATCH = 50
-_ERRORS = (pika.exceptions.AMQPError, OSError)
+_ERRORS = (BrokerError, OSError)
 
 
 class BrokerLink(threading.Thread):
@@ -54,8 +52,8 @@ class BrokerLink(threading.Thread):
         self.connected = threading.Event()
         self.intake = True
         self._halt = threading.Event()
-        self._outbox: "queue.Queue[tuple[str, str, bytes, pika.BasicProperties]]" = queue.Queue(maxsize=10000)
-        self._conn: Optional[pika.BlockingConnection] = None
+        self._outbox: "queue.Queue[tuple[str, str, bytes, Any]]" = queue.Queue(maxsize=10000)
+        self._conn: Any = None
         self._ch: Any = None
         self._confirmed: Any = None
         self._where = redact_uri(uri)
@@ -64,15 +62,14 @@ class BrokerLink(threading.Thread):
     # -- called from other threads -------------------------------------------------------------------
     def publish_status(self, reply_to: str, correlation_id: Optional[str], payload: dict[str, Any]) -> bool:
         """Queue a status message for reply_to (best effort: False when the queue is full)."""
-        props = pika.BasicProperties(delivery_mode=2, correlation_id=correlation_id,
-                                     content_type="application/json")
+        props = properties(delivery_mode=2, correlation_id=correlation_id, content_type="application/json")
         return self._offer(("", reply_to, json.dumps(payload).encode(), props))
 
     def publish_registration(self, message: dict[str, Any]) -> bool:
         """Queue an extractor registration for the `extractors` fanout exchange."""
-        return self._offer(("extractors", "", json.dumps(message).encode(), pika.BasicProperties()))
+        return self._offer(("extractors", "", json.dumps(message).encode(), properties()))
 
-    def _offer(self, item: tuple[str, str, bytes, pika.BasicProperties]) -> bool:
+    def _offer(self, item: tuple[str, str, bytes, Any]) -> bool:
         try:
             self._outbox.put_nowait(item)
             return True
@@ -87,9 +84,10 @@ class BrokerLink(threading.Thread):
         delay = 1.0
         while not self._halt.is_set():
             try:
-                self._connect()
-                delay = 1.0
-                self._loop()
+                with translated("broker link"):
+                    self._connect()
+                    delay = 1.0
+                    self._loop()
             except Exception as exc:  # noqa: BLE001 - broker or disk trouble must not end the link
                 if self._halt.is_set():
                     break
@@ -101,18 +99,13 @@ class BrokerLink(threading.Thread):
             delay = min(delay * 2, 15.0)
 
     def _connect(self) -> None:
-        params = pika.URLParameters(self.uri)
-        params.connection_attempts = 1
-        params.socket_timeout = 10
-        if params.heartbeat is None:
-            params.heartbeat = 60
-        params.client_properties = {"connection_name": f"clowder-relay {self.relay_id}"}
-        self._conn = pika.BlockingConnection(params)
+        self._conn = connect(self.uri, f"clowder-relay {self.relay_id}")
         ch = self._conn.channel()
         for name in (self.queue, self.error_queue):
             try:
-                ch.queue_declare(name, durable=True)
-            except pika.exceptions.ChannelClosedByBroker as exc:
+                with translated(f"declare {name}"):
+                    ch.queue_declare(name, durable=True)
+            except BrokerRefused as exc:
                 if exc.reply_code != 406:
                     raise
                 ch = self._conn.channel()  # exists with other arguments: use it as it is
@@ -128,7 +121,8 @@ class BrokerLink(threading.Thread):
         conn, self._conn, self._ch, self._confirmed = self._conn, None, None, None
         if conn is not None:
             try:
-                conn.close()
+                with translated("close"):
+                    conn.close()
             except _ERRORS:
                 pass
 
@@ -147,7 +141,7 @@ class BrokerLink(threading.Thread):
                 idle_until = now + (0.0 if got > 0 else 0.02 if got < 0 else 0.25)
             self._conn.process_data_events(time_limit=0 if got > 0 else 0.02)
             if not self._ch.is_open or not self._confirmed.is_open:
-                raise pika.exceptions.ChannelClosed(0, "channel closed by the broker")
+                raise closed("consume or confirm channel")
 
     def _fetch(self) -> int:
         """Fill the buffer from the queue; return how many were taken (-1: buffer full enough)."""
@@ -155,13 +149,13 @@ class BrokerLink(threading.Thread):
         room = self.buffer - ready
         if room <= 0 or (ready > 0 and room < max(1, self.buffer // 2)):
             return -1  # refill in batches: one fsync'd commit for many messages
-        batch: list[Incoming] = []
+        batch: list[Message] = []
         last_tag = None
         for _ in range(min(room, BATCH)):
             method, props, body = self._ch.basic_get(self.queue, auto_ack=False)
             if method is None:
                 break
-            batch.append(Incoming(body=body, routing_key=method.routing_key or self.queue, reply_to=props.reply_to,
+            batch.append(Message(body=body, routing_key=method.routing_key or self.queue, reply_to=props.reply_to,
                                   correlation_id=props.correlation_id, headers=dict(props.headers or {}),
                                   content_type=props.content_type))
             last_tag = method.delivery_tag
@@ -187,23 +181,18 @@ class BrokerLink(threading.Thread):
                 self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
             self._ch.basic_publish(exchange, key, body, props)
 
-    def _props(self, row: DeadRow, headers: dict[str, Any]) -> pika.BasicProperties:
-        return pika.BasicProperties(delivery_mode=2, reply_to=row.reply_to, correlation_id=row.correlation_id,
+    def _props(self, row: DeadRow, headers: dict[str, Any]) -> Any:
+        return properties(delivery_mode=2, reply_to=row.reply_to, correlation_id=row.correlation_id,
                                     headers=headers, content_type=row.content_type or "application/json")
 
     def _publish_confirmed(self, queue_name: str, row: DeadRow, headers: dict[str, Any]) -> None:
-        try:
+        with translated(f"publish for {queue_name}"):
             self._confirmed.basic_publish("", queue_name, row.body, self._props(row, headers), mandatory=True)
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            raise pika.exceptions.AMQPError(f"broker did not take the message for {queue_name}: "
-                                            f"{exc.__class__.__name__}") from None
 
     def _publish_dead(self) -> None:
         for row in self.store.dead_rows():
-            headers = dict(row.headers)
-            headers.update({"x-error-reason": row.reason[:2000], "x-error-traceback": row.traceback[-TRACEBACK_LIMIT:],
-                            "x-agent-attempts": row.attempts, "x-original-routing-key": row.routing_key,
-                            "x-agent-id": row.agent or self.relay_id, "x-error-time": int(time.time())})
+            headers = dead_letter_headers(row.headers, row.reason, row.traceback, row.attempts, row.routing_key,
+                                          row.agent or self.relay_id)
             self._publish_confirmed(self.error_queue, row, headers)
             self.store.delete(row.row, only_state="dead")
             log.warning("message (row %d) dead-lettered to %s: %s", row.row, self.error_queue, row.reason[:300])
@@ -213,20 +202,21 @@ class BrokerLink(threading.Thread):
         deadline = time.monotonic() + timeout
         done = 0
         try:
-            if self._conn is None or not self._conn.is_open:
-                self._connect()
-            self._drain_outbox()
-            self._publish_dead()
-            while time.monotonic() < deadline:
-                rows = self.store.ready_rows()
-                if not rows:
-                    break
-                for row in rows:
-                    headers = dict(row.headers)
-                    headers["x-agent-attempts"] = row.attempts
-                    self._publish_confirmed(self.queue, row, headers)
-                    self.store.delete(row.row, only_state="ready")
-                    done += 1
+            with translated("hand back"):
+                if self._conn is None or not self._conn.is_open:
+                    self._connect()
+                self._drain_outbox()
+                self._publish_dead()
+                while time.monotonic() < deadline:
+                    rows = self.store.ready_rows()
+                    if not rows:
+                        break
+                    for row in rows:
+                        headers = dict(row.headers)
+                        headers[ATTEMPTS] = row.attempts
+                        self._publish_confirmed(self.queue, row, headers)
+                        self.store.delete(row.row, only_state="ready")
+                        done += 1
         except _ERRORS as exc:
             log.warning("could not hand every waiting message back to %s (%s); they stay in the lease table "
                         "for the relay's next start", self.queue, _describe(exc))

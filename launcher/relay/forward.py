@@ -5,7 +5,7 @@
 1. the lease is live and the request carries its per-lease key (v1 `?key=`, or an `X-API-Key`
    header as v2 sends it; compared in constant time). Unknown lease and wrong key get the same
    401, so lease ids cannot be probed;
-2. the path is an allowed route for the lease's ids (launcher.relay.routes);
+2. the path is an allowed route for the lease's ids (hpc_common.routes);
 3. the request body fits the upload limit (413 otherwise, before anything is sent upstream).
 
 Then the request goes to the lease's own Clowder host (the message's `host`, or the relay's
@@ -30,7 +30,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from .routes import Refusal, check, ids_in, lease_scope
+from hpc_common.routes import Refusal, check, ids_in, lease_scope
+
 from .store import LeaseStore
 
 log = logging.getLogger("launcher.relay.forward")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import signal
@@ -11,7 +10,8 @@ import sys
 import threading
 from typing import Optional
 
-from agent.sources.relay import TokenFileError, read_token_file
+from hpc_common.owned_folders import try_lock
+from hpc_common.tokens import TokenFileError, read_token_file
 
 log = logging.getLogger("launcher.relay")
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -71,12 +71,12 @@ def _tls(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
 
 
 def _lock(folder: str) -> int:
-    fd = os.open(os.path.join(folder, "relay.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RelayConfigError(f"another relay already uses the state folder {folder}") from None
+        fd = try_lock(os.path.join(folder, "relay.lock"))
+    except OSError as exc:
+        raise RelayConfigError(f"cannot lock the state folder {folder}: {exc.strerror}") from None
+    if fd is None:
+        raise RelayConfigError(f"another relay already uses the state folder {folder}")
     return fd
 
 

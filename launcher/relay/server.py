@@ -45,6 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
+
 from .broker import BrokerLink
 from .forward import ClientError, Forwarder
 from .store import Lease, LeaseStore
@@ -389,7 +391,7 @@ class Relay:
             original["secretKey"] = lease.lease_key
             body = json.dumps(original).encode()
         headers = dict(lease.headers)
-        headers["x-agent-attempts"] = lease.attempts
+        headers[ATTEMPTS] = lease.attempts
         return {"lease_id": lease.lease_id, "body_b64": base64.b64encode(body).decode("ascii"),
                 "routing_key": lease.routing_key, "reply_to": lease.reply_to,
                 "correlation_id": lease.correlation_id, "headers": headers, "content_type": lease.content_type,
@@ -427,15 +429,15 @@ class Relay:
     def _fail(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         lease_id = self._lease_id(body)
         attempts = _field(body, "attempts", int, required=False, default=0)
-        reason = _field(body, "reason", str, required=False, default="")[:2000]
+        reason = _field(body, "reason", str, required=False, default="")[:REASON_LIMIT]
         outcome = self.store.fail(lease_id, attempts, self._scrub(lease_id, reason), self.settings.max_retries,
                                   self.backoff)
         return (200, {"outcome": outcome}) if outcome else self._gone()
 
     def _dead_letter(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         lease_id = self._lease_id(body)
-        reason = self._scrub(lease_id, _field(body, "reason", str, required=False, default="")[:2000])
-        tb = self._scrub(lease_id, _field(body, "traceback", str, required=False, default="")[-8000:])
+        reason = self._scrub(lease_id, _field(body, "reason", str, required=False, default="")[:REASON_LIMIT])
+        tb = self._scrub(lease_id, _field(body, "traceback", str, required=False, default="")[-TRACEBACK_LIMIT:])
         attempts = _field(body, "attempts", int, required=False, default=0)
         agent = _field(body, "agent", str, required=False, default=None)
         ok = self.store.dead_letter(lease_id, reason, tb, attempts, agent[:200] if agent else None)

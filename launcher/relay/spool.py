@@ -41,11 +41,13 @@ from typing import Any, Optional
 
 import requests
 
-from agent.redact import redact_uri
+from hpc_common.messages import LAST_ERROR, attempts_of, dead_letter_headers
+from hpc_common.redact import redact_uri
+from launcher.broker import BrokerError, connect, properties, translated
+
 from .spool_fs import LocalSpoolFS, RemoteSpoolFS, SpoolFSError
 
 log = logging.getLogger("launcher.relay.spool")
-TRACEBACK_LIMIT = 8000
 
 
 class Spooler:
@@ -71,24 +73,24 @@ class Spooler:
 
     # -- broker ------------------------------------------------------------------------------------
     def connect(self) -> None:
-        import pika
-
         if self._conn is not None and self._conn.is_open:
             return
-        params = pika.URLParameters(self.uri)
-        params.connection_attempts = 1
-        params.socket_timeout = 10
-        self._conn = pika.BlockingConnection(params)
-        self._ch = self._conn.channel()
-        for name in (self.queue, "error." + self.queue):
-            self._ch.queue_declare(name, durable=True)
-        self._confirmed = self._conn.channel()
-        self._confirmed.confirm_delivery()
+        self._conn = connect(self.uri, heartbeat=None)
+        with translated("spool channels"):
+            self._ch = self._conn.channel()
+            for name in (self.queue, "error." + self.queue):
+                self._ch.queue_declare(name, durable=True)
+            self._confirmed = self._conn.channel()
+            self._confirmed.confirm_delivery()
         log.info("connected to %s, staging %s into %s", redact_uri(self.uri), self.queue, self.fs.description)
 
     def close(self) -> None:
         if self._conn is not None and self._conn.is_open:
-            self._conn.close()
+            try:
+                with translated("close"):
+                    self._conn.close()
+            except BrokerError:
+                pass  # closing a broken connection: nothing left to release
         self._conn = None
 
     def shutdown(self) -> None:
@@ -97,15 +99,11 @@ class Spooler:
         self.fs.close()
 
     def _publish_dead(self, staged: dict[str, Any], reason: str, traceback: str, attempts: int) -> None:
-        import pika
-
-        headers = dict(staged.get("headers") or {})
-        headers.update({"x-error-reason": reason[:2000], "x-error-traceback": traceback[-TRACEBACK_LIMIT:],
-                        "x-agent-attempts": attempts, "x-original-routing-key": staged.get("routing_key") or "",
-                        "x-agent-id": "spool", "x-error-time": int(time.time())})
-        props = pika.BasicProperties(delivery_mode=2, reply_to=staged.get("reply_to"),
-                                     correlation_id=staged.get("correlation_id"), headers=headers,
-                                     content_type=staged.get("content_type") or "application/json")
+        headers = dead_letter_headers(staged.get("headers") or {}, reason, traceback, attempts,
+                                      staged.get("routing_key") or "", "spool")
+        props = properties(delivery_mode=2, reply_to=staged.get("reply_to"),
+                           correlation_id=staged.get("correlation_id"), headers=headers,
+                           content_type=staged.get("content_type") or "application/json")
         self._confirmed.basic_publish("", "error." + self.queue, base64.b64decode(staged["body_b64"]), props,
                                       mandatory=True)
         self.counts["dead"] += 1
@@ -116,6 +114,10 @@ class Spooler:
         """Reclaim, collect, stage once; return what this pass did."""
         self.fs.make()
         self.connect()
+        with translated("spool pass"):
+            return self._step()
+
+    def _step(self) -> dict[str, int]:
         before = dict(self.counts)
         self.counts["reclaimed"] += self.fs.reclaim()
         self._dead_letter_exhausted()
@@ -130,7 +132,8 @@ class Spooler:
     def idle(self) -> bool:
         """Nothing staged, claimed or waiting to be collected, and the queue is empty."""
         claimed = [n for d in self.fs.listdir("claimed") for n in self.fs.listdir(f"claimed/{d}") if n.endswith(".json")]
-        depth = self._ch.queue_declare(self.queue, durable=True, passive=True).method.message_count
+        with translated(f"depth of {self.queue}"):
+            depth = self._ch.queue_declare(self.queue, durable=True, passive=True).method.message_count
         return not self.fs.listdir("inbox") and not claimed and not self.fs.listdir("outbox") and depth == 0
 
     def _dead_letter_exhausted(self) -> None:
@@ -142,12 +145,12 @@ class Spooler:
                 staged = self.fs.read_json(path)
             except (OSError, ValueError):
                 continue  # claimed meanwhile, or being written
-            attempts = int((staged.get("headers") or {}).get("x-agent-attempts", 0) or 0)
+            attempts = attempts_of(staged.get("headers") or {})
             if attempts > self.max_retries:
                 if not self.fs.rename(path, path + ".dead"):  # out of reach of agents first
                     continue
                 self._publish_dead(staged, f"gave up after {attempts} attempt(s): "
-                                   f"{staged['headers'].get('x-agent-last-error', '')}", "", attempts)
+                                   f"{staged['headers'].get(LAST_ERROR, '')}", "", attempts)
                 self.fs.unlink(path + ".dead")
                 self._forget(name[:-5])
 
@@ -241,13 +244,11 @@ class Spooler:
             self.fs.write_json(progress_path, progress)
 
     def _publish_statuses(self, folder: str, staged: dict[str, Any]) -> None:
-        import pika
-
         path = f"{folder}/statuses.jsonl"
         if not staged.get("reply_to") or not self.fs.exists(path):
             return
-        props = pika.BasicProperties(delivery_mode=2, correlation_id=staged.get("correlation_id"),
-                                     content_type="application/json")
+        props = properties(delivery_mode=2, correlation_id=staged.get("correlation_id"),
+                           content_type="application/json")
         for line in self.fs.read_bytes(path).splitlines():
             if line.strip():
                 self._ch.basic_publish("", staged["reply_to"], line.strip(), props)
@@ -315,8 +316,6 @@ class Spooler:
         return target
 
     def _register(self) -> None:
-        import pika
-
         now = time.monotonic()
         if now < self._next_register or not self.fs.exists("extractor_info.json"):
             return
@@ -325,7 +324,7 @@ class Spooler:
         message = {"id": f"spool-{socket.gethostname()}", "queue": self.queue, "owner": info.get("owner", ""),
                    "extractor_info": info.get("extractor_info", {})}
         self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-        self._ch.basic_publish("extractors", "", json.dumps(message).encode(), pika.BasicProperties())
+        self._ch.basic_publish("extractors", "", json.dumps(message).encode(), properties())
 
 
 class _ReplayLater(Exception):
@@ -403,8 +402,7 @@ def main_from_cli(args: argparse.Namespace) -> int:
                 summary = spooler.step()
                 delay = args.interval
             except Exception as exc:  # noqa: BLE001 - broker or disk trouble: log, wait, try again
-                import pika.exceptions
-                if not isinstance(exc, (pika.exceptions.AMQPError, OSError)):
+                if not isinstance(exc, (BrokerError, OSError)):
                     raise
                 log.warning("spool pass stopped (%s: %s); trying again in %.0fs", exc.__class__.__name__,
                             str(exc)[:200], delay)

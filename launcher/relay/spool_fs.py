@@ -22,7 +22,8 @@ import sys
 import threading
 from typing import Any, Iterable, Optional
 
-from agent.sources.spool import SpoolLayout, fsync_dir, reclaim
+from hpc_common.owned_folders import fsync_dir
+from hpc_common.spool_layout import SpoolLayout, reclaim
 
 PIECE = 1 << 20
 

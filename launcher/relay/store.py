@@ -30,6 +30,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from hpc_common.messages import Message
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -60,32 +62,17 @@ RECENT_SECONDS = 600.0
 
 
 @dataclass
-class Incoming:
-    """A message as it came from RabbitMQ."""
+class Lease(Message):
+    """A leased message: what the relay hands out and what it needs to forward Clowder calls.
 
-    body: bytes
-    routing_key: str
-    reply_to: Optional[str] = None
-    correlation_id: Optional[str] = None
-    headers: dict[str, Any] = field(default_factory=dict)
-    content_type: Optional[str] = None
+    body is the original body, unchanged; attempts is the table's count (it replaces the header's).
+    """
 
-
-@dataclass
-class Lease:
-    """A leased message: what the relay hands out and what it needs to forward Clowder calls."""
-
-    row: int
-    lease_id: str
-    lease_key: str          # the per-lease Clowder key handed to the agent instead of the real one
-    body: bytes             # the original body, unchanged
-    routing_key: str
-    reply_to: Optional[str]
-    correlation_id: Optional[str]
-    headers: dict[str, Any]
-    content_type: Optional[str]
-    attempts: int
-    expires_at: float
+    row: int = 0
+    lease_id: str = ""
+    lease_key: str = ""     # the per-lease Clowder key handed to the agent instead of the real one
+    attempts: int = 0       # type: ignore[assignment]
+    expires_at: float = 0.0
     lease_host: str = ""    # the host URL handed to the agent (relay URL + /clowder/<lease id>/)
     learned: dict[str, list[str]] = field(default_factory=dict)
 
@@ -104,20 +91,14 @@ class Lease:
 
 
 @dataclass
-class DeadRow:
-    """A message to publish to the error queue."""
+class DeadRow(Message):
+    """A message to publish to the error queue, with why and by whom."""
 
-    row: int
-    body: bytes
-    routing_key: str
-    reply_to: Optional[str]
-    correlation_id: Optional[str]
-    headers: dict[str, Any]
-    content_type: Optional[str]
-    attempts: int
-    reason: str
-    traceback: str
-    agent: Optional[str]
+    row: int = 0
+    attempts: int = 0       # type: ignore[assignment]
+    reason: str = ""
+    traceback: str = ""
+    agent: Optional[str] = None
 
 
 class LeaseStore:
@@ -190,14 +171,14 @@ class LeaseStore:
             self._db.close()
 
     # -- intake ------------------------------------------------------------------------------------
-    def add(self, messages: Iterable[Incoming]) -> int:
+    def add(self, messages: Iterable[Message]) -> int:
         """Record messages durably (fsync'd) in one transaction; return how many."""
         now = self._clock()
         count = 0
         with self._lock:
             with self._tx(full=True):
                 for m in messages:
-                    attempts = _attempts(m.headers)
+                    attempts = m.attempts
                     self._db.execute(
                         "INSERT INTO messages (body, routing_key, reply_to, correlation_id, headers, "
                         "content_type, received_at, attempts, available_at) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -478,13 +459,6 @@ class _Tx:
         finally:
             if self.full:
                 self.db.execute("PRAGMA synchronous=NORMAL")
-
-
-def _attempts(headers: dict[str, Any]) -> int:
-    try:
-        return max(0, int(headers.get("x-agent-attempts", 0)))
-    except (TypeError, ValueError):
-        return 0
 
 
 def _lease_from(r: tuple) -> Lease:

@@ -86,34 +86,6 @@ class JobStatus:
         return out
 
 
-def format_walltime(seconds: int) -> str:
-    """``5400`` -> ``"01:30:00"`` (hours may exceed 24)."""
-    seconds = int(seconds)
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def parse_walltime(text: str) -> int:
-    """``"[[D-]HH:]MM:SS"`` or ``"HH:MM:SS"`` -> seconds; raises ValueError with a clear message."""
-    raw = str(text).strip()
-    days = 0
-    body = raw
-    if "-" in raw:
-        d, _, body = raw.partition("-")
-        if not d.isdigit():
-            raise ValueError(f"bad walltime {raw!r}: expected HH:MM:SS")
-        days = int(d)
-    parts = body.split(":")
-    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"bad walltime {raw!r}: expected HH:MM:SS")
-    nums = [int(p) for p in parts]
-    while len(nums) < 3:
-        nums.insert(0, 0)
-    h, m, s = nums
-    if len(parts) > 1 and (m >= 60 or s >= 60):
-        raise ValueError(f"bad walltime {raw!r}: minutes and seconds must be < 60")
-    return days * 86400 + h * 3600 + m * 60 + s
-
-
 def parse_ranges(text: str) -> List[int]:
     """Expand an index list such as ``"1-3,7,9-13:2"`` (a ``%N`` throttle is ignored)."""
     out: List[int] = []

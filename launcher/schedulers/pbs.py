@@ -6,9 +6,10 @@ import re
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from hpc_common.walltime import format_walltime
 from launcher.runner import CommandError
 from launcher.schedulers.base import (
-    JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, format_walltime, parse_ranges,
+    JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, parse_ranges,
 )
 from launcher.states import PBS_FINISHED, PBS_STATES, JobState, pbs_finished_state
 

@@ -11,9 +11,10 @@ import json
 import re
 from typing import Dict, List, Optional, Sequence
 
+from hpc_common.walltime import format_walltime
 from launcher.runner import CommandError, Runner
 from launcher.schedulers.base import (
-    JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, format_walltime, parse_ranges,
+    JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, parse_ranges,
 )
 from launcher.states import JobState, slurm_state
 

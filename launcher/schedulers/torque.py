@@ -5,9 +5,10 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional, Sequence
 
+from hpc_common.walltime import format_walltime
 from launcher.runner import CommandError
 from launcher.schedulers.base import (
-    JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, format_ranges, format_walltime,
+    JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, format_ranges,
 )
 from launcher.schedulers.pbs import _task_from_entry, parse_qselect, split_job_id
 from launcher.states import TORQUE_FINISHED, TORQUE_STATES, torque_finished_state

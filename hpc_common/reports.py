@@ -4,7 +4,7 @@ Every agent publishes a small JSON report every REPORT_INTERVAL seconds (and whe
 the direct exchange EXCHANGE with its queue name as routing key: files finished since the last
 report and the seconds they took. The launcher keeps them in a queue bound to that key whose
 messages expire after WINDOW seconds, and reads them without acknowledging (the queue is a
-sliding window, not a work queue). Plain data here, no pika: both sides import it.
+sliding window, not a work queue). Plain data here, no broker client: both sides import it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Scrubbing secrets (Clowder keys, broker passwords) out of any text that leaves the process.
 
-Everything the agent writes to a log, a message header or a status message passes through
+Everything the agent and the launcher write to a log, a message header or a status message passes through
 a Redactor: pattern rules catch the shapes secrets take in URLs and JSON, and the literal
 set catches keys the agent has seen in messages wherever else they turn up.
 """
@@ -64,3 +64,14 @@ class Redactor:
 def redact_uri(uri: str) -> str:
     """Mask the password of a URI such as amqp://user:pass@host/vhost."""
     return _PATTERNS[0][0].sub(_PATTERNS[0][1], uri)
+
+
+_SHAPES = Redactor()
+
+
+def redact_text(text: str) -> str:
+    """Mask every secret shape (URI passwords, ?key=..., secretKey values) in free text.
+
+    For callers with no literal secrets to register (the launcher's logs and error lines).
+    """
+    return _SHAPES(text)
