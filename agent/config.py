@@ -18,9 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A setting has a value the agent cannot use; the message says which and why."""
+from .errors import ConfigError
 
 
 def _to_bool(value: Any) -> bool:

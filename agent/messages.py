@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .errors import MessageError
 
-class BadMessage(ValueError):
+
+class BadMessage(MessageError):
     """The message cannot be processed by any extractor; str() is the reason (no secrets)."""
 
 

@@ -13,11 +13,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 from agent.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
                            summarize, window_queue)
+from launcher.errors import BrokerError
 from launcher.redact import redact_text, redact_uri
-
-
-class BrokerError(Exception):
-    """The broker could not be queried (message already redacted)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import List, Optional, Tuple
 
 import yaml
 
+from launcher.errors import ConfigError
 from launcher.schedulers.base import format_walltime, parse_walltime
 
 PERIODS = ("day", "week", "month")
@@ -37,7 +38,7 @@ _KEYS = {
 _REQUIRED = ("max_array_size", "max_running", "max_queued", "max_walltime")
 
 
-class CapsError(Exception):
+class CapsError(ConfigError):
     """The caps file is missing, unsafe or invalid (the launcher refuses to start)."""
 
 

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
+from ..errors import SourceError
 from ..messages import Delivery
 from ..redact import redact_uri
 from .base import OnDelivery, WorkSource
@@ -22,7 +23,7 @@ from .base import OnDelivery, WorkSource
 log = logging.getLogger("agent.message_file")
 
 
-class MessageFileError(ValueError):
+class MessageFileError(SourceError):
     """The message file is missing or not what dispatch writes."""
 
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 
 import requests
 
+from ..errors import ConfigError, SourceError
 from ..messages import Delivery
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
@@ -43,7 +44,7 @@ MIN_TOKEN = 16
 STATUS_LINGER = 0.1
 
 
-class TokenFileError(ValueError):
+class TokenFileError(ConfigError):
     """The token file is missing, unreadable, too open (not 0600) or too short."""
 
 
@@ -69,7 +70,7 @@ def read_token_file(path: str) -> str:
     return token
 
 
-class _Gone(Exception):
+class _Gone(SourceError):
     """The relay answered 409: the lease is no longer live."""
 
 

@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from ..errors import RelayError
 from .routes import Refusal, check, ids_in, lease_scope
 from .store import LeaseStore
 
@@ -44,7 +45,7 @@ _PASS_BACK = {"content-type", "content-disposition", "content-encoding", "last-m
               "cache-control", "content-language"}
 
 
-class ClientError(Exception):
+class ClientError(RelayError):
     """The agent's request is wrong: answered with status and a JSON error."""
 
     def __init__(self, status: int, text: str) -> None:

@@ -12,12 +12,13 @@ import threading
 from typing import Optional
 
 from agent.sources.relay import TokenFileError, read_token_file
+from launcher.errors import ConfigError
 
 log = logging.getLogger("launcher.relay")
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
 
-class RelayConfigError(ValueError):
+class RelayConfigError(ConfigError):
     """A relay setting is missing or wrong (exit 2)."""
 
 

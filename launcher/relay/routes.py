@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
+from launcher.errors import RelayError
+
 _ID = r"[A-Za-z0-9_.\-]{1,200}"
 
 
@@ -87,7 +89,7 @@ ROUTES: tuple[Route, ...] = (
 _UNSAFE = re.compile(r"(\.\.|//|%|\\|[\x00-\x20\x7f])")
 
 
-class Refusal(Exception):
+class Refusal(RelayError):
     """The call is not allowed; status is the HTTP answer (403 or 400) and the text says why."""
 
     def __init__(self, status: int, text: str) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Optional
 import requests
 
 from agent.redact import redact_uri
+from launcher.errors import RelayError
 from .spool_fs import LocalSpoolFS, RemoteSpoolFS, SpoolFSError
 
 log = logging.getLogger("launcher.relay.spool")
@@ -328,11 +329,11 @@ class Spooler:
         self._ch.basic_publish("extractors", "", json.dumps(message).encode(), pika.BasicProperties())
 
 
-class _ReplayLater(Exception):
+class _ReplayLater(RelayError):
     """Clowder or the network failed for now: try again on a later pass."""
 
 
-class _ReplayRefused(Exception):
+class _ReplayRefused(RelayError):
     """Clowder refused (4xx): asking again will not help."""
 
 

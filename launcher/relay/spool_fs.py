@@ -23,11 +23,12 @@ import threading
 from typing import Any, Iterable, Optional
 
 from agent.sources.spool import SpoolLayout, fsync_dir, reclaim
+from launcher.errors import ServiceError
 
 PIECE = 1 << 20
 
 
-class SpoolFSError(OSError):
+class SpoolFSError(ServiceError, OSError):
     """A spool operation failed (on the remote side, or the SSH connection broke)."""
 
 
