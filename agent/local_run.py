@@ -16,13 +16,13 @@ import secrets
 from typing import Any, Callable
 
 from . import exitcodes
-from .cli import worker_env, worker_init
 from .clowder_standin import ClowderStandin
 from .config import AgentConfig
 from .logs import setup_logging
 from .plugin_loader import PluginError, find_plugin
 from .redact import Redactor
 from .slots import Slot
+from .worker_settings import worker_env, worker_init
 
 log = logging.getLogger("agent.local")
 

@@ -92,3 +92,8 @@ class WorkSource(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def result(self) -> tuple[str, str]:
+        """What became of the work, as (outcome, reason): "done" unless the source reports one message
+        whose fate the exit code must carry (the message file of a dispatch job)."""
+        return "done", ""

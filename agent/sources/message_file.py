@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-from ..errors import SourceError
+from ..errors import ConfigError
 from ..messages import Delivery
 from ..redact import redact_uri
 from .base import OnDelivery, WorkSource
@@ -23,7 +23,7 @@ from .base import OnDelivery, WorkSource
 log = logging.getLogger("agent.message_file")
 
 
-class MessageFileError(SourceError):
+class MessageFileError(ConfigError):
     """The message file is missing or not what dispatch writes."""
 
 
@@ -94,6 +94,10 @@ class MessageFileSource(WorkSource):
 
     def stop_intake(self) -> None:
         pass
+
+    def result(self) -> tuple[str, str]:
+        """The message's fate: done, released, retry, dead-lettered, or not settled at all."""
+        return self.outcome or "not settled", self.reason
 
     def _settle(self, outcome: str, reason: str = "") -> None:
         if self.outcome is None:
