@@ -110,7 +110,7 @@ def cmd_run(cfg: AgentConfig) -> int:
         spec = find_plugin(cfg.plugin, cfg.plugin_path)
         queue = queue_name(cfg, spec)
         init, env = worker_init(cfg, spec, queue), worker_env(cfg)
-        if launched_by_mpi(cfg.mpi):  # started by mpiexec: one extractor per rank, one connection per group
+        if launched_by_mpi(forced=cfg.mpi):  # started by mpiexec: one extractor per rank, one connection per group
             from .mpi_ranks import join_allocation
             ranks = join_allocation(cfg, init, env, redactor)
             if not ranks.leader:

@@ -300,6 +300,13 @@ def _parse(setting: Setting, raw: Any, origin: str) -> Any:
     return value
 
 
+def setting_from_env(name: str, environ: Mapping[str, str]) -> Any:
+    """One setting from the environment alone (its default when unset), parsed and checked."""
+    setting = _BY_NAME[name]
+    env_name = next((e for e in setting.env if environ.get(e) not in (None, "")), None)
+    return _parse(setting, environ[env_name], env_name) if env_name else setting.fresh_default()
+
+
 def load_config(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None,
                 config_file: Optional[str] = None) -> AgentConfig:
     """Resolve every setting from flags, environment, YAML file and defaults, then validate.

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import exitcodes
-from .config import AgentConfig
+from .config import AgentConfig, setting_from_env
 from .errors import ConfigError
 from .rank_worker import RankWorker
 from .redact import Redactor
@@ -65,11 +65,17 @@ SCAN_EVERY = 0.25   # leader: heartbeat and timeout checks
 CLOSE_WAIT = 30.0
 
 
-def launched_by_mpi(forced: Optional[bool] = None, environ: Optional[dict[str, str]] = None) -> bool:
-    """True when an MPI launcher started this process; `forced` (the `mpi` setting) overrides."""
+def launched_by_mpi(environ: Optional[dict[str, str]] = None, forced: Optional[bool] = None) -> bool:
+    """True when an MPI launcher started this process; the `mpi` setting (AGENT_MPI) overrides.
+
+    `forced` is the resolved setting (agent run passes cfg.mpi); without it AGENT_MPI is read from
+    `environ` with the settings table's own parser.
+    """
+    env = os.environ if environ is None else environ
+    if forced is None:
+        forced = setting_from_env("mpi", env)
     if forced is not None:
         return forced
-    env = os.environ if environ is None else environ
     return any(env.get(name) for name in LAUNCHER_VARS)
 
 
