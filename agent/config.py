@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import yaml
 
 from .errors import ConfigError
-from .sources.registry import source_kind
+from .sources.registry import SOURCES, source_kind
 
 
 def _to_bool(value: Any) -> bool:
@@ -50,6 +50,13 @@ def _to_mapping(value: Any) -> dict[str, str]:
 
 def _to_optional_str(value: Any) -> Optional[str]:
     return None if value is None or str(value) == "" else str(value)
+
+
+def _to_source(value: Any) -> str:
+    text = str(value).strip()
+    if text not in SOURCES:
+        raise ValueError(f"unknown work source (known: {', '.join(SOURCES)})")
+    return text
 
 
 def _to_optional_bool(value: Any) -> Optional[bool]:
@@ -143,7 +150,7 @@ SETTINGS: tuple[Setting, ...] = (
             type=_OPT_STR),
     Setting("plugin_path", _to_path_list, [], "extra folders holding plugin folders (colon-separated)",
             type=list[str]),
-    Setting("source", str, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool), or file "
+    Setting("source", _to_source, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool), or file "
             "(one message, for python -m launcher dispatch)", type=str),
     Setting("relay_url", _to_optional_str, None, "source relay: the relay's URL, e.g. https://login1:8765",
             type=_OPT_STR),
