@@ -191,3 +191,27 @@ def test_cmd_run_has_no_source_special_cases():
     import inspect
     text = inspect.getsource(agent_cli.cmd_run)
     assert "cfg.source ==" not in text and "getattr(" not in text
+
+
+# -- mpi4py is optional ------------------------------------------------------------------------------------
+def _without_mpi4py(tmp_path):
+    hidden = tmp_path / "hide" / "mpi4py"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named mpi4py')\n")
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": f"{hidden.parent}:{REPO}",
+            "AGENT_PLUGIN_PATH": str(REPO / "tests" / "plugins"), "AGENT_PLUGIN": "directive"}
+
+
+def test_mpi_run_without_mpi4py_is_one_line_naming_the_extra(tmp_path):
+    env = {**_without_mpi4py(tmp_path), "AGENT_MPI": "1"}
+    proc = subprocess.run([sys.executable, "-m", "agent", "run"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'clowder-hpc-agent[mpi]'" in lines[0], proc.stderr
+
+
+def test_plain_run_needs_no_mpi4py(tmp_path):
+    """Not under mpiexec, the agent gets as far as its work source without importing mpi4py."""
+    env = {**_without_mpi4py(tmp_path), "AGENT_SOURCE": "file", "AGENT_MESSAGE_FILE": str(tmp_path / "none.json")}
+    proc = subprocess.run([sys.executable, "-m", "agent", "run"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "message file" in proc.stderr and "clowder-hpc-agent[mpi]" not in proc.stderr, proc.stderr
