@@ -2,8 +2,9 @@
 
     AgentError
     ├── ConfigError        a setting the agent cannot use          (exit 2)
+    │                      (also a bad token file or message file: TokenFileError, MessageFileError)
     ├── PluginError        extractor not found or not loadable     (exit 3)
-    ├── SourceError        the work source (broker, relay, spool, message file)
+    ├── SourceError        the work source (broker, relay, spool)
     │   └── BrokerError    the backend is gone or unreachable      (exit 4)
     ├── ClowderError       Clowder (or the relay on its behalf) failed a call
     ├── MessageError       one message no extractor can process
@@ -11,8 +12,7 @@
 
 Each module keeps its own precise class (TokenFileError, SourceLost, ...) under one of these
 branches, so callers catch the kind and the CLI maps kinds, never built-in types, to exit codes.
-Some classes keep a built-in base too (ValueError, EOFError) because library code that handles
-them (argparse, socket reads) expects that base.
+Some classes keep their old built-in base too (ValueError, EOFError): existing callers catch them by it.
 """
 from __future__ import annotations
 

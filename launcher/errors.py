@@ -15,7 +15,8 @@
     └── RelayError        a relay or spool answer to one request (Refusal, ClientError, replay)
 
 launcher.cli maps these branches to exit codes; a built-in exception reaching it is a bug and
-keeps its traceback. Classes that code elsewhere catches by a built-in type keep that base too.
+keeps its traceback. Classes that callers catch by a built-in type keep that base too
+(RequestError is a ValueError, SpoolFSError an OSError).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ environment (`extractor_env`). agent.cli's wiring only looks kinds up here, so a
 one `register()` call, and several plugins (each with its queue) can later share a kind: the
 factory gets the queue and the journal per request, not from globals.
 
-The source modules are imported only by their factory: an agent reading a spool never imports pika.
+Each source module is imported only when its factory runs.
 """
 from __future__ import annotations
 
