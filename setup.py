@@ -14,13 +14,12 @@ setup(
         "filelock>=3.8",
         "psutil>=5.9",
         "pyyaml>=6",
-        "mpi4py>=3.1",
         "pyclowder==3.0.8",
     ],
     extras_require={
-        # HPC sites bring their own MPI (mpi4py built against it); for development
-        # and CI the MPICH wheel from PyPI is enough.
-        "mpi": ["mpich"],
+        # Only MPI runs (mpiexec -n N python -m agent run) need mpi4py. HPC sites may build
+        # mpi4py against their own MPI instead; for development and CI the MPICH wheel is enough.
+        "mpi": ["mpi4py>=3.1", "mpich"],
         "test": ["pytest>=7", "hypothesis>=6", "import-linter>=2"],
     },
     entry_points={

@@ -9,18 +9,23 @@ Settings come from flags, the environment and a YAML file (see agent.config).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
-import os
+import logging
 import sys
-from typing import Optional, Sequence
-from urllib.parse import urlsplit
+import time
+from typing import Any, Iterator, Optional, Sequence
 
 from hpc_common.redact import Redactor
 
 from . import exitcodes
 from .config import AgentConfig, ConfigError, add_setting_flags, load_config
+from .errors import AgentError
 from .logs import setup_logging
-from .plugin_loader import PluginError, PluginSpec, discover, find_plugin, search_dirs
+from .plugin_loader import discover, find_plugin, search_dirs
+from .sources.registry import SourceRequest, source_kind
+from .worker_settings import queue_name, worker_env, worker_init
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,58 +53,13 @@ def _settings(args: argparse.Namespace) -> AgentConfig:
     return load_config(flags, config_file=args.config_sub or args.config)
 
 
-def queue_name(cfg: AgentConfig, spec: PluginSpec) -> str:
-    """The queue pyclowder would consume: RABBITMQ_QUEUE or the extractor's name, made private by a key."""
-    name = cfg.rabbitmq_queue or spec.name
-    return f"private.{cfg.extractor_key}.{name}" if cfg.extractor_key else name
-
-
-def worker_init(cfg: AgentConfig, spec: PluginSpec, queue: str) -> dict:
-    """The settings an extractor process needs (no broker credentials)."""
-    return {"t": "init", "plugin": spec.__dict__, "queue": queue, "clowder_version": cfg.clowder_version,
-            "ssl_verify": cfg.ssl_verify, "mounted_paths": cfg.mounted_paths, "clowder_url": cfg.clowder_url,
-            "work_dir": os.path.expanduser(cfg.work_dir) if cfg.work_dir else None,
-            "limits": {"time_limit": cfg.time_limit, "memory_limit": cfg.memory_limit,
-                       "recycle_after": cfg.recycle_after}}
-
-
-def worker_env(cfg: AgentConfig) -> dict[str, str]:
-    """The extractor process's environment: ours without broker secrets, with pyclowder's names set."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RABBITMQ_URI", "AGENT_RABBITMQ_URI", "EXTRACTOR_KEY", "AGENT_EXTRACTOR_KEY")}
-    env["CLOWDER_VERSION"] = str(cfg.clowder_version)
-    if cfg.rabbitmq_queue:
-        env["RABBITMQ_QUEUE"] = cfg.rabbitmq_queue
-    # Extractors of every rank (MPI included) talk to Clowder through the relay or the spool's
-    # local recorder: never through a proxy, and trusting the relay's CA.
-    if cfg.source == "relay":
-        if cfg.relay_ca:
-            env["REQUESTS_CA_BUNDLE"] = cfg.relay_ca
-        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), urlsplit(cfg.relay_url or "").hostname]))
-    elif cfg.source == "spool":
-        env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1"]))
-    return env
-
-
-def cmd_run(cfg: AgentConfig) -> int:
-    import logging
-    import time
-
-    from .jobenv import detect, scheduler_end_time
-    from .journal import Journal
-    from .mpi_ranks import launched_by_mpi  # does not import mpi4py
-    from .runner import Runner
-    from .slots import Slot
-    from .sources.amqp import AmqpSource, new_agent_id
-    from .sources.base import WorkSource
-    from .walltime import default_margin
+def _task_end(cfg: AgentConfig, identity: Any, log: logging.Logger) -> tuple[Optional[float], float]:
+    """When this task ends (None: unknown) and the margin kept free before that."""
+    from .jobenv import scheduler_end_time
     from hpc_common.walltime import parse_walltime
 
-    identity = detect()
-    redactor = Redactor()
-    setup_logging(cfg.log_level, redactor, identity=identity.label() if identity.scheduler else "",
-                  log_file=cfg.log_file)
-    log = logging.getLogger("agent")
+    from .walltime import default_margin
+
     started = time.time()
     if cfg.walltime:
         end_time: Optional[float] = started + parse_walltime(cfg.walltime)
@@ -112,70 +72,74 @@ def cmd_run(cfg: AgentConfig) -> int:
     if end_time is not None:
         log.info("task ends at %s (%.0fs from now); files start only while they fit, with a %.0fs margin",
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end_time)), end_time - started, margin)
+    return end_time, margin
+
+
+@contextlib.contextmanager
+def _journal(cfg: AgentConfig, agent_id: str, wanted: bool) -> Iterator[Any]:
+    """The open in-flight journal when the source uses one (else None); closed on the way out."""
+    if not wanted:
+        yield None
+        return
+    from .journal import Journal
+
+    journal = Journal(cfg.journal_dir, agent_id)
+    try:
+        journal.open()
+    except OSError as exc:
+        raise ConfigError(f"journal_dir: cannot use journal folder {journal.root}: {exc.strerror}") from None
+    try:
+        yield journal
+    finally:
+        journal.close()
+
+
+def cmd_run(cfg: AgentConfig) -> int:
+    """`agent run`: one plugin, one work source (from the registry), on one rank or an MPI group."""
+    from .jobenv import detect
+    from .mpi_ranks import launched_by_mpi  # does not import mpi4py
+    from .runner import Runner
+    from .slots import Slot
+    from .sources.amqp import new_agent_id
+
+    identity = detect()
+    redactor = Redactor()
+    setup_logging(cfg.log_level, redactor, identity=identity.label() if identity.scheduler else "",
+                  log_file=cfg.log_file)
+    log = logging.getLogger("agent")
+    end_time, margin = _task_end(cfg, identity, log)
+    ranks = None
     try:
         spec = find_plugin(cfg.plugin, cfg.plugin_path)
-    except PluginError as exc:
+        queue = queue_name(cfg, spec)
+        init, env = worker_init(cfg, spec, queue), worker_env(cfg)
+        if launched_by_mpi(forced=cfg.mpi):  # started by mpiexec: one extractor per rank, one connection per group
+            from .mpi_ranks import join_allocation
+            ranks = join_allocation(cfg, init, env, redactor)
+            if not ranks.leader:
+                return ranks.serve()  # this rank gets its files over MPI from its group's leader
+            cfg = ranks.leader_config(cfg)
+        kind = source_kind(cfg.source)
+        cfg = dataclasses.replace(cfg, **kind.forced)
+        agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
+        with _journal(cfg, agent_id, kind.uses_journal) as journal:
+            source = kind.build(SourceRequest(cfg, queue, agent_id, journal))
+
+            def make_slot(index: int, post, on_frame) -> Slot:
+                if ranks is not None:
+                    return ranks.make_slot(index, post, on_frame)
+                return Slot(index, init, post, on_frame, redactor, env=env)
+
+            log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
+            code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
+                          identity=identity.label()).run()
+            outcome, reason = source.result()
+            if code == exitcodes.OK and outcome != "done":
+                log.error("message not processed (%s): %s", outcome, redactor(reason))
+                code = exitcodes.MESSAGE_NOT_DONE
+    except AgentError as exc:  # setup failed: one line, the exit code of its kind
         log.error("%s", exc)
-        return exitcodes.PLUGIN_ERROR
-    queue = queue_name(cfg, spec)
-    init, env = worker_init(cfg, spec, queue), worker_env(cfg)
-    ranks = None
-    if launched_by_mpi():  # started by mpiexec: one extractor per rank, one connection per group
-        from .mpi_ranks import join_allocation
-        ranks = join_allocation(cfg, init, env, redactor)
-        if not ranks.leader:
-            return ranks.serve()  # this rank gets its files over MPI from its group's leader
-        cfg = ranks.leader_config(cfg)
-    agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
-    journal: Optional[Journal] = None
-    source: WorkSource
-    if cfg.source == "relay":  # leases live in the relay: no journal, no broker connection
-        from .sources.relay import TokenFileError, from_config
-        try:
-            source = from_config(cfg, agent_id)
-        except TokenFileError as exc:
-            log.error("%s", exc)
-            return exitcodes.CONFIG_ERROR
-    elif cfg.source == "file":  # one message for a dispatch job: the launcher settles it from our exit code
-        import dataclasses
-
-        from .sources.message_file import MessageFileError, MessageFileSource
-        assert cfg.message_file is not None
-        try:
-            source = MessageFileSource(cfg.message_file, queue, cfg.rabbitmq_uri)
-        except MessageFileError as exc:
-            log.error("%s", exc)
-            return exitcodes.CONFIG_ERROR
-        cfg = dataclasses.replace(cfg, max_messages=1, idle_exit=0.0)
-    elif cfg.source == "spool":  # messages and files on the shared filesystem; Clowder calls recorded
-        from .sources.spool import from_config as spool_source
-        source = spool_source(cfg, agent_id)
-    else:
-        journal = Journal(cfg.journal_dir, agent_id)
-        try:
-            journal.open()
-        except OSError as exc:
-            log.error("cannot use journal folder %s: %s", journal.root, exc.strerror)
-            return exitcodes.CONFIG_ERROR
-        source = AmqpSource(cfg.rabbitmq_uri, queue, cfg.effective_prefetch(), journal, agent_id,
-                            connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
-
-    def make_slot(index: int, post, on_frame) -> Slot:
-        if ranks is not None:
-            return ranks.make_slot(index, post, on_frame)
-        return Slot(index, init, post, on_frame, redactor, env=env)
-
-    log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
-    try:
-        code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
-                      identity=identity.label()).run()
-        outcome = getattr(source, "outcome", "done") if cfg.source == "file" else "done"
-        if code == exitcodes.OK and outcome != "done":
-            log.error("message not processed (%s): %s", outcome, redactor(getattr(source, "reason", "")))
-            code = exitcodes.MESSAGE_NOT_DONE
-    finally:
-        if journal is not None:
-            journal.close()
+        return exitcodes.for_error(exc)
     return ranks.finish(code) if ranks is not None else code
 
 

@@ -18,9 +18,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A setting has a value the agent cannot use; the message says which and why."""
+from .errors import ConfigError
+from .sources.registry import SOURCES, source_kind
 
 
 def _to_bool(value: Any) -> bool:
@@ -53,9 +52,66 @@ def _to_optional_str(value: Any) -> Optional[str]:
     return None if value is None or str(value) == "" else str(value)
 
 
+def _to_source(value: Any) -> str:
+    text = str(value).strip()
+    if text not in SOURCES:
+        raise ValueError(f"unknown work source (known: {', '.join(SOURCES)})")
+    return text
+
+
+def _to_optional_bool(value: Any) -> Optional[bool]:
+    if value is None or str(value).strip().lower() in ("", "auto"):
+        return None
+    return _to_bool(value)
+
+
+def _to_group_mode(value: Any) -> str:
+    text = str(value).strip().lower() or "node"
+    if text in ("node", "allocation") or (text.isdigit() and int(text) > 0):
+        return text
+    raise ValueError("expected node, allocation or a positive number of ranks per group")
+
+
+# Checks of one value: None when fine, else what is wrong (load_config adds the setting and its source).
+Check = Callable[[Any], Optional[str]]
+
+
+def _at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be at least {low:g}"
+
+
+def _not_negative(v: Any) -> Optional[str]:
+    return None if v >= 0 else "must not be negative"
+
+
+def _positive(v: Any) -> Optional[str]:
+    return None if v > 0 else "must be positive"
+
+
+def _one_of(*choices: Any) -> Check:
+    shown = " or ".join(str(c) for c in choices)
+    return lambda v: None if v in choices else f"must be {shown}, not {v!r}"
+
+
+def _walltime_text(v: Any) -> Optional[str]:
+    if v is None:
+        return None
+    from hpc_common.walltime import parse_walltime
+    try:
+        parse_walltime(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _log_level(v: Any) -> Optional[str]:
+    return None if str(v).upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else \
+        f"{v!r} is not DEBUG, INFO, WARNING or ERROR"
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its name, how to parse it, its default and the environment names it reads."""
+    """One setting: its name, type, parser, default, check and the environment names it reads."""
 
     name: str
     parse: Callable[[Any], Any]
@@ -63,6 +119,8 @@ class Setting:
     help: str
     pyclowder_env: tuple[str, ...] = ()
     secret: bool = False
+    check: Optional[Check] = None
+    type: Any = Any  # the AgentConfig field's annotation
 
     @property
     def env(self) -> tuple[str, ...]:
@@ -73,149 +131,134 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def problem(self, value: Any) -> Optional[str]:
+        """What is wrong with a parsed value, or None."""
+        return self.check(value) if self.check is not None else None
 
+    def fresh_default(self) -> Any:
+        """The default value; a list or dict is copied so that no two configs share one."""
+        return type(self.default)(self.default) if isinstance(self.default, (list, dict)) else self.default
+
+    def field(self) -> tuple[str, Any, Any]:
+        """This setting as a dataclass field of AgentConfig."""
+        return self.name, self.type, field(default_factory=self.fresh_default, repr=not self.secret)
+
+
+_OPT_STR = Optional[str]
 SETTINGS: tuple[Setting, ...] = (
-    Setting("plugin", _to_optional_str, None, "extractor to run: its extractor_info name or folder name"),
-    Setting("plugin_path", _to_path_list, [], "extra folders holding plugin folders (colon-separated)"),
-    Setting("source", str, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool), or file "
-            "(one message, for python -m launcher dispatch)"),
-    Setting("relay_url", _to_optional_str, None, "source relay: the relay's URL, e.g. https://login1:8765"),
-    Setting("relay_token_file", _to_optional_str, None, "source relay: file holding the relay's bearer token (mode 0600)"),
-    Setting("relay_ca", _to_optional_str, None, "source relay: CA bundle to verify the relay's TLS certificate"),
+    Setting("plugin", _to_optional_str, None, "extractor to run: its extractor_info name or folder name",
+            type=_OPT_STR),
+    Setting("plugin_path", _to_path_list, [], "extra folders holding plugin folders (colon-separated)",
+            type=list[str]),
+    Setting("source", _to_source, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool), or file "
+            "(one message, for python -m launcher dispatch)", type=str),
+    Setting("relay_url", _to_optional_str, None, "source relay: the relay's URL, e.g. https://login1:8765",
+            type=_OPT_STR),
+    Setting("relay_token_file", _to_optional_str, None, "source relay: file holding the relay's bearer token (mode 0600)",
+            type=_OPT_STR),
+    Setting("relay_ca", _to_optional_str, None, "source relay: CA bundle to verify the relay's TLS certificate",
+            type=_OPT_STR),
     Setting("message_file", _to_optional_str, None,
             "source file: the one message to process (written by python -m launcher dispatch)",
-            ("CLOWDER_MESSAGE_FILE",)),
-    Setting("spool_dir", _to_optional_str, None, "source spool: the spool folder (python -m launcher spool --dir)"),
+            ("CLOWDER_MESSAGE_FILE",), type=_OPT_STR),
+    Setting("spool_dir", _to_optional_str, None, "source spool: the spool folder (python -m launcher spool --dir)",
+            type=_OPT_STR),
     Setting("rabbitmq_uri", str, "amqp://guest:guest@127.0.0.1:5672/%2f", "broker URI",
-            ("RABBITMQ_URI",), secret=True),
+            ("RABBITMQ_URI",), secret=True, type=str),
     Setting("rabbitmq_queue", _to_optional_str, None, "queue to consume (default: the extractor's name)",
-            ("RABBITMQ_QUEUE",)),
+            ("RABBITMQ_QUEUE",), type=_OPT_STR),
     Setting("extractor_key", _to_optional_str, None, "private extractor key: queue becomes private.<key>.<queue>",
-            ("EXTRACTOR_KEY",), secret=True),
+            ("EXTRACTOR_KEY",), secret=True, type=_OPT_STR),
     Setting("clowder_url", _to_optional_str, None, "Clowder URL to use instead of the message's host",
-            ("CLOWDER_URL",)),
-    Setting("clowder_version", int, 1, "Clowder API version the extractor speaks (1 or 2)", ("CLOWDER_VERSION",)),
-    Setting("clowder_email", _to_optional_str, None, "owner announced at registration", ("CLOWDER_EMAIL",)),
+            ("CLOWDER_URL",), type=_OPT_STR),
+    Setting("clowder_version", int, 1, "Clowder API version the extractor speaks (1 or 2)", ("CLOWDER_VERSION",),
+            check=_one_of(1, 2), type=int),
+    Setting("clowder_email", _to_optional_str, None, "owner announced at registration", ("CLOWDER_EMAIL",),
+            type=_OPT_STR),
     Setting("mounted_paths", _to_mapping, {}, "JSON {remote path: local path} for files Clowder stores on a shared disk",
-            ("MOUNTED_PATHS",)),
-    Setting("ssl_verify", _to_bool, True, "verify Clowder's TLS certificate"),
+            ("MOUNTED_PATHS",), type=dict[str, str]),
+    Setting("ssl_verify", _to_bool, True, "verify Clowder's TLS certificate", type=bool),
     Setting("max_retries", int, 3, "retries after a failed attempt before the message is dead-lettered",
-            ("MAX_RETRY",)),
-    Setting("retry_backoff", float, 2.0, "seconds before the first retry; doubles each retry (capped at 60)"),
+            ("MAX_RETRY",), check=_not_negative, type=int),
+    Setting("retry_backoff", float, 2.0, "seconds before the first retry; doubles each retry (capped at 60)",
+            check=_not_negative, type=float),
     Setting("heartbeat", float, 300.0, "seconds between registrations on the 'extractors' exchange",
-            ("HEARTBEAT",)),
-    Setting("slots", int, 1, "extractor processes this agent runs at once"),
-    Setting("time_limit", float, 0.0, "seconds one file may take before its extractor is killed (0: no limit)"),
-    Setting("memory_limit", float, 0.0, "MB one extractor process tree may use before it is killed (0: no limit)"),
-    Setting("recycle_after", int, 0, "replace an extractor process after this many files (0: never)"),
-    Setting("prefetch", int, 0, "deliveries held at once (0: twice the slots)"),
-    Setting("idle_exit", float, 0.0, "exit 0 after this many seconds without work (0: never)"),
-    Setting("max_messages", int, 0, "exit 0 after this many messages (0: no limit)"),
-    Setting("stop_grace", float, 5.0, "seconds in-flight work may finish after SIGTERM before it is handed back"),
+            ("HEARTBEAT",), check=_not_negative, type=float),
+    Setting("slots", int, 1, "extractor processes this agent runs at once (per rank under MPI)",
+            check=_at_least(1), type=int),
+    Setting("time_limit", float, 0.0, "seconds one file may take before its extractor is killed (0: no limit)",
+            check=_not_negative, type=float),
+    Setting("memory_limit", float, 0.0, "MB one extractor process tree may use before it is killed (0: no limit)",
+            check=_not_negative, type=float),
+    Setting("recycle_after", int, 0, "replace an extractor process after this many files (0: never)",
+            check=_not_negative, type=int),
+    Setting("prefetch", int, 0, "deliveries held at once (0: twice the slots)", check=_not_negative, type=int),
+    Setting("idle_exit", float, 0.0, "exit 0 after this many seconds without work (0: never)",
+            check=_not_negative, type=float),
+    Setting("max_messages", int, 0, "exit 0 after this many messages (0: no limit)", check=_not_negative, type=int),
+    Setting("stop_grace", float, 5.0, "seconds in-flight work may finish after SIGTERM before it is handed back",
+            check=_not_negative, type=float),
     Setting("walltime", _to_optional_str, None,
-            "this task's time limit (HH:MM:SS); default: asked of the scheduler (Slurm, PBS, Torque)"),
+            "this task's time limit (HH:MM:SS); default: asked of the scheduler (Slurm, PBS, Torque)",
+            check=_walltime_text, type=_OPT_STR),
     Setting("walltime_margin", float, 0.0,
-            "seconds kept free at the end of the allocation (0: 5%% of the walltime, 20 s to 5 min)"),
+            "seconds kept free at the end of the allocation (0: 5%% of the walltime, 20 s to 5 min)",
+            check=_not_negative, type=float),
     Setting("journal_dir", str, os.path.join("~", ".clowder-hpc-agent", "journal"),
-            "in-flight journal (on a filesystem every node sees) for extractions longer than journal_after"),
+            "in-flight journal (on a filesystem every node sees) for extractions longer than journal_after", type=str),
     Setting("journal_after", float, 20.0,
-            "seconds a delivery may stay unacknowledged before it is journaled and acknowledged"),
-    Setting("connect_timeout", float, 60.0, "seconds to keep trying the broker at start before giving up"),
-    Setting("reconnect_timeout", float, 300.0, "seconds to keep trying the broker after losing it mid-run"),
-    Setting("work_dir", _to_optional_str, None, "scratch folder for downloads (default: TMPDIR)"),
-    Setting("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Setting("log_file", _to_optional_str, None, "append logs to this file instead of stderr"),
+            "seconds a delivery may stay unacknowledged before it is journaled and acknowledged",
+            check=lambda v: None if v > 0 else "must be positive (RabbitMQ closes channels holding old deliveries)",
+            type=float),
+    Setting("connect_timeout", float, 60.0, "seconds to keep trying the broker at start before giving up",
+            check=_not_negative, type=float),
+    Setting("reconnect_timeout", float, 300.0, "seconds to keep trying the broker after losing it mid-run",
+            check=_not_negative, type=float),
+    Setting("work_dir", _to_optional_str, None, "scratch folder for downloads (default: TMPDIR)", type=_OPT_STR),
+    Setting("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR", check=_log_level, type=str),
+    Setting("log_file", _to_optional_str, None, "append logs to this file instead of stderr", type=_OPT_STR),
+    Setting("mpi", _to_optional_bool, None,
+            "MPI file-per-rank mode: auto (when mpiexec started the agent), 1 (always) or 0 (never)",
+            type=Optional[bool]),
+    Setting("mpi_leader", _to_group_mode, "node",
+            "MPI: rank groups sharing one broker connection: node, allocation or N ranks per group", type=str),
+    Setting("mpi_rank_timeout", float, 60.0, "MPI: seconds of silence after which a rank (or the leader) is lost",
+            check=_positive, type=float),
+    Setting("stage_ahead", _to_bool, False,
+            "MPI: download each rank's next file while its extractor works on the current one", type=bool),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
-@dataclass
-class AgentConfig:
-    """Resolved settings of one agent process (see SETTINGS for meanings)."""
-
-    plugin: Optional[str] = None
-    plugin_path: list[str] = field(default_factory=list)
-    source: str = "amqp"
-    relay_url: Optional[str] = None
-    relay_token_file: Optional[str] = None
-    relay_ca: Optional[str] = None
-    message_file: Optional[str] = None
-    spool_dir: Optional[str] = None
-    rabbitmq_uri: str = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    rabbitmq_queue: Optional[str] = None
-    extractor_key: Optional[str] = None
-    clowder_url: Optional[str] = None
-    clowder_version: int = 1
-    clowder_email: Optional[str] = None
-    mounted_paths: dict[str, str] = field(default_factory=dict)
-    ssl_verify: bool = True
-    max_retries: int = 3
-    retry_backoff: float = 2.0
-    heartbeat: float = 300.0
-    slots: int = 1
-    time_limit: float = 0.0
-    memory_limit: float = 0.0
-    recycle_after: int = 0
-    prefetch: int = 0
-    idle_exit: float = 0.0
-    max_messages: int = 0
-    stop_grace: float = 5.0
-    walltime: Optional[str] = None
-    walltime_margin: float = 0.0
-    journal_dir: str = os.path.join("~", ".clowder-hpc-agent", "journal")
-    journal_after: float = 20.0
-    connect_timeout: float = 60.0
-    reconnect_timeout: float = 300.0
-    work_dir: Optional[str] = None
-    log_level: str = "INFO"
-    log_file: Optional[str] = None
+class _ConfigMethods:
+    """What AgentConfig does besides holding values (its fields come from SETTINGS)."""
 
     def effective_prefetch(self) -> int:
         """Deliveries held at once: enough to keep every slot busy without hoarding."""
-        return self.prefetch if self.prefetch > 0 else 2 * self.slots
+        prefetch, slots = getattr(self, "prefetch"), getattr(self, "slots")
+        return prefetch if prefetch > 0 else 2 * slots
 
     def validate(self) -> None:
-        """Raise ConfigError for values no agent can run with."""
-        if self.source not in ("amqp", "relay", "spool", "file"):
-            raise ConfigError(f"source: unknown work source {self.source!r} (known: amqp, relay, spool, file)")
-        if self.source == "file" and not self.message_file:
-            raise ConfigError("source file needs message_file (AGENT_MESSAGE_FILE or CLOWDER_MESSAGE_FILE)")
-        if self.source == "spool" and not self.spool_dir:
-            raise ConfigError("source spool needs spool_dir (AGENT_SPOOL_DIR)")
-        if self.source == "relay":
-            if not self.relay_url or not self.relay_token_file:
-                raise ConfigError("source relay needs relay_url and relay_token_file (AGENT_RELAY_URL, "
-                                  "AGENT_RELAY_TOKEN_FILE)")
-            if not self.relay_url.startswith(("http://", "https://")):
-                raise ConfigError(f"relay_url: {self.relay_url!r} is not an http(s) URL")
-            if self.clowder_url:
-                raise ConfigError("clowder_url cannot be used with source relay: the relay forwards Clowder calls "
-                                  "(give the relay --clowder-url instead)")
-        if self.clowder_version not in (1, 2):
-            raise ConfigError(f"clowder_version: must be 1 or 2, not {self.clowder_version}")
-        if self.slots < 1:
-            raise ConfigError("slots: must be at least 1")
-        for name in ("max_retries", "prefetch", "max_messages", "recycle_after"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must not be negative")
-        for name in ("idle_exit", "stop_grace", "walltime_margin", "time_limit", "memory_limit", "journal_after", "retry_backoff", "heartbeat",
-                     "connect_timeout", "reconnect_timeout"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must not be negative")
-        if self.journal_after <= 0:
-            raise ConfigError("journal_after: must be positive (RabbitMQ closes channels holding old deliveries)")
-        if self.walltime is not None:
-            from hpc_common.walltime import parse_walltime
-            try:
-                parse_walltime(self.walltime)
-            except ValueError as exc:
-                raise ConfigError(f"walltime: {exc}") from None
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        """Raise ConfigError for values no agent can run with (each setting, then how they combine)."""
+        for setting in SETTINGS:
+            problem = setting.problem(getattr(self, setting.name))
+            if problem:
+                raise ConfigError(f"{setting.name}: {problem}")
+        _check_combination(self)
 
 
-assert {f.name for f in dataclasses.fields(AgentConfig)} == set(_BY_NAME), "SETTINGS and AgentConfig disagree"
+def _check_combination(cfg: Any) -> None:
+    """Checks that involve more than one setting: what the chosen work source needs."""
+    problem = source_kind(cfg.source).check(cfg)
+    if problem:
+        raise ConfigError(problem)
+
+
+# The one list of settings makes the dataclass: no second list of names or defaults to keep in step.
+AgentConfig = dataclasses.make_dataclass("AgentConfig", [s.field() for s in SETTINGS], bases=(_ConfigMethods,))
+AgentConfig.__module__ = __name__
+AgentConfig.__doc__ = "Resolved settings of one agent process (see SETTINGS for meanings)."
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, names: Optional[list[str]] = None) -> None:
@@ -252,16 +295,31 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 
 def _parse(setting: Setting, raw: Any, origin: str) -> Any:
+    """Parse and check one raw value; a bad one is a ConfigError naming the setting and its source."""
+    shown = "(hidden)" if setting.secret else repr(raw)
     try:
-        return setting.parse(raw)
+        value = setting.parse(raw)
     except (TypeError, ValueError) as exc:
-        shown = "(hidden)" if setting.secret else repr(raw)
         raise ConfigError(f"{setting.name} from {origin}: cannot use {shown}: {exc}") from None
+    problem = setting.problem(value)
+    if problem:
+        raise ConfigError(f"{setting.name}: {problem} (from {origin})")
+    return value
+
+
+def setting_from_env(name: str, environ: Mapping[str, str]) -> Any:
+    """One setting from the environment alone (its default when unset), parsed and checked."""
+    setting = _BY_NAME[name]
+    env_name = next((e for e in setting.env if environ.get(e) not in (None, "")), None)
+    return _parse(setting, environ[env_name], env_name) if env_name else setting.fresh_default()
 
 
 def load_config(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None,
                 config_file: Optional[str] = None) -> AgentConfig:
-    """Resolve every setting from flags, environment, YAML file and defaults, then validate."""
+    """Resolve every setting from flags, environment, YAML file and defaults, then validate.
+
+    Every bad value raises ConfigError naming the setting and its source.
+    """
     flags = dict(flags or {})
     environ = os.environ if environ is None else environ
     config_file = config_file or environ.get("AGENT_CONFIG") or None
@@ -275,9 +333,9 @@ def load_config(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Map
         if env_name is not None:
             values[setting.name] = _parse(setting, environ[env_name], env_name)
         elif setting.name in file_values:
-            values[setting.name] = _parse(setting, file_values[setting.name], config_file or "config")
+            values[setting.name] = _parse(setting, file_values[setting.name], f"config file {config_file}")
         else:
-            values[setting.name] = setting.default
+            values[setting.name] = setting.fresh_default()
     cfg = AgentConfig(**values)
-    cfg.validate()
+    _check_combination(cfg)
     return cfg

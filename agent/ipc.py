@@ -9,11 +9,13 @@ import json
 import struct
 from typing import Any, BinaryIO, Optional
 
+from .errors import ProtocolError
+
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
 
 
-class FrameError(EOFError):
+class FrameError(ProtocolError):
     """The other side sent something that is not a frame, or went away mid-frame."""
 
 

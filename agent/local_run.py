@@ -18,12 +18,12 @@ from typing import Any, Callable
 from hpc_common.redact import Redactor
 
 from . import exitcodes
-from .cli import worker_env, worker_init
 from .clowder_standin import ClowderStandin
 from .config import AgentConfig
 from .logs import setup_logging
 from .plugin_loader import PluginError, find_plugin
 from .slots import Slot
+from .worker_settings import worker_env, worker_init
 
 log = logging.getLogger("agent.local")
 

@@ -13,8 +13,10 @@ from typing import Any, Optional
 
 from hpc_common.messages import Message
 
+from .errors import MessageError
 
-class BadMessage(ValueError):
+
+class BadMessage(MessageError):
     """The message cannot be processed by any extractor; str() is the reason (no secrets)."""
 
 

@@ -50,7 +50,8 @@ from typing import Any, Callable, Optional
 from hpc_common.redact import Redactor
 
 from . import exitcodes
-from .config import AgentConfig
+from .config import AgentConfig, setting_from_env
+from .errors import ConfigError
 from .rank_worker import RankWorker
 
 log = logging.getLogger("agent.mpi")
@@ -63,44 +64,34 @@ _CHILD_DROP_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "MV2_",
 MIN_POLL, MAX_POLL_LEADER, MAX_POLL_RANK, MAX_POLL_RANK_FULL = 0.001, 0.005, 0.05, 0.25
 SCAN_EVERY = 0.25   # leader: heartbeat and timeout checks
 CLOSE_WAIT = 30.0
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def launched_by_mpi(environ: Optional[dict[str, str]] = None) -> bool:
-    """True when an MPI launcher started this process (or AGENT_MPI=1 asks for MPI anyway)."""
+def launched_by_mpi(environ: Optional[dict[str, str]] = None, forced: Optional[bool] = None) -> bool:
+    """True when an MPI launcher started this process; the `mpi` setting (AGENT_MPI) overrides.
+
+    `forced` is the resolved setting (agent run passes cfg.mpi); without it AGENT_MPI is read from
+    `environ` with the settings table's own parser.
+    """
     env = os.environ if environ is None else environ
-    forced = env.get("AGENT_MPI", "").strip().lower()
-    if forced in _TRUE:
-        return True
-    if forced in _FALSE:
-        return False
+    if forced is None:
+        forced = setting_from_env("mpi", env)
+    if forced is not None:
+        return forced
     return any(env.get(name) for name in LAUNCHER_VARS)
 
 
 @dataclass(frozen=True)
 class MpiSettings:
-    """The MPI path's settings, from the environment (AGENT_MPI_LEADER, ...)."""
+    """The MPI path's settings (AGENT_MPI_LEADER, AGENT_MPI_RANK_TIMEOUT, AGENT_STAGE_AHEAD in agent.config)."""
 
     leader: str = "node"          # node | allocation | <ranks per group>
     rank_timeout: float = 60.0    # seconds of silence after which a rank (or the leader) is lost
     stage_ahead: bool = False
 
     @classmethod
-    def from_env(cls, environ: Optional[dict[str, str]] = None) -> "MpiSettings":
-        from .config import ConfigError
-        from .stage_ahead import enabled
-
-        env = os.environ if environ is None else environ
-        leader = env.get("AGENT_MPI_LEADER", "node").strip().lower() or "node"
-        if leader not in ("node", "allocation") and not (leader.isdigit() and int(leader) > 0):
-            raise ConfigError(f"AGENT_MPI_LEADER: {leader!r} is not node, allocation or a positive number")
-        try:
-            timeout = float(env.get("AGENT_MPI_RANK_TIMEOUT", "60") or 60)
-        except ValueError:
-            raise ConfigError("AGENT_MPI_RANK_TIMEOUT: not a number") from None
-        if timeout <= 0:
-            raise ConfigError("AGENT_MPI_RANK_TIMEOUT: must be positive")
-        return cls(leader=leader, rank_timeout=timeout, stage_ahead=enabled(env))
+    def from_config(cls, cfg: AgentConfig) -> "MpiSettings":
+        """The MPI settings of a resolved (already checked) agent config."""
+        return cls(leader=cfg.mpi_leader, rank_timeout=cfg.mpi_rank_timeout, stage_ahead=cfg.stage_ahead)
 
     @property
     def heartbeat(self) -> float:
@@ -119,6 +110,16 @@ def _wait_for_everyone(comm: Any) -> None:
     while not req.Test():
         time.sleep(delay)
         delay = min(delay * 2, MAX_POLL_RANK)
+
+
+def load_mpi() -> Any:
+    """mpi4py's MPI module (importing it initializes MPI); ConfigError naming the extra if missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ConfigError(f"started by an MPI launcher but mpi4py cannot be imported ({exc}): "
+                          "pip install 'clowder-hpc-agent[mpi]' (or set AGENT_MPI=0)") from None
+    return MPI
 
 
 def _group(world: Any, mode: str) -> Any:
@@ -146,9 +147,8 @@ class _RankTag(logging.Filter):
 def join_allocation(cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
                     redactor: Redactor) -> "Leader | Follower":
     """Initialize MPI, find this rank's group and role, start its extractor(s)."""
-    settings = MpiSettings.from_env()
-    from mpi4py import MPI
-
+    settings = MpiSettings.from_config(cfg)
+    MPI = load_mpi()
     world = MPI.COMM_WORLD
     for handler in logging.getLogger().handlers:
         handler.addFilter(_RankTag(world.Get_rank()))

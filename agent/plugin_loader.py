@@ -18,13 +18,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from .errors import PluginError
+
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
 INFO_FILE = "extractor_info.json"
 _EXTRACTOR_BASES = {"Extractor", "SimpleExtractor"}
-
-
-class PluginError(RuntimeError):
-    """A plugin cannot be found or loaded; the message says what to fix."""
 
 
 @dataclass(frozen=True)

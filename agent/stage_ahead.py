@@ -1,6 +1,6 @@
 """Stage-ahead: download a rank's next file while its extractor works on the current one.
 
-Turned on with AGENT_STAGE_AHEAD=1 (MPI path). The rank's RankWorker then takes two jobs per
+Turned on with the stage_ahead setting, AGENT_STAGE_AHEAD=1 (MPI path). The rank's RankWorker then takes two jobs per
 extractor process; a stager thread downloads each job's file (exactly the request pyclowder's
 download would make: v1 `api/files/{intermediateId or id}?key=`, v2 `api/v2/files/{id}` with
 X-API-KEY) into a private folder, and the job reaches the extractor with that path in the body
@@ -28,11 +28,6 @@ from .slots import Slot
 log = logging.getLogger("agent.stage")
 STAGED_KEY = "_agent_staged_path"
 _local = threading.local()
-
-
-def enabled(environ: Optional[dict[str, str]] = None) -> bool:
-    value = (os.environ if environ is None else environ).get("AGENT_STAGE_AHEAD", "")
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def usable(init: dict[str, Any]) -> bool:
@@ -103,7 +98,7 @@ def _install_staged_connector() -> None:
     """Make agent.worker_process use a connector that takes staged files.
 
     Imported here, before the init frame: the agent puts CLOWDER_VERSION in this process's
-    environment (cli.worker_env), so pyclowder reads the right version at this import too.
+    environment (worker_settings.worker_env), so pyclowder reads the right version at this import too.
     """
     from . import connector
 

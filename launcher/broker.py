@@ -20,10 +20,7 @@ from urllib.parse import quote, unquote, urlsplit
 from hpc_common.redact import redact_text, redact_uri
 from hpc_common.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
                                 summarize, window_queue)
-
-
-class BrokerError(Exception):
-    """The broker could not be reached or refused an operation (message already redacted)."""
+from launcher.errors import BrokerError
 
 
 class BrokerRefused(BrokerError):

@@ -28,6 +28,7 @@ from typing import List, Optional, Tuple
 import yaml
 
 from hpc_common.walltime import format_walltime, walltime_seconds
+from launcher.errors import ConfigError
 
 PERIODS = ("day", "week", "month")
 _KEYS = {
@@ -37,7 +38,7 @@ _KEYS = {
 _REQUIRED = ("max_array_size", "max_running", "max_queued", "max_walltime")
 
 
-class CapsError(Exception):
+class CapsError(ConfigError):
     """The caps file is missing, unsafe or invalid (the launcher refuses to start)."""
 
 

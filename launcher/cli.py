@@ -1,7 +1,8 @@
 """Command line: ``python -m launcher {submit,status,scale,dispatch,relay,spool,cancel,reconcile}``.
 
-Settings precedence: command-line flag > environment variable > default. Global options may
-be given before or after the subcommand.
+Settings (launcher.settings): command-line flag > environment variable > settings file > default.
+Global options may be given before or after the subcommand. Failures map to exit codes by their
+branch of launcher.errors: 1 service (scheduler, command, broker), 2 configuration, 3 refused, 4 locked.
 """
 from __future__ import annotations
 
@@ -9,24 +10,23 @@ import argparse
 import functools
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, NoReturn, Optional
 
 import filelock
 
 from hpc_common.redact import redact_text, redact_uri
 from hpc_common.walltime import walltime_seconds as parse_walltime  # whole seconds, bare number = seconds
-from launcher.broker import BrokerError
-from launcher.caps import CapsError, Request, load_caps
-from launcher.ledger import Ledger, LedgerError
+from launcher.caps import Request, load_caps
+from launcher.errors import BrokerError, ConfigError, LauncherError, LedgerError
+from launcher.ledger import Ledger
 from launcher.operations import Launcher, Refused
-from launcher.runner import CommandError, LocalRunner, Runner, SSHRunner, default_control_dir
+from launcher.runner import LocalRunner, Runner, SSHRunner, default_control_dir
 from launcher.schedulers import detect_scheduler, make_scheduler
-from launcher.schedulers.base import SchedulerError
+from launcher.settings import from_args as settings_from_args
 from launcher.strategy import Policy
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_REFUSED, EXIT_LOCKED = 1, 2, 3, 4
@@ -36,26 +36,18 @@ REPO_PBS_DIR = Path(__file__).resolve().parent.parent / "pbs"
 log = logging.getLogger("launcher")
 
 
-class ConfigError(Exception):
-    """A setting is missing or wrong (exit code 2)."""
-
-
 # ---------------------------------------------------------------------- settings
-def _setting(args, attr: str, env: str, default=None):
-    value = getattr(args, attr, None)
-    if value is not None:
-        return value
-    return os.environ.get(env) or default
+def _settings(args: argparse.Namespace) -> Any:
+    """This command line's LauncherSettings (launcher.settings: flag > environment > file > default)."""
+    return settings_from_args(args)
 
 
 def _state_dir(args) -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(_setting(args, "state_dir", "LAUNCHER_STATE_DIR",
-                         os.path.join(base, "clowder-launcher")))
+    return Path(_settings(args).state_dir)
 
 
 def _caps_path(args) -> Path:
-    path = _setting(args, "caps", "LAUNCHER_CAPS")
+    path = _settings(args).caps
     if path:
         return Path(path)
     if DEFAULT_CAPS.exists():
@@ -65,15 +57,14 @@ def _caps_path(args) -> Path:
 
 
 def _runner(args) -> Runner:
-    host = _setting(args, "ssh", "LAUNCHER_SSH")
-    if not host:
+    s = _settings(args)
+    if not s.ssh:
         return LocalRunner()
-    config = _setting(args, "ssh_config", "LAUNCHER_SSH_CONFIG")
-    return SSHRunner(host, default_control_dir(), config_file=Path(config) if config else None)
+    return SSHRunner(s.ssh, default_control_dir(), config_file=Path(s.ssh_config) if s.ssh_config else None)
 
 
 def _scheduler_name(args, runner: Runner) -> str:
-    name = _setting(args, "scheduler", "LAUNCHER_SCHEDULER")
+    name = _settings(args).scheduler
     if name:
         return name
     found = detect_scheduler(runner)
@@ -84,7 +75,7 @@ def _scheduler_name(args, runner: Runner) -> str:
 
 
 def _script(args, scheduler: str, runner: Runner) -> str:
-    script = _setting(args, "script", "LAUNCHER_SCRIPT")
+    script = _settings(args).script
     if script:
         return script
     if isinstance(runner, SSHRunner):
@@ -97,14 +88,23 @@ def _script(args, scheduler: str, runner: Runner) -> str:
     raise ConfigError(f"no job script: {candidates[0]} does not exist; pass --script PATH")
 
 
+def _walltime(args) -> Optional[int]:
+    """--walltime in seconds (None when absent); a bad one is a ConfigError naming the flag."""
+    if not args.walltime:
+        return None
+    try:
+        return parse_walltime(args.walltime)
+    except ValueError as exc:
+        raise ConfigError(f"walltime from --walltime: {exc}") from None
+
+
 def _broker(args):
-    uri = os.environ.get("RABBITMQ_URI")
-    queue = _setting(args, "rabbitmq_queue", "RABBITMQ_QUEUE")
+    s = _settings(args)
+    uri, queue = s.rabbitmq_uri, s.rabbitmq_queue
     if not uri or not queue:
         return None, queue, redact_uri(uri) if uri else "(RABBITMQ_URI not set)"
-    mgmt = _setting(args, "rabbitmq_management", "RABBITMQ_MANAGEMENT_URL")
     from launcher.broker import queue_stats
-    return functools.partial(queue_stats, uri, queue, mgmt), queue, redact_uri(uri)
+    return functools.partial(queue_stats, uri, queue, s.rabbitmq_management), queue, redact_uri(uri)
 
 
 def build(args, need_script: bool = False) -> Launcher:
@@ -133,15 +133,15 @@ def _lock(args) -> filelock.FileLock:
     return lock
 
 
-class LockedError(Exception):
-    pass
+class LockedError(LauncherError):
+    """Another launcher holds the state directory's lock (exit code 4)."""
 
 
 # ---------------------------------------------------------------------- commands
 def cmd_submit(args) -> int:
     launcher = build(args, need_script=True)
     launcher.reconcile()
-    walltime = parse_walltime(args.walltime) if args.walltime else None
+    walltime = _walltime(args)
     job_id, allowed = launcher.submit(Request(args.tasks, walltime, args.queue, args.account))
     for line in allowed.reasons:
         print(line, file=sys.stderr)
@@ -195,7 +195,7 @@ def cmd_scale(args) -> int:
         raise ConfigError("scale needs the broker: set RABBITMQ_URI and RABBITMQ_QUEUE"
                           " (or --rabbitmq-queue)")
     caps = launcher.caps
-    walltime = parse_walltime(args.walltime) if args.walltime else caps.default_walltime_s
+    walltime = _walltime(args) or caps.default_walltime_s
     policy = Policy(walltime_s=min(walltime, caps.max_walltime_s),
                     files_per_task=args.files_per_task, idle_grace_s=args.idle_grace,
                     queue=args.queue, account=args.account)
@@ -217,19 +217,18 @@ def cmd_scale(args) -> int:
 
 
 def cmd_dispatch(args) -> int:
-    from launcher.broker import BrokerError, QueueClient
+    from launcher.broker import QueueClient
     from launcher.dispatch import Dispatcher
 
     launcher = build(args, need_script=True)
     if isinstance(launcher.runner, SSHRunner):
         raise ConfigError("dispatch runs on the login node itself for now (message files must be"
                           " readable by the jobs): drop --ssh")
-    uri = os.environ.get("RABBITMQ_URI")
-    queue = _setting(args, "rabbitmq_queue", "RABBITMQ_QUEUE")
+    uri, queue = _settings(args).rabbitmq_uri, _settings(args).rabbitmq_queue
     if not uri or not queue:
         raise ConfigError("dispatch needs RABBITMQ_URI and RABBITMQ_QUEUE (or --rabbitmq-queue)")
     caps = launcher.caps
-    walltime = parse_walltime(args.walltime) if args.walltime else caps.default_walltime_s
+    walltime = _walltime(args) or caps.default_walltime_s
     dispatcher = Dispatcher(
         launcher=launcher, client=lambda: QueueClient(uri), queue=queue,
         message_dir=_state_dir(args) / "dispatch", walltime_s=min(walltime, caps.max_walltime_s),
@@ -264,21 +263,22 @@ def cmd_dispatch(args) -> int:
 def cmd_relay(args) -> int:
     from launcher.relay.main import main_from_cli
 
-    return main_from_cli(args, str(_state_dir(args)))
+    return main_from_cli(args, str(_state_dir(args)), _settings(args))
 
 
 def cmd_spool(args) -> int:
     from launcher.relay.spool import main_from_cli
 
-    return main_from_cli(args)
+    return main_from_cli(args, _settings(args))
 
 
 # ---------------------------------------------------------------------- parser
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d = {"default": argparse.SUPPRESS} if suppress else {"default": None}
-    g = parser.add_argument_group("settings (flag > environment > default)")
+    g = parser.add_argument_group("settings (flag > environment > settings file > default)")
+    g.add_argument("--config", metavar="FILE", help="YAML settings file (env LAUNCHER_CONFIG)", **d)
     g.add_argument("--caps", metavar="FILE", help="site caps YAML (env LAUNCHER_CAPS)", **d)
-    g.add_argument("--scheduler", choices=["pbs", "torque", "slurm"],
+    g.add_argument("--scheduler", metavar="pbs|torque|slurm",
                    help="env LAUNCHER_SCHEDULER; detected from PATH when absent", **d)
     g.add_argument("--ssh", metavar="HOST",
                    help="run scheduler commands on this login node (env LAUNCHER_SSH)", **d)
@@ -294,6 +294,13 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                    **({"default": argparse.SUPPRESS} if suppress else {"default": False}))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `launcher: error: argument --tasks: invalid int value: 'x'`."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(EXIT_CONFIG, f"launcher: error: {message} (see {self.prog} --help)\n")
+
+
 def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--walltime", metavar="HH:MM:SS")
     p.add_argument("--queue", metavar="Q")
@@ -303,7 +310,7 @@ def _job_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m launcher",
+    top = _Parser(prog="python -m launcher",
                                   description="Submit, scale and account for agent job arrays.")
     _common(top, suppress=False)
     sub = top.add_subparsers(dest="command", required=True)
@@ -383,19 +390,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     lock = None
     try:
+        _settings(args)  # every setting checked up front, whatever the command uses
         if args.locked:
             lock = _lock(args)
         return args.func(args)
-    except (ConfigError, CapsError, LedgerError, ValueError) as exc:
-        print(f"launcher: error: {redact_text(str(exc))}", file=sys.stderr)
-        return EXIT_CONFIG
     except Refused as exc:
         print(f"launcher: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except LockedError as exc:
         print(f"launcher: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    except (SchedulerError, CommandError, BrokerError) as exc:
+    except (ConfigError, LedgerError) as exc:  # settings, caps, requests, ledger file
+        print(f"launcher: error: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LauncherError as exc:  # scheduler, command, broker, remote spool
         print(f"launcher: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from launcher.errors import LedgerError
 from launcher.schedulers.base import JobStatus
 from launcher.states import JobState
 
@@ -90,10 +91,6 @@ CREATE TABLE IF NOT EXISTS dispatch (
 CREATE INDEX IF NOT EXISTS dispatch_open ON dispatch (state);
 CREATE INDEX IF NOT EXISTS dispatch_hash ON dispatch (msg_hash);
 """
-
-
-class LedgerError(Exception):
-    """The ledger file is unusable (e.g. written by a newer launcher)."""
 
 
 class Ledger:

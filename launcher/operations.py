@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from launcher.broker import BrokerError, QueueStats
 from launcher.caps import Allowance, Caps, Request, Usage, clamp, period_start
+from launcher.errors import LauncherError
 from launcher.ledger import Ledger
 from launcher.runner import CommandError, CommandTimeout, Runner
 from launcher.schedulers.base import QueryFailed, Scheduler, SubmitFailed, SubmitRequest
@@ -21,7 +22,7 @@ from launcher.strategy import Decision, Observation, Policy, decide
 log = logging.getLogger("launcher")
 
 
-class Refused(Exception):
+class Refused(LauncherError):
     """The caps allow none of the request (message is the one-line reason)."""
 
 

@@ -14,10 +14,12 @@ import subprocess
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from launcher.errors import ConfigError, ServiceError
+
 DEFAULT_TIMEOUT = 60.0
 
 
-class CommandError(Exception):
+class CommandError(ServiceError):
     """A command failed to start, exited non-zero, or timed out."""
 
     def __init__(
@@ -133,7 +135,7 @@ class SSHRunner(Runner):
         connect_timeout: int = 15,
     ) -> None:
         if not host or host.startswith("-"):
-            raise ValueError(f"bad ssh host {host!r}")
+            raise ConfigError(f"bad ssh host {host!r}")
         self.host = host
         self.control_dir = Path(control_dir)
         self.persist = persist

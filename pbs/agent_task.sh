@@ -53,7 +53,10 @@ fi
 export PATH="$(dirname "$PY"):$PATH"   # the venv's mpiexec before any system one
 
 # exec: the scheduler's SIGTERM (walltime, qdel) must reach the agent itself.
+# Several ranks need mpi4py (the `mpi` extra); a single-rank task runs without it.
 if [ "$ranks" -gt 1 ]; then
+    "$PY" -c 'import mpi4py' 2>/dev/null \
+        || fail "this task has $ranks MPI ranks but $PY cannot import mpi4py: pip install 'clowder-hpc-agent[mpi]' (or set AGENT_MPI_RANKS=1)"
     exec mpiexec -n "$ranks" "$PY" -m agent run
 fi
 exec "$PY" -m agent run

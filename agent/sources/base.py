@@ -17,18 +17,15 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable, Optional
 
+from ..errors import BrokerError, SourceError
 from ..messages import Delivery
 
 
-class SourceError(RuntimeError):
-    """Base of source errors."""
-
-
-class SourceLost(SourceError):
+class SourceLost(BrokerError):
     """The connection to the backend is gone for now; the source is reconnecting."""
 
 
-class SourceUnavailable(SourceError):
+class SourceUnavailable(BrokerError):
     """The backend could not be reached within the configured time: the agent should exit."""
 
 
@@ -95,3 +92,8 @@ class WorkSource(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def result(self) -> tuple[str, str]:
+        """What became of the work, as (outcome, reason): "done" unless the source reports one message
+        whose fate the exit code must carry (the message file of a dispatch job)."""
+        return "done", ""

@@ -15,13 +15,14 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
+from ..errors import ConfigError
 from ..messages import Delivery
 from .base import OnDelivery, WorkSource
 
 log = logging.getLogger("agent.message_file")
 
 
-class MessageFileError(ValueError):
+class MessageFileError(ConfigError):
     """The message file is missing or not what dispatch writes."""
 
 
@@ -91,6 +92,10 @@ class MessageFileSource(WorkSource):
 
     def stop_intake(self) -> None:
         pass
+
+    def result(self) -> tuple[str, str]:
+        """The message's fate: done, released, retry, dead-lettered, or not settled at all."""
+        return self.outcome or "not settled", self.reason
 
     def _settle(self, outcome: str, reason: str = "") -> None:
         if self.outcome is None:

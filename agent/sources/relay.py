@@ -36,6 +36,7 @@ import requests
 from hpc_common.messages import REASON_LIMIT, TRACEBACK_LIMIT
 from hpc_common.tokens import TokenFileError, read_token_file
 
+from ..errors import ConfigError, SourceError
 from ..messages import Delivery
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
@@ -43,7 +44,7 @@ log = logging.getLogger("agent.relay")
 STATUS_LINGER = 0.1
 
 
-class _Gone(Exception):
+class _Gone(SourceError):
     """The relay answered 409: the lease is no longer live."""
 
 
@@ -423,11 +424,14 @@ def _error_text(resp: requests.Response) -> str:
 
 
 def from_config(cfg: Any, agent_id: str) -> RelaySource:
-    """A RelaySource from the agent's settings; raises TokenFileError for a bad token file."""
-    token = read_token_file(os.path.expanduser(cfg.relay_token_file))
+    """A RelaySource from the agent's settings; raises ConfigError for a bad token file."""
+    try:
+        token = read_token_file(os.path.expanduser(cfg.relay_token_file))
+    except TokenFileError as exc:
+        raise ConfigError(f"relay_token_file: {exc}") from None
     verify: Any = cfg.relay_ca if getattr(cfg, "relay_ca", None) else True
     return RelaySource(cfg.relay_url, token, cfg.effective_prefetch(), agent_id,
                        connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout, verify=verify)
 
 
-__all__ = ["RelaySource", "TokenFileError", "from_config", "read_token_file"]
+__all__ = ["RelaySource", "from_config"]

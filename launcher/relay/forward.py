@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from hpc_common.routes import Refusal, check, ids_in, lease_scope
 
+from ..errors import RelayError
 from .store import LeaseStore
 
 log = logging.getLogger("launcher.relay.forward")
@@ -45,7 +46,7 @@ _PASS_BACK = {"content-type", "content-disposition", "content-encoding", "last-m
               "cache-control", "content-language"}
 
 
-class ClientError(Exception):
+class ClientError(RelayError):
     """The agent's request is wrong: answered with status and a JSON error."""
 
     def __init__(self, status: int, text: str) -> None:

@@ -8,16 +8,17 @@ import signal
 import ssl
 import sys
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 from hpc_common.owned_folders import try_lock
 from hpc_common.tokens import TokenFileError, read_token_file
+from launcher.errors import ConfigError
 
 log = logging.getLogger("launcher.relay")
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
 
-class RelayConfigError(ValueError):
+class RelayConfigError(ConfigError):
     """A relay setting is missing or wrong (exit 2)."""
 
 
@@ -80,15 +81,17 @@ def _lock(folder: str) -> int:
     return fd
 
 
-def run(args: argparse.Namespace, state_dir: str) -> int:
+def run(args: argparse.Namespace, state_dir: str, launcher_settings: Any = None) -> int:
     """Run the relay until SIGTERM/SIGINT; return the exit code."""
     from .broker import BrokerLink
     from .forward import Forwarder
     from .server import Relay, RelaySettings
     from .store import LeaseStore
 
-    uri = os.environ.get("RABBITMQ_URI")
-    queue = getattr(args, "rabbitmq_queue", None) or os.environ.get("RABBITMQ_QUEUE")
+    from launcher.settings import from_args
+
+    conf = launcher_settings if launcher_settings is not None else from_args(args)
+    uri, queue = conf.rabbitmq_uri, conf.rabbitmq_queue
     if not uri or not queue:
         raise RelayConfigError("the relay needs RABBITMQ_URI and RABBITMQ_QUEUE in its environment")
     host, port = _bind(args.bind)
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace, state_dir: str) -> int:
     settings = RelaySettings(host=host, port=port, token=token, queue=queue, lease_ttl=args.lease_ttl,
                              max_wait=args.max_wait, max_retries=args.max_retries, retry_backoff=args.retry_backoff,
                              max_upload=args.max_upload, max_connections=args.max_connections,
-                             clowder_url=args.clowder_url or os.environ.get("CLOWDER_URL") or None,
+                             clowder_url=conf.clowder_url,
                              public_url=args.public_url, tls=_tls(args.cert, args.key))
     folder = os.path.join(state_dir, "relay-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in queue))
     os.makedirs(folder, mode=0o700, exist_ok=True)
@@ -144,13 +147,16 @@ def run(args: argparse.Namespace, state_dir: str) -> int:
     return EXIT_OK
 
 
-def main_from_cli(args: argparse.Namespace, state_dir: str) -> int:
+def main_from_cli(args: argparse.Namespace, state_dir: str, settings: Any = None) -> int:
     """launcher.cli's entry: run, turning configuration errors into exit 2 with a clear message."""
     if not logging.getLogger("launcher").handlers:
         logging.basicConfig(stream=sys.stderr, format="%(asctime)s relay %(levelname)s %(message)s")
-    logging.getLogger("launcher.relay").setLevel(logging.DEBUG if os.environ.get("RELAY_DEBUG") else logging.INFO)
     try:
-        return run(args, state_dir)
-    except RelayConfigError as exc:
+        from launcher.settings import from_args
+
+        settings = settings if settings is not None else from_args(args)
+        logging.getLogger("launcher.relay").setLevel(logging.DEBUG if settings.relay_debug else logging.INFO)
+        return run(args, state_dir, settings)
+    except ConfigError as exc:  # RelayConfigError, or a bad setting
         print(f"launcher relay: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -43,7 +43,8 @@ import requests
 
 from hpc_common.messages import LAST_ERROR, attempts_of, dead_letter_headers
 from hpc_common.redact import redact_uri
-from launcher.broker import BrokerError, connect, properties, translated
+from launcher.broker import connect, properties, translated
+from launcher.errors import BrokerError, RelayError
 
 from .spool_fs import LocalSpoolFS, RemoteSpoolFS, SpoolFSError
 
@@ -327,11 +328,11 @@ class Spooler:
         self._ch.basic_publish("extractors", "", json.dumps(message).encode(), properties())
 
 
-class _ReplayLater(Exception):
+class _ReplayLater(RelayError):
     """Clowder or the network failed for now: try again on a later pass."""
 
 
-class _ReplayRefused(Exception):
+class _ReplayRefused(RelayError):
     """Clowder refused (4xx): asking again will not help."""
 
 
@@ -354,9 +355,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buffer", type=int, default=20, help="staged messages waiting for agents at most (default 20)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between passes (default 1)")
     p.add_argument("--max-retries", type=int, default=3, help="attempts beyond which a message is dead-lettered")
-    p.add_argument("--clowder-version", type=int, choices=(1, 2),
-                   default=int(os.environ.get("CLOWDER_VERSION", "1") or 1), help="Clowder API (env CLOWDER_VERSION)")
-    p.add_argument("--clowder-url", metavar="URL", help="reach Clowder here instead of the message's host")
+    p.add_argument("--clowder-version", metavar="1|2", help="Clowder API (env CLOWDER_VERSION, default 1)")
+    p.add_argument("--clowder-url", metavar="URL",
+                   help="reach Clowder here instead of the message's host (env CLOWDER_URL)")
     p.add_argument("--remote-home", metavar="DIR",
                    help="with --ssh: the project checkout on the login node (default: this checkout's path)")
     p.add_argument("--remote-python", metavar="PATH", default="python3",
@@ -366,21 +367,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit when the queue, the inbox, the claims and the outbox are all empty")
 
 
-def main_from_cli(args: argparse.Namespace) -> int:
+def main_from_cli(args: argparse.Namespace, settings: Any = None) -> int:
     """Run passes until a signal (or --once / --until-empty); exit 2 on bad settings."""
     import sys
 
+    from launcher.errors import ConfigError
+    from launcher.settings import from_args
+
     logging.getLogger("launcher.relay").setLevel(logging.INFO)
-    uri = os.environ.get("RABBITMQ_URI")
-    queue = getattr(args, "rabbitmq_queue", None) or os.environ.get("RABBITMQ_QUEUE")
+    try:
+        settings = settings if settings is not None else from_args(args)
+    except ConfigError as exc:
+        print(f"launcher spool: error: {exc}", file=sys.stderr)
+        return 2
+    uri, queue = settings.rabbitmq_uri, settings.rabbitmq_queue
     if not uri or not queue:
         print("launcher spool: error: RABBITMQ_URI and RABBITMQ_QUEUE must be set", file=sys.stderr)
         return 2
-    ssh = getattr(args, "ssh", None) or os.environ.get("LAUNCHER_SSH")
+    ssh = settings.ssh
 
     def open_remote() -> Any:
-        return RemoteSpoolFS(ssh, args.dir, ssh_config=getattr(args, "ssh_config", None)
-                             or os.environ.get("LAUNCHER_SSH_CONFIG"), remote_home=args.remote_home,
+        return RemoteSpoolFS(ssh, args.dir, ssh_config=settings.ssh_config, remote_home=args.remote_home,
                              remote_python=args.remote_python)
 
     fs: Any = None
@@ -391,7 +398,7 @@ def main_from_cli(args: argparse.Namespace) -> int:
             print(f"launcher spool: error: cannot open the spool on {ssh}: {exc}", file=sys.stderr)
             return 1
     spooler = Spooler(uri, queue, args.dir, buffer=args.buffer, max_retries=args.max_retries,
-                      clowder_version=args.clowder_version, clowder_url=args.clowder_url, fs=fs)
+                      clowder_version=settings.clowder_version, clowder_url=settings.clowder_url, fs=fs)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -24,11 +24,12 @@ from typing import Any, Iterable, Optional
 
 from hpc_common.owned_folders import fsync_dir
 from hpc_common.spool_layout import SpoolLayout, reclaim
+from launcher.errors import ServiceError
 
 PIECE = 1 << 20
 
 
-class SpoolFSError(OSError):
+class SpoolFSError(ServiceError, OSError):
     """A spool operation failed (on the remote side, or the SSH connection broke)."""
 
 

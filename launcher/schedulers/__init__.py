@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from launcher.errors import ConfigError
 from launcher.runner import CommandError, Runner
 from launcher.schedulers.base import Scheduler
 from launcher.schedulers.pbs import PBSPro
@@ -17,7 +18,7 @@ def make_scheduler(name: str) -> Scheduler:
     try:
         return SCHEDULERS[name]()
     except KeyError:
-        raise ValueError(f"unknown scheduler {name!r}: choose pbs, torque or slurm") from None
+        raise ConfigError(f"unknown scheduler {name!r}: choose pbs, torque or slurm") from None
 
 
 def detect_scheduler(runner: Runner) -> Optional[str]:

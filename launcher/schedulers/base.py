@@ -9,6 +9,7 @@ import dataclasses
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
+from launcher.errors import RequestError, SchedulerError
 from launcher.runner import CommandError, Runner
 from launcher.states import JobState
 
@@ -16,10 +17,6 @@ from launcher.states import JobState
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:@+=-]*$")
 _PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
-
-
-class SchedulerError(Exception):
-    """A scheduler command failed or printed something we cannot trust."""
 
 
 class SubmitFailed(SchedulerError):
@@ -46,16 +43,16 @@ class SubmitRequest:
 
     def __post_init__(self) -> None:
         if self.tasks < 1:
-            raise ValueError("tasks must be >= 1")
+            raise RequestError("tasks must be >= 1")
         if self.walltime_s < 60:
-            raise ValueError("walltime must be at least 00:01:00")
+            raise RequestError("walltime must be at least 00:01:00")
         for label, value in (("queue", self.queue), ("account", self.account),
                              ("job name", self.job_name)):
             if value is not None and not _PLAIN.match(value):
-                raise ValueError(f"bad {label} {value!r}: letters, digits, _ . @ + - only")
+                raise RequestError(f"bad {label} {value!r}: letters, digits, _ . @ + - only")
         for name, value in self.env.items():
             if not _ENV_NAME.match(name) or not _ENV_VALUE.match(value):
-                raise ValueError(f"cannot pass {name!r} to the job: plain names and values only")
+                raise RequestError(f"cannot pass {name!r} to the job: plain names and values only")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from hpc_common.walltime import format_walltime
+from launcher.errors import RequestError
 from launcher.runner import CommandError
 from launcher.schedulers.base import (
     JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, parse_ranges,
@@ -22,7 +23,7 @@ def split_job_id(job_id: str) -> Tuple[str, Optional[str], Optional[str]]:
     """``"1234[7].srv"`` -> ``("1234", "7", "srv")``; index ``""`` for an array, None for a job."""
     m = PBS_JOB_ID.match(job_id.strip())
     if not m:
-        raise ValueError(f"not a PBS job id: {job_id!r}")
+        raise RequestError(f"not a PBS job id: {job_id!r}")
     return m.group("seq"), m.group("index"), m.group("server")
 
 

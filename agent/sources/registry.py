@@ -1,0 +1,121 @@
+"""The work sources an agent can take messages from, each registered with a factory.
+
+A SourceKind says how to build its source from the settings (`build`), whether the agent must open
+the in-flight journal for it (`uses_journal`), which settings it forces (`forced`: a message file
+is one message), what it needs from the settings (`check`) and what it changes in the extractor's
+environment (`extractor_env`). agent.cli's wiring only looks kinds up here, so a new source is
+one `register()` call, and several plugins (each with its queue) can later share a kind: the
+factory gets the queue and the journal per request, not from globals.
+
+Each source module is imported only when its factory runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+from .base import WorkSource
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a factory gets: the resolved settings, the queue to serve, this agent's id, its journal."""
+
+    cfg: Any                 # agent.config.AgentConfig
+    queue: str
+    agent_id: str
+    journal: Any = None      # agent.journal.Journal, open, when the kind uses_journal
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One work source: how it is built and what it asks of the rest of the agent."""
+
+    name: str
+    build: Callable[[SourceRequest], WorkSource]
+    uses_journal: bool = False
+    forced: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Any], Optional[str]] = lambda cfg: None
+    extractor_env: Callable[[Any, dict[str, str]], None] = lambda cfg, env: None
+    help: str = ""
+
+
+SOURCES: dict[str, SourceKind] = {}
+
+
+def register(kind: SourceKind) -> SourceKind:
+    """Add a work source (a later registration of the same name replaces the earlier one)."""
+    SOURCES[kind.name] = kind
+    return kind
+
+
+def source_kind(name: str) -> SourceKind:
+    """The registered kind called `name`; ConfigError naming the known ones otherwise."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ConfigError(f"source: unknown work source {name!r} (known: {', '.join(SOURCES)})") from None
+
+
+def _no_proxy(env: dict[str, str], host: Optional[str]) -> None:
+    env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY"), host]))
+
+
+# -- the built-in sources ------------------------------------------------------------------------------
+def _amqp(req: SourceRequest) -> WorkSource:
+    from .amqp import AmqpSource
+
+    cfg = req.cfg
+    return AmqpSource(cfg.rabbitmq_uri, req.queue, cfg.effective_prefetch(), req.journal, req.agent_id,
+                      connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
+
+
+def _relay(req: SourceRequest) -> WorkSource:
+    from .relay import from_config
+
+    return from_config(req.cfg, req.agent_id)  # a bad token file is a ConfigError
+
+
+def _relay_check(cfg: Any) -> Optional[str]:
+    if not cfg.relay_url or not cfg.relay_token_file:
+        return "source relay needs relay_url and relay_token_file (AGENT_RELAY_URL, AGENT_RELAY_TOKEN_FILE)"
+    if not cfg.relay_url.startswith(("http://", "https://")):
+        return f"relay_url: {cfg.relay_url!r} is not an http(s) URL"
+    if cfg.clowder_url:
+        return ("clowder_url cannot be used with source relay: the relay forwards Clowder calls "
+                "(give the relay --clowder-url instead)")
+    return None
+
+
+def _relay_env(cfg: Any, env: dict[str, str]) -> None:
+    # Extractors of every rank reach Clowder through the relay: never through a proxy, trusting its CA.
+    if cfg.relay_ca:
+        env["REQUESTS_CA_BUNDLE"] = cfg.relay_ca
+    _no_proxy(env, urlsplit(cfg.relay_url or "").hostname)
+
+
+def _spool(req: SourceRequest) -> WorkSource:
+    from .spool import from_config
+
+    return from_config(req.cfg, req.agent_id)
+
+
+def _file(req: SourceRequest) -> WorkSource:
+    from .message_file import MessageFileSource
+
+    return MessageFileSource(req.cfg.message_file, req.queue, req.cfg.rabbitmq_uri)
+
+
+register(SourceKind("amqp", _amqp, uses_journal=True, help="RabbitMQ, as pyclowder consumes it"))
+register(SourceKind("relay", _relay, check=_relay_check, extractor_env=_relay_env,
+                    help="leases from python -m launcher relay; no journal, no broker connection"))
+register(SourceKind("spool", _spool,
+                    check=lambda cfg: None if cfg.spool_dir else "source spool needs spool_dir (AGENT_SPOOL_DIR)",
+                    extractor_env=lambda cfg, env: _no_proxy(env, "127.0.0.1"),
+                    help="messages and files in a shared folder (python -m launcher spool); Clowder calls recorded"))
+register(SourceKind("file", _file, forced={"max_messages": 1, "idle_exit": 0.0},
+                    check=lambda cfg: None if cfg.message_file else
+                    "source file needs message_file (AGENT_MESSAGE_FILE or CLOWDER_MESSAGE_FILE)",
+                    help="one message written by python -m launcher dispatch; the exit code reports its fate"))

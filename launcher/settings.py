@@ -1,0 +1,177 @@
+"""Launcher settings: one table, four sources.
+
+Precedence, highest first: command-line flag > environment > YAML settings file > default.
+The YAML file comes from `--config FILE` or LAUNCHER_CONFIG; its keys are the setting names below
+(e.g. `scheduler: slurm`), unknown keys are refused. The site's caps file is separate (launcher.caps):
+it holds limits, not settings. Every bad value, from any source, is one ConfigError naming the
+setting and where the value came from; a secret's value is never shown.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import yaml
+
+from launcher.errors import ConfigError
+
+SCHEDULER_NAMES = ("pbs", "torque", "slurm")
+
+
+def _text(value: Any) -> Optional[str]:
+    return None if value is None or str(value) == "" else str(value)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"expected {', '.join(choices[:-1])} or {choices[-1]}")
+        return text
+    return parse
+
+
+def _clowder_version(value: Any) -> int:
+    number = int(str(value).strip())
+    if number not in (1, 2):
+        raise ValueError("expected 1 or 2")
+    return number
+
+
+def _flag_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 1 or 0")
+
+
+def _url(value: Any) -> Optional[str]:
+    text = _text(value)
+    if text is not None and not text.startswith(("http://", "https://")):
+        raise ValueError("expected an http(s) URL")
+    return text
+
+
+def _default_state_dir(environ: Mapping[str, str]) -> str:
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return os.path.join(base, "clowder-launcher")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One launcher setting: name, environment names (first set wins), parser, default, flag."""
+
+    name: str
+    env: tuple[str, ...]
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    flag: Optional[str] = None         # None: environment or settings file only (secrets)
+    secret: bool = False
+    default_from_env: Optional[Callable[[Mapping[str, str]], Any]] = None
+
+    def default_value(self, environ: Mapping[str, str]) -> Any:
+        """The default, which for some settings depends on other environment variables (XDG_STATE_HOME)."""
+        return self.default_from_env(environ) if self.default_from_env else self.default
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("caps", ("LAUNCHER_CAPS",), _text, None,
+            "site caps YAML (default /etc/clowder-hpc-agent/caps.yaml if it exists)", "--caps"),
+    Setting("scheduler", ("LAUNCHER_SCHEDULER",), _choice(*SCHEDULER_NAMES), None,
+            "pbs, torque or slurm (default: detected from the commands on PATH)", "--scheduler"),
+    Setting("ssh", ("LAUNCHER_SSH",), _text, None,
+            "run scheduler commands on this login node (default: locally)", "--ssh"),
+    Setting("ssh_config", ("LAUNCHER_SSH_CONFIG",), _text, None, "ssh -F file (default ~/.ssh/config)",
+            "--ssh-config"),
+    Setting("script", ("LAUNCHER_SCRIPT",), _text, None,
+            "job script (default pbs/agent_array.slurm on Slurm, else pbs/agent_array.pbs)", "--script"),
+    Setting("state_dir", ("LAUNCHER_STATE_DIR",), _text, None,
+            "ledger, lock and dispatch messages (default $XDG_STATE_HOME/clowder-launcher, "
+            "~/.local/state/clowder-launcher)", "--state-dir", default_from_env=_default_state_dir),
+    Setting("rabbitmq_uri", ("RABBITMQ_URI",), _text, None, "broker URI with credentials", secret=True),
+    Setting("rabbitmq_queue", ("RABBITMQ_QUEUE",), _text, None, "the extractor's queue", "--rabbitmq-queue"),
+    Setting("rabbitmq_management", ("RABBITMQ_MANAGEMENT_URL",), _url, None,
+            "RabbitMQ management API, for unacked counts", "--rabbitmq-management"),
+    Setting("clowder_url", ("CLOWDER_URL",), _url, None,
+            "relay: reach Clowder here instead of the message's host", "--clowder-url"),
+    Setting("clowder_version", ("CLOWDER_VERSION",), _clowder_version, 1,
+            "spool: Clowder API version of the extractor (1 or 2)", "--clowder-version"),
+    Setting("relay_debug", ("RELAY_DEBUG",), _flag_bool, False, "relay: log every request (1 or 0)"),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _field(setting: Setting) -> tuple[str, Any, Any]:
+    return setting.name, Any, field(default=setting.default, repr=not setting.secret)
+
+
+LauncherSettings = dataclasses.make_dataclass("LauncherSettings", [_field(s) for s in SETTINGS], frozen=True)
+LauncherSettings.__module__ = __name__
+LauncherSettings.__doc__ = "Resolved settings of one launcher command (see SETTINGS for meanings)."
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"settings file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"settings file {path}: not valid YAML ({exc.__class__.__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path}: expected a mapping of setting: value")
+    unknown = sorted(set(map(str, data)) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"settings file {path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def _parse(setting: Setting, raw: Any, origin: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except (TypeError, ValueError) as exc:
+        shown = "(hidden)" if setting.secret else repr(raw)
+        raise ConfigError(f"{setting.name} from {origin}: cannot use {shown}: {exc}") from None
+
+
+def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None,
+            config_file: Optional[str] = None) -> Any:
+    """Resolve every setting (flag > environment > settings file > default); returns LauncherSettings."""
+    flags = dict(flags or {})
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get("LAUNCHER_CONFIG") or None
+    file_values = _read_yaml(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        env_name = next((e for e in setting.env if environ.get(e) not in (None, "")), None)
+        if setting.flag and flags.get(setting.name) is not None:
+            values[setting.name] = _parse(setting, flags[setting.name], setting.flag)
+        elif env_name is not None:
+            values[setting.name] = _parse(setting, environ[env_name], env_name)
+        elif setting.name in file_values:
+            values[setting.name] = _parse(setting, file_values[setting.name], f"settings file {config_file}")
+        else:
+            values[setting.name] = setting.default_value(environ)
+    return LauncherSettings(**values)
+
+
+def from_args(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None) -> Any:
+    """The settings of one command line, resolved once and kept on the namespace."""
+    cached = getattr(args, "_settings", None)
+    if cached is None:
+        flags = {s.name: getattr(args, s.name, None) for s in SETTINGS if s.flag}
+        cached = resolve(flags, environ, getattr(args, "config", None))
+        args._settings = cached
+    return cached
