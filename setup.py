@@ -16,6 +16,8 @@ setup(
         "pyyaml>=6",
         "mpi4py>=3.1",
         "pyclowder==3.0.8",
+        "prometheus-client>=0.17",
+        "matplotlib>=3.6",
     ],
     extras_require={
         # HPC sites bring their own MPI (mpi4py built against it); for development
