@@ -95,6 +95,15 @@ def state_at(task: TaskSpan, t: float) -> Optional[str]:
     return JobState.QUEUED.value
 
 
+def _run_end(spans: Sequence[TaskSpan], now: float) -> float:
+    """Where time axes end: now while a task is open, else when the last one ended (plus a margin)."""
+    if any(s.ended is None for s in spans):
+        return now
+    last = max(s.ended for s in spans)
+    first = min(s.seen for s in spans)
+    return min(now, last + max(0.05 * (last - first), 1.0))
+
+
 def bin_width(span: float) -> int:
     """A round bin width giving about 30 bins over ``span`` seconds."""
     for width in NICE_BINS:
@@ -200,8 +209,7 @@ def plot_tasks_by_state(spans: Sequence[TaskSpan], now: float, path: Path) -> No
         _no_data(ax, "no data yet (no array task recorded)")
         return _save(fig, path)
     lo = min(s.seen for s in spans)
-    hi = max([now] + [s.ended for s in spans if s.ended is not None])
-    hi = max(hi, lo + 1.0)
+    hi = max(_run_end(spans, now), lo + 1.0)
     times = [lo + (hi - lo) * i / 299 for i in range(300)]
     states = [s.value for s in JobState]
     counts = {st: [0] * len(times) for st in states}
@@ -227,8 +235,7 @@ def plot_node_hours(spans: Sequence[TaskSpan], budget: Optional[float], now: flo
         _no_data(ax, "no data yet (no task has run)")
         return _save(fig, path)
     lo = min(s.started for s in ran)
-    hi = max([now] + [s.ended for s in ran if s.ended is not None])
-    hi = max(hi, lo + 1.0)
+    hi = max(_run_end(ran, now), lo + 1.0)
     times = [lo + (hi - lo) * i / 199 for i in range(200)]
     used = [sum(max(min(t, s.ended if s.ended is not None else now) - s.started, 0.0) * s.nodes for s in ran)
             / 3600.0 for t in times]
@@ -352,8 +359,8 @@ def _html(data: dict, status_text: str, reports: Sequence[dict], spans: Sequence
                ("node-hours used", f"{nh['used']:.3f} ({budget})"),
                ("agent reports", str(len(reports)))]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
-    imgs = "".join(f'<figure><img src="{name}" width="{int(WIDTH_IN * DPI)}" alt="{html.escape(alt)}">'
-                   f"<figcaption>{html.escape(alt)}</figcaption></figure>" for name, alt in PLOTS)
+    imgs = "".join(f'<figure><img src="{name}" width="{int(WIDTH_IN * DPI)}" alt="{html.escape(alt)}"></figure>'
+                   for name, alt in PLOTS)
     drows = "".join(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
             html.escape(_when(d["at"])), html.escape(d["case_name"]), html.escape(_action(d)),
@@ -367,7 +374,7 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; max-width: 60em; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; font-size: 0.9em; }}
 th {{ background: #f0f0f0; }}
-figure {{ margin: 0 0 1.2em; }} figcaption {{ font-size: 0.85em; color: #555; }}
+figure {{ margin: 0 0 1.2em; }}
 pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }}
 </style></head><body>
 <h1>Run report</h1>
