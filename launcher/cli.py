@@ -21,6 +21,7 @@ import filelock
 from launcher.broker import BrokerError
 from launcher.caps import CapsError, Request, load_caps
 from launcher.ledger import Ledger, LedgerError
+from launcher.logfmt import OneLineFormatter
 from launcher.operations import Launcher, Refused
 from launcher.redact import redact_text, redact_uri
 from launcher.runner import CommandError, LocalRunner, Runner, SSHRunner, default_control_dir
@@ -455,7 +456,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RedactFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s launcher %(levelname)s %(message)s"))
+    handler.setFormatter(OneLineFormatter("launcher"))
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     lock = None

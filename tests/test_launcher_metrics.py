@@ -192,3 +192,44 @@ def test_port_in_use_is_one_clear_line(env):
     bad = subprocess.run([sys.executable, "-m", "launcher", "metrics", "--bind", "nonsense"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "expected HOST:PORT" in bad.stderr and "Traceback" not in bad.stderr
+
+
+
+def _emitted_names(tmp_path):
+    """Sample names the launcher's and the relay's collectors emit for a snapshot with every field."""
+    import threading
+    from launcher.metrics import families
+    from launcher.relay.metrics import RelayMetrics
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    data = {"broker": {"queue": "q", "uri": "amqp://x", "ready": 1, "unacked": 0, "consumers": 0,
+                       "per_file_seconds": 1.0},
+            "backlog": {"total": 1, "broker_ready": 1}, "tasks": {}, "tasks_this_period": {},
+            "files_per_minute": 1.0, "node_hours": {"used": 0.0, "committed": 0.0, "budget": 1.0}}
+    names = {s.name for fam in families(data, ledger) for s in fam.samples}
+    ledger.close()
+
+    class Store:
+        def counts(self):
+            return {"ready": 0, "leased": 0, "dead": 0}
+
+    class Broker:
+        connected = threading.Event()
+
+    relay = RelayMetrics(Store(), Broker(), "q")
+    relay.observe("/v1/lease", 200, forwarded=False)
+    names |= {s.name for fam in relay.collect() for s in fam.samples}
+    return names
+
+
+def test_dashboard_and_readme_use_only_metrics_that_exist(tmp_path):
+    """The Grafana dashboard and launcher/README.md name metrics the collectors really emit."""
+    emitted = _emitted_names(tmp_path) | {"clowder_hpc_scrape_ok"}
+    used = set(re.findall(r"clowder_hpc_\w+", (REPO / "launcher/monitoring/grafana-dashboard.json").read_text()))
+    assert used and used <= emitted, used - emitted
+    documented = set(re.findall(r"`(clowder_hpc_\w+)", (REPO / "launcher/README.md").read_text()))
+    for name in ("clowder_hpc_backlog", "clowder_hpc_broker_ready", "clowder_hpc_tasks", "clowder_hpc_files_done_total",
+                 "clowder_hpc_files_failed_total", "clowder_hpc_dead_lettered_total", "clowder_hpc_seconds_per_file",
+                 "clowder_hpc_node_hours_used", "clowder_hpc_node_hours_budget", "clowder_hpc_scale_decisions_total"):
+        assert name in emitted and name in documented, name
+    assert documented <= emitted, documented - emitted
