@@ -104,6 +104,13 @@ def _run_end(spans: Sequence[TaskSpan], now: float) -> float:
     return min(now, last + max(0.05 * (last - first), 1.0))
 
 
+def _time_grid(starts: Sequence[float], spans: Sequence[TaskSpan], now: float, n: int) -> List[float]:
+    """``n`` evenly spaced times from the earliest start to the run's end (at least one second)."""
+    lo = min(starts)
+    hi = max(_run_end(spans, now), lo + 1.0)
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
 def bin_width(span: float) -> int:
     """A round bin width giving about 30 bins over ``span`` seconds."""
     for width in NICE_BINS:
@@ -208,9 +215,7 @@ def plot_tasks_by_state(spans: Sequence[TaskSpan], now: float, path: Path) -> No
     if not spans:
         _no_data(ax, "no data yet (no array task recorded)")
         return _save(fig, path)
-    lo = min(s.seen for s in spans)
-    hi = max(_run_end(spans, now), lo + 1.0)
-    times = [lo + (hi - lo) * i / 299 for i in range(300)]
+    times = _time_grid([s.seen for s in spans], spans, now, 300)
     states = [s.value for s in JobState]
     counts = {st: [0] * len(times) for st in states}
     for i, t in enumerate(times):
@@ -234,9 +239,7 @@ def plot_node_hours(spans: Sequence[TaskSpan], budget: Optional[float], now: flo
     if not ran:
         _no_data(ax, "no data yet (no task has run)")
         return _save(fig, path)
-    lo = min(s.started for s in ran)
-    hi = max(_run_end(ran, now), lo + 1.0)
-    times = [lo + (hi - lo) * i / 199 for i in range(200)]
+    times = _time_grid([s.started for s in ran], ran, now, 200)
     used = [sum(max(min(t, s.ended if s.ended is not None else now) - s.started, 0.0) * s.nodes for s in ran)
             / 3600.0 for t in times]
     ax.plot(_dates(times), used, color="#3182bd", linewidth=2, label="used")

@@ -2,6 +2,7 @@
 
 The fixtures come from tests/conftest.py (with CI=true a missing broker is a failure).
 """
+import contextlib
 import json
 import os
 import re
@@ -47,32 +48,34 @@ def env(tmp_path, rabbitmq, amqp_queue):
         conn.close()
 
 
-def publish(url, queue, n):
+@contextlib.contextmanager
+def confirmed_channel(url):
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
         ch = conn.channel()
         ch.confirm_delivery()
+        yield ch
+    finally:
+        conn.close()
+
+
+def publish(url, queue, n):
+    with confirmed_channel(url) as ch:
         for i in range(n):
             ch.basic_publish("", queue, json.dumps({"id": f"file-{i}"}).encode(),
                              pika.BasicProperties(delivery_mode=2))
-    finally:
-        conn.close()
 
 
 def publish_reports(url, queue, reports):
     """As agents do (agent.sources.amqp): to the reports exchange, routing key = queue."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        ch.confirm_delivery()
+    from agent.reports import WINDOW_QUEUE_ARGUMENTS
+
+    with confirmed_channel(url) as ch:
         ch.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
-        from agent.reports import WINDOW_QUEUE_ARGUMENTS
         ch.queue_declare(window_queue(queue), durable=True, arguments=WINDOW_QUEUE_ARGUMENTS)
         ch.queue_bind(window_queue(queue), EXCHANGE, routing_key=queue)
         for r in reports:
             ch.basic_publish(EXCHANGE, queue, json.dumps(r).encode())
-    finally:
-        conn.close()
 
 
 class Server:
