@@ -81,8 +81,9 @@ def publish_reports(url, queue, reports):
 class Server:
     """`python -m launcher metrics --bind 127.0.0.1:0`; the bound port is read from its stderr."""
 
-    def __init__(self, env, *extra):
-        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "metrics", "--bind", "127.0.0.1:0", *extra],
+    def __init__(self, env, *argv):
+        argv = argv or ("metrics", "--bind", "127.0.0.1:0")
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", *argv],
                                      cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", line)
@@ -165,6 +166,23 @@ def test_values_follow_the_ledger_and_agent_reports_at_each_scrape(env, rabbitmq
     assert third[("clowder_hpc_seconds_per_file", q)] == pytest.approx(18.0 / 10, abs=0.01)
     assert third[("clowder_hpc_node_hours_used", ())] > 0
     assert third[("clowder_hpc_backlog", q)] == 3
+
+
+def test_scale_serves_the_same_metrics_while_it_runs(env):
+    """`scale --metrics-bind`: an empty queue gives idle_wait decisions, counted as they are made."""
+    server = Server(env, "scale", "--interval", "1", "--metrics-bind", "127.0.0.1:0")
+    try:
+        deadline = time.monotonic() + 60
+        s = server.scrape()
+        while s[("clowder_hpc_scale_decisions_total", (("case", "idle_wait"),))] < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            s = server.scrape()
+    finally:
+        server.close()
+    assert server.proc.returncode == 0  # SIGTERM ends the loop cleanly
+    assert s[("clowder_hpc_scale_decisions_total", (("case", "idle_wait"),))] >= 2
+    assert s[("clowder_hpc_scale_decisions_total", (("case", "scale_up"),))] == 0
+    assert s[("clowder_hpc_backlog", (("queue", env["RABBITMQ_QUEUE"]),))] == 0
 
 
 def test_broker_down_still_answers(env):
