@@ -327,7 +327,7 @@ def write_report(launcher, data: dict, out: Path, since: Optional[str] = None) -
     except OSError as exc:
         raise ValueError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     ledger = launcher.ledger
-    reports = ledger.agent_reports(start)
+    reports = ledger.agent_reports(start, queue=data["broker"].get("queue") or None)
     rows = [r for r in ledger.db.execute(
         "SELECT t.*, COALESCE(s.nodes_per_task, 1) AS nodes FROM tasks t"
         " LEFT JOIN submissions s ON s.job_id=t.job_id"
