@@ -15,6 +15,8 @@ setup(
         "psutil>=5.9",
         "pyyaml>=6",
         "pyclowder==3.0.8",
+        "prometheus-client>=0.17",
+        "matplotlib>=3.6",
     ],
     extras_require={
         # Only MPI runs (mpiexec -n N python -m agent run) need mpi4py. HPC sites may build

@@ -90,7 +90,7 @@ class Runner:
         self._stop_deadline: Optional[float] = None
         self._signal: Optional[int] = None
         self._killed_for_stop: set[int] = set()
-        self._report = {"done": 0, "failed": 0, "busy": 0.0, "since": clock()}
+        self._report = self._new_report(clock())
         self._defers = 0  # consecutive "Clowder unavailable" outcomes, for their backoff
         self._next_register = 0.0
         self._next_recovery = 0.0
@@ -221,6 +221,7 @@ class Runner:
             self._status(delivery, pyclowder.utils.StatusMessage.error, reason)
         attempts = delivery.attempts if attempts is None else attempts
         self.counters.dead_lettered += 1
+        self._report["dead"] += 1
         self._settle(delivery, "dead-letter", lambda: self.source.dead_letter(
             delivery, self.redactor(reason), self.redactor(traceback), attempts))
         self._work_done()
@@ -297,6 +298,8 @@ class Runner:
         elapsed = self._clock() - slot.started_at
         self.estimate.add(elapsed)
         self._report["busy"] += elapsed
+        if len(self._report["durations"]) < reports.MAX_DURATIONS:
+            self._report["durations"].append(elapsed)
         self._report["done" if kind == "done" and frame.get("outcome") == "ok" else "failed"] += 1
         if kind == "died":
             if slot.index in self._killed_for_stop:
@@ -394,8 +397,14 @@ class Runner:
         if self.source.connected:
             self.source.publish_report(reports.report(
                 getattr(self.source, "agent_id", ""), self.source.queue, self.identity, now - r["since"],
-                r["done"], r["failed"], r["busy"]))
-        self._report = {"done": 0, "failed": 0, "busy": 0.0, "since": now}
+                r["done"], r["failed"], r["busy"], dead_lettered=r["dead"], slots=len(self.slots),
+                durations=r["durations"]))
+        self._report = self._new_report(now)
+
+    @staticmethod
+    def _new_report(now: float) -> dict:
+        """Counters for the next activity report (agent.reports.report)."""
+        return {"done": 0, "failed": 0, "dead": 0, "busy": 0.0, "durations": [], "since": now}
 
     def _retry_due(self, now: float) -> None:
         if not self.backoff:

@@ -19,6 +19,9 @@ import uuid
 
 import pika
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plots import plot_results  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMQP = os.environ.get("RABBITMQ_URI", "amqp://guest:guest@127.0.0.1:5672/%2f")
 WORKER = os.path.join(REPO, "benchmarks", "launcher_worker.py")
@@ -137,6 +140,7 @@ def main():
     with open(out, "w") as fh:
         fh.write(text)
     print(text)
+    print(f"plot: {plot_results(out)}")
 
 
 if __name__ == "__main__":

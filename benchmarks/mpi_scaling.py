@@ -39,6 +39,7 @@ import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish  # noqa: E402
+from plots import plot_results  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
 DISTURBED = 0.25  # cores of other load above which a comparison is flagged
@@ -331,6 +332,7 @@ def main() -> int:
     print(text)
     with open(args.out, "w") as fh:
         fh.write(text)
+    print(f"plot: {plot_results(args.out)}")
     print(f"logs in {log_dir}", file=sys.stderr)
     return 0
 

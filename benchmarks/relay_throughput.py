@@ -29,6 +29,7 @@ import pika
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
                      wait_count)
+from plots import plot_results  # noqa: E402
 
 FLOOR = 0.5
 
@@ -136,6 +137,7 @@ def main() -> int:
     print(text)
     with open(args.out, "w") as fh:
         fh.write(text)
+    print(f"plot: {plot_results(args.out)}")
     return 0 if worst >= FLOOR else 1
 
 

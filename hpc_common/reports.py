@@ -26,11 +26,21 @@ def window_queue(queue: str) -> str:
 WINDOW_QUEUE_ARGUMENTS = {"x-message-ttl": int(WINDOW * 1000), "x-max-length": MAX_REPORTS}
 
 
+MAX_DURATIONS = 2000  # per-file durations one report carries (the launcher's duration plot)
+
+
 def report(agent_id: str, queue: str, task: str, interval: float, done: int, failed: int,
-           busy_seconds: float, now: Optional[float] = None) -> dict[str, Any]:
-    """One report: files finished (done) or given up (failed) in the last interval, and their time."""
+           busy_seconds: float, now: Optional[float] = None, dead_lettered: int = 0,
+           slots: Optional[int] = None, durations: Iterable[float] = ()) -> dict[str, Any]:
+    """One report: files finished (done) or failed attempts (failed) in the last interval, and their time.
+
+    ``dead_lettered``: messages this agent sent to the error queue in the interval; ``slots``:
+    extractor slots the agent runs (for allocation utilization); ``durations``: seconds per file.
+    """
     return {"v": 1, "agent": agent_id, "queue": queue, "task": task, "time": time.time() if now is None else now,
-            "interval": round(interval, 3), "done": done, "failed": failed, "busy_seconds": round(busy_seconds, 3)}
+            "interval": round(interval, 3), "done": done, "failed": failed, "busy_seconds": round(busy_seconds, 3),
+            "dead_lettered": dead_lettered, "slots": slots,
+            "durations": [round(d, 3) for d in list(durations)[:MAX_DURATIONS]]}
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class QueueStats:
     unacked: Optional[int] = None  # None: unknown
     ack_rate: Optional[float] = None  # messages/s acknowledged recently, None: unknown
     activity: Optional[Activity] = None  # what the agents reported in the last window (hpc_common.reports)
+    reports: tuple = ()  # those reports as read (dicts), for the ledger to keep
 
 
 def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
@@ -122,7 +123,7 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
         channel = conn.channel()
         ok = channel.queue_declare(queue=queue, passive=True)
         ready, consumers = ok.method.message_count, ok.method.consumer_count
-        activity = _agent_activity(conn, queue)
+        reports = _agent_reports(conn, queue)
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 404:
             raise BrokerError(f"queue {queue!r} does not exist on {redact_uri(uri)}") from None
@@ -138,11 +139,11 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
     unacked = ack_rate = None
     if management_url:
         unacked, ack_rate = _management(uri, queue, management_url, timeout)
-    return QueueStats(ready, consumers, unacked, ack_rate, activity)
+    return QueueStats(ready, consumers, unacked, ack_rate, summarize(reports), tuple(reports))
 
 
-def _agent_activity(conn, queue: str) -> Optional[Activity]:
-    """Summarize the agents' recent reports, leaving them in their window queue.
+def _agent_reports(conn, queue: str) -> list:
+    """The agents' recent reports, left in their window queue.
 
     The reports are read without acknowledgement and requeued when the channel closes, so the
     queue keeps a sliding window (its messages expire after hpc_common.reports.WINDOW seconds).
@@ -164,7 +165,7 @@ def _agent_activity(conn, queue: str) -> Optional[Activity]:
         except ValueError:
             continue
     channel.close()  # unacknowledged: every report goes back into the window
-    return summarize(found)
+    return [r for r in found if isinstance(r, dict)]
 
 
 def _management(uri: str, queue: str, url: str, timeout: float):

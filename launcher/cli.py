@@ -1,4 +1,4 @@
-"""Command line: ``python -m launcher {submit,status,scale,dispatch,relay,spool,cancel,reconcile}``.
+"""Command line: ``python -m launcher {submit,status,scale,metrics,report,dispatch,relay,spool,cancel,reconcile}``.
 
 Settings (launcher.settings): command-line flag > environment variable > settings file > default.
 Global options may be given before or after the subcommand. Failures map to exit codes by their
@@ -23,6 +23,7 @@ from hpc_common.walltime import walltime_seconds as parse_walltime  # whole seco
 from launcher.caps import Request, load_caps
 from launcher.errors import BrokerError, ConfigError, LauncherError, LedgerError
 from launcher.ledger import Ledger
+from launcher.logfmt import OneLineFormatter
 from launcher.operations import Launcher, Refused
 from launcher.runner import LocalRunner, Runner, SSHRunner, default_control_dir
 from launcher.schedulers import detect_scheduler, make_scheduler
@@ -169,14 +170,16 @@ def cmd_reconcile(args) -> int:
     return 0 if ok else EXIT_ERROR
 
 
-def cmd_status(args) -> int:
-    from launcher.status import collect, render
+def status_snapshot(args, refresh: bool = True):
+    """(launcher, data) as `status --json` shows it; ``refresh`` queries the scheduler when no
+    scale loop holds the lock (the ledger view otherwise)."""
+    from launcher.status import collect
 
     launcher = build(args)
     _, queue, label = _broker(args)
     refreshed = False
     try:
-        lock = _lock(args)
+        lock = _lock(args) if refresh else None
     except LockedError:
         lock = None  # a scale loop is running: show its ledger, do not query in parallel
     if lock is not None:
@@ -184,8 +187,53 @@ def cmd_status(args) -> int:
             refreshed = launcher.reconcile()
         finally:
             lock.release()
-    data = collect(launcher, queue, label, refreshed)
+    return launcher, collect(launcher, queue, label, refreshed)
+
+
+def cmd_status(args) -> int:
+    from launcher.status import render
+
+    _, data = status_snapshot(args)
     print(json.dumps(data, indent=2, default=str) if args.json else render(data))
+    return 0
+
+
+def _metrics_registry(args, refresh: bool):
+    from launcher.metrics import registry_for
+
+    def snapshot():
+        launcher, data = status_snapshot(args, refresh=refresh)
+        return data, launcher.ledger
+
+    return registry_for(snapshot)
+
+
+def _start_metrics(args, bind: str, refresh: bool):
+    from launcher.metrics import announce, serve
+
+    build(args).ledger.close()  # settings checked once up front: a bad caps file fails here
+    server, _thread, port = serve(bind, _metrics_registry(args, refresh))
+    announce(bind, port, sys.stderr)
+    return server
+
+
+def cmd_metrics(args) -> int:
+    from launcher.metrics import wait
+
+    server = _start_metrics(args, args.bind, refresh=args.refresh)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    wait(stop, server)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from launcher.report import write_report
+
+    launcher, data = status_snapshot(args, refresh=not args.no_refresh)
+    index = write_report(launcher, data, Path(args.out), since=args.since)
+    print(index)
     return 0
 
 
@@ -205,6 +253,17 @@ def cmd_scale(args) -> int:
     if not args.once:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    # scale holds the lock: its metrics show the ledger it keeps fresh (no second scheduler query)
+    server = _start_metrics(args, args.metrics_bind, refresh=False) if args.metrics_bind else None
+    try:
+        return _scale_loop(args, launcher, policy, stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def _scale_loop(args, launcher: Launcher, policy: Policy, stop: threading.Event) -> int:
     while True:
         decision = launcher.scale_once(policy, per_file_s=args.per_file_seconds)
         if args.once or args.verbose:
@@ -334,9 +393,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--files-per-task", type=int, default=50,
                    help="backlog one task is given when the per-file time is unknown")
     p.add_argument("--per-file-seconds", type=float, default=None)
+    p.add_argument("--metrics-bind", metavar="HOST:PORT",
+                   help="also serve Prometheus /metrics here while scaling (see `metrics`)")
     _job_options(p)
     _common(p, suppress=True)
     p.set_defaults(func=cmd_scale, locked=True)
+
+    p = sub.add_parser("metrics", help="serve Prometheus /metrics (the status data, read at each scrape)")
+    p.add_argument("--bind", required=True, metavar="HOST:PORT",
+                   help="address to listen on, e.g. 127.0.0.1:9464 (port 0: any free port, printed)")
+    p.add_argument("--refresh", action="store_true",
+                   help="query the scheduler at each scrape when no scale loop runs"
+                        " (default: the ledger view that scale keeps fresh)")
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_metrics, locked=False)
+
+    p = sub.add_parser("report", help="write a self-contained HTML run report with plots")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and the PNGs")
+    p.add_argument("--since", metavar="WHEN",
+                   help="start of the report: ISO time (2026-12-01T10:00), epoch seconds, or an age"
+                        " like 90m / 6h / 2d (default: the first thing the ledger recorded)")
+    p.add_argument("--no-refresh", action="store_true", help="do not query the scheduler first")
+    _common(p, suppress=True)
+    p.set_defaults(func=cmd_report, locked=False)
 
     p = sub.add_parser("dispatch", help="one batch job per message (rare heavy extractors)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
@@ -385,7 +464,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RedactFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s launcher %(levelname)s %(message)s"))
+    handler.setFormatter(OneLineFormatter("launcher"))
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     lock = None

@@ -18,7 +18,7 @@ from launcher.errors import LedgerError
 from launcher.schedulers.base import JobStatus
 from launcher.states import JobState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,6 +93,28 @@ CREATE INDEX IF NOT EXISTS dispatch_hash ON dispatch (msg_hash);
 """
 
 
+# v3: the agents' activity reports the launcher read (they expire from the broker's window queue
+# after hpc_common.reports.WINDOW; kept here for metrics totals and the run report's plots).
+_SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS agent_reports (
+    agent TEXT NOT NULL,
+    at REAL NOT NULL,                  -- the agent's clock when it sent the report
+    queue TEXT NOT NULL,
+    task TEXT,
+    interval_s REAL NOT NULL,
+    done INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    dead_lettered INTEGER NOT NULL DEFAULT 0,
+    busy_seconds REAL NOT NULL,
+    slots INTEGER,
+    durations TEXT NOT NULL DEFAULT '[]',  -- JSON list of seconds per file
+    read_at REAL NOT NULL,
+    PRIMARY KEY (agent, at)
+);
+CREATE INDEX IF NOT EXISTS agent_reports_at ON agent_reports (at);
+"""
+
+
 class Ledger:
     """One SQLite file. Every public method is one transaction."""
 
@@ -128,6 +150,10 @@ class Ledger:
                         self.db.execute(stmt)
             if version < 2:
                 for stmt in _SCHEMA_V2.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+            if version < 3:
+                for stmt in _SCHEMA_V3.split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
             if version < SCHEMA_VERSION:
@@ -391,6 +417,61 @@ class Ledger:
         """The idle clock carried by the latest decision."""
         row = self.db.execute("SELECT idle_since FROM decisions ORDER BY id DESC LIMIT 1").fetchone()
         return row["idle_since"] if row else None
+
+    def decision_counts(self) -> Dict[str, int]:
+        """Scaling decisions recorded per case (every case_name ever written)."""
+        return {r["case_name"]: r["n"] for r in self.db.execute(
+            "SELECT case_name, COUNT(*) AS n FROM decisions GROUP BY case_name")}
+
+    # ------------------------------------------------------------------ agent reports
+    def record_reports(self, reports: Sequence[dict], now: Optional[float] = None) -> int:
+        """Keep the agents' activity reports (hpc_common.reports.report); a report read twice is kept once.
+
+        Malformed reports are skipped. Returns how many were new.
+        """
+        now = now or time.time()
+        rows = []
+        for r in reports:
+            try:
+                durations = [float(d) for d in (r.get("durations") or [])]
+                rows.append((str(r["agent"]), float(r["time"]), str(r.get("queue") or ""),
+                             r.get("task"), float(r.get("interval") or 0.0), int(r.get("done") or 0),
+                             int(r.get("failed") or 0), int(r.get("dead_lettered") or 0),
+                             float(r.get("busy_seconds") or 0.0),
+                             int(r["slots"]) if r.get("slots") else None, json.dumps(durations), now))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+        if not rows:
+            return 0
+        with self._tx():
+            before = self.db.total_changes
+            self.db.executemany(
+                "INSERT OR IGNORE INTO agent_reports (agent, at, queue, task, interval_s, done, failed,"
+                " dead_lettered, busy_seconds, slots, durations, read_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            return self.db.total_changes - before
+
+    def agent_reports(self, since: float = 0.0, queue: Optional[str] = None) -> List[dict]:
+        """Kept reports sent at or after ``since`` (oldest first), durations decoded."""
+        sql, args = "SELECT * FROM agent_reports WHERE at>=?", [since]
+        if queue is not None:
+            sql += " AND queue=?"
+            args.append(queue)
+        out = []
+        for row in self.db.execute(sql + " ORDER BY at", args):
+            item = dict(row)
+            item["durations"] = json.loads(item["durations"] or "[]")
+            out.append(item)
+        return out
+
+    def report_totals(self, queue: Optional[str] = None) -> Dict[str, float]:
+        """Sums over every kept report: done, failed, dead_lettered, busy_seconds."""
+        sql = ("SELECT COALESCE(SUM(done), 0) AS done, COALESCE(SUM(failed), 0) AS failed,"
+               " COALESCE(SUM(dead_lettered), 0) AS dead_lettered,"
+               " COALESCE(SUM(busy_seconds), 0) AS busy_seconds FROM agent_reports")
+        row = self.db.execute(sql + (" WHERE queue=?" if queue is not None else ""),
+                              (queue,) if queue is not None else ()).fetchone()
+        return dict(row)
 
     def observations(self, since: float) -> Iterator[dict]:
         for row in self.db.execute("SELECT at, observation FROM decisions WHERE at>=? ORDER BY id",

@@ -49,6 +49,15 @@ class Launcher:
                      run_slots_claimed=self.ledger.run_slots_claimed(),
                      node_hours_committed=committed)
 
+    def queue_stats(self) -> QueueStats:
+        """One look at the broker (raises BrokerError); the agents' reports read are kept in the ledger."""
+        if self.broker is None:
+            raise BrokerError("no broker configured (RABBITMQ_URI, RABBITMQ_QUEUE)")
+        stats = self.broker()
+        if stats.reports:
+            self.ledger.record_reports(stats.reports, self.clock())
+        return stats
+
     # ------------------------------------------------------------------ reconcile
     def reconcile(self) -> bool:
         """Resolve interrupted submissions and refresh every open job; False if a query failed.
@@ -184,7 +193,7 @@ class Launcher:
         error = None
         if self.broker is not None:
             try:
-                stats = self.broker()
+                stats = self.queue_stats()
                 ready, consumers, unacked = stats.ready, stats.consumers, stats.unacked
                 if per_file_s is None and stats.activity is not None:
                     per_file_s = stats.activity.per_file_seconds  # measured by the agents themselves

@@ -44,7 +44,7 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
     stats: Optional[QueueStats] = None
     if launcher.broker is not None:
         try:
-            stats = launcher.broker()
+            stats = launcher.queue_stats()
             broker.update(ready=stats.ready, unacked=stats.unacked, consumers=stats.consumers)
         except BrokerError as exc:
             broker["error"] = str(exc)
@@ -100,6 +100,9 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
                  "cores_per_task": caps.cores_per_task},
         "jobs": jobs,
         "last_decisions": decisions,
+        # minimal backlog (broker ready); the backlog helper adds relay/spool/journal parts
+        "backlog": {"total": stats.ready if stats is not None else None,
+                    "broker_ready": stats.ready if stats is not None else None},
     }
 
 

@@ -10,6 +10,7 @@ reached "Clowder" (metadata and status messages) and the launcher's status scree
 
   python scripts/demo.py            # through the launcher and Slurm
   python scripts/demo.py --direct   # one agent process, no scheduler
+  python scripts/demo.py --report DIR   # also write the launcher's run report (plots) to DIR
 """
 from __future__ import annotations
 
@@ -43,12 +44,38 @@ cores_per_task: 1
 """
 
 
-def run_agent_directly(env: dict) -> int:
-    return subprocess.call([sys.executable, "-m", "agent", "run", "--plugin", "ncsa.wordcount.hpc",
-                            "--idle-exit", "3"], cwd=REPO, env=env)
+def run_agent_directly(env: dict, progress: "Progress") -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--plugin", "ncsa.wordcount.hpc",
+                             "--idle-exit", "3"], cwd=REPO, env=env)
+    while proc.poll() is None:
+        progress.show("one agent, no scheduler")
+        time.sleep(1)
+    return proc.returncode
 
 
-def run_through_launcher(env: dict, work: str) -> int:
+class Progress:
+    """Files done / total and the rate, on one line where a person waits."""
+
+    def __init__(self, clowder: ClowderStandin, ids, started: float) -> None:
+        self.clowder, self.ids, self.started, self.last = clowder, list(ids), started, None
+        self.tty = sys.stdout.isatty()
+        self.done, self.done_at = 0, started
+
+    def show(self, note: str = "", final: bool = False) -> None:
+        done = sum(1 for f in self.ids if self.clowder.metadata_for(f))
+        if done != self.done:  # the rate is measured up to the latest file, not to the wait's end
+            self.done, self.done_at = done, time.time()
+        elapsed = max(self.done_at - self.started, 1e-6)
+        line = f"progress: {done}/{len(self.ids)} files done, {60 * done / elapsed:.0f} files/min" + (
+            f" ({note})" if note else "")
+        if self.tty:
+            print("\r" + line.ljust(78), end="\n" if final else "", flush=True)
+        elif line != self.last or final:
+            print(line, flush=True)
+        self.last = line
+
+
+def run_through_launcher(env: dict, work: str, progress: "Progress", report_dir: str = "") -> int:
     """launcher scale --once submits the array; wait until its tasks are gone."""
     caps = os.path.join(work, "caps.yaml")
     with open(caps, "w") as fh:
@@ -66,14 +93,27 @@ def run_through_launcher(env: dict, work: str) -> int:
     while time.time() < deadline:
         out = subprocess.run(launcher + ["status", "--json"], cwd=REPO, env=env, capture_output=True, text=True)
         tasks = json.loads(out.stdout or "{}").get("tasks", {}) if out.returncode == 0 else {}
+        progress.show(f"array tasks: {tasks.get('queued', '?')} queued, {tasks.get('running', '?')} running")
         if out.returncode == 0 and not tasks.get("queued") and not tasks.get("running"):
             break
         time.sleep(2)
+    progress.show("array finished", final=True)
     print("\n$ python -m launcher status")
     subprocess.call(launcher + ["status"], cwd=REPO, env=env)
     logs = sorted(os.listdir(os.path.join(work, "logs"))) if os.path.isdir(os.path.join(work, "logs")) else []
     print(f"\nagent logs (one per array task): {', '.join(logs) or 'none'}")
+    if report_dir:
+        print(f"\n$ python -m launcher report --out {report_dir}")
+        subprocess.call(launcher + ["report", "--out", report_dir], cwd=REPO, env=env)
     return 0
+
+
+def _report_dir() -> str:
+    """``--report DIR``: also write the launcher's run report there (kept after the demo)."""
+    argv = sys.argv[1:]
+    if "--report" in argv and argv.index("--report") + 1 < len(argv):
+        return os.path.abspath(argv[argv.index("--report") + 1])
+    return ""
 
 
 def main() -> int:
@@ -99,7 +139,10 @@ def main() -> int:
                    RABBITMQ_QUEUE=queue)
         started = time.time()
         with tempfile.TemporaryDirectory(prefix="clowder-demo-") as work:
-            code = run_agent_directly(env) if "--direct" in sys.argv[1:] else run_through_launcher(env, work)
+            progress = Progress(clowder, ids, started)
+            code = run_agent_directly(env, progress) if "--direct" in sys.argv[1:] else run_through_launcher(
+                env, work, progress, _report_dir())
+            progress.show("finished", final=True)
         print(f"\nfinished with code {code} after {time.time() - started:.1f}s")
         shown = 0
         for fid, name in ids.items():

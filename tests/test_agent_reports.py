@@ -36,3 +36,24 @@ def test_launcher_sees_what_the_agents_did(harness, rabbitmq):
     again = queue_stats(rabbitmq, harness.queue)  # reading does not consume the window
     assert again.activity is not None and again.activity.agents == 1
     harness.ch.queue_delete(f"clowder-hpc-agent.reports.{harness.queue}")
+
+
+@pytest.mark.integration
+def test_reports_count_dead_letters_and_carry_per_file_times(harness, rabbitmq):
+    """Without the launcher having looked first: the agent declares the window queue itself."""
+    from launcher.broker import queue_stats
+
+    harness.ch.queue_delete(f"clowder-hpc-agent.reports.{harness.queue}")
+    ok = [harness.publish_file(b"sleep 0.2\n") for _ in range(3)]
+    harness.publish_file(b"abort\n")  # a permanent failure: dead-lettered at once
+    assert harness.run_agent("--idle-exit", "1") == 0
+    assert all(harness.standin.metadata_for(f) for f in ok)
+    try:
+        reports = queue_stats(rabbitmq, harness.queue).reports
+    finally:
+        harness.ch.queue_delete(f"clowder-hpc-agent.reports.{harness.queue}")
+    assert sum(r["done"] for r in reports) == 3
+    assert sum(r["dead_lettered"] for r in reports) == 1
+    durations = [d for r in reports for d in r["durations"]]
+    assert len(durations) == 4 and sum(1 for d in durations if d >= 0.2) >= 3
+    assert all(r["slots"] >= 1 for r in reports)

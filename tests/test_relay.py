@@ -456,3 +456,35 @@ def test_large_files_stream_both_ways(harness, tmp_path):
         assert r.call("POST", "/v1/release", {"lease_id": lease["lease_id"]}).status_code == 200
     finally:
         r.stop()
+
+
+def test_relay_metrics_behind_the_token(harness, tmp_path):
+    """GET /metrics with the bearer token: messages by state, requests, forwarding errors (Clowder down)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = RelayProc(harness, "127.0.0.1", tmp_path, "--clowder-url", "http://127.0.0.1:1/").start()
+    try:
+        for _ in range(2):
+            harness.publish_file(b"x\n")
+        lease = _lease_one(r)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and harness.depth():  # the relay takes the second one too
+            time.sleep(0.2)
+        body = json.loads(base64.b64decode(lease["body_b64"]))
+        down = requests.get(f"{body['host']}api/files/{body['id']}?key={body['secretKey']}", timeout=30)
+        assert down.status_code >= 500
+        assert r.call("GET", "/metrics", token=None).status_code == 401
+        resp = r.call("GET", "/metrics")
+        assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(resp.text) for s in fam.samples}
+    finally:
+        r.stop()
+    q = ("queue", harness.queue)
+    assert samples[("clowder_hpc_relay_messages", (q, ("state", "leased")))] == 1
+    assert samples[("clowder_hpc_relay_messages", (q, ("state", "ready")))] == 1
+    assert samples[("clowder_hpc_relay_messages", (q, ("state", "dead")))] == 0
+    assert samples[("clowder_hpc_relay_broker_connected", (q,))] == 1
+    assert samples[("clowder_hpc_relay_requests_total", (("code", "200"), ("endpoint", "/v1/lease"), q))] == 1
+    assert samples[("clowder_hpc_relay_requests_total", (("code", "401"), ("endpoint", "/metrics"), q))] == 1
+    assert samples[("clowder_hpc_relay_forward_errors_total", (q,))] == 1

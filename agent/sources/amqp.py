@@ -357,14 +357,20 @@ class AmqpSource(WorkSource):
         self._announce("extractors", "fanout", "", message)
 
     def publish_report(self, report: dict[str, Any]) -> None:
-        self._announce(reports.EXCHANGE, "direct", self.queue, report)
+        # The launcher's window queue is declared here too: reports sent before the launcher first
+        # looked (e.g. after a plain `launcher submit`) would otherwise be unroutable and lost.
+        self._announce(reports.EXCHANGE, "direct", self.queue, report, bind=reports.window_queue(self.queue))
 
-    def _announce(self, exchange: str, kind: str, routing_key: str, message: dict[str, Any]) -> None:
+    def _announce(self, exchange: str, kind: str, routing_key: str, message: dict[str, Any],
+                  bind: Optional[str] = None) -> None:
         """Best-effort publish to an exchange declared on the way (registration, reports)."""
         if not self.connected:
             return
         try:
             self._ch.exchange_declare(exchange, exchange_type=kind, durable=True)
+            if bind:
+                self._ch.queue_declare(bind, durable=True, arguments=reports.WINDOW_QUEUE_ARGUMENTS)
+                self._ch.queue_bind(bind, exchange, routing_key=routing_key)
             self._ch.basic_publish(exchange, routing_key, json.dumps(message))
         except _PIKA_ERRORS as exc:
             if isinstance(exc, pika.exceptions.ChannelClosedByBroker):

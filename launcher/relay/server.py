@@ -11,6 +11,7 @@ Work API (JSON in and out, `Authorization: Bearer <token>` on every call):
   POST /v1/dead-letter {lease_id, reason, traceback, attempts, agent}
   POST /v1/status      {items: [{lease_id, payload}]}        best effort, to the lease's reply_to
   POST /v1/register    {agent, extractor_info, owner}        best effort, `extractors` exchange
+  GET  /metrics                          Prometheus text (launcher.relay.metrics), same token
 
 A settle call on a lease that is no longer live answers 409 with {"gone": true}: the message is
 already back in the relay's hands (expired) and the agent must not retry the call.
@@ -49,6 +50,7 @@ from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
 
 from .broker import BrokerLink
 from .forward import ClientError, Forwarder
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
 from .store import Lease, LeaseStore
 
 log = logging.getLogger("launcher.relay")
@@ -157,9 +159,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing --------------------------------------------------------------------------------
     def _send_json(self, status: int, obj: Any, extra: tuple[tuple[str, str], ...] = ()) -> None:
-        body = json.dumps(obj).encode()
+        self._send_body(status, json.dumps(obj).encode(), "application/json", extra)
+
+    def _send_body(self, status: int, body: bytes, content_type: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
         lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('Status',))[0]}", "Server: clowder-relay",
-                 "Content-Type: application/json", f"Content-Length: {len(body)}"]
+                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         lines += [f"{k}: {v}" for k, v in extra]
         if self.close_connection:
             lines.append("Connection: close")
@@ -208,6 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         split = urlsplit(self.path)
         status = 500
+        match = None
         try:
             match = _LEASE_PATH.match(split.path)
             if match:
@@ -223,6 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = exc.status
             self._error(exc.status, exc.text, close=exc.status in (400, 411, 413) or exc.status >= 500)
         finally:
+            self.relay.metrics.observe(split.path, status, forwarded=match is not None)
             log.debug("%s %s -> %d in %.1f ms", self.command, _loggable(split.path), status,
                       (time.monotonic() - started) * 1000)
 
@@ -289,6 +295,7 @@ class Relay:
         self.stopping = threading.Event()
         self._server: Optional[_Server] = None
         self._reaper = threading.Thread(target=self._reap, name="relay-reaper", daemon=True)
+        self.metrics = RelayMetrics(store, broker, settings.queue)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def bind(self) -> tuple[str, int]:
@@ -330,6 +337,9 @@ class Relay:
                   "/v1/release": ("POST", self._release), "/v1/fail": ("POST", self._fail),
                   "/v1/dead-letter": ("POST", self._dead_letter), "/v1/status": ("POST", self._status),
                   "/v1/register": ("POST", self._register)}
+        if path == "/metrics" and h.command == "GET":  # Prometheus scrapes with the bearer token
+            h._send_body(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+            return 200
         if path not in routes:
             raise ClientError(404, f"no such endpoint: {path}")
         method, fn = routes[path]

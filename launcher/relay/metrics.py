@@ -1,0 +1,68 @@
+"""The relay's own Prometheus metrics, served at GET /metrics on its port (behind its bearer token).
+
+Leases by state are read from the lease table at each scrape; requests and forwarding errors are
+counted as they are answered. Endpoint labels come from a fixed set, so a client probing random
+paths cannot grow the number of series.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+ENDPOINTS = frozenset({"/v1/hello", "/v1/lease", "/v1/extend", "/v1/complete", "/v1/release", "/v1/fail",
+                       "/v1/dead-letter", "/v1/status", "/v1/register", "/metrics"})
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RelayMetrics(Collector):
+    """Counters updated by the request handlers, plus gauges read from the store on scrape."""
+
+    def __init__(self, store, broker, queue: str) -> None:
+        self.store, self.broker, self.queue = store, broker, queue
+        self._lock = threading.Lock()
+        self._requests: dict = {}
+        self._forward_errors = 0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def observe(self, path: str, status: int, forwarded: bool) -> None:
+        """Count one answered request; a forwarded Clowder call answered >= 500 is a forwarding error."""
+        endpoint = "clowder" if forwarded else (path if path in ENDPOINTS else "other")
+        with self._lock:
+            key = (endpoint, str(status))
+            self._requests[key] = self._requests.get(key, 0) + 1
+            if forwarded and status >= 500:
+                self._forward_errors += 1
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything above."""
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator:
+        q = [self.queue]
+        leases = GaugeMetricFamily("clowder_hpc_relay_messages", "Messages the relay holds, by state"
+                                   " (ready: waiting for an agent, leased: out with one, dead: to be dead-lettered)",
+                                   labels=["queue", "state"])
+        for state, n in sorted(self.store.counts().items()):
+            leases.add_metric(q + [state], n)
+        yield leases
+        up = GaugeMetricFamily("clowder_hpc_relay_broker_connected", "1 while the relay is connected to RabbitMQ",
+                               labels=["queue"])
+        up.add_metric(q, 1 if self.broker.connected.is_set() else 0)
+        yield up
+        with self._lock:
+            requests, errors = dict(self._requests), self._forward_errors
+        req = CounterMetricFamily("clowder_hpc_relay_requests", "HTTP requests answered, by endpoint and status",
+                                  labels=["queue", "endpoint", "code"])
+        for (endpoint, code), n in sorted(requests.items()):
+            req.add_metric(q + [endpoint, code], n)
+        yield req
+        fwd = CounterMetricFamily("clowder_hpc_relay_forward_errors",
+                                  "Forwarded Clowder calls that failed (answered 5xx: Clowder unreachable or failing)",
+                                  labels=["queue"])
+        fwd.add_metric(q, errors)
+        yield fwd
