@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from .plugin_settings import parse_plugin_table
+
 
 class ConfigError(ValueError):
     """A setting has a value the agent cannot use; the message says which and why."""
@@ -125,6 +127,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("work_dir", _to_optional_str, None, "scratch folder for downloads (default: TMPDIR)"),
     Setting("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_file", _to_optional_str, None, "append logs to this file instead of stderr"),
+    Setting("extraction_func", _to_optional_str, None, "function extractors: the function, when the Dockerfile names none", ("EXTRACTION_FUNC",)),
+    Setting("extraction_module", _to_optional_str, None, "function extractors: the function's module, when the Dockerfile names none", ("EXTRACTION_MODULE",)),
+    Setting("env_dir", str, os.path.join("~", ".clowder-hpc-agent", "envs"), "where plugin environments live (python -m agent prepare), on a filesystem every node sees"),
+    Setting("env_python", _to_optional_str, None, "interpreter plugin environments are built with (default: the agent's own)"),
+    Setting("env_build", str, "auto", "build a missing plugin environment at run: yes, no, or auto (not inside a batch job)"),
+    Setting("command_prefix", _to_optional_str, None, "command put before the extractor process's, e.g. 'apptainer exec x.sif'"),
+    Setting("plugins", parse_plugin_table, {}, "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module}}"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -170,6 +179,13 @@ class AgentConfig:
     work_dir: Optional[str] = None
     log_level: str = "INFO"
     log_file: Optional[str] = None
+    extraction_func: Optional[str] = None
+    extraction_module: Optional[str] = None
+    env_dir: str = os.path.join("~", ".clowder-hpc-agent", "envs")
+    env_python: Optional[str] = None
+    env_build: str = "auto"
+    command_prefix: Optional[str] = None
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def effective_prefetch(self) -> int:
         """Deliveries held at once: enough to keep every slot busy without hoarding."""
@@ -211,6 +227,8 @@ class AgentConfig:
                 parse_walltime(self.walltime)
             except ValueError as exc:
                 raise ConfigError(f"walltime: {exc}") from None
+        if self.env_build not in ("auto", "yes", "no"):
+            raise ConfigError(f"env_build: {self.env_build!r} is not yes, no or auto")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
 
