@@ -9,8 +9,9 @@ What is read, from the last build stage (after the last FROM):
 - `ENV KEY=VALUE [KEY2=VALUE2 ...]`, values quoted with "..." or '...' or backslash-escaped;
 - `ENV KEY VALUE` (the legacy form: the value is the rest of the line);
 - lines continued with a trailing backslash, comments (# at the start of a line), any case of ENV;
-- `$NAME` and `${NAME}` in values, expanded from ENV lines above and from `ARG NAME=default` lines
-  of the same stage; a name neither defines becomes empty, as in `docker build`.
+- `$NAME` and `${NAME}` in values, expanded from ENV lines above (not from the same line, as in
+  Docker) and from `ARG NAME=default` lines of the same stage; a name neither defines becomes
+  empty, as in `docker build`.
 `${NAME:-word}` / `${NAME:+word}` are expanded the same way; other ARG values (--build-arg) are unknown.
 """
 from __future__ import annotations
@@ -107,10 +108,11 @@ def read_env(path: str) -> dict[str, str]:
             if sep and _NAME.match(name):
                 args[name] = _expand(" ".join(shlex.split(default)) if default else "", {**args, **env})
         elif keyword == "ENV":
+            before = {**args, **env}  # as in Docker: one ENV line sees the values set before it
             for key, raw in _split_pairs(body.strip(), where):
                 if not _NAME.match(key):
                     raise DockerfileError(f"{where}: {key!r} is not a variable name")
-                env[key] = _expand(raw, {**args, **env})
+                env[key] = _expand(raw, before)
     return env
 
 
