@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 
 def _agent(*args: str, env_dir: str, **env: str) -> subprocess.CompletedProcess:
-    full = dict(os.environ, PYTHONPATH=REPO, AGENT_PLUGIN_PATH=TEST_PLUGINS, AGENT_ENV_DIR=env_dir, **env)
+    full = dict(os.environ, PYTHONPATH=REPO, AGENT_PLUGIN_PATH=TEST_PLUGINS, AGENT_ENV_DIR=env_dir)
+    full.update(env)
     return subprocess.run([sys.executable, "-m", "agent", *args], env=full, cwd=REPO, capture_output=True,
                           text=True, timeout=600)
 
@@ -238,3 +239,37 @@ def test_command_prefix_from_the_environment_with_the_agents_interpreter(harness
     assert content["words"] == "3"
     assert content["uid_map"] == "0 0 1"  # a user namespace of its own (unshare)
     assert content["greeting"] is None    # env -i in the wrapper cleared even the Dockerfile's ENV
+
+
+# -- under MPI ---------------------------------------------------------------------------------
+@pytest.fixture
+def mpi_harness(rabbitmq, mpi, amqp_queue, tmp_path):
+    from agent.clowder_standin import ClowderStandin
+    from test_agent_mpi import MpiHarness
+
+    with ClowderStandin() as standin:
+        h = MpiHarness(rabbitmq, amqp_queue, standin, tmp_path)
+        h.mpiexec = str(mpi)
+        try:
+            yield h
+        finally:
+            h.close()
+
+
+@pytest.mark.mpi
+def test_mpi_ranks_with_stage_ahead_run_the_plugins_environment(mpi_harness, prepared_env_dir):
+    h = mpi_harness
+    ids = [h.publish_file(f"file {i}\n".encode(), name=f"m{i}.txt") for i in range(6)]
+    proc = h.start_mpi(2, "--plugin", "test.own.env", "--idle-exit", "2", AGENT_PLUGIN_PATH=TEST_PLUGINS,
+                       AGENT_ENV_DIR=prepared_env_dir, AGENT_ENV_BUILD="no", AGENT_STAGE_AHEAD="1")
+    assert h.wait_exit(proc, 120) == 0, h.log_text()
+    assert h.unprocessed(ids) == [] and h.depth() == 0 and h.errors() == []
+    for fid in ids:
+        content = h.standin.metadata_for(fid)[0]["content"]
+        assert content["requests"] == "2.31.0"
+        assert content["prefix"].startswith(os.path.join(prepared_env_dir, "test.own.env-"))
+    assert h.log_text().count("extractor processes run in " + prepared_env_dir) == 2  # every rank
+    assert "stage-ahead on" in h.log_text()
+    counts = h.standin.request_counts()
+    blob_gets = sum(n for route, n in counts.items() if route.startswith("GET api/files/{") and route.endswith("}"))
+    assert blob_gets == len(ids), counts  # downloaded once each, by the stager: the staged connector ran
