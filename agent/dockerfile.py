@@ -9,7 +9,7 @@ What is read, from the last build stage (after the last FROM):
 - `ENV KEY=VALUE [KEY2=VALUE2 ...]`, values quoted with "..." or '...' or backslash-escaped;
 - `ENV KEY VALUE` (the legacy form: the value is the rest of the line);
 - lines continued with a trailing backslash, comments (# at the start of a line), any case of ENV;
-- `$NAME` and `${NAME}` in values, expanded from ENV lines above (not from the same line, as in
+- `$NAME` and `${NAME}` in values (not inside '...'), expanded from ENV lines above (not from the same line, as in
   Docker) and from `ARG NAME=default` lines of the same stage; a name neither defines becomes
   empty, as in `docker build`.
 `${NAME:-word}` / `${NAME:+word}` are expanded the same way; other ARG values (--build-arg) are unknown.
@@ -17,7 +17,6 @@ What is read, from the last build stage (after the last FROM):
 from __future__ import annotations
 
 import re
-import shlex
 from typing import Optional
 
 _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:[-+])?(?P<word>[^}]*)\}"
@@ -55,31 +54,69 @@ def _logical_lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def _expand(value: str, known: dict[str, str]) -> str:
-    def sub(match: "re.Match[str]") -> str:
-        name = match.group("braced") or match.group("plain")
-        current = known.get(name, "")
-        op = match.group("op")
-        if op == ":-":
-            return current or match.group("word")
-        if op == ":+":
-            return match.group("word") if current else ""
-        return current
-
-    return _VAR.sub(sub, value)
+def _substitute(match: "re.Match[str]", known: dict[str, str]) -> str:
+    current = known.get(match.group("braced") or match.group("plain") or "", "")
+    op = match.group("op")
+    if op == ":-":
+        return current or match.group("word")
+    if op == ":+":
+        return match.group("word") if current else ""
+    return current
 
 
-def _split_pairs(body: str, where: str) -> list[tuple[str, str]]:
-    """`K=V K2="v 2"` or the legacy `K rest of line` into (key, raw value) pairs."""
+def _words(text: str, known: dict[str, str]) -> list[str]:
+    """Split like Docker does: quotes group, backslash escapes, $VAR expands (not inside '...')."""
+    words: list[str] = []
+    current: list[str] = []
+    started = False  # a quoted empty string is still a word
+    quote = ""
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quote == "'":
+            if char == "'":
+                quote = ""
+            else:
+                current.append(char)
+        elif char == "\\" and i + 1 < len(text):
+            current.append(text[i + 1])
+            i += 1
+        elif char == "$" and _VAR.match(text, i):
+            match = _VAR.match(text, i)
+            assert match is not None
+            current.append(_substitute(match, known))
+            i = match.end()
+            continue
+        elif quote == '"':
+            if char == '"':
+                quote = ""
+            else:
+                current.append(char)
+        elif char in "'\"":
+            quote, started = char, True
+        elif char.isspace():
+            if current or started:
+                words.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(char)
+        i += 1
+    if quote:
+        raise ValueError(f"no closing {quote}")
+    if current or started:
+        words.append("".join(current))
+    return words
+
+
+def _pairs(body: str, known: dict[str, str], where: str) -> list[tuple[str, str]]:
+    """`K=V K2="v 2"` or the legacy `K rest of line` into (key, value) pairs, values expanded."""
     first = body.split(None, 1)
     if not first:
         raise DockerfileError(f"{where}: ENV without a variable")
-    if "=" not in first[0]:  # legacy form: ENV KEY the rest is the value
-        key = first[0]
-        value = first[1] if len(first) > 1 else ""
-        return [(key, " ".join(shlex.split(value, posix=True)) if value else "")]
     try:
-        words = shlex.split(body, posix=True)
+        if "=" not in first[0]:  # legacy form: ENV KEY the rest is the value
+            return [(first[0], " ".join(_words(first[1], known)) if len(first) > 1 else "")]
+        words = _words(body, known)
     except ValueError as exc:
         raise DockerfileError(f"{where}: cannot read ENV ({exc})") from None
     pairs = []
@@ -106,13 +143,16 @@ def read_env(path: str) -> dict[str, str]:
         elif keyword == "ARG":
             name, sep, default = body.strip().partition("=")
             if sep and _NAME.match(name):
-                args[name] = _expand(" ".join(shlex.split(default)) if default else "", {**args, **env})
+                try:
+                    args[name] = " ".join(_words(default, {**args, **env}))
+                except ValueError as exc:
+                    raise DockerfileError(f"{where}: cannot read ARG ({exc})") from None
         elif keyword == "ENV":
             before = {**args, **env}  # as in Docker: one ENV line sees the values set before it
-            for key, raw in _split_pairs(body.strip(), where):
+            for key, value in _pairs(body.strip(), before, where):
                 if not _NAME.match(key):
                     raise DockerfileError(f"{where}: {key!r} is not a variable name")
-                env[key] = _expand(raw, before)
+                env[key] = value
     return env
 
 
