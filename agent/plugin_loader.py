@@ -208,11 +208,21 @@ def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None) 
                       requirements=requirements_or_none)
 
 
-def discover(plugin_path: Iterable[str],
-             entry_defaults: Optional[EntryDefaults] = None) -> tuple[list[PluginSpec], list[str]]:
-    """All plugins found, and one problem line per folder that looked like a plugin but is broken."""
+def _info_name(folder: str) -> str:
+    """The extractor_info name of a (possibly broken) plugin folder, or ""."""
+    try:
+        with open(os.path.join(folder, INFO_FILE), encoding="utf-8") as fh:
+            info = json.load(fh)
+        return str(info.get("name", "")) if isinstance(info, dict) else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def _scan(plugin_path: Iterable[str], entry_defaults: Optional[EntryDefaults]
+          ) -> tuple[list[PluginSpec], list[tuple[str, str, str]]]:
+    """Plugins found, and (folder, extractor_info name, problem) per broken plugin folder."""
     found: list[PluginSpec] = []
-    problems: list[str] = []
+    broken: list[tuple[str, str, str]] = []
     for base in search_dirs(plugin_path):
         if not os.path.isdir(base):
             continue
@@ -223,14 +233,22 @@ def discover(plugin_path: Iterable[str],
             try:
                 found.append(inspect_folder(folder, entry_defaults))
             except PluginError as exc:
-                problems.append(str(exc))
-    return found, problems
+                broken.append((folder, _info_name(folder), str(exc)))
+    return found, broken
+
+
+def discover(plugin_path: Iterable[str],
+             entry_defaults: Optional[EntryDefaults] = None) -> tuple[list[PluginSpec], list[str]]:
+    """All plugins found, and one problem line per folder that looked like a plugin but is broken."""
+    found, broken = _scan(plugin_path, entry_defaults)
+    return found, [problem for _, _, problem in broken]
 
 
 def find_plugin(name: Optional[str], plugin_path: Iterable[str],
                 entry_defaults: Optional[EntryDefaults] = None) -> PluginSpec:
     """The plugin called name (extractor_info name or folder name); the only one when name is None."""
-    found, problems = discover(plugin_path, entry_defaults)
+    found, broken = _scan(plugin_path, entry_defaults)
+    problems = [problem for _, _, problem in broken]
     if name is None:
         if len(found) == 1:
             return found[0]
@@ -239,9 +257,9 @@ def find_plugin(name: Optional[str], plugin_path: Iterable[str],
     for spec in found:
         if name in (spec.name, spec.folder_name):
             return spec
-    for problem in problems:  # the plugin asked for is there but broken: say why, in one line
-        if f"/{name}:" in problem or f"/{name}/" in problem:
-            raise PluginError(problem)
+    for folder, info_name, problem in broken:  # the plugin asked for is there but broken: say why
+        if name in (info_name, os.path.basename(folder.rstrip("/"))):
+            raise PluginError(f"plugin {name}: {problem}")
     known = ", ".join(sorted({p.name for p in found})) or "none"
     detail = ("; broken plugin folders: " + "; ".join(problems)) if problems else ""
     raise PluginError(f"plugin {name!r} not found in {':'.join(search_dirs(plugin_path))} "
