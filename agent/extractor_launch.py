@@ -63,6 +63,9 @@ def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
     """The init frame and environment for this plugin's extractor processes (EnvError: cannot run it)."""
     env = dict(env)
     env.update(docker_env_for_process(spec))
+    # The values reach the process through its environment; the frame need not carry them
+    # (a Dockerfile may hold a broker password in an ENV line the agent does not apply).
+    init = dict(init, plugin=dict(init["plugin"], docker_env={}))
     prefix = command_prefix(plugin_value(cfg, "command_prefix", spec.name, spec.folder_name))
     if spec.requirements is None and not prefix:
         return init, env

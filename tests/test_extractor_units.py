@@ -112,10 +112,11 @@ def test_launch_keeps_agent_settings_and_adds_the_prefix(tmp_path):
                                         "RABBITMQ_URI=amqp://x AGENT_SLOTS=9 MY_SETTING=1 PATH=/nowhere\n")
     spec = find_plugin("fn", [path])
     cfg = load_config({}, environ={})
-    init, env = apply(cfg, spec, {"t": "init"}, {"PATH": "/usr/bin"})
+    init, env = apply(cfg, spec, {"t": "init", "plugin": spec.__dict__}, {"PATH": "/usr/bin"})
     assert "launch" not in init  # no requirements, no prefix: the plain `python -m` start
+    assert init["plugin"]["docker_env"] == {} and init["plugin"]["function"] == "run"
     assert env == {"PATH": "/usr/bin", "MY_SETTING": "1", "EXTRACTION_FUNC": "run", "EXTRACTION_MODULE": "mod"}
     cfg = load_config({}, environ={"AGENT_COMMAND_PREFIX": "env -i"})
-    init, _ = apply(cfg, spec, {"t": "init"}, {})
-    code_dir = os.path.dirname(os.path.dirname(os.path.abspath(BOOT and __file__)))
+    init, _ = apply(cfg, spec, {"t": "init", "plugin": spec.__dict__}, {})
+    code_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert init["launch"] == {"argv": ["env", "-i", sys.executable, "-c", BOOT, code_dir], "cwd": code_dir}
