@@ -265,3 +265,13 @@ def test_mpi_ranks_with_stage_ahead_run_the_plugins_environment(mpi_harness, pre
     assert h.log_text().count("extractor processes run in " + prepared_env_dir) == 2  # every rank
     # the extractor processes were agent.stage_ahead's (StagedSlot), started in the plugin's venv
     assert "stage-ahead on" in h.log_text()
+
+
+def test_prepare_reports_apt_packages_that_are_not_installed(tmp_path):
+    path = _plugin_copy(tmp_path, "simple_wc", "test.simple.apt",
+                        packages__apt="coreutils  # installed everywhere\nclowder-agent-no-such-deb\n")
+    done = _agent("prepare", "--plugin", "test.simple.apt", env_dir=str(tmp_path / "envs"), AGENT_PLUGIN_PATH=path)
+    assert done.returncode == 0, done.stderr
+    assert ("test.simple.apt: packages.apt entries not installed (ask the site for them, or use a "
+            "command_prefix with a container that has them): clowder-agent-no-such-deb") in done.stderr
+    assert "coreutils" not in done.stderr
