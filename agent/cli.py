@@ -2,6 +2,7 @@
 
   python -m agent run [--plugin NAME] [--idle-exit S] [--max-messages N] [...]
   python -m agent plugins
+  python -m agent prepare [--plugin NAME ...]
   python -m agent local --plugin NAME --out DIR FILE...
 
 Settings come from flags, the environment and a YAML file (see agent.config).
@@ -24,6 +25,7 @@ from .config import AgentConfig, ConfigError, add_setting_flags, load_config
 from .errors import AgentError
 from .logs import setup_logging
 from .plugin_loader import discover, find_plugin, search_dirs
+from .plugin_settings import entry_defaults
 from .sources.registry import SourceRequest, source_kind
 from .worker_settings import queue_name, worker_env, worker_init
 
@@ -38,18 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list the plugins found")
     add_setting_flags(plugins, ["plugin_path"])
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    prepare = sub.add_parser("prepare", help="build the environments of plugins with a requirements.txt "
+                             "(on a machine with network access)")
+    add_setting_flags(prepare, ["plugin_path", "env_dir", "env_python", "log_level"])
+    prepare.add_argument("--plugin", dest="prepare_plugins", action="append", default=[], metavar="NAME",
+                         help="plugin to prepare (repeat or comma-separate; default: every plugin found)")
     local = sub.add_parser("local", help="run the extractor on local files, no broker and no Clowder")
     add_setting_flags(local, ["plugin", "plugin_path", "clowder_version", "log_level"])
     local.add_argument("--out", required=True, help="folder for what the extractor would have uploaded")
     local.add_argument("files", nargs="+", help="input files")
-    for p in (run, plugins, local):
+    for p in (run, plugins, prepare, local):
         p.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     return parser
 
 
 def _settings(args: argparse.Namespace) -> AgentConfig:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "config_sub", "json",
-                                                              "out", "files")}
+                                                              "out", "files", "prepare_plugins")}
     return load_config(flags, config_file=args.config_sub or args.config)
 
 
@@ -96,6 +103,7 @@ def _journal(cfg: AgentConfig, agent_id: str, wanted: bool) -> Iterator[Any]:
 
 def cmd_run(cfg: AgentConfig) -> int:
     """`agent run`: one plugin, one work source (from the registry), on one rank or an MPI group."""
+    from . import extractor_launch
     from .jobenv import detect
     from .mpi_ranks import launched_by_mpi  # does not import mpi4py
     from .runner import Runner
@@ -110,9 +118,9 @@ def cmd_run(cfg: AgentConfig) -> int:
     end_time, margin = _task_end(cfg, identity, log)
     ranks = None
     try:
-        spec = find_plugin(cfg.plugin, cfg.plugin_path)
+        spec = find_plugin(cfg.plugin, cfg.plugin_path, entry_defaults(cfg))
         queue = queue_name(cfg, spec)
-        init, env = worker_init(cfg, spec, queue), worker_env(cfg)
+        init, env = extractor_launch.apply(cfg, spec, worker_init(cfg, spec, queue), worker_env(cfg))
         if launched_by_mpi(forced=cfg.mpi):  # started by mpiexec: one extractor per rank, one connection per group
             from .mpi_ranks import join_allocation
             ranks = join_allocation(cfg, init, env, redactor)
@@ -144,16 +152,18 @@ def cmd_run(cfg: AgentConfig) -> int:
 
 
 def cmd_plugins(cfg: AgentConfig, as_json: bool) -> int:
-    found, problems = discover(cfg.plugin_path)
+    found, problems = discover(cfg.plugin_path, entry_defaults(cfg))
     if as_json:
         print(json.dumps({"plugins": [{"name": p.name, "folder": p.folder, "script": p.script,
-                                       "class": p.class_name, "version": p.info.get("version")}
+                                       "class": p.class_name, "version": p.info.get("version"),
+                                       "kind": p.kind, "entry": p.entry, "requirements": p.requirements}
                                       for p in found], "problems": problems}, indent=2))
         return exitcodes.OK
     if not found:
         print("no plugins found in: " + ", ".join(search_dirs(cfg.plugin_path)))
     for p in found:
-        print(f"{p.name}\t{p.info.get('version', '')}\t{p.folder_name}\t{p.script}:{p.class_name}")
+        own_env = "\town environment" if p.requirements else ""
+        print(f"{p.name}\t{p.info.get('version', '')}\t{p.kind}\t{p.folder_name}\t{p.entry}{own_env}")
     for problem in problems:
         print(f"broken: {problem}", file=sys.stderr)
     return exitcodes.OK
@@ -169,6 +179,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exitcodes.CONFIG_ERROR
     if args.command == "plugins":
         return cmd_plugins(cfg, args.json)
+    if args.command == "prepare":
+        from .plugin_env import prepare_plugins
+        names = [n for arg in args.prepare_plugins for n in arg.split(",") if n]
+        return prepare_plugins(cfg, names)
     if args.command == "local":
         from .local_run import run_local
         return run_local(cfg, args.out, args.files)

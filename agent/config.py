@@ -20,6 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .sources.registry import SOURCES, source_kind
+from .plugin_settings import parse_plugin_table
 
 
 def _to_bool(value: Any) -> bool:
@@ -226,6 +227,23 @@ SETTINGS: tuple[Setting, ...] = (
             check=_positive, type=float),
     Setting("stage_ahead", _to_bool, False,
             "MPI: download each rank's next file while its extractor works on the current one", type=bool),
+    Setting("extraction_func", _to_optional_str, None,
+            "function extractors: the function, when the Dockerfile names none", ("EXTRACTION_FUNC",), type=_OPT_STR),
+    Setting("extraction_module", _to_optional_str, None,
+            "function extractors: the function's module, when the Dockerfile names none", ("EXTRACTION_MODULE",),
+            type=_OPT_STR),
+    Setting("env_dir", str, os.path.join("~", ".clowder-hpc-agent", "envs"),
+            "where plugin environments live (python -m agent prepare), on a filesystem every node sees", type=str),
+    Setting("env_python", _to_optional_str, None,
+            "interpreter plugin environments are built with (default: the agent's own)", type=_OPT_STR),
+    Setting("env_build", str, "auto",
+            "build a missing plugin environment at run: yes, no, or auto (not inside a batch job)",
+            check=lambda v: None if v in ("auto", "yes", "no") else f"{v!r} is not yes, no or auto", type=str),
+    Setting("command_prefix", _to_optional_str, None,
+            "command put before the extractor process's, e.g. 'apptainer exec x.sif'", type=_OPT_STR),
+    Setting("plugins", parse_plugin_table, {},
+            "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module}}",
+            type=dict[str, dict[str, Any]]),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

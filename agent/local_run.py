@@ -17,11 +17,13 @@ from typing import Any, Callable
 
 from hpc_common.redact import Redactor
 
-from . import exitcodes
+from . import exitcodes, extractor_launch
 from .clowder_standin import ClowderStandin
 from .config import AgentConfig
 from .logs import setup_logging
+from .plugin_env import EnvError
 from .plugin_loader import PluginError, find_plugin
+from .plugin_settings import entry_defaults
 from .slots import Slot
 from .worker_settings import worker_env, worker_init
 
@@ -49,8 +51,9 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
         log.error("not a file: %s", ", ".join(missing))
         return exitcodes.CONFIG_ERROR
     try:
-        spec = find_plugin(cfg.plugin, cfg.plugin_path)
-    except PluginError as exc:
+        spec = find_plugin(cfg.plugin, cfg.plugin_path, entry_defaults(cfg))
+        init, env = extractor_launch.apply(cfg, spec, worker_init(cfg, spec, spec.name), worker_env(cfg))
+    except (PluginError, EnvError) as exc:
         log.error("%s", exc)
         return exitcodes.PLUGIN_ERROR
     os.makedirs(out_dir, exist_ok=True)
@@ -63,8 +66,7 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
         def post(fn: Callable[[], None]) -> None:
             fn()
 
-        slot = Slot(0, worker_init(cfg, spec, spec.name), post, lambda _s, f: frames.put(f), redactor,
-                    env=worker_env(cfg))
+        slot = Slot(0, init, post, lambda _s, f: frames.put(f), redactor, env=env)
         slot.start()
         try:
             slot.wait_ready(timeout=120)

@@ -4,6 +4,12 @@ A plugin is a folder holding an untouched pyclowder extractor: its .py files and
 extractor_info.json. Folders are searched under agent/plugins/ and under each folder in
 AGENT_PLUGIN_PATH (a plugin folder itself may also be named there directly).
 
+Two kinds: "class", a .py defining a pyclowder Extractor subclass (run as `python main.py`
+would), and "function", pyclowder's simple-extractor packaging: a plain function named by
+EXTRACTION_FUNC in module EXTRACTION_MODULE, wrapped in agent.simple_extractor. Those two names
+come from the folder's Dockerfile ENV lines (agent.dockerfile) when it sets them, else from the
+agent's settings (extraction_func / extraction_module, per plugin or for all).
+
 pyclowder's Extractor.__init__ reads extractor_info.json from the current directory (else from
 dirname(sys.argv[0])) and setup() parses sys.argv; so the extractor is instantiated with cwd set
 to its folder and sys.argv set to its main script, exactly as `python main.py` would see it.
@@ -15,25 +21,44 @@ import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from .dockerfile import DockerfileError, base_image, read_env
 
 from .errors import PluginError
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
 INFO_FILE = "extractor_info.json"
+DOCKERFILE = "Dockerfile"
+REQUIREMENTS = "requirements.txt"
+ENTRY_VARS = ("EXTRACTION_FUNC", "EXTRACTION_MODULE")
+#: (extractor_info name, folder name) -> (EXTRACTION_FUNC, EXTRACTION_MODULE) from the agent's settings
+EntryDefaults = Callable[[str, str], tuple[Optional[str], Optional[str]]]
 _EXTRACTOR_BASES = {"Extractor", "SimpleExtractor"}
 
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """Where a plugin lives and which class in which script is its extractor."""
+    """Where a plugin lives and what its extractor is: a class in a script, or a function in a module."""
 
     name: str            # extractor_info name
     folder: str
-    script: str          # absolute path of the .py holding the extractor class
-    class_name: str
+    script: str          # absolute path of the .py holding the extractor class (or the function)
+    class_name: str      # "" for a function extractor
     info: dict[str, Any]
+    kind: str = "class"  # "class" or "function"
+    module: str = ""     # function extractors: EXTRACTION_MODULE
+    function: str = ""   # function extractors: EXTRACTION_FUNC
+    docker_env: dict[str, str] = field(default_factory=dict)  # the Dockerfile's ENV lines
+    requirements: Optional[str] = None  # requirements.txt: the plugin runs in an environment of its own
+
+    @property
+    def entry(self) -> str:
+        """What runs: script:Class or module:function."""
+        if self.kind == "function":
+            return f"{self.module}:{self.function}"
+        return f"{self.script}:{self.class_name}"
 
     @property
     def folder_name(self) -> str:
@@ -83,8 +108,49 @@ def _main_block_calls(tree: ast.Module) -> set[str]:
     return calls
 
 
-def inspect_folder(folder: str) -> PluginSpec:
-    """Read a plugin folder's extractor_info.json and find its extractor class without running code."""
+def _defines(tree: ast.Module, name: str) -> bool:
+    """True when the module defines name at top level (or may, through `from x import *`)."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name == "*" or (alias.asname or alias.name.split(".")[0]) == name:
+                    return True
+    return False
+
+
+def _function_spec(folder: str, info: dict[str, Any], func: Optional[str], module: Optional[str],
+                   docker_env: dict[str, str], requirements: Optional[str]) -> PluginSpec:
+    """A function extractor's spec; PluginError when its entry point is unset or absent."""
+    missing = [var for var, value in zip(ENTRY_VARS, (func, module)) if not value]
+    if missing:
+        raise PluginError(f"{folder}: a function extractor needs {' and '.join(missing)}: set "
+                          f"{'them' if len(missing) > 1 else 'it'} with ENV in its {DOCKERFILE} or as "
+                          f"{' / '.join('AGENT_' + m for m in missing)}")
+    assert func and module
+    rel = module.replace(".", os.sep)
+    script = next((p for p in (os.path.join(folder, rel + ".py"), os.path.join(folder, rel, "__init__.py"))
+                   if os.path.isfile(p)), "")
+    if script:  # the module is the plugin's own: check the function is there before any message
+        try:
+            with open(script, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read(), filename=script)
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError) as exc:
+            raise PluginError(f"{script}: cannot parse: {exc}") from None
+        if not _defines(tree, func.split(".")[0]):
+            raise PluginError(f"{script}: EXTRACTION_FUNC {func!r} is not defined in module {module!r}")
+    else:  # an installed module (in the plugin's environment): checked when the extractor starts
+        script = os.path.join(folder, rel + ".py")
+    return PluginSpec(name=info["name"], folder=os.path.abspath(folder), script=os.path.abspath(script),
+                      class_name="", info=info, kind="function", module=module, function=func,
+                      docker_env=docker_env, requirements=requirements)
+
+
+def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None) -> PluginSpec:
+    """Read a plugin folder's extractor_info.json and find its extractor without running code."""
     info_path = os.path.join(folder, INFO_FILE)
     try:
         with open(info_path, encoding="utf-8") as fh:
@@ -95,34 +161,66 @@ def inspect_folder(folder: str) -> PluginSpec:
         raise PluginError(f"{info_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"]:
         raise PluginError(f"{info_path}: needs a \"name\"")
-    candidates = []
-    for entry in sorted(os.listdir(folder)):
-        if not entry.endswith(".py"):
-            continue
-        path = os.path.join(folder, entry)
+    dockerfile = os.path.join(folder, DOCKERFILE)
+    docker_env: dict[str, str] = {}
+    if os.path.isfile(dockerfile):
         try:
-            with open(path, encoding="utf-8") as fh:
-                tree = ast.parse(fh.read(), filename=path)
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError) as exc:
-            raise PluginError(f"{path}: cannot parse: {exc}") from None
-        classes = _extractor_classes(tree)
-        if classes:
-            called = _main_block_calls(tree)
-            chosen = [c for c in classes if c in called] or classes[-1:]
-            candidates.append((bool(called & set(classes)), path, chosen[0]))
+            docker_env = read_env(dockerfile)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PluginError(f"{dockerfile}: cannot read: {exc}") from None
+        except DockerfileError as exc:
+            raise PluginError(str(exc)) from None
+    requirements = os.path.join(os.path.abspath(folder), REQUIREMENTS)
+    requirements_or_none = requirements if os.path.isfile(requirements) else None
+    set_func, set_module = (entry_defaults(info["name"], os.path.basename(os.path.abspath(folder)))
+                            if entry_defaults else (None, None))
+    func = docker_env.get("EXTRACTION_FUNC") or set_func
+    module = docker_env.get("EXTRACTION_MODULE") or set_module
+    names_function = any(docker_env.get(v) for v in ENTRY_VARS) or "simple-extractor" in (base_image(dockerfile) or "")
+    candidates = []
+    if not names_function:
+        for entry in sorted(os.listdir(folder)):
+            if not entry.endswith(".py"):
+                continue
+            path = os.path.join(folder, entry)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    tree = ast.parse(fh.read(), filename=path)
+            except (OSError, SyntaxError, UnicodeDecodeError, ValueError) as exc:
+                raise PluginError(f"{path}: cannot parse: {exc}") from None
+            classes = _extractor_classes(tree)
+            if classes:
+                called = _main_block_calls(tree)
+                chosen = [c for c in classes if c in called] or classes[-1:]
+                candidates.append((bool(called & set(classes)), path, chosen[0]))
+    if names_function or (not candidates and (func or module)):
+        return _function_spec(folder, info, func, module, docker_env, requirements_or_none)
     if not candidates:
-        raise PluginError(f"{folder}: no .py file defines a pyclowder Extractor subclass")
+        raise PluginError(f"{folder}: no .py file defines a pyclowder Extractor subclass, and no "
+                          f"EXTRACTION_FUNC/EXTRACTION_MODULE names a function (in a {DOCKERFILE} ENV or the settings)")
     # Prefer the script that instantiates its extractor under __main__ (the one people run).
     candidates.sort(key=lambda c: (not c[0], c[1]))
     _, script, class_name = candidates[0]
     return PluginSpec(name=info["name"], folder=os.path.abspath(folder), script=os.path.abspath(script),
-                      class_name=class_name, info=info)
+                      class_name=class_name, info=info, docker_env=docker_env,
+                      requirements=requirements_or_none)
 
 
-def discover(plugin_path: Iterable[str]) -> tuple[list[PluginSpec], list[str]]:
-    """All plugins found, and one problem line per folder that looked like a plugin but is broken."""
+def _info_name(folder: str) -> str:
+    """The extractor_info name of a (possibly broken) plugin folder, or ""."""
+    try:
+        with open(os.path.join(folder, INFO_FILE), encoding="utf-8") as fh:
+            info = json.load(fh)
+        return str(info.get("name", "")) if isinstance(info, dict) else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def _scan(plugin_path: Iterable[str], entry_defaults: Optional[EntryDefaults]
+          ) -> tuple[list[PluginSpec], list[tuple[str, str, str]]]:
+    """Plugins found, and (folder, extractor_info name, problem) per broken plugin folder."""
     found: list[PluginSpec] = []
-    problems: list[str] = []
+    broken: list[tuple[str, str, str]] = []
     for base in search_dirs(plugin_path):
         if not os.path.isdir(base):
             continue
@@ -131,15 +229,24 @@ def discover(plugin_path: Iterable[str]) -> tuple[list[PluginSpec], list[str]]:
             if os.path.isfile(os.path.join(base, d, INFO_FILE))]
         for folder in folders:
             try:
-                found.append(inspect_folder(folder))
+                found.append(inspect_folder(folder, entry_defaults))
             except PluginError as exc:
-                problems.append(str(exc))
-    return found, problems
+                broken.append((folder, _info_name(folder), str(exc)))
+    return found, broken
 
 
-def find_plugin(name: Optional[str], plugin_path: Iterable[str]) -> PluginSpec:
+def discover(plugin_path: Iterable[str],
+             entry_defaults: Optional[EntryDefaults] = None) -> tuple[list[PluginSpec], list[str]]:
+    """All plugins found, and one problem line per folder that looked like a plugin but is broken."""
+    found, broken = _scan(plugin_path, entry_defaults)
+    return found, [problem for _, _, problem in broken]
+
+
+def find_plugin(name: Optional[str], plugin_path: Iterable[str],
+                entry_defaults: Optional[EntryDefaults] = None) -> PluginSpec:
     """The plugin called name (extractor_info name or folder name); the only one when name is None."""
-    found, problems = discover(plugin_path)
+    found, broken = _scan(plugin_path, entry_defaults)
+    problems = [problem for _, _, problem in broken]
     if name is None:
         if len(found) == 1:
             return found[0]
@@ -148,10 +255,29 @@ def find_plugin(name: Optional[str], plugin_path: Iterable[str]) -> PluginSpec:
     for spec in found:
         if name in (spec.name, spec.folder_name):
             return spec
+    for folder, info_name, problem in broken:  # the plugin asked for is there but broken: say why
+        if name in (info_name, os.path.basename(folder.rstrip("/"))):
+            raise PluginError(f"plugin {name}: {problem}")
     known = ", ".join(sorted({p.name for p in found})) or "none"
     detail = ("; broken plugin folders: " + "; ".join(problems)) if problems else ""
     raise PluginError(f"plugin {name!r} not found in {':'.join(search_dirs(plugin_path))} "
                       f"(found: {known}){detail}")
+
+
+def _load_function(spec: PluginSpec) -> Any:
+    """Import EXTRACTION_MODULE as the simple-extractor image does (plugin folder first on sys.path)."""
+    try:
+        target: Any = importlib.import_module(spec.module)
+        for part in spec.function.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise PluginError(f"module {spec.module!r} has no function {spec.function!r} (EXTRACTION_FUNC)") from None
+    except ImportError as exc:
+        raise PluginError(f"cannot import EXTRACTION_MODULE {spec.module!r}: {exc}") from None
+    if not callable(target):
+        raise PluginError(f"{spec.module}.{spec.function} (EXTRACTION_FUNC) is not a function")
+    from .simple_extractor import FunctionExtractor
+    return FunctionExtractor(target)
 
 
 def instantiate(spec: PluginSpec) -> Any:
@@ -163,6 +289,17 @@ def instantiate(spec: PluginSpec) -> Any:
     sys.argv = [spec.script]
     if spec.folder not in sys.path:
         sys.path.insert(0, spec.folder)
+    if spec.kind == "function":
+        try:
+            return _load_function(spec)
+        except SystemExit as exc:
+            raise PluginError(f"{spec.script}: the extractor exited while starting (code {exc.code}); "
+                              f"is {INFO_FILE} valid?") from None
+        except PluginError:
+            raise
+        except Exception as exc:  # the plugin's own code failed: report it, do not crash the agent
+            raise PluginError(f"{spec.script}: loading {spec.entry} failed: "
+                              f"{exc.__class__.__name__}: {exc}") from exc
     module_name = "clowder_plugin_" + "".join(c if c.isalnum() else "_" for c in spec.folder_name)
     module_spec = importlib.util.spec_from_file_location(module_name, spec.script)
     if module_spec is None or module_spec.loader is None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from hpc_common.redact import Redactor
 
-from .slots import Slot
+from .slots import Slot, StagedSlot
 
 log = logging.getLogger("agent.rank")
 Emit = Callable[[int, dict[str, Any]], None]
@@ -60,7 +60,7 @@ class RankWorker:
         self._stage_dir: Optional[str] = None
         self._stage_q: "queue.Queue[Optional[_Job]]" = queue.Queue()
         self._init = init
-        slot_cls = staging.StagedSlot if self.stage_ahead else Slot
+        slot_cls = StagedSlot if self.stage_ahead else Slot
         self._slots = [slot_cls(i, init, self._now, self._on_child_frame, redactor, env=env)
                        for i in range(extractors)]
 

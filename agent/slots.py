@@ -130,10 +130,13 @@ class Slot:
 
     # -- slot thread ---------------------------------------------------------------------------
     def _spawn(self) -> tuple[subprocess.Popen[bytes], Any]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", self.worker_module],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self._env, start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+        launch = self._init.get("launch")  # the plugin's interpreter and prefix (agent.extractor_launch)
+        if launch:
+            argv, cwd = [*launch["argv"], self.worker_module], launch["cwd"]
+        else:
+            argv, cwd = [sys.executable, "-m", self.worker_module], os.path.dirname(os.path.dirname(__file__))
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=self._env, start_new_session=True, cwd=cwd)
         self.proc = proc
         threading.Thread(target=self._relay_stderr, args=(proc,), name=f"slot-{self.index}-log",
                          daemon=True).start()
@@ -233,3 +236,13 @@ class Slot:
         except (OSError, subprocess.TimeoutExpired):
             self.kill()
             proc.wait()
+
+
+class StagedSlot(Slot):
+    """A Slot whose extractor process understands staged files (agent.stage_ahead).
+
+    Here, not in agent.stage_ahead: that module runs in the extractor process, which may be a
+    plugin's own environment without the agent's dependencies (psutil).
+    """
+
+    worker_module = "agent.stage_ahead"

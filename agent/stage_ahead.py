@@ -23,8 +23,6 @@ import tempfile
 import threading
 from typing import Any, Optional
 
-from .slots import Slot
-
 log = logging.getLogger("agent.stage")
 STAGED_KEY = "_agent_staged_path"
 _local = threading.local()
@@ -86,12 +84,6 @@ def stage_file(body: dict[str, Any], init: dict[str, Any], folder: str) -> Optio
         except OSError:
             pass
         return None
-
-
-class StagedSlot(Slot):
-    """A Slot whose extractor process understands staged files."""
-
-    worker_module = "agent.stage_ahead"
 
 
 def _install_staged_connector() -> None:

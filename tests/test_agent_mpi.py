@@ -7,6 +7,7 @@ the whole group, and the plain command (no mpiexec) must not touch MPI at all.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -58,8 +59,9 @@ class MpiHarness(AgentHarness):
         return [f for f in ids if not self.standin.metadata_for(f)]
 
 
-@pytest.fixture
-def harness(rabbitmq, mpi, amqp_queue, tmp_path):
+@contextlib.contextmanager
+def mpi_harness(rabbitmq, mpi, amqp_queue, tmp_path):
+    """An MpiHarness on a fresh queue with its own Clowder stand-in (also for other test modules)."""
     with ClowderStandin() as standin:
         h = MpiHarness(rabbitmq, amqp_queue, standin, tmp_path)
         h.mpiexec = str(mpi)
@@ -67,6 +69,12 @@ def harness(rabbitmq, mpi, amqp_queue, tmp_path):
             yield h
         finally:
             h.close()
+
+
+@pytest.fixture
+def harness(rabbitmq, mpi, amqp_queue, tmp_path):
+    with mpi_harness(rabbitmq, mpi, amqp_queue, tmp_path) as h:
+        yield h
 
 
 def _alive(pid: int) -> bool:

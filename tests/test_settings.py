@@ -25,6 +25,7 @@ AGENT_BAD = {
     "stop_grace": "-1", "walltime": "tomorrow", "walltime_margin": "-1", "journal_after": "0",
     "connect_timeout": "-1", "reconnect_timeout": "x", "log_level": "LOUD", "mpi": "sometimes",
     "mpi_leader": "rack", "mpi_rank_timeout": "0", "stage_ahead": "perhaps",
+    "env_build": "sometimes", "plugins": "{\"x\": {\"colour\": 1}}",
 }
 FREE_TEXT = {s.name for s in AGENT_SETTINGS if s.name not in AGENT_BAD}
 
@@ -34,7 +35,8 @@ def test_every_checked_agent_setting_has_a_bad_value_here():
     assert checked <= set(AGENT_BAD), checked - set(AGENT_BAD)
     assert FREE_TEXT == {"plugin", "plugin_path", "relay_url", "relay_token_file", "relay_ca", "message_file",
                          "spool_dir", "rabbitmq_uri", "rabbitmq_queue", "extractor_key", "clowder_url",
-                         "clowder_email", "journal_dir", "work_dir", "log_file"}
+                         "clowder_email", "journal_dir", "work_dir", "log_file", "extraction_func",
+                         "extraction_module", "env_dir", "env_python", "command_prefix"}
 
 
 @pytest.mark.parametrize("name", sorted(AGENT_BAD))

@@ -25,17 +25,14 @@ from hpc_common import reports
 from hpc_common.messages import RECOVERED, dead_letter_headers, retry_headers
 from hpc_common.redact import redact_uri
 
+from ..errors import BrokerError
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
-from .base import OnDelivery, SourceError, SourceLost, SourceUnavailable, WorkSource
+from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.amqp")
 logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO lines are per connection event
 _PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
-
-
-class BrokerError(SourceError):
-    """A broker operation outside the work source failed (the message is redacted)."""
 
 
 def open_status_channel(uri: str) -> tuple[Any, Any]:

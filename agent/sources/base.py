@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable, Optional
 
-from ..errors import BrokerError, SourceError
+from ..errors import BrokerError
 from ..messages import Delivery
 
 

@@ -1,0 +1,86 @@
+"""How a plugin's extractor process is started: interpreter, command prefix and environment.
+
+Decided once per agent on the agent side and carried in the init frame's "launch" entry, so every
+place that starts extractor processes (slots, MPI ranks, stage-ahead) starts them the same way:
+
+    [*command_prefix, python, "-c", BOOT, code_dir, module]
+
+python is the plugin's own environment's interpreter when it has a requirements.txt
+(agent.plugin_env), else the agent's. BOOT puts code_dir (the agent's code) first on sys.path
+and runs the extractor module, so it works with neither PYTHONPATH nor the agent installed, even
+under a prefix that clears the environment (`env -i`, `apptainer exec --cleanenv`). A plugin
+with neither requirements nor a prefix keeps the agent's plain `python -m` start.
+
+The Dockerfile's ENV lines are added to the process's environment, except PROTECTED names and
+prefixes: the agent's settings and secrets, and what ties the process to this host's Python.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from . import plugin_env
+from .config import SETTINGS, AgentConfig
+from .plugin_loader import PluginSpec
+from .plugin_settings import command_prefix, plugin_value
+
+log = logging.getLogger("agent.launch")
+BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); module = sys.argv[2]; del sys.argv[1:3]; "
+        "runpy.run_module(module, run_name='__main__', alter_sys=True)")
+PROTECTED = frozenset(({env for s in SETTINGS for env in s.env} - {"EXTRACTION_FUNC", "EXTRACTION_MODULE"}) | {
+    "RABBITMQ_URI", "RABBITMQ_QUEUE", "RABBITMQ_EXCHANGE", "EXTRACTOR_KEY", "REGISTRATION_ENDPOINTS",
+    "MOUNTED_PATHS", "HEARTBEAT", "MAX_RETRY", "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
+    "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "TMPDIR",
+    "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy",
+    "HTTPS_PROXY", "https_proxy"})
+PROTECTED_PREFIXES = ("AGENT_", "CLOWDER_", "RABBITMQ_", "SLURM_", "PBS_", "PMI_", "OMPI_", "HYDRA_")
+
+
+def docker_env_for_process(spec: PluginSpec) -> dict[str, str]:
+    """The Dockerfile ENV values the extractor process gets (the protected names left out, and said)."""
+    kept = {k: v for k, v in spec.docker_env.items()
+            if k not in PROTECTED and not k.startswith(PROTECTED_PREFIXES)}
+    skipped = sorted(set(spec.docker_env) - set(kept))
+    if skipped:
+        log.info("%s: Dockerfile ENV %s not applied (the agent's own settings or this host's)", spec.name,
+                 ", ".join(skipped))
+    return kept
+
+
+def may_build(cfg: AgentConfig, spec: PluginSpec) -> bool:
+    """env_build: yes / no / auto (build unless inside a batch job, where nodes lack network access)."""
+    mode = str(plugin_value(cfg, "env_build", spec.name, spec.folder_name))
+    if mode == "auto":
+        from .jobenv import detect
+        return not detect().scheduler
+    return mode == "yes"
+
+
+def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
+          env: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The init frame and environment for this plugin's extractor processes (EnvError: cannot run it)."""
+    env = dict(env)
+    env.update(docker_env_for_process(spec))
+    # The values reach the process through its environment; the frame need not carry them
+    # (a Dockerfile may hold a broker password in an ENV line the agent does not apply).
+    init = dict(init, plugin=dict(init["plugin"], docker_env={}))
+    prefix = command_prefix(plugin_value(cfg, "command_prefix", spec.name, spec.folder_name))
+    if spec.requirements is None and not prefix:
+        return init, env
+    if spec.requirements is not None:
+        env_python = plugin_value(cfg, "env_python", spec.name, spec.folder_name)
+        penv = plugin_env.ensure(spec, cfg.env_dir, env_python, may_build(cfg, spec))
+        python, code_dir = penv.python, plugin_env.agent_code_dir(cfg.env_dir)
+        for name in ("PYTHONPATH", "PYTHONHOME"):
+            env.pop(name, None)
+        env["VIRTUAL_ENV"] = penv.path
+        env["PATH"] = os.pathsep.join(filter(None, [os.path.join(penv.path, "bin"), env.get("PATH")]))
+        log.info("%s: extractor processes run in %s", spec.name, penv.path)
+    else:
+        python, code_dir = sys.executable, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if prefix:
+        log.info("%s: extractor processes start under %s", spec.name, " ".join(prefix))
+    launch = {"argv": [*prefix, python, "-c", BOOT, code_dir], "cwd": code_dir}
+    return dict(init, launch=launch), env

@@ -1,0 +1,64 @@
+"""Per-plugin settings: the `plugins` table and the lookups that fall back to the agent-wide value.
+
+YAML (or AGENT_PLUGINS as JSON) maps a plugin's extractor_info name or folder name to settings
+that apply to that plugin only, so several plugins in one agent can each have their own:
+
+    plugins:
+      ncsa.wordcount:
+        command_prefix: apptainer exec --bind /scratch wordcount.sif
+        env_python: /opt/python/3.11/bin/python3
+
+Keys: command_prefix, env_python, env_build, extraction_func, extraction_module. A key missing
+there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any, Mapping, Optional
+
+PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module")
+
+
+def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:
+    """{plugin name: {key: value}} from a YAML mapping or a JSON string; ValueError on unknown keys."""
+    table = value if isinstance(value, Mapping) else json.loads(str(value) or "{}")
+    if not isinstance(table, Mapping):
+        raise ValueError("expected a mapping of plugin name: {setting: value}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in table.items():
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"plugin {name}: expected a mapping of setting: value")
+        unknown = sorted(set(map(str, entry)) - set(PER_PLUGIN_KEYS))
+        if unknown:
+            raise ValueError(f"plugin {name}: unknown setting(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(PER_PLUGIN_KEYS)})")
+        out[str(name)] = dict(entry)
+    return out
+
+
+def plugin_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:
+    """The plugin's own value for key (by extractor_info name, then folder name), else the agent-wide one."""
+    table: Mapping[str, Mapping[str, Any]] = getattr(cfg, "plugins", None) or {}
+    for candidate in (name, folder_name):
+        entry = table.get(candidate) if candidate else None
+        if entry is not None and entry.get(key) not in (None, ""):
+            return entry[key]
+    return getattr(cfg, key)
+
+
+def command_prefix(value: Any) -> list[str]:
+    """A command prefix as argv: a YAML list as is, a string split like a shell would (no shell runs)."""
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return shlex.split(str(value))
+
+
+def entry_defaults(cfg: Any):  # -> plugin_loader.EntryDefaults
+    """EXTRACTION_FUNC / EXTRACTION_MODULE from the settings, for plugins whose Dockerfile names none."""
+    def lookup(name: str, folder_name: str) -> tuple[Optional[str], Optional[str]]:
+        return (plugin_value(cfg, "extraction_func", name, folder_name) or None,
+                plugin_value(cfg, "extraction_module", name, folder_name) or None)
+    return lookup
