@@ -1,4 +1,4 @@
-"""A Clowder API stand-in for tests, benchmarks, demos and the agent's ``local`` mode.
+"""A Clowder API stand-in for tests, benchmarks and the demo (a development tool, not the product).
 
 :class:`ClowderStandin` is a small threaded HTTP server (standard library only) that answers the
 parts of the Clowder v1 (``api/...``) and v2 (``api/v2/...``) REST APIs that pyclowder 3.0.8's
@@ -11,7 +11,7 @@ Authentication mirrors Clowder: v1 takes ``?key=`` or an ``X-API-Key`` header, v
 ``X-API-KEY`` header. Keys are never logged or echoed back.
 
 A control API under ``/_standin/`` lets other processes drive a stand-in that runs as its own
-process (``python -m agent.clowder_standin``). **The control API needs no key**: the stand-in is
+process (``python -m devtools.clowder_standin``). **The control API needs no key**: the stand-in is
 a test tool and binds to loopback by default; do not expose it on a shared network.
 
 Control routes (JSON in, JSON out):
@@ -970,7 +970,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Prints ``standin: URL`` first, then with ``--files DIR`` one ``name id`` line per regular file
     in DIR (sorted; the id is the last word), then ``dataset id`` if ``--dataset NAME`` was given.
     """
-    parser = argparse.ArgumentParser(prog="python -m agent.clowder_standin", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.clowder_standin", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
     parser.add_argument("--key", action="append", dest="keys", metavar="K",

@@ -169,7 +169,7 @@ class AgentHarness:
 @pytest.fixture
 def harness(rabbitmq: str, amqp_queue: str, tmp_path: Any):
     """An AgentHarness on a fresh queue with its own Clowder stand-in (import it into a test module)."""
-    from agent.clowder_standin import ClowderStandin
+    from devtools.clowder_standin import ClowderStandin
 
     with ClowderStandin() as standin:
         h = AgentHarness(rabbitmq, amqp_queue, standin, tmp_path)

@@ -48,7 +48,7 @@ from urllib.parse import quote, urlsplit
 
 import pika
 
-from agent.clowder_standin import ClowderStandin
+from devtools.clowder_standin import ClowderStandin
 from agent_harness import AgentHarness
 
 KILLED = -signal.SIGKILL

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from agent.clowder_standin import ClowderStandin
+from devtools.clowder_standin import ClowderStandin
 from agent_harness import EXAMPLES, REPO, TEST_PLUGINS
 
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from agent.clowder_standin import ClowderStandin
+from devtools.clowder_standin import ClowderStandin
 from agent.mpi_ranks import child_env, launched_by_mpi
 from agent_harness import REPO, AgentHarness
 

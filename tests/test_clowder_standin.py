@@ -1,4 +1,4 @@
-"""Tests for agent.clowder_standin, driven through pyclowder 3.0.8's own public helpers.
+"""Tests for devtools.clowder_standin, driven through pyclowder 3.0.8's own public helpers.
 
 pyclowder picks its API version when ``pyclowder.files``/``pyclowder.datasets`` are first
 imported, so the v1 checks run in this process (imported with CLOWDER_VERSION=1) and the v2
@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 import requests
 
-from agent.clowder_standin import ClowderStandin
+from devtools.clowder_standin import ClowderStandin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -432,7 +432,7 @@ def test_v2_helpers_in_subprocess(cs, tmp_path):
 
 def _spawn_cli(*args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "agent.clowder_standin", "--port", "0", *args],
+    return subprocess.Popen([sys.executable, "-m", "devtools.clowder_standin", "--port", "0", *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
