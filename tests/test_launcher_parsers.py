@@ -1,10 +1,9 @@
 """Scheduler adapters: submit argv, job-id parsing, status parsing (real and broken outputs)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+import datafiles
 from launcher.runner import CommandError
 from launcher.schedulers import make_scheduler
 from launcher.schedulers.base import (
@@ -20,12 +19,6 @@ Q, R, C, F, T, X, M = (JobState.QUEUED, JobState.RUNNING, JobState.COMPLETED, Jo
                        JobState.TIMEOUT, JobState.CANCELLED, JobState.MISSING)
 
 
-def _slurm_data():
-    path = Path(__file__).with_name("test_launcher_slurm_data.py")
-    spec = importlib.util.spec_from_file_location("launcher_slurm_data", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def states(status):
@@ -323,14 +316,14 @@ def test_torque_cancel_argv():
 
 # ------------------------------------------------------------------ Slurm (real outputs)
 def test_slurm_pending_block_and_running_tasks():
-    status = Slurm().parse_status("1", _slurm_data().SQUEUE_PENDING_BLOCK)
+    status = Slurm().parse_status("1", datafiles.read("squeue_pending_block.json"))
     assert states(status) == {1: R, 2: R, 3: Q, 4: Q}
     assert status.tasks[1].start_time == 1795579373
     assert status.tasks[3].start_time is None
 
 
 def test_slurm_all_states():
-    out = _slurm_data().SQUEUE_ALL_STATES
+    out = datafiles.read("squeue_all_states.json")
     s = Slurm()
     assert states(s.parse_status("1", out)) == {1: C, 2: C, 3: C}
     mix = s.parse_status("4", out)
@@ -342,7 +335,7 @@ def test_slurm_all_states():
 
 
 def test_slurm_find_by_name():
-    out = _slurm_data().SQUEUE_ALL_STATES
+    out = datafiles.read("squeue_all_states.json")
     assert Slurm().parse_find("clowder-3f4069d3", out) == ["9"]
     assert Slurm().parse_find("nope", out) == []
 
@@ -372,7 +365,7 @@ def test_slurm_malformed_output_fails_the_query(out):
 
 
 def test_slurm_truncated_real_output_fails_the_query():
-    out = _slurm_data().SQUEUE_ALL_STATES
+    out = datafiles.read("squeue_all_states.json")
     with pytest.raises(QueryFailed):
         Slurm().parse_status("4", out[: len(out) // 3])
 
