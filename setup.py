@@ -21,7 +21,7 @@ setup(
         # HPC sites bring their own MPI (mpi4py built against it); for development
         # and CI the MPICH wheel from PyPI is enough.
         "mpi": ["mpich"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
     },
     entry_points={
         "console_scripts": [

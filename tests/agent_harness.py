@@ -177,3 +177,29 @@ def harness(rabbitmq: str, amqp_queue: str, tmp_path: Any):
             yield h
         finally:
             h.close()
+
+
+@pytest.fixture
+def chaos_harness(chaos_rabbitmq: tuple[str, str], tmp_path: Any):
+    """An AgentHarness on the restartable broker node (conftest's chaos_rabbitmq), fresh queue.
+
+    ``harness.node`` is the node name for ``rabbitmqctl -n``. Mark the test
+    ``xdist_group("chaos-broker")``: only one test at a time may stop that node.
+    """
+    from devtools.clowder_standin import ClowderStandin
+
+    url, node = chaos_rabbitmq
+    with ClowderStandin() as standin:
+        h = AgentHarness(url, f"test-{uuid.uuid4().hex[:8]}", standin, tmp_path)
+        h.node = node
+        try:
+            yield h
+        finally:
+            h.close()
+            try:
+                h.reconnect()
+                h.ch.queue_delete(h.queue)
+                h.ch.queue_delete("error." + h.queue)
+                h._conn.close()
+            except pika.exceptions.AMQPError as exc:
+                print(f"chaos_harness: could not delete {h.queue}: {exc!r}")

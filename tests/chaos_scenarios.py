@@ -214,9 +214,16 @@ def with_netloc(url: str, netloc_hostport: str, userinfo: Optional[str] = None) 
     return parts._replace(netloc=netloc).geturl()
 
 
+# The node rabbitmqctl acts on (``-n``): None is rabbitmqctl's default node. tests/test_chaos.py
+# points it at the second node of scripts/services.sh, so a broker restart never touches the
+# broker the rest of the suite uses.
+BROKER_NODE: Optional[str] = None
+
+
 def _rabbitmqctl(*args: str, stdin: Optional[str] = None, timeout: float = 120) -> str:
+    node = ["-n", BROKER_NODE] if BROKER_NODE else []
     try:
-        out = subprocess.run(["rabbitmqctl", "-q", *args], input=stdin, capture_output=True, text=True,
+        out = subprocess.run(["rabbitmqctl", *node, "-q", *args], input=stdin, capture_output=True, text=True,
                              timeout=timeout)
     except FileNotFoundError:
         raise Unavailable("rabbitmqctl is not installed") from None

@@ -3,6 +3,9 @@
 Only tests that request these fixtures need the services; nothing here is autouse.
 
     rabbitmq    (session) AMQP URL of a broker that answers
+    chaos_rabbitmq  (session) (AMQP URL, node name) of the second broker node, the only one a
+                test may stop or restart (`rabbitmqctl -n NODE stop_app`); tests using it share
+                the xdist group "chaos-broker", so they never overlap each other
     slurm       (session) the local single-node Slurm answers (sinfo, sbatch, qsub)
     mpi         (session) path of the venv's mpiexec; mpi4py imports
     amqp_queue  (function) a fresh durable queue `test-<uuid8>` plus `error.<name>`, deleted after
@@ -21,6 +24,11 @@ import services
 @pytest.fixture(scope="session")
 def rabbitmq() -> str:
     return services.require_rabbitmq()
+
+
+@pytest.fixture(scope="session")
+def chaos_rabbitmq() -> tuple[str, str]:
+    return services.require_chaos_rabbitmq()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
+# The second broker node of scripts/services.sh, only for tests that stop and start a broker.
+DEFAULT_CHAOS_URL = "amqp://guest:guest@127.0.0.1:5673/%2f"
+DEFAULT_CHAOS_NODE = "chaos@localhost"
 USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 
 
@@ -74,6 +77,39 @@ def require_rabbitmq() -> str:
     if problem:
         unavailable(problem)
     return url
+
+
+def chaos_rabbitmq() -> tuple[str, str]:
+    """(AMQP URL, node name) of the restartable broker: $RABBITMQ_CHAOS_URI / $RABBITMQ_CHAOS_NODE."""
+    return (os.environ.get("RABBITMQ_CHAOS_URI") or DEFAULT_CHAOS_URL,
+            os.environ.get("RABBITMQ_CHAOS_NODE") or DEFAULT_CHAOS_NODE)
+
+
+@functools.lru_cache(maxsize=None)
+def _chaos_problem(url: str, node: str) -> Optional[str]:
+    problem = _rabbitmqctl_problem(node)
+    return problem or _rabbitmq_problem(url)
+
+
+def _rabbitmqctl_problem(node: str) -> Optional[str]:
+    if not shutil.which("rabbitmqctl"):
+        return "rabbitmqctl is not on PATH"
+    try:
+        out = _run(["rabbitmqctl", "-n", node, "-q", "eval", "rabbit:is_running()."], timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"'rabbitmqctl -n {node}' did not answer: {exc}"
+    if out.stdout.strip() != "true":
+        return f"broker node {node} is not running (rabbitmqctl: {(out.stderr or out.stdout).strip()[-300:]})"
+    return None
+
+
+def require_chaos_rabbitmq() -> tuple[str, str]:
+    """The restartable broker node answers rabbitmqctl and AMQP; returns (URL, node name)."""
+    url, node = chaos_rabbitmq()
+    problem = _chaos_problem(url, node)
+    if problem:
+        unavailable(problem)
+    return url, node
 
 
 @functools.lru_cache(maxsize=None)

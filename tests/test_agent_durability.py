@@ -6,10 +6,9 @@ import time
 
 import pytest
 
-from agent_harness import AgentHarness, harness  # noqa: F401 (fixture)
+from agent_harness import AgentHarness, chaos_harness, harness  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 
 
 def _consumer_timeout_ms() -> int:
@@ -38,13 +37,16 @@ def test_extraction_longer_than_consumer_timeout_runs_exactly_once(harness):
     assert "PRECONDITION_FAILED" not in harness.log_text()
 
 
-def test_broker_restart_mid_run_recovers(harness):
+# Restarts a broker: the chaos node (scripts/services.sh), never the shared main broker.
+@pytest.mark.xdist_group("chaos-broker")
+def test_broker_restart_mid_run_recovers(chaos_harness):
+    harness = chaos_harness
     ids = [harness.publish_file(b"sleep 0.3\n") for _ in range(30)]
     agent = harness.start_agent("--idle-exit", "10")
     harness.wait_for(lambda: len(harness.runs()) >= 5, 60, "some files processed")
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-n", harness.node, "-q", "stop_app"], check=True, timeout=120, capture_output=True)
     time.sleep(3)
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-n", harness.node, "-q", "start_app"], check=True, timeout=120, capture_output=True)
     harness.reconnect()
     assert agent.wait(timeout=240) == 0, harness.log_text()
     missing = [f for f in ids if not harness.standin.metadata_for(f)]

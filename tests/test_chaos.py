@@ -12,8 +12,11 @@ CI=true and skip elsewhere.
 
 Time: the three longest scenarios (two 30 s outages and the 20-round kill -9 loop) mostly wait,
 and none of them touches the shared broker, so they run at once, each on its own queue, stand-in
-and agents (`waiting_faults`); the broker restart runs before them, alone. The whole module takes
-about 3 minutes on a 2-core machine. The report script runs every scenario alone.
+and agents (`waiting_faults`, one xdist worker: group "chaos-waiting"). The broker restart stops
+the second broker node of scripts/services.sh (`chaos_rabbitmq`), never the main one, so under
+pytest-xdist it runs beside the rest of the suite (group "chaos-broker": one broker-stopping
+test at a time). The other scenarios use the main broker without disturbing it (their own
+queues, users, proxies and tmpfs). The report script runs every scenario alone.
 """
 from __future__ import annotations
 
@@ -67,17 +70,22 @@ def run_concurrent(name, futures) -> cs.Result:
     return run(lambda *_: futures[name].result(), None, None)
 
 
-# Stops the shared broker's application: must not overlap with anything, so it runs first.
+# Stops a broker's application: the chaos node's (scripts/services.sh), which only the
+# "chaos-broker" group uses, one test at a time; the other tests never see it.
 @pytest.mark.integration
 @pytest.mark.slow
-def test_broker_restart_mid_run(rabbitmq, tmp_path):
-    r = run(cs.broker_restart, rabbitmq, tmp_path)
+@pytest.mark.xdist_group("chaos-broker")
+def test_broker_restart_mid_run(chaos_rabbitmq, tmp_path, monkeypatch):
+    url, node = chaos_rabbitmq
+    monkeypatch.setattr(cs, "BROKER_NODE", node)
+    r = run(cs.broker_restart, url, tmp_path)
     assert r.dead_lettered == 0 and r.processed == r.sent
     assert r.recover_seconds is not None
 
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("chaos-waiting")
 def test_broker_unreachable_for_30s(waiting_faults):
     r = run_concurrent("test_broker_unreachable_for_30s", waiting_faults)
     assert r.dead_lettered == 0 and r.processed == r.sent
@@ -86,6 +94,7 @@ def test_broker_unreachable_for_30s(waiting_faults):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("chaos-waiting")
 def test_clowder_5xx_and_timeouts_for_30s(waiting_faults):
     r = run_concurrent("test_clowder_5xx_and_timeouts_for_30s", waiting_faults)
     assert r.dead_lettered == 0 and r.processed == r.sent  # an outage spends no attempts
@@ -94,6 +103,7 @@ def test_clowder_5xx_and_timeouts_for_30s(waiting_faults):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("chaos-waiting")
 def test_kill_9_loop_20_rounds(waiting_faults):
     r = run_concurrent("test_kill_9_loop_20_rounds", waiting_faults)
     assert r.dead_lettered == 0 and r.processed == r.sent
