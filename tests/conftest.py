@@ -69,3 +69,27 @@ def amqp_queue(rabbitmq):
                 conn.close()
         except Exception as exc:  # noqa: BLE001 - best effort
             print(f"amqp_queue: could not delete {name} / error.{name}: {exc}")
+
+
+# -- pytest-xdist groups ------------------------------------------------------------------------
+# scripts/test.sh runs the suite with `-n N --dist loadgroup`: tests marked
+# `xdist_group("name")` go to one worker, one after another (groups: chaos-broker, chaos-waiting,
+# slurm-cpus). pytest-xdist 3.8 tags a grouped test by assigning `item._nodeid`, which pytest 9
+# no longer reads (the id lives in `item._id`), so the groups would silently not apply and two
+# broker restarts could overlap. Apply the same tag here, and refuse to run if it does not take.
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadgroup", False):  # set on xdist workers under loadgroup
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if not groups:
+            continue
+        tag = "@" + "_".join(groups)
+        if not item.nodeid.endswith(tag):
+            from _pytest.nodeid import coerce_node_id  # pytest 9's node id type
+
+            item._id = coerce_node_id(item.nodeid + tag)
+        if not item.nodeid.endswith(tag):
+            raise pytest.UsageError(f"cannot tag {item.nodeid} with its xdist group {tag}")

@@ -72,6 +72,9 @@ def _worker_pids(h: AgentHarness) -> set[str]:
     return {pid for _, pid, _ in h.runs()}
 
 
+# Three 1-CPU tasks at once: with the launcher tests (group slurm-cpus) so the node's 4 CPUs
+# are not oversubscribed; the one-task-at-a-time walltime cases run beside them.
+@pytest.mark.xdist_group("slurm-cpus")
 def test_qsub_pbs_array_drains_the_queue_and_completes(harness):
     ids = [harness.publish_file(b"sleep 0.4\n") for _ in range(60)]
     env = _job_env(harness, AGENT_IDLE_EXIT="5")

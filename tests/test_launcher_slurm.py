@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slurm]
+# Their jobs take up to 4 of the node's 4 CPUs (caps test): one at a time (scripts/test.sh runs
+# xdist groups serially), so the walltime tests beside them keep a free CPU.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm-cpus")]
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

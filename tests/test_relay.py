@@ -9,6 +9,7 @@ the stand-in as their host, so every Clowder call has to go through the relay's 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import secrets
@@ -165,12 +166,15 @@ def netns():
     """A namespace reaching only its veth peer; needs root and iproute2 (fails in CI without them)."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         services.unavailable("network namespaces need root and iproute2 (scripts/install.sh installs iproute2)")
-    ns = Netns()
-    try:
-        ns.create()
-    except RuntimeError as exc:
-        ns.delete()
-        services.unavailable(f"cannot create a network namespace: {exc}")
+    # Parallel workers (pytest-xdist) pick a free 10.231.x.0/30 from `ip addr`: one at a time.
+    with open("/tmp/clowder-hpc-agent-test-netns.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ns = Netns()
+        try:
+            ns.create()
+        except RuntimeError as exc:
+            ns.delete()
+            services.unavailable(f"cannot create a network namespace: {exc}")
     try:
         yield ns
     finally:
