@@ -81,6 +81,9 @@ def amqp_queue(rabbitmq):
 def pytest_collection_modifyitems(config, items):
     if not getattr(config.option, "loadgroup", False):  # set on xdist workers under loadgroup
         return
+    # Long tests first (stable, the same order on every worker): a minutes-long test that starts
+    # last would hold the whole run up after the other workers are done.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                          for m in item.iter_markers("xdist_group")})

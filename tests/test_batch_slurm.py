@@ -124,9 +124,11 @@ def _walltime_case(harness, options: list[str], native: bool) -> None:
     assert "failed (attempt" not in "".join(logs)
 
 
+@pytest.mark.slow  # minutes of one-minute tasks, one at a time
 def test_qsub_walltime_one_minute_completes_and_a_later_task_finishes(harness):
     _walltime_case(harness, ["-J", "1-4%1", "-l", "walltime=00:01:00"], native=False)
 
 
+@pytest.mark.slow  # minutes of one-minute tasks, one at a time
 def test_sbatch_native_script_walltime(harness):
     _walltime_case(harness, ["--array=1-4%1", "--time=00:01:00"], native=True)
