@@ -207,7 +207,7 @@ rmq_status() {
 }
 
 # ======================================================================== RabbitMQ chaos node
-# A second node on this host for tests that stop/start a broker (tests/test_chaos.py and the
+# A second node on this host for tests that stop/start a broker (tests/chaos/test_chaos.py and the
 # durability restart test): restarting it cannot disturb the tests that use the main node.
 chaos_env() {
     env RABBITMQ_NODENAME="$CHAOS_NODE" RABBITMQ_NODE_PORT="$CHAOS_PORT" RABBITMQ_DIST_PORT="$CHAOS_DIST_PORT" \

@@ -11,7 +11,7 @@
 # Tests run in parallel with pytest-xdist: TEST_WORKERS processes (default 8; most tests wait on
 # the broker, Slurm or timeouts rather than use a CPU). `--dist loadgroup` keeps each
 # xdist_group on one worker, one test at a time (tests/conftest.py lists the groups). Later
-# arguments win, so `scripts/test.sh -n 0 tests/test_x.py` runs serially.
+# arguments win, so `scripts/test.sh -n 0 -k name` runs serially.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -10,7 +10,7 @@ Only tests that request these fixtures need the services; nothing here is autous
     mpi         (session) path of the venv's mpiexec; mpi4py imports
     amqp_queue  (function) a fresh durable queue `test-<uuid8>` plus `error.<name>`, deleted after
 
-Missing services fail the test with CI=true and skip it otherwise (see tests/services.py).
+Missing services fail the test with CI=true and skip it otherwise (see tests/helpers/services.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-import services
+from helpers import services
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Chaos suite (issue 3): the agent under broker, Clowder, disk and signal faults.
 
-The scenarios live in tests/chaos_scenarios.py, shared with benchmarks/reliability_report.py,
+The scenarios live in tests/helpers/chaos_scenarios.py, shared with benchmarks/reliability_report.py,
 which writes the same runs up as benchmarks/results/reliability.md. Each test asserts what the
 issue asks of every scenario: every file ends with metadata in Clowder or in error.<queue> with a
 reason, none is lost, agents exit only as the scenario expects (killed only where it kills them),
@@ -25,8 +25,8 @@ from unittest import mock
 
 import pytest
 
-import chaos_scenarios as cs
-from services import unavailable
+from helpers import chaos_scenarios as cs
+from helpers.services import unavailable
 
 pytestmark = [pytest.mark.chaos]
 

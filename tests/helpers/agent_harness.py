@@ -18,7 +18,7 @@ from typing import Any, Optional
 import pika
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_PLUGINS = os.path.join(REPO, "tests", "plugins")
 EXAMPLES = os.path.join(REPO, "examples")
 

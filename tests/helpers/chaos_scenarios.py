@@ -1,4 +1,4 @@
-"""Chaos scenarios for the agent, written once for the tests (tests/test_chaos.py) and the
+"""Chaos scenarios for the agent, written once for the tests (tests/chaos/test_chaos.py) and the
 reliability report (benchmarks/reliability_report.py).
 
 Each scenario starts real agent processes against the real RabbitMQ and a Clowder stand-in,
@@ -49,7 +49,7 @@ from urllib.parse import quote, urlsplit
 import pika
 
 from devtools.clowder_standin import ClowderStandin
-from agent_harness import AgentHarness
+from helpers.agent_harness import AgentHarness
 
 KILLED = -signal.SIGKILL
 NO_SCRATCH = 6
@@ -214,7 +214,7 @@ def with_netloc(url: str, netloc_hostport: str, userinfo: Optional[str] = None) 
     return parts._replace(netloc=netloc).geturl()
 
 
-# The node rabbitmqctl acts on (``-n``): None is rabbitmqctl's default node. tests/test_chaos.py
+# The node rabbitmqctl acts on (``-n``): None is rabbitmqctl's default node. tests/chaos/test_chaos.py
 # points it at the second node of scripts/services.sh, so a broker restart never touches the
 # broker the rest of the suite uses.
 BROKER_NODE: Optional[str] = None

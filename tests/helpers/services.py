@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
 # The second broker node of scripts/services.sh, only for tests that stop and start a broker.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agent_harness import AgentHarness, harness  # noqa: F401 (fixture)
+from helpers.agent_harness import AgentHarness, harness  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent_harness import AgentHarness, chaos_harness, harness  # noqa: F401 (fixtures)
+from helpers.agent_harness import AgentHarness, chaos_harness, harness  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from agent.reports import report, summarize
-from agent_harness import harness  # noqa: F401 (fixture)
+from helpers.agent_harness import harness  # noqa: F401 (fixture)
 
 
 def test_summary_over_the_window():

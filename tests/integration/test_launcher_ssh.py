@@ -13,7 +13,7 @@ import pytest
 
 from launcher.runner import CommandError, SSHRunner
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -132,7 +132,7 @@ def test_options_are_batchmode_strict_multiplexed(tmp_path):
 
 
 @pytest.mark.slurm
-@pytest.mark.xdist_group("slurm-cpus")  # submits to the 4-CPU node: see tests/test_launcher_slurm.py
+@pytest.mark.xdist_group("slurm-cpus")  # submits to the 4-CPU node: see tests/slurm/test_launcher_slurm.py
 def test_launcher_over_ssh_on_real_slurm(sshd, tmp_path, slurm):
     """submit/status/cancel with every scheduler command run over SSH on the 'login node'."""
     config, _ = sshd

@@ -25,8 +25,8 @@ from typing import Any, Optional
 import pytest
 import requests
 
-import services
-from agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
+from helpers import services
+from helpers.agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 

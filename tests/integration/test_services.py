@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-import services
+from helpers import services
 
 
 def test_rabbitmq_url_default_and_override(monkeypatch):

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import requests
 
-import services
-from agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
+from helpers import services
+from helpers.agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 

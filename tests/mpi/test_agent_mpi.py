@@ -18,7 +18,7 @@ import pytest
 
 from devtools.clowder_standin import ClowderStandin
 from agent.mpi_ranks import child_env, launched_by_mpi
-from agent_harness import REPO, AgentHarness
+from helpers.agent_harness import REPO, AgentHarness
 
 pytestmark = [pytest.mark.integration, pytest.mark.mpi]
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
+from helpers.agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 

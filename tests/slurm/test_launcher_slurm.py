@@ -19,7 +19,7 @@ import pytest
 # xdist groups serially), so the walltime tests beside them keep a free CPU.
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm-cpus")]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 

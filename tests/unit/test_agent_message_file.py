@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from devtools.clowder_standin import ClowderStandin
-from agent_harness import EXAMPLES, REPO, TEST_PLUGINS
+from helpers.agent_harness import EXAMPLES, REPO, TEST_PLUGINS
 
 
 def _run(tmp_path, standin, content: bytes, **env):

@@ -17,7 +17,7 @@ from agent.messages import BadMessage, Delivery, parse_body
 from agent.plugin_loader import PluginError, discover, find_plugin, inspect_folder
 from agent.redact import Redactor, redact_uri
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # -- settings ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import requests
 
 from devtools.clowder_standin import ClowderStandin
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if "pyclowder.files" not in sys.modules:
     _saved = os.environ.get("CLOWDER_VERSION")

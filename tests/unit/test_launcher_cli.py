@@ -9,7 +9,7 @@ import pytest
 from launcher import cli
 from launcher.redact import redact_text, redact_uri
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def args(*argv):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import datafiles
+from helpers import datafiles
 from launcher.runner import CommandError
 from launcher.schedulers import make_scheduler
 from launcher.schedulers.base import (
