@@ -55,6 +55,35 @@ def test_broker_consumer_timeout_is_60s(rabbitmq):
     assert out.stdout.strip() == "{ok,60000}"
 
 
+@pytest.mark.integration
+def test_chaos_broker_is_a_separate_node_with_the_same_consumer_timeout(rabbitmq, chaos_rabbitmq):
+    """The broker-restart tests' node (scripts/services.sh) is not the one the other tests use."""
+    import pika
+
+    url, node = chaos_rabbitmq
+    assert url != rabbitmq
+    out = subprocess.run(["rabbitmqctl", "-n", node, "-q", "eval",
+                          "{node(), application:get_env(rabbit, consumer_timeout)}."],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{%s,{ok,60000}}" % node
+    main = subprocess.run(["rabbitmqctl", "-q", "eval", "node()."], capture_output=True, text=True, timeout=60)
+    assert main.returncode == 0 and main.stdout.strip() not in (node, f"'{node}'")
+    # A queue declared on one node does not exist on the other: two brokers, not one.
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        conn.channel().queue_declare(name, durable=False, auto_delete=True)
+        other = pika.BlockingConnection(pika.URLParameters(rabbitmq))
+        try:
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+                other.channel().queue_declare(name, passive=True)
+        finally:
+            other.close()
+    finally:
+        conn.close()
+
+
 @pytest.mark.slurm
 def test_sbatch_wait_true_exits_zero(slurm, tmp_path):
     out = subprocess.run(
