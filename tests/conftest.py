@@ -72,11 +72,13 @@ def amqp_queue(rabbitmq):
 
 
 # -- pytest-xdist groups ------------------------------------------------------------------------
-# scripts/test.sh runs the suite with `-n N --dist loadgroup`: tests marked
-# `xdist_group("name")` go to one worker, one after another (groups: chaos-broker, chaos-waiting,
-# slurm-cpus). pytest-xdist 3.8 tags a grouped test by assigning `item._nodeid`, which pytest 9
-# no longer reads (the id lives in `item._id`), so the groups would silently not apply and two
-# broker restarts could overlap. Apply the same tag here, and refuse to run if it does not take.
+# scripts/test.sh runs the suite with `-n N --dist loadgroup`: tests marked `xdist_group("name")`
+# go to one worker, one after another. Groups: chaos-broker (stop the second broker node),
+# chaos-waiting (three scenarios run at once by one module fixture), slurm-cpus (jobs that fill
+# the node's 4 CPUs), slurm-walltime (one-minute tasks holding one CPU for minutes).
+# pytest-xdist 3.8 tags a grouped test by assigning `item._nodeid`, which pytest 9 no longer reads
+# (the id lives in `item._id`), so the groups would silently not apply and two broker restarts
+# could overlap. Apply the same tag here, and refuse to run if it does not take.
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     if not getattr(config.option, "loadgroup", False):  # set on xdist workers under loadgroup

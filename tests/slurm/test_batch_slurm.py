@@ -72,8 +72,8 @@ def _worker_pids(h: AgentHarness) -> set[str]:
     return {pid for _, pid, _ in h.runs()}
 
 
-# Three 1-CPU tasks at once: with the launcher tests (group slurm-cpus) so the node's 4 CPUs
-# are not oversubscribed; the one-task-at-a-time walltime cases run beside them.
+# Three 1-CPU tasks that must all run at once: with the launcher tests (group slurm-cpus), while
+# the walltime cases (group slurm-walltime, one at a time) hold one CPU: 3 + 1 fit the node's 4.
 @pytest.mark.xdist_group("slurm-cpus")
 def test_qsub_pbs_array_drains_the_queue_and_completes(harness):
     ids = [harness.publish_file(b"sleep 0.4\n") for _ in range(60)]
@@ -125,10 +125,12 @@ def _walltime_case(harness, options: list[str], native: bool) -> None:
 
 
 @pytest.mark.slow  # minutes of one-minute tasks, one at a time
+@pytest.mark.xdist_group("slurm-walltime")
 def test_qsub_walltime_one_minute_completes_and_a_later_task_finishes(harness):
     _walltime_case(harness, ["-J", "1-4%1", "-l", "walltime=00:01:00"], native=False)
 
 
 @pytest.mark.slow  # minutes of one-minute tasks, one at a time
+@pytest.mark.xdist_group("slurm-walltime")
 def test_sbatch_native_script_walltime(harness):
     _walltime_case(harness, ["--array=1-4%1", "--time=00:01:00"], native=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-# Their jobs take up to 4 of the node's 4 CPUs (caps test): one at a time (scripts/test.sh runs
-# xdist groups serially), so the walltime tests beside them keep a free CPU.
+# Their jobs take up to 4 of the node's 4 CPUs (caps test; its assertions allow pending tasks):
+# one test at a time (xdist group slurm-cpus), beside the walltime cases' one CPU.
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm-cpus")]
 
 REPO = Path(__file__).resolve().parents[2]
