@@ -94,6 +94,7 @@ def test_sbatch_wait_true_exits_zero(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm-cpus")  # three tasks at once: see tests/slurm/test_batch_slurm.py
 def test_qsub_pbs_array_runs_every_task_with_the_variable(slurm, tmp_path):
     """`qsub -v` passes variables and `#PBS -J` makes an array on the local Slurm."""
     script = tmp_path / "arr.pbs"

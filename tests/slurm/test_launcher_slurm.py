@@ -85,8 +85,12 @@ def cleanup(state_dir):
     if not db.exists():
         return
     con = sqlite3.connect(str(db))
-    rows = con.execute("SELECT job_id, job_name FROM submissions").fetchall()
-    con.close()
+    try:
+        rows = con.execute("SELECT job_id, job_name FROM submissions").fetchall()
+    except sqlite3.OperationalError:  # the launcher died before it made its tables: no jobs
+        rows = []
+    finally:
+        con.close()
     ids = [r[0] for r in rows if r[0]]
     names = {r[1] for r in rows}
     for rec in squeue():
@@ -224,8 +228,12 @@ def test_killed_mid_submission_restarts_without_double_submit(env, amqp_url, que
             if not db.exists():
                 return None
             con = sqlite3.connect(str(db))
-            rows = con.execute("SELECT job_name FROM submissions").fetchall()
-            con.close()
+            try:
+                rows = con.execute("SELECT job_name FROM submissions").fetchall()
+            except sqlite3.OperationalError:  # file made, schema not yet: the launcher is starting
+                return None
+            finally:
+                con.close()
             names = {r[0] for r in rows}
             return [r for r in squeue() if r.get("name") in names]
 
