@@ -22,7 +22,7 @@ setup(
         # Only MPI runs (mpiexec -n N python -m agent run) need mpi4py. HPC sites may build
         # mpi4py against their own MPI instead; for development and CI the MPICH wheel is enough.
         "mpi": ["mpi4py>=3.1", "mpich"],
-        "test": ["pytest>=7", "hypothesis>=6", "import-linter>=2"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "import-linter>=2"],
     },
     entry_points={
         "console_scripts": [

@@ -1,6 +1,6 @@
 """`python -m agent local`: run an extractor on local files with no broker and no Clowder.
 
-The files are served by an in-process Clowder stand-in (as on-disk paths, so pyclowder reads
+The files are served by an in-process loopback Clowder (agent/local_clowder.py; as on-disk paths, so pyclowder reads
 them in place), and each is processed through the same extractor process and pyclowder
 connector as in production. What the extractor uploaded (metadata, previews, tags, new files)
 is written as JSON under the output folder, one file per input, with its status messages.
@@ -18,8 +18,8 @@ from typing import Any, Callable
 from hpc_common.redact import Redactor
 
 from . import exitcodes, extractor_launch
-from .clowder_standin import ClowderStandin
 from .config import AgentConfig
+from .local_clowder import LocalClowder
 from .logs import setup_logging
 from .plugin_env import EnvError
 from .plugin_loader import PluginError, find_plugin
@@ -61,7 +61,7 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
     redactor.add(key)
     frames: "queue.Queue[dict[str, Any]]" = queue.Queue()
     failures = 0
-    with ClowderStandin(keys={key}) as standin:
+    with LocalClowder(key) as clowder:
 
         def post(fn: Callable[[], None]) -> None:
             fn()
@@ -76,9 +76,9 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
         try:
             for number, path in enumerate(files, 1):
                 name = os.path.basename(path)
-                dataset = standin.add_dataset(name=f"local-{number}")  # one per file: its new files are its own
-                file_id = standin.add_file(name=name, path=path, dataset_id=dataset)
-                slot.assign(path, _message(cfg, standin.url, key, file_id, name, os.path.getsize(path), dataset),
+                dataset = clowder.add_dataset(f"local-{number}")  # one per file: its new files are its own
+                file_id = clowder.add_file(name, os.path.abspath(path), dataset)
+                slot.assign(path, _message(cfg, clowder.url, key, file_id, name, os.path.getsize(path), dataset),
                             number)
                 statuses, outcome = [], {"outcome": "error", "reason": "no answer"}
                 while True:
@@ -94,9 +94,9 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
                 result = {
                     "file": os.path.abspath(path), "outcome": outcome.get("outcome"),
                     "reason": redactor(outcome.get("reason") or ""),
-                    "metadata": standin.metadata_for(file_id),
-                    "uploads": [r for r in standin.records(file_id=file_id) if r.get("kind") != "metadata"],
-                    "new_files": standin.records(kind="upload", dataset_id=dataset),
+                    "metadata": clowder.metadata_for(file_id),
+                    "uploads": [r for r in clowder.records(file_id=file_id) if r.get("kind") != "metadata"],
+                    "new_files": clowder.records(kind="upload", dataset_id=dataset),
                     "statuses": statuses,
                 }
                 target = os.path.join(out_dir, f"{number:04d}-{name}.json")

@@ -22,7 +22,7 @@ class StandinProcess:
     """The Clowder stand-in as a separate process, driven through its control API."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.clowder_standin", "--port", "0"], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "devtools.clowder_standin", "--port", "0"], cwd=REPO,
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         assert line.startswith("standin: "), line

@@ -3,7 +3,7 @@
 
     python benchmarks/reliability_report.py [--only NAME ...] [--out FILE] [--json FILE]
 
-Runs the scenarios of tests/chaos_scenarios.py (the same code tests/test_chaos.py asserts on)
+Runs the scenarios of tests/helpers/chaos_scenarios.py (the same code tests/chaos/test_chaos.py asserts on)
 against the local RabbitMQ and a Clowder stand-in, and writes benchmarks/results/reliability.md:
 per scenario, messages sent, processed, dead-lettered, lost (must be 0), duplicate runs and
 duplicate metadata (at-least-once), time to recover, and the rules any scenario saw broken.
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
-import chaos_scenarios as cs  # noqa: E402
+from helpers import chaos_scenarios as cs  # noqa: E402
 from _common import machine  # noqa: E402
 
 AMQP_URL = os.environ.get("RABBITMQ_TEST_URI") or "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -75,8 +75,8 @@ def render(results: list[cs.Result], started: str, wall: float) -> str:
         "",
         f"Machine: {machine()}; RabbitMQ consumer_timeout {_consumer_timeout()}.",
         "",
-        "Each row is one automated scenario of `tests/chaos_scenarios.py` (the same code "
-        "`tests/test_chaos.py` runs in CI, which fails on any lost file or broken rule): real "
+        "Each row is one automated scenario of `tests/helpers/chaos_scenarios.py` (the same code "
+        "`tests/chaos/test_chaos.py` runs in CI, which fails on any lost file or broken rule): real "
         "`python -m agent run` processes, the real RabbitMQ, the Clowder stand-in, and the directive "
         "test extractor. Command: `python benchmarks/reliability_report.py` "
         f"(kill -9 seed {os.environ.get('CHAOS_SEED', '20')}, `CHAOS_SEED` to change). "

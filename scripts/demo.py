@@ -26,7 +26,7 @@ import pika
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from agent.clowder_standin import ClowderStandin  # noqa: E402
+from devtools.clowder_standin import ClowderStandin  # noqa: E402
 
 TEXTS = {
     "moby.txt": "Call me Ishmael. Some years ago, never mind how long precisely,\nhaving little or no money in my purse\n",

@@ -87,13 +87,13 @@ want="$(sha256sum setup.py | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 
 if [[ "$want" != "$have" ]] \
-   || ! .venv/bin/python -c 'import agent, launcher, hpc_common, mpi4py, pika, pyclowder, pytest, hypothesis, importlinter' \
+   || ! .venv/bin/python -c 'import agent, launcher, hpc_common, mpi4py, pika, pyclowder, pytest, xdist, hypothesis, importlinter' \
         >/dev/null 2>&1 \
    || [[ ! -x .venv/bin/mpiexec ]]; then
     rm -f "$stamp"
     quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[mpi,test]' \
         || die "pip install -e '.[mpi,test]' failed"
-    .venv/bin/python -c 'import agent, launcher, mpi4py, pika, pyclowder, pytest' \
+    .venv/bin/python -c 'import agent, launcher, mpi4py, pika, pyclowder, pytest, xdist' \
         || die "venv installed but the project does not import"
     echo "$want" >"$stamp"
 fi

@@ -6,6 +6,11 @@
 #   rabbitmq  RabbitMQ broker, /etc/rabbitmq/rabbitmq.conf with consumer_timeout = 60000 (so tests
 #             can see the broker take back an unacked delivery within ~2 min). guest/guest works
 #             from 127.0.0.1 (amqp://guest:guest@127.0.0.1:5672/%2f). Logs: /var/log/rabbitmq/.
+#   rabbitmq-chaos  a second RabbitMQ node just for the tests that stop and restart a broker
+#             (chaos@localhost, amqp://guest:guest@127.0.0.1:5673/%2f, same consumer_timeout, its
+#             own config /etc/rabbitmq/chaos.conf, data /var/lib/rabbitmq/chaos, logs
+#             /var/log/rabbitmq/chaos/, Erlang distribution port 25673), so those tests can run
+#             while the rest of the suite uses the main broker. `rabbitmqctl -n chaos@localhost`.
 #   munge     munged with /etc/munge/munge.key (created if missing). Logs: /var/log/munge/.
 #   slurm     single-node Slurm (slurmctld + slurmd on this host, node from `slurmd -C`),
 #             select/cons_tres + CR_Core so several 1-cpu array tasks run at once, no accounting.
@@ -30,6 +35,13 @@ TIMEOUT="${SERVICE_TIMEOUT:-60}"
 RMQ_CONF=/etc/rabbitmq/rabbitmq.conf
 RMQ_CONSUMER_TIMEOUT=60000
 AMQP_PORT=5672
+
+CHAOS_NODE=chaos@localhost
+CHAOS_PORT=5673
+CHAOS_DIST_PORT=25673
+CHAOS_CONF=/etc/rabbitmq/chaos.conf
+CHAOS_BASE=/var/lib/rabbitmq/chaos
+CHAOS_LOGDIR=/var/log/rabbitmq/chaos
 
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PIDFILE=/run/munge/munged.pid
@@ -89,7 +101,14 @@ stop_pidfile() { # stop_pidfile PIDFILE NAME: TERM, wait, then KILL
 need() { command -v "$1" >/dev/null || die "$1 not found: run scripts/install.sh first"; }
 
 # ======================================================================== RabbitMQ
-rmq_beam_running() { pgrep -u rabbitmq -f 'beam.*-s rabbit' >/dev/null 2>&1 || pgrep -u rabbitmq -x beam.smp >/dev/null 2>&1; }
+# The main node's beam: any rabbitmq beam.smp but the chaos node's (its pid file is known).
+rmq_beam_pids() {
+    local chaos_pid
+    chaos_pid="$(cat "$CHAOS_BASE/$CHAOS_NODE.pid" 2>/dev/null || true)"
+    pgrep -u rabbitmq -x beam.smp 2>/dev/null | grep -vx "${chaos_pid:-none}" || true
+}
+rmq_beam_running() { [[ -n "$(rmq_beam_pids)" ]]; }
+rmq_beam_stopped() { ! rmq_beam_running; }
 # `rabbitmqctl status` fails while the rabbit application is stopped; `eval` works on any live node.
 rmq_node_answers() { [[ "$(timeout 30 rabbitmqctl -q eval 'ok.' 2>/dev/null)" == ok ]]; }
 rmq_app_running() { [[ "$(timeout 30 rabbitmqctl -q eval 'rabbit:is_running().' 2>/dev/null)" == true ]]; }
@@ -123,7 +142,7 @@ rmq_stop() {
     local pidfile
     pidfile="$(ls /var/lib/rabbitmq/mnesia/rabbit@*.pid 2>/dev/null | head -n 1 || true)"
     timeout $((TIMEOUT + 10)) rabbitmqctl -q stop >/dev/null 2>&1 || true
-    if ! wait_for "$TIMEOUT" bash -c '! pgrep -u rabbitmq -x beam.smp >/dev/null'; then
+    if ! wait_for "$TIMEOUT" rmq_beam_stopped; then
         if [[ -n "$pidfile" ]] && pid_alive "$pidfile" beam.smp; then
             warn "rabbitmq did not stop within ${TIMEOUT}s; killing pid $(cat "$pidfile")"
             kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
@@ -183,6 +202,88 @@ rmq_status() {
         echo "rabbitmq: up (consumer_timeout=$(rmq_consumer_timeout), amqp://127.0.0.1:$AMQP_PORT)"
     else
         echo "rabbitmq: down"
+        return 1
+    fi
+}
+
+# ======================================================================== RabbitMQ chaos node
+# A second node on this host for tests that stop/start a broker (tests/chaos/test_chaos.py and the
+# durability restart test): restarting it cannot disturb the tests that use the main node.
+chaos_env() {
+    env RABBITMQ_NODENAME="$CHAOS_NODE" RABBITMQ_NODE_PORT="$CHAOS_PORT" RABBITMQ_DIST_PORT="$CHAOS_DIST_PORT" \
+        RABBITMQ_MNESIA_BASE="$CHAOS_BASE" RABBITMQ_LOG_BASE="$CHAOS_LOGDIR" RABBITMQ_CONFIG_FILE="$CHAOS_CONF" "$@"
+}
+chaos_ctl() { timeout 30 rabbitmqctl -n "$CHAOS_NODE" -q "$@" 2>/dev/null; }
+chaos_answers() { [[ "$(chaos_ctl eval 'ok.')" == ok ]]; }
+chaos_app_running() { [[ "$(chaos_ctl eval 'rabbit:is_running().')" == true ]]; }
+chaos_port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$CHAOS_PORT" 2>/dev/null; }
+chaos_consumer_timeout() {
+    local out
+    out="$(chaos_ctl eval 'application:get_env(rabbit, consumer_timeout).' || true)"
+    out="${out#\{ok,}"; echo "${out%\}}"
+}
+chaos_stopped() { ! pid_alive "$CHAOS_BASE/$CHAOS_NODE.pid" beam.smp; }
+
+chaos_write_conf() {
+    write_if_changed "$CHAOS_CONF" 0644 <<EOF
+# Written by clowder-hpc-agent scripts/services.sh; edits are overwritten.
+# The chaos tests' own broker node ($CHAOS_NODE); same consumer_timeout as the main node.
+consumer_timeout = $RMQ_CONSUMER_TIMEOUT
+loopback_users.guest = true
+listeners.tcp.default = 127.0.0.1:$CHAOS_PORT
+log.file.level = info
+EOF
+}
+
+chaos_stop() {
+    chaos_stopped && return 0
+    timeout $((TIMEOUT + 10)) rabbitmqctl -n "$CHAOS_NODE" -q stop >/dev/null 2>&1 || true
+    if ! wait_for "$TIMEOUT" chaos_stopped; then
+        warn "rabbitmq-chaos did not stop within ${TIMEOUT}s; killing pid $(cat "$CHAOS_BASE/$CHAOS_NODE.pid")"
+        kill -KILL "$(cat "$CHAOS_BASE/$CHAOS_NODE.pid")" 2>/dev/null || true
+        sleep 1
+    fi
+    rm -f "$CHAOS_BASE/$CHAOS_NODE.pid"
+}
+
+chaos_up() {
+    local changed=0 out
+    if chaos_write_conf; then changed=1; fi
+    mkdir -p "$CHAOS_BASE" "$CHAOS_LOGDIR"
+    chown rabbitmq:rabbitmq "$CHAOS_BASE" "$CHAOS_LOGDIR"
+    if ! chaos_stopped; then
+        wait_for "$TIMEOUT" chaos_answers \
+            || die "rabbitmq-chaos: the node's process runs but does not answer after ${TIMEOUT}s (see $CHAOS_LOGDIR/)"
+        # A test may have left its application stopped: start it (a booting node is left to finish).
+        if [[ "$(chaos_ctl eval 'rabbit_boot_state:get().')" == stopped ]]; then
+            timeout 60 rabbitmqctl -n "$CHAOS_NODE" -q start_app >/dev/null 2>&1 \
+                || die "rabbitmq-chaos: 'rabbitmqctl -n $CHAOS_NODE start_app' failed (see $CHAOS_LOGDIR/)"
+        fi
+        wait_for "$TIMEOUT" chaos_app_running \
+            || die "rabbitmq-chaos: the rabbit application is not running after ${TIMEOUT}s"
+        if ((changed)) || [[ "$(chaos_consumer_timeout)" != "$RMQ_CONSUMER_TIMEOUT" ]]; then
+            chaos_stop   # new config or another consumer_timeout: restart with ours
+        fi
+    fi
+    if chaos_stopped; then
+        out="$(cd /var/lib/rabbitmq && chaos_env rabbitmq-server -detached 2>&1 9>&-)" \
+            || die "rabbitmq-chaos: 'rabbitmq-server -detached' failed: $out"
+        wait_for "$TIMEOUT" chaos_answers \
+            || die "rabbitmq-chaos: node $CHAOS_NODE did not answer within ${TIMEOUT}s (see $CHAOS_LOGDIR/)"
+    fi
+    wait_for "$TIMEOUT" chaos_app_running \
+        || die "rabbitmq-chaos: the rabbit application is not running after ${TIMEOUT}s"
+    wait_for "$TIMEOUT" chaos_port_open \
+        || die "rabbitmq-chaos: AMQP port $CHAOS_PORT on 127.0.0.1 not open after ${TIMEOUT}s"
+    [[ "$(chaos_consumer_timeout)" == "$RMQ_CONSUMER_TIMEOUT" ]] \
+        || die "rabbitmq-chaos: consumer_timeout is '$(chaos_consumer_timeout)', expected $RMQ_CONSUMER_TIMEOUT"
+}
+
+chaos_status() {
+    if chaos_app_running && chaos_port_open; then
+        echo "rabbitmq-chaos: up ($CHAOS_NODE, consumer_timeout=$(chaos_consumer_timeout), amqp://127.0.0.1:$CHAOS_PORT)"
+    else
+        echo "rabbitmq-chaos: down"
         return 1
     fi
 }
@@ -365,6 +466,7 @@ flock -w $((TIMEOUT * 5)) 9 || die "another services.sh has held the lock for $(
 status_all() {
     local rc=0
     rmq_status || rc=1
+    chaos_status || rc=1
     munge_status || rc=1
     slurm_status || rc=1
     return $rc
@@ -373,6 +475,7 @@ status_all() {
 case "$ACTION" in
     up)
         rmq_up
+        chaos_up
         munge_up
         slurm_up
         status_all || die "a service is not up after bring-up"
@@ -380,8 +483,9 @@ case "$ACTION" in
     down)
         slurm_down
         munge_down
+        chaos_stop
         rmq_stop
-        echo "rabbitmq: down"; echo "munge: down"; echo "slurm: down"
+        echo "rabbitmq: down"; echo "rabbitmq-chaos: down"; echo "munge: down"; echo "slurm: down"
         ;;
     status)
         status_all

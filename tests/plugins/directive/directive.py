@@ -11,6 +11,7 @@
   abort              PyClowderExtractionAbort (permanent failure)
   print              print() to stdout (must not corrupt anything), then as ok
   tags               upload tags and metadata
+  outputs            upload tags, a preview and a new file to the file's dataset, then as ok
   leak MB            hold MB megabytes, then sleep 30 s (a memory hog)
 Every run appends "<file id> <pid>" to $DIRECTIVE_LOG when that is set, so tests count runs.
 """
@@ -64,6 +65,13 @@ class Directive(Extractor):
             time.sleep(30)
         elif verb == "tags":
             pyclowder.files.upload_tags(connector, host, secret_key, resource["id"], {"tags": ["directive"]})
+        elif verb == "outputs":
+            pyclowder.files.upload_tags(connector, host, secret_key, resource["id"], {"tags": ["directive"]})
+            pyclowder.files.upload_preview(connector, host, secret_key, resource["id"], path)
+            made = os.path.join(os.path.dirname(path), "made-by-directive.txt")
+            with open(made, "w") as fh:
+                fh.write("new file\n")
+            pyclowder.files.upload_to_dataset(connector, host, secret_key, resource["parent"]["id"], made)
         content = {"directive": verb, "pid": os.getpid(), "bytes": len(data)}
         metadata = self.get_metadata(content, "file", resource["id"], host)
         pyclowder.files.upload_metadata(connector, host, secret_key, resource["id"], metadata)

@@ -1,0 +1,163 @@
+"""Checks that the local services integration tests need really answer.
+
+scripts/services.sh brings them up (scripts/test.sh and .ci/run call it). Each `require_*` returns
+quietly when its service works; otherwise it fails the test when CI=true (CI must never silently
+skip an integration test) and skips it elsewhere, with the reason either way.
+
+Results are cached per process: a service checked once is not re-probed for every test.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
+# The second broker node of scripts/services.sh, only for tests that stop and start a broker.
+DEFAULT_CHAOS_URL = "amqp://guest:guest@127.0.0.1:5673/%2f"
+DEFAULT_CHAOS_NODE = "chaos@localhost"
+USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    """Fail (CI=true) or skip (elsewhere) the current test because a service is missing."""
+    hint = " (run scripts/services.sh up, or scripts/test.sh which does it)"
+    if in_ci():
+        pytest.fail(f"{reason}{hint}; CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(f"{reason}{hint}")
+
+
+def rabbitmq_url() -> str:
+    """AMQP URL of the test broker: $RABBITMQ_TEST_URI or guest on 127.0.0.1:5672."""
+    return os.environ.get("RABBITMQ_TEST_URI") or DEFAULT_RABBITMQ_URL
+
+
+def _run(argv: list, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+@functools.lru_cache(maxsize=None)
+def _rabbitmq_problem(url: str) -> Optional[str]:
+    try:
+        import pika
+    except ImportError as exc:
+        return f"pika is not importable: {exc}"
+    params = pika.URLParameters(url)
+    params.socket_timeout = 5
+    params.blocked_connection_timeout = 5
+    params.connection_attempts = 1
+    params.stack_timeout = 10
+    try:
+        conn = pika.BlockingConnection(params)
+    except Exception as exc:  # pika raises many types; any of them means "not usable"
+        return f"RabbitMQ at {url} does not accept an AMQP connection: {exc!r}"
+    try:
+        conn.channel().close()
+    finally:
+        conn.close()
+    return None
+
+
+def require_rabbitmq() -> str:
+    """Open and close an AMQP connection; returns the URL."""
+    url = rabbitmq_url()
+    problem = _rabbitmq_problem(url)
+    if problem:
+        unavailable(problem)
+    return url
+
+
+def chaos_rabbitmq() -> tuple[str, str]:
+    """(AMQP URL, node name) of the restartable broker: $RABBITMQ_CHAOS_URI / $RABBITMQ_CHAOS_NODE."""
+    return (os.environ.get("RABBITMQ_CHAOS_URI") or DEFAULT_CHAOS_URL,
+            os.environ.get("RABBITMQ_CHAOS_NODE") or DEFAULT_CHAOS_NODE)
+
+
+@functools.lru_cache(maxsize=None)
+def _chaos_problem(url: str, node: str) -> Optional[str]:
+    problem = _rabbitmqctl_problem(node)
+    return problem or _rabbitmq_problem(url)
+
+
+def _rabbitmqctl_problem(node: str) -> Optional[str]:
+    if not shutil.which("rabbitmqctl"):
+        return "rabbitmqctl is not on PATH"
+    try:
+        out = _run(["rabbitmqctl", "-n", node, "-q", "eval", "rabbit:is_running()."], timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"'rabbitmqctl -n {node}' did not answer: {exc}"
+    if out.stdout.strip() != "true":
+        return f"broker node {node} is not running (rabbitmqctl: {(out.stderr or out.stdout).strip()[-300:]})"
+    return None
+
+
+def require_chaos_rabbitmq() -> tuple[str, str]:
+    """The restartable broker node answers rabbitmqctl and AMQP; returns (URL, node name)."""
+    url, node = chaos_rabbitmq()
+    problem = _chaos_problem(url, node)
+    if problem:
+        unavailable(problem)
+    return url, node
+
+
+@functools.lru_cache(maxsize=None)
+def _slurm_problem() -> Optional[str]:
+    missing = [tool for tool in ("sinfo", "sbatch", "squeue", "scontrol", "qsub") if not shutil.which(tool)]
+    if missing:
+        return f"Slurm commands not on PATH: {', '.join(missing)}"
+    try:
+        out = _run(["sinfo", "-h", "-o", "%T"])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"'sinfo -h -o %T' did not answer: {exc}"
+    if out.returncode != 0:
+        return f"'sinfo' failed (exit {out.returncode}): {out.stderr.strip()}"
+    states = {line.strip() for line in out.stdout.splitlines() if line.strip()}
+    if not states & USABLE_NODE_STATES:
+        return f"no usable Slurm node (sinfo node states: {sorted(states) or 'none'})"
+    return None
+
+
+def require_slurm() -> None:
+    """sinfo shows an idle/mixed/allocated node and sbatch, qsub are on PATH."""
+    problem = _slurm_problem()
+    if problem:
+        unavailable(problem)
+
+
+def mpiexec_path() -> Path:
+    """The mpiexec to use in tests: the venv's (MPICH wheel), never Debian's mpiexec.slurm."""
+    return VENV_BIN / "mpiexec"
+
+
+@functools.lru_cache(maxsize=None)
+def _mpi_problem() -> Optional[str]:
+    mpiexec = mpiexec_path()
+    if not os.access(mpiexec, os.X_OK):
+        return f"{mpiexec} is missing (pip install -e '.[mpi]')"
+    try:
+        out = _run([sys.executable, "-c", "import mpi4py.MPI"], timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"importing mpi4py.MPI did not finish: {exc}"
+    if out.returncode != 0:
+        return f"mpi4py does not import: {out.stderr.strip()[-500:]}"
+    return None
+
+
+def require_mpi() -> Path:
+    """The venv's mpiexec exists and mpi4py imports; returns mpiexec's path."""
+    problem = _mpi_problem()
+    if problem:
+        unavailable(problem)
+    return mpiexec_path()
