@@ -102,8 +102,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_retries", int, 3, "retries after a failed attempt before the message is dead-lettered",
             ("MAX_RETRY",)),
     Setting("retry_backoff", float, 2.0, "seconds before the first retry; doubles each retry (capped at 60)"),
-    Setting("heartbeat", float, 300.0, "seconds between registrations on the 'extractors' exchange",
-            ("HEARTBEAT",)),
+    Setting("heartbeat", float, 60.0, "seconds between registrations on the 'extractors' exchange (Clowder v2 "
+            "forgets an extractor unheard for 300 s; pyclowder's 300 s sits on that edge)", ("HEARTBEAT",)),
     Setting("slots", int, 1, "extractor processes this agent runs at once"),
     Setting("time_limit", float, 0.0, "seconds one file may take before its extractor is killed (0: no limit)"),
     Setting("memory_limit", float, 0.0, "MB one extractor process tree may use before it is killed (0: no limit)"),
@@ -152,7 +152,7 @@ class AgentConfig:
     ssl_verify: bool = True
     max_retries: int = 3
     retry_backoff: float = 2.0
-    heartbeat: float = 300.0
+    heartbeat: float = 60.0
     slots: int = 1
     time_limit: float = 0.0
     memory_limit: float = 0.0

@@ -116,8 +116,11 @@ def build(args, need_script: bool = False) -> Launcher:
     broker, queue, _ = _broker(args)
     env = {"RABBITMQ_QUEUE": queue} if queue else {}
     script = _script(args, name, runner) if need_script else ""
+    from launcher import backlog
+
+    places = backlog.Places.from_env(_state_dir(args), queue)
     return Launcher(runner=runner, scheduler=scheduler, ledger=ledger, caps=caps, script=script,
-                    job_env=env, broker=broker)
+                    job_env=env, broker=broker, held=functools.partial(backlog.held, places))
 
 
 def _lock(args) -> filelock.FileLock:
@@ -267,8 +270,12 @@ def cmd_relay(args) -> int:
 
 
 def cmd_spool(args) -> int:
+    from launcher.backlog import record_spool
     from launcher.relay.spool import main_from_cli
 
+    queue = _setting(args, "rabbitmq_queue", "RABBITMQ_QUEUE")
+    if queue and not _setting(args, "ssh", "LAUNCHER_SSH"):
+        record_spool(_state_dir(args), queue, args.dir)  # so status/scale count what it stages
     return main_from_cli(args)
 
 

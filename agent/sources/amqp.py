@@ -6,6 +6,7 @@ other threads only wake it through add_callback_threadsafe. Two channels:
   - the confirm channel: publishes that must be durable before a delivery is settled (retry
     copies, error-queue copies, journal recovery), each waiting for the broker's confirm.
 Long work is secured through the journal (agent.journal explains why and how).
+Retries wait in retry.<queue>.<seconds> queues, not in the agent (agent.sources.amqp_retry).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pika
 import pika.exceptions
 
 from .. import reports
+from . import amqp_retry
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
 from ..redact import redact_uri
@@ -41,6 +43,8 @@ def _describe(exc: BaseException) -> str:
 
 class AmqpSource(WorkSource):
     """Consume one queue; settle deliveries exactly as the agent decides."""
+
+    delayed_retry = True
 
     def __init__(self, uri: str, queue: str, prefetch: int, journal: Journal, agent_id: str,
                  connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
@@ -66,6 +70,7 @@ class AmqpSource(WorkSource):
         self._backoff = 1.0
         self.generation = 0
         self._where = redact_uri(uri)
+        self._retry_declared: set[tuple[int, str]] = set()
 
     # -- connection lifecycle --------------------------------------------------------------------
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -275,6 +280,42 @@ class AmqpSource(WorkSource):
             raise SourceLost("delivery from a lost connection")
         self._publish_durable(self.queue, delivery.body, self._props(delivery, headers))
         self.complete(delivery)
+
+    def retry_later(self, delivery: Delivery, attempts: int, reason: str, delay: float) -> None:
+        """Publish the retry copy to its delay bucket's retry queue (confirmed), then settle the original."""
+        headers = dict(delivery.headers)
+        headers["x-agent-attempts"] = attempts
+        headers["x-agent-last-error"] = reason[:1000]
+        if not delivery.secured and self._tag(delivery) is None:
+            raise SourceLost("delivery from a lost connection")
+        name = self._retry_queue(amqp_retry.bucket(delay))
+        self._publish_durable(name, delivery.body, self._props(delivery, headers))
+        self.complete(delivery)
+
+    def _retry_queue(self, seconds: int) -> str:
+        """Declare (once per connection) the retry queue for this delay and return its name."""
+        name = amqp_retry.retry_queue(self.queue, seconds)
+        if (self.generation, name) in self._retry_declared:
+            return name
+        if not self.connected:
+            raise SourceLost("not connected")
+        try:
+            ch = self._conn.channel()  # a refused declaration closes only this channel
+            try:
+                ch.queue_declare(name, durable=True, arguments=amqp_retry.retry_queue_arguments(self.queue, seconds))
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                # Declared before with other arguments (a site policy): use it as it is.
+                log.warning("retry queue %s exists with other arguments; using it as is", name)
+                ch = self._conn.channel()
+                ch.queue_declare(name, passive=True)
+            if ch.is_open:
+                ch.close()
+        except _PIKA_ERRORS as exc:
+            self._lose(exc, "declaring a retry queue")
+        self._retry_declared.add((self.generation, name))
+        return name
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         headers = dict(delivery.headers)
