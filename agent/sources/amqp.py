@@ -70,7 +70,8 @@ class AmqpSource(WorkSource):
         self._backoff = 1.0
         self.generation = 0
         self._where = redact_uri(uri)
-        self._retry_declared: set[tuple[int, str]] = set()
+        self._decl: Any = None      # channel for retry-queue declarations (a 406 closes only it)
+        self._retries_due: list[float] = []
 
     # -- connection lifecycle --------------------------------------------------------------------
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -114,7 +115,7 @@ class AmqpSource(WorkSource):
             except _PIKA_ERRORS:
                 pass
             raise
-        self._conn, self._ch, self._pub = conn, ch, pub
+        self._conn, self._ch, self._pub, self._decl = conn, ch, pub, None
         self.generation += 1
         self._consumer_tag = None
         if self._intake:
@@ -288,34 +289,39 @@ class AmqpSource(WorkSource):
         headers["x-agent-last-error"] = reason[:1000]
         if not delivery.secured and self._tag(delivery) is None:
             raise SourceLost("delivery from a lost connection")
-        name = self._retry_queue(amqp_retry.bucket(delay))
+        seconds = amqp_retry.bucket(delay)
+        name = self._retry_queue(seconds)
         self._publish_durable(name, delivery.body, self._props(delivery, headers))
         self.complete(delivery)
+        self._retries_due.append(self._clock() + seconds)
 
     def _retry_queue(self, seconds: int) -> str:
-        """Declare (once per connection) the retry queue for this delay and return its name."""
+        """Declare the retry queue for this delay (before every publish: see amqp_retry) and return its name."""
         name = amqp_retry.retry_queue(self.queue, seconds)
-        if (self.generation, name) in self._retry_declared:
-            return name
         if not self.connected:
             raise SourceLost("not connected")
         try:
-            ch = self._conn.channel()  # a refused declaration closes only this channel
+            if self._decl is None or not self._decl.is_open:
+                self._decl = self._conn.channel()  # a refused declaration closes only this channel
             try:
-                ch.queue_declare(name, durable=True, arguments=amqp_retry.retry_queue_arguments(self.queue, seconds))
+                self._decl.queue_declare(name, durable=True,
+                                         arguments=amqp_retry.retry_queue_arguments(self.queue, seconds))
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code != 406:
                     raise
                 # Declared before with other arguments (a site policy): use it as it is.
                 log.warning("retry queue %s exists with other arguments; using it as is", name)
-                ch = self._conn.channel()
-                ch.queue_declare(name, passive=True)
-            if ch.is_open:
-                ch.close()
+                self._decl = self._conn.channel()
+                self._decl.queue_declare(name, passive=True)
         except _PIKA_ERRORS as exc:
             self._lose(exc, "declaring a retry queue")
-        self._retry_declared.add((self.generation, name))
         return name
+
+    def work_soon(self) -> Optional[float]:
+        """Retries this agent parked in retry queues come back at their due time: stay for them."""
+        now = self._clock()
+        self._retries_due = [t for t in self._retries_due if t > now - 2.0]
+        return max(0.0, min(self._retries_due) - now) if self._retries_due else None
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         headers = dict(delivery.headers)

@@ -9,7 +9,9 @@ exchange back to `<queue>`. Per-message expiry is applied only at the head of a 
 message in one retry queue has the same delay: one queue per bucket (whole seconds, rounded
 up), a handful in practice because backoffs double up to a cap.
 
-Retry queues are durable and never auto-deleted (`x-expires` would drop the messages they hold).
+Retry queues are durable and expire (`x-expires`) an hour after their last use. The agent
+declares the queue again right before every retry publish, which restarts that clock, so a queue
+is never dropped while it holds a message (a message's TTL, at most a day, is far below it).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 
 PREFIX = "retry."
 MAX_DELAY_S = 24 * 3600
+UNUSED_EXPIRY_S = 3600  # beyond the bucket's TTL
 
 
 def bucket(delay: float) -> int:
@@ -32,7 +35,8 @@ def retry_queue(queue: str, seconds: int) -> str:
 
 def retry_queue_arguments(queue: str, seconds: int) -> dict[str, Any]:
     """Declaration arguments: expire after seconds, then dead-letter back to queue."""
-    return {"x-message-ttl": seconds * 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+    return {"x-message-ttl": seconds * 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
+            "x-expires": (seconds + UNUSED_EXPIRY_S) * 1000}
 
 
 __all__ = ["bucket", "retry_queue", "retry_queue_arguments", "PREFIX"]

@@ -1,0 +1,129 @@
+"""Retries that never block, kill -9 during a backoff, and the registration interval (real broker).
+
+A failed message waits for its retry in `retry.<queue>.<seconds>` (agent.sources.amqp_retry),
+not in the agent's prefetch window, so the rest of the queue runs meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pika
+import pika.exceptions
+import pytest
+
+from agent.sources.amqp_retry import retry_queue
+from agent_harness import harness  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def _retry_depth(h, seconds: int) -> int:
+    ch = h._conn.channel()
+    try:
+        return ch.queue_declare(retry_queue(h.queue, seconds), passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return -1  # not declared
+    finally:
+        if ch.is_open:
+            ch.close()
+
+
+def _drop_retry_queues(h, *seconds: int) -> None:
+    for s in seconds:
+        h.ch.queue_delete(retry_queue(h.queue, s))
+
+
+def test_failing_files_wait_outside_the_prefetch_window_and_end_in_the_error_queue(harness):
+    """The contract: AGENT_RETRY_BACKOFF=10, two failing files before twenty good ones."""
+    h = harness
+    failing = [h.publish_file(b"raise\n", name=f"bad{i}.txt") for i in range(2)]
+    good = [h.publish_file(b"ok\n", name=f"good{i}.txt") for i in range(20)]
+    try:
+        proc = h.start_agent("--idle-exit", "3", AGENT_RETRY_BACKOFF="10", AGENT_MAX_RETRIES="1")
+        h.wait_for(lambda: all(h.standin.metadata_for(f) for f in good), 60, "the good files")
+        assert proc.wait(timeout=90) == 0, h.log_text()
+        runs = [r[0] for r in h.runs()]
+        # Every good file ran before the first retry of a failing one (due 10 s after its failure).
+        second_attempts = [i for i, f in enumerate(runs) if f in failing and runs[:i].count(f) == 1]
+        last_good = max(runs.index(f) for f in good)
+        assert len(second_attempts) == 2 and last_good < min(second_attempts), runs
+        errors = {json.loads(body)["id"]: props for props, body in h.errors()}
+        assert set(errors) == set(failing)
+        for props in errors.values():
+            assert props.headers["x-agent-attempts"] == 2
+            assert "gave up after 2 attempt(s)" in props.headers["x-error-reason"]
+        assert h.depth() == 0 and _retry_depth(h, 10) == 0
+    finally:
+        _drop_retry_queues(h, 10)
+
+
+def test_kill_9_during_a_backoff_loses_nothing(harness, tmp_path):
+    h = harness
+    fid = h.publish_file(f"raise-once {tmp_path / 'marker'}\n".encode())
+    try:
+        first = h.start_agent(AGENT_RETRY_BACKOFF="5")
+        h.wait_for(lambda: "retrying in 5.0s" in h.log_text(), 30, "the first failure")
+        h.wait_for(lambda: _retry_depth(h, 5) == 1, 10, "the retry copy in its retry queue")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        # The original was acknowledged only after the broker confirmed the retry copy.
+        assert h.depth() == 0
+        h.wait_for(lambda: h.depth() == 1, 20, "the retry queue to dead-letter it back")
+        assert h.run_agent("--idle-exit", "2") == 0, h.log_text()
+        assert len(h.standin.metadata_for(fid)) == 1
+        assert [r[2] for r in h.runs()] == ["raise-once", "raise-once"]
+        assert h.errors() == [] and _retry_depth(h, 5) == 0
+    finally:
+        _drop_retry_queues(h, 5)
+
+
+def test_agent_stays_for_its_own_retries_when_idle_exit_is_shorter(harness, tmp_path):
+    h = harness
+    fid = h.publish_file(f"raise-once {tmp_path / 'marker'}\n".encode())
+    try:
+        assert h.run_agent("--idle-exit", "1", AGENT_RETRY_BACKOFF="4") == 0, h.log_text()
+        assert len(h.standin.metadata_for(fid)) == 1
+        assert "source holds work deliverable" in h.log_text()
+    finally:
+        _drop_retry_queues(h, 4)
+
+
+def _registrations(h, seconds: float, **env) -> tuple[list[float], str]:
+    """Start an agent; collect its registrations on the `extractors` fanout for seconds after its first."""
+    ch = h._conn.channel()
+    ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(q, "extractors")
+    proc = h.start_agent(**env)
+    seen: list[float] = []
+    deadline = time.monotonic() + 60.0  # until the first registration (the extractor's start-up)
+    while time.monotonic() < deadline:
+        method, _props, body = ch.basic_get(q, auto_ack=True)
+        if method is None:
+            time.sleep(0.1)
+            continue
+        message = json.loads(body)
+        if message.get("queue") == h.queue:  # other engineers' agents share the exchange
+            seen.append(time.monotonic())
+            if len(seen) == 1:
+                deadline = seen[0] + seconds
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    ch.close()
+    return seen, h.log_text()
+
+
+def test_registration_interval_follows_heartbeat(harness):
+    seen, log = _registrations(harness, 6.5, HEARTBEAT="2")
+    assert 3 <= len(seen) <= 5, (seen, log)  # at start, then every 2 s
+
+
+def test_default_registration_is_well_inside_clowder_v2s_window():
+    from agent.config import load_config
+
+    assert load_config({}, {}, None).heartbeat == 60.0
+    assert load_config({}, {"HEARTBEAT": "300"}, None).heartbeat == 300.0
+    assert load_config({}, {"AGENT_HEARTBEAT": "30", "HEARTBEAT": "300"}, None).heartbeat == 30.0
