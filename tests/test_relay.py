@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -456,3 +457,156 @@ def test_large_files_stream_both_ways(harness, tmp_path):
         assert r.call("POST", "/v1/release", {"lease_id": lease["lease_id"]}).status_code == 200
     finally:
         r.stop()
+
+
+# -- backlog truth, fast recovery, retries held by the relay, registration for agents -----------------
+def _launcher_env(harness: AgentHarness, relay: RelayProc, tmp: Any, **extra: str) -> dict[str, str]:
+    caps = tmp / "caps.yaml"
+    caps.write_text('max_array_size: 5\nmax_running: 4\nmax_queued: 6\nmax_walltime: "00:05:00"\n'
+                    'default_walltime: "00:03:00"\ncores_per_task: 1\n')
+    caps.chmod(0o644)
+    script = tmp / "sleep.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --output=/dev/null\nsleep 120\n")
+    env = dict(os.environ, RABBITMQ_URI=harness.url, RABBITMQ_QUEUE=harness.queue, LAUNCHER_CAPS=str(caps),
+               LAUNCHER_STATE_DIR=relay.state, LAUNCHER_SCRIPT=str(script), LAUNCHER_SCHEDULER="slurm",
+               AGENT_JOURNAL_DIR=harness.journal_dir, PYTHONPATH=REPO)
+    env.update(extra)
+    return env
+
+
+def _launcher(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"launcher {args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _relay_holds(harness: AgentHarness, relay: RelayProc, n: int) -> None:
+    harness.wait_for(lambda: harness.depth() == 0 and relay.call("GET", "/v1/backlog").json()["ready"] == n, 30,
+                     f"the relay to take all {n} messages from RabbitMQ")
+
+
+@pytest.fixture
+def plain_relay(harness, tmp_path):
+    """A relay on 127.0.0.1 with the default lease ttl (15 s)."""
+    r = RelayProc(harness, "127.0.0.1", tmp_path, "--retry-backoff", "0.1").start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def test_status_backlog_counts_what_the_relay_holds(harness, plain_relay, tmp_path, slurm):
+    ids = [harness.publish_file(b"ok\n") for _ in range(12)]
+    _relay_holds(harness, plain_relay, 12)
+    env = _launcher_env(harness, plain_relay, tmp_path)
+    status = json.loads(_launcher(env, "status", "--json").stdout)
+    assert status["broker"]["ready"] == 0
+    assert status["backlog"]["total"] == 12, status["backlog"]
+    assert status["backlog"]["relay_ready"] == 12 and status["backlog"]["rabbitmq_ready"] == 0
+    assert "backlog    12 waiting (relay ready 12)" in _launcher(env, "status").stdout
+    # The same counts from the relay's API, as a launcher on another host gets them.
+    remote = dict(env, LAUNCHER_STATE_DIR=str(tmp_path / "elsewhere"), LAUNCHER_RELAY_URL=plain_relay.url,
+                  LAUNCHER_RELAY_TOKEN_FILE=plain_relay.token_file)
+    assert json.loads(_launcher(remote, "status", "--json").stdout)["backlog"]["relay_ready"] == 12
+    assert plain_relay.call("GET", "/v1/backlog", token="wrong-token-1234567").status_code == 401
+    # Agents take the work; the backlog goes to zero.
+    proc = start_agent_in(harness, None, "--idle-exit", "2", **plain_relay.agent_env())
+    assert wait_exit(harness, proc) == 0, harness.log_text()
+    assert unprocessed(harness, ids) == []
+    assert json.loads(_launcher(env, "status", "--json").stdout)["backlog"]["total"] == 0
+
+
+@pytest.mark.slurm
+def test_scale_submits_a_task_for_work_only_the_relay_holds(harness, plain_relay, tmp_path, slurm):
+    from test_launcher_slurm import cleanup, tasks_of, wait_for
+
+    for _ in range(12):
+        harness.publish_file(b"ok\n")
+    _relay_holds(harness, plain_relay, 12)
+    env = _launcher_env(harness, plain_relay, tmp_path)
+    try:
+        out = _launcher(env, "scale", "--once", "--files-per-task", "5", "--idle-grace", "0").stdout
+        assert out.startswith("scale_up: submit 3: backlog 12"), out
+        job = json.loads(_launcher(env, "status", "--json").stdout)["jobs"][0]["job_id"]
+        assert wait_for(lambda: len(tasks_of(job)) == 3)
+    finally:
+        cleanup(Path(plain_relay.state))
+
+
+def test_agent_killed_under_the_relay_its_leases_run_in_the_next_agents_run(harness, netns, tmp_path):
+    """The contract: kill -9 three seconds into a 30-file run, a second agent at once with --idle-exit 5."""
+    relay = RelayProc(harness, netns.host_ip, tmp_path).start()  # default lease ttl
+    try:
+        ids = [harness.publish_file(b"sleep 0.2\n") for _ in range(30)]
+        first = start_agent_in(harness, netns, **relay.agent_env())
+        harness.wait_for(lambda: harness.runs(), 60, "the first file to start")
+        time.sleep(3.0)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        second = start_agent_in(harness, netns, "--idle-exit", "5", **relay.agent_env())
+        assert wait_exit(harness, second, timeout=120) == 0, harness.log_text() + relay.log()
+        assert unprocessed(harness, ids) == [], harness.log_text() + relay.log()
+        assert harness.depth() == 0 and harness.errors() == []
+        assert "expired lease(s) returned" in relay.log()
+        # It ran out of other work before the dead agent's leases expired, and stayed for them.
+        assert "source holds work deliverable" in harness.log_text()
+    finally:
+        relay.stop()
+
+
+def test_retries_wait_in_the_relay_not_in_the_agent(harness, plain_relay):
+    """AGENT_RETRY_BACKOFF=10 through the relay: the good files run at once, the failing ones end in error.<queue>."""
+    failing = [harness.publish_file(b"raise\n") for _ in range(2)]
+    good = [harness.publish_file(b"ok\n") for _ in range(20)]
+    proc = start_agent_in(harness, None, "--idle-exit", "3", AGENT_RETRY_BACKOFF="10", AGENT_MAX_RETRIES="1",
+                          **plain_relay.agent_env())
+    assert wait_exit(harness, proc, timeout=120) == 0, harness.log_text()
+    runs = [r[0] for r in harness.runs()]
+    second_attempts = [i for i, f in enumerate(runs) if f in failing and runs[:i].count(f) == 1]
+    assert len(second_attempts) == 2 and max(runs.index(f) for f in good) < min(second_attempts), runs
+    assert "source holds work deliverable" in harness.log_text()  # it stayed for the retries
+    errors = {json.loads(body)["id"]: props for props, body in _wait_errors(harness, 2)}
+    assert set(errors) == set(failing)
+    assert all(p.headers["x-agent-attempts"] == 2 for p in errors.values())
+    assert unprocessed(harness, good) == []
+
+
+def _wait_errors(h: AgentHarness, n: int, timeout: float = 20.0) -> list:
+    """error.<queue> is published by the relay's broker link shortly after the dead-letter call."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += h.errors()
+        time.sleep(0.2)
+    return got
+
+
+def test_relay_registers_for_its_agents_while_they_live(harness, tmp_path):
+    relay = RelayProc(harness, "127.0.0.1", tmp_path, "--heartbeat", "1").start()
+    ch = harness._conn.channel()
+    try:
+        ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(q, "extractors")
+
+        def ours() -> int:
+            n = 0
+            while True:
+                method, _props, body = ch.basic_get(q, auto_ack=True)
+                if method is None:
+                    return n
+                n += json.loads(body).get("queue") == harness.queue
+
+        proc = start_agent_in(harness, None, "--idle-exit", "6", AGENT_HEARTBEAT="600", **relay.agent_env())
+        harness.wait_for(lambda: ours() > 0, 60, "the agent's own registration")
+        time.sleep(4.0)
+        assert ours() >= 3  # the relay, every second, while the agent long-polls
+        assert wait_exit(harness, proc) == 0, harness.log_text()
+        time.sleep(2.5)  # one interval after the agent's last call, the relay stops
+        ours()
+        time.sleep(3.0)
+        assert ours() == 0, relay.log()
+    finally:
+        ch.close()
+        relay.stop()

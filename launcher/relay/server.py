@@ -297,6 +297,8 @@ class Relay:
         self._server: Optional[_Server] = None
         self._reaper = threading.Thread(target=self._reap, name="relay-reaper", daemon=True)
         self._agent_seen = 0.0            # monotonic time of the last call by an agent
+        self._long_polls = 0              # agents waiting in /v1/lease right now (alive too)
+        self._polls_lock = threading.Lock()
         self._registration: Optional[dict[str, Any]] = None
         self._next_register = 0.0
 
@@ -334,7 +336,8 @@ class Relay:
     def _register_for_agents(self, now: float) -> None:
         """Keep Clowder seeing the extractor while agents live (they cannot reach the broker)."""
         interval = self.settings.heartbeat
-        if self._registration is None or now < self._next_register or now - self._agent_seen > interval:
+        alive = self._long_polls > 0 or now - self._agent_seen <= interval
+        if self._registration is None or now < self._next_register or not alive:
             return
         self._next_register = now + interval
         self.broker.publish_registration(dict(self._registration))
@@ -391,8 +394,15 @@ class Relay:
         def give_up() -> bool:
             return self.stopping.is_set() or _peer_closed(h.connection)
 
-        leases = self.store.wait_lease(agent, limit, self.settings.lease_ttl, min(wait, self.settings.max_wait),
-                                       lambda lease_id: f"{base}/clowder/{lease_id}/", give_up)
+        with self._polls_lock:
+            self._long_polls += 1
+        try:
+            leases = self.store.wait_lease(agent, limit, self.settings.lease_ttl, min(wait, self.settings.max_wait),
+                                           lambda lease_id: f"{base}/clowder/{lease_id}/", give_up)
+        finally:
+            with self._polls_lock:
+                self._long_polls -= 1
+            self._agent_seen = time.monotonic()
         try:
             if leases and _peer_closed(h.connection):
                 raise ConnectionResetError("the agent hung up during its long poll")
