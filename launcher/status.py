@@ -25,7 +25,7 @@ def drain_rate(launcher: Launcher, now: float) -> Optional[float]:
     for obs in launcher.ledger.observations(now - THROUGHPUT_WINDOW_S):
         if obs.get("ready") is None:
             continue
-        depth = obs["ready"] + (obs.get("unacked") or 0)
+        depth = obs["ready"] + (obs.get("unacked") or 0) + (obs.get("held") or 0) + (obs.get("held_in_flight") or 0)
         if prev is not None and depth < prev:
             drained += prev - depth
         prev = depth

@@ -127,3 +127,27 @@ def test_default_registration_is_well_inside_clowder_v2s_window():
     assert load_config({}, {}, None).heartbeat == 60.0
     assert load_config({}, {"HEARTBEAT": "300"}, None).heartbeat == 300.0
     assert load_config({}, {"AGENT_HEARTBEAT": "30", "HEARTBEAT": "300"}, None).heartbeat == 30.0
+
+
+def _scenario(fn, rabbitmq, tmp_path):
+    """Run a chaos scenario that needs no broker restart as a normal test (tests/chaos_scenarios.py)."""
+    r = fn(rabbitmq, tmp_path)
+    print(f"\n{r.scenario}: sent {r.sent}, processed {r.processed}, dead-lettered {r.dead_lettered}, lost {r.lost}, "
+          f"extra runs {r.duplicates}, recover {r.recover_seconds}s; {' | '.join(r.notes)}")
+    assert r.lost == 0 and r.problems == [], "\n".join(r.problems)
+    assert r.agent_exits == r.expected_exits
+    return r
+
+
+def test_scenario_kill_9_during_retry_backoffs(rabbitmq, tmp_path):
+    import chaos_scenarios as cs
+
+    r = _scenario(cs.kill9_during_backoff, rabbitmq, tmp_path)
+    assert r.processed == r.sent == 10 and r.dead_lettered == 0
+
+
+def test_scenario_kill_9_under_the_relay(rabbitmq, tmp_path):
+    import chaos_scenarios as cs
+
+    r = _scenario(cs.relay_lease_expiry, rabbitmq, tmp_path)
+    assert r.processed == r.sent == 20 and r.dead_lettered == 0

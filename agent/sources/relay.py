@@ -92,7 +92,7 @@ class RelaySource(WorkSource):
         self.reconnect_timeout = reconnect_timeout
         self.lease_wait = lease_wait
         self.queue = ""
-        self.lease_ttl = 60.0
+        self.lease_ttl = 15.0
         self._clock = clock
         self._auth = {"Authorization": f"Bearer {token}"}
         self._verify = verify
@@ -173,7 +173,7 @@ class RelaySource(WorkSource):
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         self.queue = str(hello.get("queue", ""))
-        self.lease_ttl = float(hello.get("lease_ttl", 60.0))
+        self.lease_ttl = float(hello.get("lease_ttl", 15.0))
         self.lease_wait = min(self.lease_wait, float(hello.get("max_wait", self.lease_wait)))
         self.generation = 1
         log.info("relay %s: queue %s, leases of %.0fs, up to %d held", self.url, self.queue, self.lease_ttl,
