@@ -151,3 +151,39 @@ def test_scenario_kill_9_under_the_relay(rabbitmq, tmp_path):
 
     r = _scenario(cs.relay_lease_expiry, rabbitmq, tmp_path)
     assert r.processed == r.sent == 20 and r.dead_lettered == 0
+
+
+def test_spool_launcher_registers_only_while_agents_write_their_info(harness, tmp_path):
+    from agent.sources.spool import SpoolLayout
+    from launcher.relay.spool import Spooler
+
+    h = harness
+    ch = h._conn.channel()
+    ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(q, "extractors")
+
+    def ours() -> int:
+        time.sleep(0.5)
+        n = 0
+        while True:
+            method, _props, body = ch.basic_get(q, auto_ack=True)
+            if method is None:
+                return n
+            n += json.loads(body).get("queue") == h.queue
+
+    spooler = Spooler(h.url, h.queue, str(tmp_path / "spool"), heartbeat=60.0)
+    spooler.fs.make()
+    spooler.connect()
+    try:
+        info = {"extractor_info": {"name": "x"}, "owner": ""}
+        SpoolLayout.write_json(SpoolLayout(str(tmp_path / "spool")).info_file, dict(info, at=time.time() - 600))
+        spooler._register()
+        assert ours() == 0  # no agent wrote it for 10 minutes: none lives
+        SpoolLayout.write_json(SpoolLayout(str(tmp_path / "spool")).info_file, dict(info, at=time.time()))
+        spooler._register()
+        spooler._register()  # within the interval: once
+        assert ours() == 1
+    finally:
+        spooler.shutdown()
+        ch.close()
