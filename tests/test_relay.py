@@ -584,19 +584,10 @@ def _wait_errors(h: AgentHarness, n: int, timeout: float = 20.0) -> list:
 
 def test_relay_registers_for_its_agents_while_they_live(harness, tmp_path):
     relay = RelayProc(harness, "127.0.0.1", tmp_path, "--heartbeat", "1").start()
-    ch = harness._conn.channel()
+    listen = harness.registrations()
     try:
-        ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-        q = ch.queue_declare("", exclusive=True).method.queue
-        ch.queue_bind(q, "extractors")
-
         def ours() -> int:
-            n = 0
-            while True:
-                method, _props, body = ch.basic_get(q, auto_ack=True)
-                if method is None:
-                    return n
-                n += json.loads(body).get("queue") == harness.queue
+            return len(listen())
 
         proc = start_agent_in(harness, None, "--idle-exit", "6", AGENT_HEARTBEAT="600", **relay.agent_env())
         harness.wait_for(lambda: ours() > 0, 60, "the agent's own registration")
@@ -608,5 +599,4 @@ def test_relay_registers_for_its_agents_while_they_live(harness, tmp_path):
         time.sleep(3.0)
         assert ours() == 0, relay.log()
     finally:
-        ch.close()
         relay.stop()

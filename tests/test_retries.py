@@ -93,26 +93,18 @@ def test_agent_stays_for_its_own_retries_when_idle_exit_is_shorter(harness, tmp_
 
 def _registrations(h, seconds: float, **env) -> tuple[list[float], str]:
     """Start an agent; collect its registrations on the `extractors` fanout for seconds after its first."""
-    ch = h._conn.channel()
-    ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-    q = ch.queue_declare("", exclusive=True).method.queue
-    ch.queue_bind(q, "extractors")
+    listen = h.registrations()
     proc = h.start_agent(**env)
     seen: list[float] = []
     deadline = time.monotonic() + 60.0  # until the first registration (the extractor's start-up)
     while time.monotonic() < deadline:
-        method, _props, body = ch.basic_get(q, auto_ack=True)
-        if method is None:
-            time.sleep(0.1)
-            continue
-        message = json.loads(body)
-        if message.get("queue") == h.queue:  # other engineers' agents share the exchange
-            seen.append(time.monotonic())
-            if len(seen) == 1:
-                deadline = seen[0] + seconds
+        fresh = listen()
+        if fresh and not seen:
+            deadline = fresh[0] + seconds
+        seen += fresh
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
-    ch.close()
     return seen, h.log_text()
 
 
@@ -158,19 +150,11 @@ def test_spool_launcher_registers_only_while_agents_write_their_info(harness, tm
     from launcher.relay.spool import Spooler
 
     h = harness
-    ch = h._conn.channel()
-    ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-    q = ch.queue_declare("", exclusive=True).method.queue
-    ch.queue_bind(q, "extractors")
+    listen = h.registrations()
 
     def ours() -> int:
-        time.sleep(0.5)
-        n = 0
-        while True:
-            method, _props, body = ch.basic_get(q, auto_ack=True)
-            if method is None:
-                return n
-            n += json.loads(body).get("queue") == h.queue
+        time.sleep(0.5)  # the broker routes the publish
+        return len(listen())
 
     spooler = Spooler(h.url, h.queue, str(tmp_path / "spool"), heartbeat=60.0)
     spooler.fs.make()
@@ -186,4 +170,3 @@ def test_spool_launcher_registers_only_while_agents_write_their_info(harness, tm
         assert ours() == 1
     finally:
         spooler.shutdown()
-        ch.close()
