@@ -7,9 +7,10 @@ thread-safe). Slot threads hand frames back through `post`. The rules, in one pl
   finished its uploads; status replies go to the message's reply_to as they happen.
 - A failed attempt is retried (after a backoff) with its attempt count in a header, so every
   worker sees the same count; sources that can (RabbitMQ's retry queues, the relay's table) hold
-  the backoff themselves, so a message waiting for its retry takes no slot and no prefetch place; past max_retries, or for failures that cannot change (bad message,
-  4xx from Clowder, pyclowder's own "abort"), it goes to error.<queue> with the reason and an
-  ERROR status.
+  the backoff themselves, so a message waiting for its retry takes no slot and no prefetch place.
+  Past max_retries, or for failures that cannot change (bad message, 4xx from Clowder,
+  pyclowder's own "abort"), it goes to error.<queue> with the reason and an ERROR status.
+- An agent idle for idle_exit stays while its source says held work is deliverable soon.
 - Deliveries still in flight after journal_after are secured (see agent.journal) so that
   RabbitMQ's consumer_timeout never hands them to a second worker while one still works on them;
   deliveries still waiting for a slot by then are handed back for other workers instead.
