@@ -169,3 +169,55 @@ def test_retry_buckets_are_whole_seconds_and_queues_dead_letter_back():
     args = amqp_retry.retry_queue_arguments("q", 10)
     assert args["x-message-ttl"] == 10000 and args["x-dead-letter-exchange"] == ""
     assert args["x-dead-letter-routing-key"] == "q" and args["x-expires"] > args["x-message-ttl"]
+
+
+class _IdleSlot:
+    busy_with = None
+
+
+def _runner(source, now):
+    from agent.config import AgentConfig
+    from agent.redact import Redactor
+    from agent.runner import Runner
+
+    runner = Runner(AgentConfig(idle_exit=5), source, lambda *a: _IdleSlot(), Redactor(), clock=lambda: now[0])
+    runner.info = {"name": "x"}
+    return runner
+
+
+def test_idle_agent_stays_while_its_source_holds_work_for_soon():
+    from unittest import mock
+
+    now = [0.0]
+    source = mock.MagicMock(connected=True, agent_id="a", queue="q")
+    source.recover_orphans.return_value = 0
+    source.work_soon.return_value = 3.0      # e.g. a dead agent's lease expires in 3 s
+    runner = _runner(source, now)
+    now[0] = 5.0
+    runner._tick(now[0])
+    assert runner._stop_reason is None
+    now[0] = 7.0                              # asked again only when that time has come
+    runner._tick(now[0])
+    assert source.work_soon.call_count == 1
+    source.work_soon.return_value = None      # nothing more is coming
+    now[0] = 8.0
+    runner._tick(now[0])
+    assert source.work_soon.call_count == 2 and "idle" in (runner._stop_reason or "")
+
+
+def test_failed_attempt_is_handed_to_a_source_that_holds_backoffs():
+    from unittest import mock
+
+    from agent.messages import Delivery
+
+    now = [0.0]
+    source = mock.MagicMock(connected=True, agent_id="a", queue="q", delayed_retry=True)
+    runner = _runner(source, now)
+    delivery = Delivery(body=b"{}", routing_key="q", reply_to=None, correlation_id=None, headers={},
+                        content_type=None, redelivered=False, token=1, received_at=0.0)
+    runner._failed(delivery, "boom", "", 0.1)
+    source.retry_later.assert_called_once_with(delivery, 1, "boom", 2.0)
+    assert runner.backoff == [] and runner.counters.retried == 1
+    source.delayed_retry = False              # e.g. the message-file source: the agent waits
+    runner._failed(delivery, "boom", "", 0.1)
+    assert len(runner.backoff) == 1
