@@ -208,17 +208,17 @@ def _free(lock_path: str) -> bool:
     return True
 
 
-def _orphaned(root: str, suffix: str) -> int:
+def _orphaned(root: str, suffix: str) -> list[str]:
     """Files ending in suffix in root's sub-folders whose owner (the flock on <folder>/lock) is dead.
 
     Folders without such files are skipped before any lock is tried: an agent that is just taking
     its lock has none yet, so it never finds our brief probe in its way.
     """
-    count = 0
+    found: list[str] = []
     try:
         names = os.listdir(root)
     except FileNotFoundError:
-        return 0
+        return found
     for name in names:
         folder = os.path.join(root, name)
         try:
@@ -226,8 +226,8 @@ def _orphaned(root: str, suffix: str) -> int:
         except (NotADirectoryError, FileNotFoundError):
             continue
         if held and _free(os.path.join(folder, "lock")):
-            count += len(held)
-    return count
+            found += [os.path.join(folder, n) for n in held]
+    return found
 
 
 def spool(root: str) -> Backlog:
@@ -238,7 +238,7 @@ def spool(root: str) -> Backlog:
     b = Backlog()
     try:
         b.add("spool_inbox", sum(1 for n in os.listdir(layout.inbox) if n.endswith(".json")))
-        b.add("spool_dead_claims", _orphaned(layout.claimed, ".json"))
+        b.add("spool_dead_claims", len(_orphaned(layout.claimed, ".json")))
     except FileNotFoundError:
         b.errors.append(f"spool {root}: no inbox/ (not a spool folder, or not set up yet)")
     except OSError as exc:
@@ -247,16 +247,31 @@ def spool(root: str) -> Backlog:
 
 
 # -- the journal -------------------------------------------------------------------------------------
-def journal(root: str) -> Backlog:
-    """Journaled messages whose agent died: republished by the next agent that starts."""
+def journal(root: str, queue: Optional[str] = None) -> Backlog:
+    """Journaled messages (of queue, when given) whose agent died: republished by the next agent.
+
+    One journal folder serves every queue a user's agents consume, so each orphan's queue is read.
+    """
     from agent.journal import SUFFIX
 
     b = Backlog()
     try:
-        b.add("journal_orphans", _orphaned(os.path.abspath(os.path.expanduser(root)), SUFFIX))
+        paths = _orphaned(os.path.abspath(os.path.expanduser(root)), SUFFIX)
     except OSError as exc:
         b.errors.append(f"journal {root}: {exc.strerror}")
+        return b
+    b.add("journal_orphans", sum(1 for p in paths if queue is None or _journal_queue(p) in (queue, None)))
     return b
+
+
+def _journal_queue(path: str) -> Optional[str]:
+    """The queue a journal entry belongs to (None when unreadable: counted, a person should look)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh).get("queue")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 # -- everything --------------------------------------------------------------------------------------
@@ -295,7 +310,7 @@ def held(places: Places) -> Backlog:
     for root in spool_dirs(places.state_dir, places.queue, places.spool_dir):
         out = out.merge(spool(root))
     if places.journal_dir:
-        out = out.merge(journal(places.journal_dir))
+        out = out.merge(journal(places.journal_dir, places.queue))
     return out
 
 

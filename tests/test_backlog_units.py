@@ -138,6 +138,13 @@ def test_journal_orphans_are_entries_of_agents_whose_lock_is_free(tmp_path):
     os.close(dead._lock_fd)  # as if its process died: the kernel drops the lock
     dead._lock_fd = None
     assert backlog.journal(root).parts == {"journal_orphans": 2}
+    other = Journal(root, "dead-other-queue")
+    other.add(JournalEntry(queue="other", body=b"{}", routing_key="other", reply_to=None, correlation_id=None,
+                           headers={}, content_type=None))
+    os.close(other._lock_fd)
+    other._lock_fd = None
+    assert backlog.journal(root, "q").parts == {"journal_orphans": 2}  # one journal serves every queue
+    assert backlog.journal(root).parts == {"journal_orphans": 3}
     alive.close()
     assert backlog.journal(str(tmp_path / "none")).parts == {"journal_orphans": 0}
 
