@@ -549,10 +549,22 @@ def test_agent_killed_under_the_relay_its_leases_run_in_the_next_agents_run(harn
         assert unprocessed(harness, ids) == [], harness.log_text() + relay.log()
         assert harness.depth() == 0 and harness.errors() == []
         assert "expired lease(s) returned" in relay.log()
-        # It ran out of other work before the dead agent's leases expired, and stayed for them.
-        assert "source holds work deliverable" in harness.log_text()
     finally:
         relay.stop()
+
+
+def test_idle_agent_waits_for_a_dead_agents_lease(harness, plain_relay):
+    """Nothing else to do: the agent stays (--idle-exit 2) until the silent lease expires, then runs it."""
+    fid = harness.publish_file(b"ok\n")
+    _relay_holds(harness, plain_relay, 1)
+    ghost = plain_relay.call("POST", "/v1/lease", {"agent": "ghost", "max": 1, "wait": 5}).json()["leases"]
+    assert len(ghost) == 1  # leased, and never extended: as if its agent died at once
+    time.sleep(5.0)  # one missed heartbeat (ttl/4 + 1 s): the relay calls it stale
+    assert plain_relay.call("GET", "/v1/backlog").json()["stale"] == 1
+    proc = start_agent_in(harness, None, "--idle-exit", "2", **plain_relay.agent_env())
+    assert wait_exit(harness, proc) == 0, harness.log_text()
+    assert unprocessed(harness, [fid]) == [], harness.log_text() + plain_relay.log()
+    assert "source holds work deliverable" in harness.log_text()
 
 
 def test_retries_wait_in_the_relay_not_in_the_agent(harness, plain_relay):
@@ -591,10 +603,10 @@ def test_relay_registers_for_its_agents_while_they_live(harness, tmp_path):
 
         proc = start_agent_in(harness, None, "--idle-exit", "6", AGENT_HEARTBEAT="600", **relay.agent_env())
         harness.wait_for(lambda: ours() > 0, 60, "the agent's own registration")
-        time.sleep(4.0)
+        time.sleep(5.0)
         assert ours() >= 3  # the relay, every second, while the agent long-polls
         assert wait_exit(harness, proc) == 0, harness.log_text()
-        time.sleep(2.5)  # one interval after the agent's last call, the relay stops
+        time.sleep(4.0)  # one interval after the agent's last call (its long poll noticed gone), the relay stops
         ours()
         time.sleep(3.0)
         assert ours() == 0, relay.log()

@@ -473,8 +473,13 @@ class LeaseStore:
 
 
 def stale_after(lease_ttl: float) -> float:
-    """Seconds without a heartbeat after which a lease counts as its agent's death (agents extend every ttl/4)."""
-    return lease_ttl / 2.0
+    """Seconds without a heartbeat after which a lease counts as stale: one missed heartbeat.
+
+    Agents extend every ttl/4. Stale is only a hint (idle agents wait for the lease to expire,
+    the launcher counts it as waiting): a live agent whose heartbeat is a little late costs
+    nothing but an idle agent staying a few seconds longer, so the hint comes early.
+    """
+    return lease_ttl / 4.0 + 1.0
 
 
 def backlog_counts(db: sqlite3.Connection, now: float, lease_ttl: float) -> dict[str, Any]:
@@ -482,7 +487,7 @@ def backlog_counts(db: sqlite3.Connection, now: float, lease_ttl: float) -> dict
 
       ready        leasable now
       backoff      a failed attempt's retry, leasable at its not-before time
-      stale        leased, but not extended for stale_after(lease_ttl): its agent stopped heartbeating;
+      stale        leased, but not extended for stale_after(lease_ttl): its agent missed a heartbeat;
                    the reaper returns it when the lease expires
       leased       leased to agents that heartbeat (in flight, not waiting)
       dead         waiting to be published to error.<queue> (not waiting for an agent)
