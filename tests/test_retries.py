@@ -32,8 +32,17 @@ def _retry_depth(h, seconds: int) -> int:
 
 
 def _drop_retry_queues(h, *seconds: int) -> None:
-    for s in seconds:
-        h.ch.queue_delete(retry_queue(h.queue, s))
+    """Best effort, on a connection of its own (cleanup must not hide the test's result)."""
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(h.url))
+        try:
+            ch = conn.channel()
+            for s in seconds:
+                ch.queue_delete(retry_queue(h.queue, s))
+        finally:
+            conn.close()
+    except pika.exceptions.AMQPError as exc:
+        print(f"could not delete the retry queues of {h.queue}: {exc}")
 
 
 def test_failing_files_wait_outside_the_prefetch_window_and_end_in_the_error_queue(harness):
