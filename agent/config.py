@@ -183,8 +183,9 @@ SETTINGS: tuple[Setting, ...] = (
             ("MAX_RETRY",), check=_not_negative, type=int),
     Setting("retry_backoff", float, 2.0, "seconds before the first retry; doubles each retry (capped at 60)",
             check=_not_negative, type=float),
-    Setting("heartbeat", float, 300.0, "seconds between registrations on the 'extractors' exchange",
-            ("HEARTBEAT",), check=_not_negative, type=float),
+    Setting("heartbeat", float, 60.0, "seconds between registrations on the 'extractors' exchange (Clowder v2 "
+            "forgets an extractor unheard for 300 s; pyclowder's 300 s sits on that edge)", ("HEARTBEAT",),
+            check=_not_negative, type=float),
     Setting("slots", int, 1, "extractor processes this agent runs at once (per rank under MPI)",
             check=_at_least(1), type=int),
     Setting("time_limit", float, 0.0, "seconds one file may take before its extractor is killed (0: no limit)",

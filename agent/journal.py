@@ -29,11 +29,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from hpc_common.journal_layout import SUFFIX
 from hpc_common.messages import Message
 from hpc_common.owned_folders import OwnedFolder, release_folder, take_over_dead_owners, write_atomic
 
 log = logging.getLogger("agent.journal")
-SUFFIX = ".msg.json"
 
 
 @dataclass

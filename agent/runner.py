@@ -6,9 +6,11 @@ client is not thread-safe). Slot threads hand frames back through `post`. The ru
 - A message is acknowledged only after its extractor reported success, that is after pyclowder
   finished its uploads; status replies go to the message's reply_to as they happen.
 - A failed attempt is retried (after a backoff) with its attempt count in a header, so every
-  worker sees the same count; past max_retries, or for failures that cannot change (bad message,
-  4xx from Clowder, pyclowder's own "abort"), it goes to error.<queue> with the reason and an
-  ERROR status.
+  worker sees the same count; sources that can (RabbitMQ's retry queues, the relay's table) hold
+  the backoff themselves, so a message waiting for its retry takes no slot and no prefetch place.
+  Past max_retries, or for failures that cannot change (bad message, 4xx from Clowder,
+  pyclowder's own "abort"), it goes to error.<queue> with the reason and an ERROR status.
+- An agent idle for idle_exit stays while its source says held work is deliverable soon.
 - Deliveries still in flight after journal_after are secured (see agent.journal) so that
   RabbitMQ's consumer_timeout never hands them to a second worker while one still works on them;
   deliveries still waiting for a slot by then are handed back for other workers instead.
@@ -345,6 +347,14 @@ class Runner:
         delay = min(self.cfg.retry_backoff * (2 ** (attempts - 1)), MAX_BACKOFF)
         log.warning("message %s failed (attempt %d of %d, %.1fs): %s; retrying in %.1fs", delivery.file_id,
                     attempts, self.cfg.max_retries + 1, elapsed, self.redactor(reason), delay)
+        if self.source.delayed_retry:
+            # The backend holds the backoff (a retry queue, the relay's table): no slot, no prefetch
+            # place, and nothing in this process to lose.
+            self.counters.retried += 1
+            self._settle(delivery, "retry", lambda: self.source.retry_later(
+                delivery, attempts, self.redactor(reason), delay))
+            self._work_done()
+            return
         self.backoff.append((self._clock() + delay, delivery, attempts, reason))
 
     def _work_done(self) -> None:
@@ -387,7 +397,14 @@ class Runner:
             self._last_activity = now
         if self._stop_reason is None and self.cfg.idle_exit and not self.pending and not self._busy() \
                 and not self.backoff and now - self._last_activity >= self.cfg.idle_exit:
-            self.request_stop(f"idle for {self.cfg.idle_exit:g}s")
+            soon = self.source.work_soon() if self.source.connected else None
+            if soon is None:
+                self.request_stop(f"idle for {self.cfg.idle_exit:g}s")
+            else:
+                # Work held for us will be deliverable soon (a retry's backoff, a dead agent's lease):
+                # leaving now would strand it until another agent happens to start.
+                log.info("idle, but the source holds work deliverable in about %.0fs: staying", soon)
+                self._last_activity = now - self.cfg.idle_exit + min(max(soon, 1.0), self.cfg.idle_exit)
         if self._stop_reason is not None and self._stop_deadline is not None and now >= self._stop_deadline:
             self._end_grace()
 

@@ -118,8 +118,11 @@ def build(args, need_script: bool = False) -> Launcher:
     broker, queue, _ = _broker(args)
     env = {"RABBITMQ_QUEUE": queue} if queue else {}
     script = _script(args, name, runner) if need_script else ""
+    from launcher import backlog
+
+    places = backlog.Places.from_settings(_settings(args), queue)
     return Launcher(runner=runner, scheduler=scheduler, ledger=ledger, caps=caps, script=script,
-                    job_env=env, broker=broker)
+                    job_env=env, broker=broker, held=functools.partial(backlog.held, places))
 
 
 def _lock(args) -> filelock.FileLock:
@@ -326,9 +329,13 @@ def cmd_relay(args) -> int:
 
 
 def cmd_spool(args) -> int:
+    from launcher.backlog import record_spool
     from launcher.relay.spool import main_from_cli
 
-    return main_from_cli(args, _settings(args))
+    settings = _settings(args)
+    if settings.rabbitmq_queue and not settings.ssh:
+        record_spool(Path(settings.state_dir), settings.rabbitmq_queue, args.dir)  # so status/scale count what it stages
+    return main_from_cli(args, settings)
 
 
 # ---------------------------------------------------------------------- parser

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+from launcher.backlog import Backlog
 from launcher.broker import BrokerError, QueueStats
 from launcher.caps import Allowance, Caps, Request, Usage, clamp, period_start
 from launcher.errors import LauncherError
@@ -38,6 +39,8 @@ class Launcher:
     job_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: returns queue stats or raises BrokerError; None when no broker is configured
     broker: Optional[Callable[[], QueueStats]] = None
+    #: the backlog's parts outside RabbitMQ (launcher.backlog.held); None: RabbitMQ only
+    held: Optional[Callable[[], Backlog]] = None
     clock: Callable[[], float] = time.time
 
     # ------------------------------------------------------------------ accounting
@@ -201,11 +204,24 @@ class Launcher:
                 error = str(exc)
         else:
             error = "no broker configured (RABBITMQ_URI)"
+        held = self.held_backlog()
+        if held.errors:
+            error = "; ".join(([error] if error else []) + held.errors)
         obs = Observation(now=self.clock(), ready=ready, consumers=consumers, unacked=unacked,
                           queued=counts["queued"], running=counts["running"],
                           missing=counts["missing"], scheduler_ok=scheduler_ok,
-                          per_file_s=per_file_s)
+                          per_file_s=per_file_s, held=held.held,
+                          held_in_flight=held.in_flight.get("relay_leased", 0))
         return obs, error
+
+    def held_backlog(self) -> Backlog:
+        """Work waiting outside RabbitMQ (relay, spool, journal); empty when not configured."""
+        if self.held is None:
+            return Backlog()
+        try:
+            return self.held()
+        except OSError as exc:  # a part that cannot be read must not stop scaling on the others
+            return Backlog(errors=[f"backlog: {exc}"])
 
     def scale_once(self, policy: Policy, per_file_s: Optional[float] = None) -> Decision:
         """Reconcile, observe, decide, act, record. Never raises for a flaky scheduler/broker."""

@@ -106,6 +106,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("clowder_version", ("CLOWDER_VERSION",), _clowder_version, 1,
             "spool: Clowder API version of the extractor (1 or 2)", "--clowder-version"),
     Setting("relay_debug", ("RELAY_DEBUG",), _flag_bool, False, "relay: log every request (1 or 0)"),
+    Setting("relay_url", ("LAUNCHER_RELAY_URL",), _url, None,
+            "backlog: a relay on another host, asked for its counts (GET /v1/backlog)"),
+    Setting("relay_token_file", ("LAUNCHER_RELAY_TOKEN_FILE",), _text, None,
+            "backlog: that relay's bearer-token file (mode 0600)"),
+    Setting("relay_ca", ("LAUNCHER_RELAY_CA",), _text, None, "backlog: CA bundle for that relay's TLS"),
+    Setting("spool_dir", ("LAUNCHER_SPOOL_DIR",), _text, None,
+            "backlog: a spool folder to count (spools started here are found in the state folder)"),
+    Setting("journal_dir", ("AGENT_JOURNAL_DIR",), _text, os.path.join("~", ".clowder-hpc-agent", "journal"),
+            "backlog: the agents' in-flight journal, for work of dead agents"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

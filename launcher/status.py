@@ -5,6 +5,7 @@ import json
 import time
 from typing import Optional
 
+from launcher import backlog as backlogs
 from launcher.broker import BrokerError, QueueStats
 from launcher.caps import period_start
 from launcher.operations import Launcher
@@ -24,7 +25,7 @@ def drain_rate(launcher: Launcher, now: float) -> Optional[float]:
     for obs in launcher.ledger.observations(now - THROUGHPUT_WINDOW_S):
         if obs.get("ready") is None:
             continue
-        depth = obs["ready"] + (obs.get("unacked") or 0)
+        depth = obs["ready"] + (obs.get("unacked") or 0) + (obs.get("held") or 0) + (obs.get("held_in_flight") or 0)
         if prev is not None and depth < prev:
             drained += prev - depth
         prev = depth
@@ -50,6 +51,7 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
             broker["error"] = str(exc)
     else:
         broker["error"] = "no broker configured (RABBITMQ_URI, RABBITMQ_QUEUE)"
+    whole = backlogs.total(stats.ready if stats is not None else None, launcher.held_backlog())
     start = period_start(now, caps.budget_period)
     used, committed = launcher.ledger.node_hours(start, now)
     activity = stats.activity if stats is not None else None
@@ -85,6 +87,7 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
         "where": launcher.runner.description,
         "scheduler_refreshed": refreshed,
         "broker": broker,
+        "backlog": whole.as_json(),
         "tasks": launcher.ledger.counts(),
         "tasks_this_period": launcher.ledger.all_counts(start),
         "files_per_minute": None if rate is None else round(rate, 2),
@@ -100,14 +103,25 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
                  "cores_per_task": caps.cores_per_task},
         "jobs": jobs,
         "last_decisions": decisions,
-        # minimal backlog (broker ready); the backlog helper adds relay/spool/journal parts
-        "backlog": {"total": stats.ready if stats is not None else None,
-                    "broker_ready": stats.ready if stats is not None else None},
     }
 
 
 def _n(value) -> str:
     return "?" if value is None else str(value)
+
+
+def render_backlog(backlog: dict) -> str:
+    """One line: the total and its non-zero parts (what waits where)."""
+    parts = [f"{k.replace('_', ' ')} {backlog[k]}" for k in backlogs.WAITING_PARTS if backlog.get(k)]
+    flight = [f"{k.replace('_', ' ')} {v}" for k, v in (backlog.get("in_flight") or {}).items() if v]
+    text = f"backlog    {backlog.get('total', 0)} waiting" + (f" ({', '.join(parts)})" if parts else "")
+    if flight:
+        text += f"; in flight: {', '.join(flight)}"
+    if backlog.get("retry_after") is not None:
+        text += f"; next held message leasable in {backlog['retry_after']:g} s"
+    for error in backlog.get("errors") or []:
+        text += f"\n           not counted: {error}"
+    return text
 
 
 def render(data: dict) -> str:
@@ -125,6 +139,7 @@ def render(data: dict) -> str:
     else:
         lines.append(f"queue      {b['queue']}  ready {_n(b.get('ready'))}  unacked"
                      f" {_n(b.get('unacked'))}  consumers {_n(b.get('consumers'))}  ({b['uri']})")
+    lines.append(render_backlog(data.get("backlog") or {}))
     lines.append(f"tasks now  queued {t['queued']}  running {t['running']}  missing {t['missing']}")
     lines.append(f"period     completed {p['completed']}  timeout {p['timeout']}  failed"
                  f" {p['failed']}  cancelled {p['cancelled']}  (since the {nh['period']} began)")

@@ -2,7 +2,8 @@
 
 Rules (they make oscillation impossible by construction):
 
-* Tasks are added only while there is a backlog (ready + unacknowledged messages), up to the
+* Tasks are added only while there is a backlog (ready + unacknowledged messages, plus work held
+  outside RabbitMQ by a relay, a spool or the journal: launcher.backlog), up to the
   number of tasks the backlog needs, minus the tasks already queued, running or unaccounted for
   (MISSING counts as present: never double-submit for a job we cannot see), within the caps.
 * Tasks are cancelled only when the backlog has been zero for ``idle_grace_s`` without a break.
@@ -46,12 +47,14 @@ class Observation:
     unacked: Optional[int] = None  # None: unknown (needs the management API)
     scheduler_ok: bool = True
     per_file_s: Optional[float] = None  # recent mean seconds per file, if known
+    held: int = 0  # waiting outside RabbitMQ: relay, spool, journal (launcher.backlog)
+    held_in_flight: int = 0  # relay leases of agents that heartbeat: in flight, like unacked
 
     @property
     def backlog(self) -> Optional[int]:
         if self.ready is None:
             return None
-        return self.ready + (self.unacked or 0)
+        return self.ready + (self.unacked or 0) + self.held + self.held_in_flight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +128,7 @@ def _idle(obs: Observation, idle_since: float, policy: Policy) -> Decision:
     if idle_for < policy.idle_grace_s:
         return Decision(Case.IDLE_WAIT, idle_since=idle_since, reasons=(
             f"queue empty for {idle_for:.0f} s of {policy.idle_grace_s:.0f} s grace",))
-    nothing_in_flight = obs.unacked == 0 or obs.consumers == 0
+    nothing_in_flight = (obs.unacked == 0 or obs.consumers == 0) and obs.held_in_flight == 0
     cancel_running = obs.running if nothing_in_flight else 0
     if not obs.queued and not cancel_running:
         why = "queue empty, no task to cancel"

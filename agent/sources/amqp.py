@@ -9,6 +9,7 @@ other threads only wake it through add_callback_threadsafe. Two channels:
   - the confirm channel: publishes that must be durable before a delivery is settled (retry
     copies, error-queue copies, journal recovery), each waiting for the broker's confirm.
 Long work is secured through the journal (agent.journal explains why and how).
+Retries wait in retry.<queue>.<seconds> queues, not in the agent (agent.sources.amqp_retry).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from hpc_common.redact import redact_uri
 from ..errors import BrokerError
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
+from . import amqp_retry
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.amqp")
@@ -77,6 +79,8 @@ def _describe(exc: BaseException) -> str:
 class AmqpSource(WorkSource):
     """Consume one queue; settle deliveries exactly as the agent decides."""
 
+    delayed_retry = True
+
     def __init__(self, uri: str, queue: str, prefetch: int, journal: Journal, agent_id: str,
                  connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -101,6 +105,8 @@ class AmqpSource(WorkSource):
         self._backoff = 1.0
         self.generation = 0
         self._where = redact_uri(uri)
+        self._decl: Any = None      # channel for retry-queue declarations (a 406 closes only it)
+        self._retries_due: list[float] = []
 
     # -- connection lifecycle --------------------------------------------------------------------
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -144,7 +150,7 @@ class AmqpSource(WorkSource):
             except _PIKA_ERRORS:
                 pass
             raise
-        self._conn, self._ch, self._pub = conn, ch, pub
+        self._conn, self._ch, self._pub, self._decl = conn, ch, pub, None
         self.generation += 1
         self._consumer_tag = None
         if self._intake:
@@ -308,6 +314,45 @@ class AmqpSource(WorkSource):
             raise SourceLost("delivery from a lost connection")
         self._publish_durable(self.queue, delivery.body, self._props(delivery, headers))
         self.complete(delivery)
+
+    def retry_later(self, delivery: Delivery, attempts: int, reason: str, delay: float) -> None:
+        """Publish the retry copy to its delay bucket's retry queue (confirmed), then settle the original."""
+        headers = retry_headers(delivery.headers, attempts, reason)
+        if not delivery.secured and self._tag(delivery) is None:
+            raise SourceLost("delivery from a lost connection")
+        seconds = amqp_retry.bucket(delay)
+        name = self._retry_queue(seconds)
+        self._publish_durable(name, delivery.body, self._props(delivery, headers))
+        self.complete(delivery)
+        self._retries_due.append(self._clock() + seconds)
+
+    def _retry_queue(self, seconds: int) -> str:
+        """Declare the retry queue for this delay (before every publish: see amqp_retry) and return its name."""
+        name = amqp_retry.retry_queue(self.queue, seconds)
+        if not self.connected:
+            raise SourceLost("not connected")
+        try:
+            if self._decl is None or not self._decl.is_open:
+                self._decl = self._conn.channel()  # a refused declaration closes only this channel
+            try:
+                self._decl.queue_declare(name, durable=True,
+                                         arguments=amqp_retry.retry_queue_arguments(self.queue, seconds))
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                # Declared before with other arguments (a site policy): use it as it is.
+                log.warning("retry queue %s exists with other arguments; using it as is", name)
+                self._decl = self._conn.channel()
+                self._decl.queue_declare(name, passive=True)
+        except _PIKA_ERRORS as exc:
+            self._lose(exc, "declaring a retry queue")
+        return name
+
+    def work_soon(self) -> Optional[float]:
+        """Retries this agent parked in retry queues come back at their due time: stay for them."""
+        now = self._clock()
+        self._retries_due = [t for t in self._retries_due if t > now - 2.0]
+        return max(0.0, min(self._retries_due) - now) if self._retries_due else None
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         headers = dead_letter_headers(delivery.headers, reason, traceback, attempts, delivery.routing_key,

@@ -8,6 +8,8 @@ Delivery. A source never decides retries or dead-lettering; it only carries out:
   retry        put the message back with one more failed attempt recorded
   dead_letter  move the message to the error queue with the reason
   secure       make the message survive without holding its delivery open (long work)
+  retry_later  like retry, but the message comes back only after a delay, held by the backend
+               (sources with `delayed_retry`): a message in backoff takes no slot, no prefetch place
 
 Each returns once its effect is durable; a method that cannot reach the backend raises
 SourceLost and the message is left to the backend's own redelivery.
@@ -38,6 +40,8 @@ class WorkSource(abc.ABC):
     queue: str
     #: bumped on every (re)connection; deliveries from an older generation cannot be settled
     generation: int = 0
+    #: True when the backend holds a retry's backoff itself (retry_later); otherwise the agent waits
+    delayed_retry: bool = False
 
     @abc.abstractmethod
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -68,6 +72,17 @@ class WorkSource(abc.ABC):
 
     @abc.abstractmethod
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None: ...
+
+    def retry_later(self, delivery: Delivery, attempts: int, reason: str, delay: float) -> None:
+        """Settle the delivery now; the backend makes the message deliverable again after delay seconds."""
+        raise NotImplementedError("this source has no delayed retry")
+
+    def work_soon(self) -> Optional[float]:
+        """Seconds until held work becomes deliverable (retry backoff, a dead agent's lease), or None.
+
+        Asked by an agent that is about to exit on idle: it stays while the answer is not None.
+        """
+        return None
 
     @abc.abstractmethod
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None: ...

@@ -8,11 +8,15 @@ connection to anything but AGENT_RELAY_URL.
 Threads (the Runner's main thread only calls the methods below; none of them blocks for long):
   - lease thread: long-polls POST /v1/lease while fewer than `prefetch` leases are held and
     intake is on; leased deliveries wait in a queue that poll() hands to the Runner;
-  - heartbeat thread: extends every held lease every lease_ttl/3 seconds (a lease lives in the
+  - heartbeat thread: extends every held lease every lease_ttl/4 seconds (a lease lives in the
     relay's table, not in an open delivery, so RabbitMQ's consumer_timeout never applies and
     `secure()` has nothing to do);
   - status thread: posts status messages in batches (best effort, like pyclowder's).
   - completion thread: sends completions in batches, so the Runner never waits for one.
+A failed attempt is handed to the relay at once with its backoff (`retry_later`): the relay's
+table holds the message until it is due, so it takes no prefetch place here. An agent about to
+exit on idle asks the relay (GET /v1/backlog) whether work will be leasable soon (a retry due, a
+dead agent's lease about to expire) and stays if so.
 Release, retry and dead_letter are synchronous calls that return once the relay has committed
 them. Every delivery is marked `secured`: the relay keeps its lease while it is
 unreachable, so a settle that fails with SourceLost is kept by the Runner and retried when the
@@ -51,6 +55,8 @@ class _Gone(SourceError):
 class RelaySource(WorkSource):
     """Lease messages from a relay (see the module docstring)."""
 
+    delayed_retry = True
+
     def __init__(self, url: str, token: str, prefetch: int, agent_id: str, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, verify: Any = True, lease_wait: float = 20.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -61,7 +67,7 @@ class RelaySource(WorkSource):
         self.reconnect_timeout = reconnect_timeout
         self.lease_wait = lease_wait
         self.queue = ""
-        self.lease_ttl = 60.0
+        self.lease_ttl = 15.0
         self._clock = clock
         self._auth = {"Authorization": f"Bearer {token}"}
         self._verify = verify
@@ -142,7 +148,7 @@ class RelaySource(WorkSource):
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         self.queue = str(hello.get("queue", ""))
-        self.lease_ttl = float(hello.get("lease_ttl", 60.0))
+        self.lease_ttl = float(hello.get("lease_ttl", 15.0))
         self.lease_wait = min(self.lease_wait, float(hello.get("max_wait", self.lease_wait)))
         self.generation = 1
         log.info("relay %s: queue %s, leases of %.0fs, up to %d held", self.url, self.queue, self.lease_ttl,
@@ -260,7 +266,9 @@ class RelaySource(WorkSource):
 
     def _heartbeat_loop(self) -> None:
         http = self._session()
-        while not self._stop.wait(max(1.0, self.lease_ttl / 3.0)):
+        # Four heartbeats per lease life: a lease outlives three missed ones (a node paused by swap
+        # or I/O for up to about 3/4 of lease_ttl: 11 s with the relay's default of 15 s).
+        while not self._stop.wait(max(0.5, self.lease_ttl / 4.0)):
             with self._held_lock:
                 ids = sorted(self._held)
             if not ids:
@@ -389,6 +397,23 @@ class RelaySource(WorkSource):
 
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
         self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:REASON_LIMIT]})
+
+    def retry_later(self, delivery: Delivery, attempts: int, reason: str, delay: float) -> None:
+        """The relay keeps the message unleasable for delay seconds (its table's not-before time)."""
+        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:2000], "delay": float(delay)})
+
+    def work_soon(self) -> Optional[float]:
+        """Ask the relay whether messages will be leasable soon (None when not, or when it is away)."""
+        try:
+            answer = self._call(self._settle_http, "GET", "/v1/backlog", timeout=5.0)
+        except (SourceLost, _Gone, SourceUnavailable):
+            return None
+        if int(answer.get("ready") or 0) > 0:
+            return 0.0
+        if int(answer.get("pending") or 0) > 0:
+            after = answer.get("retry_after")
+            return float(after) if isinstance(after, (int, float)) else 1.0
+        return None
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         self._settle("/v1/dead-letter", delivery, {"reason": reason[:REASON_LIMIT], "traceback": traceback[-TRACEBACK_LIMIT:],

@@ -262,12 +262,23 @@ class SpoolSource(WorkSource):
 
     def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
         try:
-            SpoolLayout.write_json(self.layout.info_file, {"extractor_info": extractor_info, "owner": owner or ""})
+            # "at": the launcher registers the extractor for us only while agents keep writing this.
+            SpoolLayout.write_json(self.layout.info_file, {"extractor_info": extractor_info, "owner": owner or "",
+                                                           "at": time.time()})
         except OSError as exc:
             log.debug("spool: cannot write %s: %s", self.layout.info_file, exc)
 
     def recover_orphans(self) -> int:
         return reclaim(self.layout, own=self.agent_id)
+
+    def work_soon(self) -> Optional[float]:
+        """Before leaving on idle: put back dead agents' claims now; stay if that (or anything) is claimable."""
+        try:
+            back = reclaim(self.layout, own=self.agent_id)
+            waiting = any(n.endswith(".json") for n in os.listdir(self.layout.inbox))
+        except OSError:
+            return None
+        return 0.0 if back or waiting else None
 
     # -- the recorder ------------------------------------------------------------------------------
     def _handle(self, h: _RecorderHandler) -> None:

@@ -12,7 +12,10 @@ Leases and durability (launcher.relay.store, launcher.relay.broker)
   commit) in its state folder, then acknowledges it to RabbitMQ. From then on the table is the
   message's only copy, so RabbitMQ's consumer_timeout never applies to long work. Only a bounded
   number of unleased rows is kept (`--buffer`): the relay does not drain the queue into SQLite.
-  An agent leases rows (long poll) for `--lease-ttl` seconds and extends them by heartbeat:
+  An agent leases rows (long poll) for `--lease-ttl` seconds (default 15) and extends them by
+  heartbeat every ttl/4, so a lease outlives a node stall of about 3/4 ttl and a dead agent's
+  leases return within ttl (+1 s) of its last heartbeat; an idle agent stays while GET
+  /v1/backlog says work will be leasable soon (a retry's backoff, a stale lease):
     complete     -> the row is deleted (the results are in Clowder);
     release      -> leasable again at once (hand back, not a failure);
     fail         -> attempts+1; leasable after a backoff, or past `--max-retries` dead;
@@ -40,7 +43,8 @@ Forwarding without an open proxy (launcher.relay.forward, hpc_common.routes)
   key put back (v1 `?key=`, v2 `X-API-KEY`). Bodies stream both ways (`--max-upload` bounds
   uploads); the relay URL pyclowder writes into metadata is replaced by the real host.
   Status messages the agent POSTs go to the lease's reply_to with its correlation_id; the
-  relay registers the extractor on the `extractors` exchange for the agent.
+  relay registers the extractor on the `extractors` exchange for the agent, and on its own
+  every `--heartbeat` seconds (default 60) while agents call it.
 
 Security
   Every work-API request carries `Authorization: Bearer <token>` (token read from a file that

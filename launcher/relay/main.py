@@ -30,8 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file holding the bearer token agents present (must be mode 0600)")
     p.add_argument("--cert", metavar="PEM", help="TLS certificate chain (with --key): serve HTTPS")
     p.add_argument("--key", metavar="PEM", help="TLS private key (with --cert)")
-    p.add_argument("--lease-ttl", type=float, default=60.0,
-                   help="seconds a lease lives without a heartbeat (default 60)")
+    p.add_argument("--lease-ttl", type=float, default=15.0,
+                   help="seconds a lease lives without a heartbeat (default 15; agents extend every ttl/4)")
+    p.add_argument("--heartbeat", type=float, default=None,
+                   help="seconds between the relay's registrations of the extractor for its agents "
+                        "(env HEARTBEAT; default 60, inside Clowder v2's 300 s window)")
     p.add_argument("--max-wait", type=float, default=30.0, help="longest lease long-poll in seconds (default 30)")
     p.add_argument("--buffer", type=int, default=20,
                    help="unleased messages held from RabbitMQ at most (default 20)")
@@ -71,6 +74,18 @@ def _tls(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
     return ctx
 
 
+def _heartbeat(flag: Optional[float]) -> float:
+    """Registration interval: --heartbeat, else HEARTBEAT from the environment (pyclowder's name), else 60."""
+    raw = flag if flag is not None else os.environ.get("HEARTBEAT") or 60.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RelayConfigError(f"HEARTBEAT={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise RelayConfigError("--heartbeat (HEARTBEAT) must be positive")
+    return value
+
+
 def _lock(folder: str) -> int:
     try:
         fd = try_lock(os.path.join(folder, "relay.lock"))
@@ -101,7 +116,9 @@ def run(args: argparse.Namespace, state_dir: str, launcher_settings: Any = None)
         raise RelayConfigError(str(exc)) from None
     if args.lease_ttl < 2 or args.buffer < 1 or args.max_retries < 0 or args.max_upload < 1:
         raise RelayConfigError("--lease-ttl must be >= 2, --buffer >= 1, --max-retries >= 0, --max-upload >= 1")
+    heartbeat = _heartbeat(args.heartbeat)
     settings = RelaySettings(host=host, port=port, token=token, queue=queue, lease_ttl=args.lease_ttl,
+                             heartbeat=heartbeat,
                              max_wait=args.max_wait, max_retries=args.max_retries, retry_backoff=args.retry_backoff,
                              max_upload=args.max_upload, max_connections=args.max_connections,
                              clowder_url=conf.clowder_url,
@@ -110,6 +127,7 @@ def run(args: argparse.Namespace, state_dir: str, launcher_settings: Any = None)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     lock_fd = _lock(folder)
     store = LeaseStore(os.path.join(folder, "leases.sqlite3"))
+    store.set_meta("lease_ttl", repr(settings.lease_ttl))  # for launcher.backlog, which reads the table
     kept = store.grace_all(settings.lease_ttl)
     if kept:
         log.warning("%d lease(s) survived the last run; their agents have %.0fs to be heard from", kept,

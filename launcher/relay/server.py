@@ -7,11 +7,18 @@ Work API (JSON in and out, `Authorization: Bearer <token>` on every call):
   POST /v1/extend      {lease_ids}         heartbeat: {extended, gone}
   POST /v1/complete    {lease_id} or {lease_ids}   done, results in Clowder: the message is forgotten
   POST /v1/release     {lease_id}          hand back (not a failure): leasable again at once
-  POST /v1/fail        {lease_id, attempts, reason}          {outcome: retry | dead}
+  POST /v1/fail        {lease_id, attempts, reason, delay?}  {outcome: retry | dead}; leasable again
+                                          after delay s (default: the relay's --retry-backoff)
+  GET  /v1/backlog                       what the table holds: {ready, backoff, stale, leased, dead,
+                                          pending, retry_after} (launcher.backlog, idle agents)
   POST /v1/dead-letter {lease_id, reason, traceback, attempts, agent}
   POST /v1/status      {items: [{lease_id, payload}]}        best effort, to the lease's reply_to
   POST /v1/register    {agent, extractor_info, owner}        best effort, `extractors` exchange
   GET  /metrics                          Prometheus text (launcher.relay.metrics), same token
+
+Registration for agents that cannot reach the broker: the relay remembers the last extractor_info
+an agent registered and publishes it itself every `heartbeat` seconds (default 60, well inside
+Clowder v2's 300 s window) while agents have called it within the last interval.
 
 A settle call on a lease that is no longer live answers 409 with {"gone": true}: the message is
 already back in the relay's hands (expired) and the agent must not retry the call.
@@ -55,6 +62,7 @@ from .store import Lease, LeaseStore
 
 log = logging.getLogger("launcher.relay")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+MAX_DELAY_S = 24 * 3600.0
 _LEASE_PATH = re.compile(r"^/clowder/([A-Za-z0-9_\-]{10,64})/(.*)$")
 
 
@@ -66,7 +74,8 @@ class RelaySettings:
     port: int
     token: str
     queue: str
-    lease_ttl: float = 60.0
+    lease_ttl: float = 15.0
+    heartbeat: float = 60.0
     max_wait: float = 30.0
     max_retries: int = 3
     retry_backoff: float = 2.0
@@ -296,6 +305,11 @@ class Relay:
         self._server: Optional[_Server] = None
         self._reaper = threading.Thread(target=self._reap, name="relay-reaper", daemon=True)
         self.metrics = RelayMetrics(store, broker, settings.queue)
+        self._agent_seen = 0.0            # monotonic time of the last call by an agent
+        self._long_polls = 0              # agents waiting in /v1/lease right now (alive too)
+        self._polls_lock = threading.Lock()
+        self._registration: Optional[dict[str, Any]] = None
+        self._next_register = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def bind(self) -> tuple[str, int]:
@@ -326,6 +340,16 @@ class Relay:
                     log.warning("%d expired lease(s) returned to the queue, %d dead-lettered", back, dead)
             except Exception:  # noqa: BLE001 - the reaper must keep going
                 log.exception("lease reaper failed")
+            self._register_for_agents(time.monotonic())
+
+    def _register_for_agents(self, now: float) -> None:
+        """Keep Clowder seeing the extractor while agents live (they cannot reach the broker)."""
+        interval = self.settings.heartbeat
+        alive = self._long_polls > 0 or now - self._agent_seen <= interval
+        if self._registration is None or now < self._next_register or not alive:
+            return
+        self._next_register = now + interval
+        self.broker.publish_registration(dict(self._registration))
 
     def backoff(self, attempts: int) -> float:
         return min(self.settings.retry_backoff * (2 ** max(0, attempts - 1)), 60.0)
@@ -336,7 +360,7 @@ class Relay:
                   "/v1/extend": ("POST", self._extend), "/v1/complete": ("POST", self._complete),
                   "/v1/release": ("POST", self._release), "/v1/fail": ("POST", self._fail),
                   "/v1/dead-letter": ("POST", self._dead_letter), "/v1/status": ("POST", self._status),
-                  "/v1/register": ("POST", self._register)}
+                  "/v1/register": ("POST", self._register), "/v1/backlog": ("GET", self._backlog)}
         if path == "/metrics" and h.command == "GET":  # Prometheus scrapes with the bearer token
             h._send_body(200, self.metrics.render(), METRICS_CONTENT_TYPE)
             return 200
@@ -345,6 +369,8 @@ class Relay:
         method, fn = routes[path]
         if h.command != method:
             raise ClientError(405, f"{path} takes {method}, not {h.command}")
+        if path != "/v1/backlog":  # the launcher asks for counts too: only agents keep registration alive
+            self._agent_seen = time.monotonic()
         body = h._json_body() if method == "POST" else {}
         status, answer = fn(h, body)
         if answer is not None:
@@ -380,8 +406,15 @@ class Relay:
         def give_up() -> bool:
             return self.stopping.is_set() or _peer_closed(h.connection)
 
-        leases = self.store.wait_lease(agent, limit, self.settings.lease_ttl, min(wait, self.settings.max_wait),
-                                       lambda lease_id: f"{base}/clowder/{lease_id}/", give_up)
+        with self._polls_lock:
+            self._long_polls += 1
+        try:
+            leases = self.store.wait_lease(agent, limit, self.settings.lease_ttl, min(wait, self.settings.max_wait),
+                                           lambda lease_id: f"{base}/clowder/{lease_id}/", give_up)
+        finally:
+            with self._polls_lock:
+                self._long_polls -= 1
+            self._agent_seen = time.monotonic()
         try:
             if leases and _peer_closed(h.connection):
                 raise ConnectionResetError("the agent hung up during its long poll")
@@ -440,8 +473,12 @@ class Relay:
         lease_id = self._lease_id(body)
         attempts = _field(body, "attempts", int, required=False, default=0)
         reason = _field(body, "reason", str, required=False, default="")[:REASON_LIMIT]
+        delay = _field(body, "delay", float, required=False, default=None)
+        if delay is not None and not 0 <= delay <= MAX_DELAY_S:
+            raise ClientError(400, f"field 'delay' must be between 0 and {MAX_DELAY_S}")
+        backoff = self.backoff if delay is None else (lambda _attempts: delay)
         outcome = self.store.fail(lease_id, attempts, self._scrub(lease_id, reason), self.settings.max_retries,
-                                  self.backoff)
+                                  backoff)
         return (200, {"outcome": outcome}) if outcome else self._gone()
 
     def _dead_letter(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -481,6 +518,13 @@ class Relay:
         agent = _field(body, "agent", str)[:200]
         info = _field(body, "extractor_info", dict)
         owner = _field(body, "owner", str, required=False, default="")
-        queued = self.broker.publish_registration({"id": agent, "queue": self.settings.queue, "owner": owner,
-                                                   "extractor_info": info})
+        message = {"id": agent, "queue": self.settings.queue, "owner": owner, "extractor_info": info}
+        self._registration = message
+        self._next_register = time.monotonic() + self.settings.heartbeat
+        queued = self.broker.publish_registration(dict(message))
         return 202, {"accepted": queued}
+
+    def _backlog(self, h: _Handler, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        counts = self.store.backlog(self.settings.lease_ttl)
+        counts.update(queue=self.settings.queue, lease_ttl=self.settings.lease_ttl)
+        return 200, counts

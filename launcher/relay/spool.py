@@ -55,7 +55,7 @@ class Spooler:
     """Stage messages into a spool folder and collect their results (see the module docstring)."""
 
     def __init__(self, uri: str, queue: str, root: str, buffer: int = 20, max_retries: int = 3,
-                 clowder_version: int = 1, clowder_url: Optional[str] = None, heartbeat: float = 300.0,
+                 clowder_version: int = 1, clowder_url: Optional[str] = None, heartbeat: float = 60.0,
                  fs: Optional[Any] = None) -> None:
         self.uri = uri
         self.queue = queue
@@ -320,8 +320,11 @@ class Spooler:
         now = time.monotonic()
         if now < self._next_register or not self.fs.exists("extractor_info.json"):
             return
-        self._next_register = now + self.heartbeat
         info = self.fs.read_json("extractor_info.json")
+        written = info.get("at")
+        if isinstance(written, (int, float)) and time.time() - written > 2 * max(self.heartbeat, 60.0):
+            return  # no agent has written it lately: none is alive, so Clowder should not list one
+        self._next_register = now + self.heartbeat
         message = {"id": f"spool-{socket.gethostname()}", "queue": self.queue, "owner": info.get("owner", ""),
                    "extractor_info": info.get("extractor_info", {})}
         self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
@@ -362,6 +365,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --ssh: the project checkout on the login node (default: this checkout's path)")
     p.add_argument("--remote-python", metavar="PATH", default="python3",
                    help="with --ssh: Python 3.9+ on the login node (default python3)")
+    p.add_argument("--heartbeat", type=float, default=None,
+                   help="seconds between registrations of the extractor while agents live "
+                        "(env HEARTBEAT; default 60, inside Clowder v2's 300 s window)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p.add_argument("--until-empty", action="store_true",
                    help="exit when the queue, the inbox, the claims and the outbox are all empty")
@@ -397,8 +403,14 @@ def main_from_cli(args: argparse.Namespace, settings: Any = None) -> int:
         except OSError as exc:
             print(f"launcher spool: error: cannot open the spool on {ssh}: {exc}", file=sys.stderr)
             return 1
+    try:
+        heartbeat = float(args.heartbeat if args.heartbeat is not None else os.environ.get("HEARTBEAT") or 60.0)
+    except ValueError:
+        print("launcher spool: error: HEARTBEAT must be a number of seconds", file=sys.stderr)
+        return 2
     spooler = Spooler(uri, queue, args.dir, buffer=args.buffer, max_retries=args.max_retries,
-                      clowder_version=settings.clowder_version, clowder_url=settings.clowder_url, fs=fs)
+                      clowder_version=settings.clowder_version, clowder_url=settings.clowder_url, heartbeat=heartbeat,
+                      fs=fs)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -201,6 +201,17 @@ class LeaseStore:
         out.update({state: n for state, n in rows})
         return out
 
+    def set_meta(self, name: str, value: str) -> None:
+        """Record a setting readers of this table need (the lease ttl, for launcher.backlog)."""
+        with self._lock:
+            with self._tx():
+                self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value.encode()))
+
+    def backlog(self, lease_ttl: float) -> dict[str, Any]:
+        """What this table holds for agents now (see backlog_counts)."""
+        with self._lock:
+            return backlog_counts(self._db, self._clock(), lease_ttl)
+
     # -- leasing -----------------------------------------------------------------------------------
     def lease(self, agent: str, limit: int, ttl: float, host_for: Callable[[str], str]) -> list[Lease]:
         """Lease up to limit ready rows to agent for ttl seconds (no waiting)."""
@@ -440,6 +451,60 @@ class LeaseStore:
                 else:
                     cur = self._db.execute("DELETE FROM messages WHERE id=?", (row,))
             return cur.rowcount > 0
+
+
+def stale_after(lease_ttl: float) -> float:
+    """Seconds without a heartbeat after which a lease counts as stale: one missed heartbeat.
+
+    Agents extend every ttl/4. Stale is only a hint (idle agents wait for the lease to expire,
+    the launcher counts it as waiting): a live agent whose heartbeat is a little late costs
+    nothing but an idle agent staying a few seconds longer, so the hint comes early.
+    """
+    return lease_ttl / 4.0 + 1.0
+
+
+def backlog_counts(db: sqlite3.Connection, now: float, lease_ttl: float) -> dict[str, Any]:
+    """Counts of a lease table: work waiting for an agent, and when the next of it becomes leasable.
+
+      ready        leasable now
+      backoff      a failed attempt's retry, leasable at its not-before time
+      stale        leased, but not extended for stale_after(lease_ttl): its agent missed a heartbeat;
+                   the reaper returns it when the lease expires
+      leased       leased to agents that heartbeat (in flight, not waiting)
+      dead         waiting to be published to error.<queue> (not waiting for an agent)
+      pending      backoff + stale: held now, leasable soon
+      retry_after  seconds until the first pending one is leasable (None when nothing is pending)
+    """
+    heard_before = now - stale_after(lease_ttl) + lease_ttl  # expires_at below this: not extended lately
+    row = db.execute(
+        "SELECT "
+        "COALESCE(SUM(state='ready' AND available_at<=?), 0), "
+        "COALESCE(SUM(state='ready' AND available_at>?), 0), "
+        "COALESCE(SUM(state='leased' AND expires_at<?), 0), "
+        "COALESCE(SUM(state='leased' AND expires_at>=?), 0), "
+        "COALESCE(SUM(state='dead'), 0), "
+        "MIN(CASE WHEN state='ready' AND available_at>? THEN available_at END), "
+        "MIN(CASE WHEN state='leased' AND expires_at<? THEN expires_at END) "
+        "FROM messages", (now, now, heard_before, heard_before, now, heard_before)).fetchone()
+    ready, backoff, stale, leased, dead, next_retry, next_expiry = row
+    due = [t for t in (next_retry, None if next_expiry is None else next_expiry + 1.0) if t is not None]
+    return {"ready": int(ready), "backoff": int(backoff), "stale": int(stale), "leased": int(leased),
+            "dead": int(dead), "pending": int(backoff) + int(stale),
+            "retry_after": round(max(0.0, min(due) - now), 1) if due else None}
+
+
+def read_backlog(path: str, now: Optional[float] = None, default_ttl: float = 15.0) -> dict[str, Any]:
+    """backlog_counts of a relay's table, opened read-only (the relay keeps writing; WAL readers never block it)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, isolation_level=None)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE name='lease_ttl'").fetchone()
+        try:
+            ttl = float(bytes(row[0]).decode()) if row else default_ttl
+        except ValueError:
+            ttl = default_ttl
+        return backlog_counts(db, time.time() if now is None else now, ttl)
+    finally:
+        db.close()
 
 
 class _Tx:

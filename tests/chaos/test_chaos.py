@@ -157,6 +157,7 @@ def test_time_without_the_broker_is_not_idleness():
     # Just enough of a WorkSource for Runner._tick: a broker that is away until told otherwise.
     source = mock.MagicMock(connected=False, agent_id="agent-x", queue="q")
     source.recover_orphans.return_value = 0
+    source.work_soon.return_value = None  # nothing held for later
     runner = Runner(AgentConfig(idle_exit=5), source, lambda *a: _IdleSlot(), Redactor(), clock=lambda: now[0])
     runner.info = {"name": "x"}
     for t in range(1, 60):        # a minute without the broker

@@ -148,6 +148,24 @@ class AgentHarness:
     def errors(self) -> list[tuple[Any, bytes]]:
         return self.drain("error." + self.queue)
 
+    def registrations(self) -> Any:
+        """Listen on the `extractors` fanout; the returned function gives the times this queue's
+        registrations were seen since its last call (other engineers' agents share the exchange)."""
+        ch = self._conn.channel()
+        ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(q, "extractors")
+
+        def seen() -> list[float]:
+            out = []
+            while True:
+                method, _props, body = ch.basic_get(q, auto_ack=True)
+                if method is None:
+                    return out
+                if json.loads(body).get("queue") == self.queue:
+                    out.append(time.monotonic())
+        return seen
+
     def depth(self) -> int:
         return self.ch.queue_declare(self.queue, durable=True, passive=True).method.message_count
 

@@ -282,9 +282,15 @@ def open_harness(amqp_url: str, tmp: Path, key: str = "secret") -> Iterator[Agen
         with contextlib.suppress(Exception):
             conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
             ch = conn.channel()
-            for name in (queue, "error." + queue, "reply." + queue):
+            for name in (queue, "error." + queue, "reply." + queue, *_retry_queues(queue)):
                 ch.queue_delete(name)
             conn.close()
+
+
+def _retry_queues(queue: str) -> list[str]:
+    """Every retry queue the agent may have declared for queue (buckets of 1..60 s; agent.sources.amqp_retry)."""
+    from agent.sources.amqp_retry import retry_queue
+    return [retry_queue(queue, s) for s in range(1, 61)]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
@@ -923,7 +929,65 @@ def secrets_scan(amqp_url: str, tmp: Path, r: Result) -> None:
                        "environments: key and passwords found 0 times")
 
 
+@scenario("kill -9 during retry backoffs", "4 files fail once (backoff 4 s, parked in retry queues), 6 good; "
+          "SIGKILL the agent while the retries wait; a second agent drains")
+def kill9_during_backoff(amqp_url: str, tmp: Path, r: Result) -> None:
+    """A retry waiting for its backoff lives in the broker (retry.<queue>.<s>), not in the agent."""
+    with open_harness(amqp_url, tmp) as h:
+        contents = [f"raise-once {tmp / f'marker-{i}'}\n".encode() for i in range(4)] + [b"ok\n"] * 6
+        ids = publish_files(h, contents)
+        agent = h.start_agent(AGENT_RETRY_BACKOFF="4", AGENT_SLOTS="2")
+        if not wait_until(lambda: h.log_text().count("retrying in 4.0s") >= 4, 60):
+            r.problems.append("the four first attempts did not all fail in time")
+        parked = h.depth()
+        os.killpg(agent.pid, signal.SIGKILL)
+        finish(h, agent, 10, r, "agent killed during the backoffs")
+        clock = Clock()
+        clock.clear(h)
+        second = h.start_agent("--idle-exit", "3", AGENT_RETRY_BACKOFF="4")
+        r.expected_exits = [KILLED, 0]
+        finish(h, second, 90, r, "second agent")
+        facts = account(h, ids, r, clock)
+        never = [f for f in ids[:4] if facts["runs"][f] < 2]
+        if never:
+            r.problems.append(f"{len(never)} failing file(s) never ran their retry")
+        r.notes.append(f"{parked} message(s) in the work queue at the kill (the retries waited in retry queues); "
+                       "4 of the extra runs are the planned retries of the files that fail once")
+
+
+@scenario("kill -9 under the relay (lease expiry)", "relay with its default 15 s leases; SIGKILL an agent "
+          "3 s into a 20-file run; a second agent with --idle-exit 5 at once")
+def relay_lease_expiry(amqp_url: str, tmp: Path, r: Result) -> None:
+    """A dead agent's leases come back within the lease ttl and the next agent waits for them."""
+    from helpers.relay_harness import RelayProc, start_agent_in
+
+    with open_harness(amqp_url, tmp) as h:
+        relay = RelayProc(h, "127.0.0.1", tmp).start()
+        try:
+            ids = publish_files(h, [b"sleep 0.2\n"] * 20)
+            first = start_agent_in(h, None, **relay.agent_env())
+            if not _wait_runs(h, 1, 60):
+                r.problems.append("the first agent never started a file")
+            time.sleep(3.0)
+            os.killpg(first.pid, signal.SIGKILL)
+            finish(h, first, 10, r, "agent killed holding leases")
+            clock = Clock()
+            clock.clear(h)
+            second = start_agent_in(h, None, "--idle-exit", "5", **relay.agent_env())
+            r.expected_exits = [KILLED, 0]
+            finish(h, second, 120, r, "second agent")
+            wait_until(lambda: "expired lease(s) returned" in relay.log(), 5)
+        finally:
+            relay.stop()
+        account(h, ids, r, clock)
+        if "expired lease(s) returned" not in relay.log():
+            r.notes.append("the killed agent held no lease at the kill")
+        waited = h.log_text().count("source holds work deliverable")
+        r.notes.append(f"the second agent stayed {waited} time(s) for leases the relay said were coming back")
+
+
 ALL: list[Callable[[str, Path], Result]] = [
     broker_restart, broker_unreachable, clowder_outage, clowder_drops, scratch_full, kill9_loop,
-    sigterm_download, sigterm_extraction, sigterm_upload, poison, secrets_scan,
+    sigterm_download, sigterm_extraction, sigterm_upload, poison, secrets_scan, kill9_during_backoff,
+    relay_lease_expiry,
 ]

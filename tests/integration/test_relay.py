@@ -12,153 +12,23 @@ import base64
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import uuid
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 from helpers import services
 from helpers.agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
+from helpers.relay_harness import Netns, RelayProc, start_agent_in, unprocessed, wait_exit, write_token
 
 pytestmark = pytest.mark.integration
-
-
-# -- helpers --------------------------------------------------------------------------------------
-def write_token(path: Any, mode: int = 0o600) -> str:
-    token = secrets.token_urlsafe(32)
-    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    os.write(fd, token.encode() + b"\n")
-    os.close(fd)
-    os.chmod(str(path), mode)
-    return token
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class RelayProc:
-    """`python -m launcher relay` as a subprocess on a fixed address and state folder."""
-
-    def __init__(self, harness: AgentHarness, host: str, tmp: Any, *extra: str) -> None:
-        self.h = harness
-        self.host = host
-        self.port = free_port(host)
-        self.tmp = tmp
-        self.token_file = str(tmp / "relay.token")
-        self.token = write_token(self.token_file)
-        self.state = str(tmp / "relay-state")
-        self.extra = list(extra)
-        self.proc: Optional[subprocess.Popen] = None
-        self.log_path = str(tmp / "relay.log")
-        self.scheme = "https" if "--cert" in extra else "http"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "launcher", "relay", "--bind", f"{self.host}:{self.port}",
-                "--token-file", self.token_file, "--state-dir", self.state, *self.extra]
-
-    def start(self) -> "RelayProc":
-        env = dict(os.environ, RABBITMQ_URI=self.h.url, RABBITMQ_QUEUE=self.h.queue, PYTHONPATH=REPO)
-        out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv(), env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        out.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
-            if "relay listening on" in self.log():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"relay did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
-
-    def agent_env(self, **extra: Any) -> dict[str, Any]:
-        env = {"AGENT_SOURCE": "relay", "AGENT_RELAY_URL": self.url, "AGENT_RELAY_TOKEN_FILE": self.token_file,
-               "AGENT_CONNECT_TIMEOUT": "10", "AGENT_RECONNECT_TIMEOUT": "30"}
-        env.update(extra)
-        return env
-
-    def call(self, method: str, path: str, body: Any = None, token: Optional[str] = "", **kw: Any) -> requests.Response:
-        headers = kw.pop("headers", {})
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token or self.token}"
-        data = kw.pop("data", None)
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers.setdefault("Content-Type", "application/json")
-        return requests.request(method, self.url + path, data=data, headers=headers, timeout=30, **kw)
-
-
-class Netns:
-    """A network namespace whose only link leads to host_ip (the relay's address)."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.name = f"crelay-{tag}"
-        self.host_if, self.ns_if = f"vrh{tag}", f"vrn{tag}"
-        used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
-        for third in range(0, 256):
-            octet = (int(tag, 16) + third) % 250 + 3
-            if f"10.231.{octet}." not in used:
-                break
-        self.host_ip, self.ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
-
-    def _ip(self, *args: str) -> None:
-        out = subprocess.run(["ip", *args], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
-
-    def create(self) -> None:
-        self._ip("netns", "add", self.name)
-        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        self._ip("link", "set", self.ns_if, "netns", self.name)
-        self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
-        self._ip("link", "set", self.host_if, "up")
-        self._ip("netns", "exec", self.name, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
-        self._ip("netns", "exec", self.name, "ip", "link", "set", self.ns_if, "up")
-        self._ip("netns", "exec", self.name, "ip", "link", "set", "lo", "up")
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-
-    def can_connect(self, host: str, port: int) -> bool:
-        code = f"import socket; socket.create_connection(({host!r}, {port}), timeout=2)"
-        return subprocess.run(["ip", "netns", "exec", self.name, sys.executable, "-c", code],
-                              capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -179,29 +49,6 @@ def netns():
         yield ns
     finally:
         ns.delete()
-
-
-def start_agent_in(h: AgentHarness, ns: Optional[Netns], *args: str, **env: Any) -> subprocess.Popen:
-    """Like AgentHarness.start_agent, inside the namespace when ns is given."""
-    log_path = str(h.tmp / f"agent-{len(h.procs)}.log")
-    h.logs.append(log_path)
-    prefix = ["ip", "netns", "exec", ns.name] if ns is not None else []
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "agent", "run", *args], env=h.env(**env), cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    h.procs.append(proc)
-    return proc
-
-
-def wait_exit(h: AgentHarness, proc: subprocess.Popen, timeout: float = 90) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"agent did not exit within {timeout}s; log:\n{h.log_text()}") from None
-
-
-def unprocessed(h: AgentHarness, ids: list[str]) -> list[str]:
-    return [f for f in ids if not h.standin.metadata_for(f)]
 
 
 @pytest.fixture
@@ -492,3 +339,158 @@ def test_relay_metrics_behind_the_token(harness, tmp_path):
     assert samples[("clowder_hpc_relay_requests_total", (("code", "200"), ("endpoint", "/v1/lease"), q))] == 1
     assert samples[("clowder_hpc_relay_requests_total", (("code", "401"), ("endpoint", "/metrics"), q))] == 1
     assert samples[("clowder_hpc_relay_forward_errors_total", (q,))] == 1
+
+
+# -- backlog truth, fast recovery, retries held by the relay, registration for agents -----------------
+def _launcher_env(harness: AgentHarness, relay: RelayProc, tmp: Any, **extra: str) -> dict[str, str]:
+    caps = tmp / "caps.yaml"
+    caps.write_text('max_array_size: 5\nmax_running: 4\nmax_queued: 6\nmax_walltime: "00:05:00"\n'
+                    'default_walltime: "00:03:00"\ncores_per_task: 1\n')
+    caps.chmod(0o644)
+    script = tmp / "sleep.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --output=/dev/null\nsleep 120\n")
+    env = dict(os.environ, RABBITMQ_URI=harness.url, RABBITMQ_QUEUE=harness.queue, LAUNCHER_CAPS=str(caps),
+               LAUNCHER_STATE_DIR=relay.state, LAUNCHER_SCRIPT=str(script), LAUNCHER_SCHEDULER="slurm",
+               AGENT_JOURNAL_DIR=harness.journal_dir, PYTHONPATH=REPO)
+    env.update(extra)
+    return env
+
+
+def _launcher(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"launcher {args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _relay_holds(harness: AgentHarness, relay: RelayProc, n: int) -> None:
+    harness.wait_for(lambda: harness.depth() == 0 and relay.call("GET", "/v1/backlog").json()["ready"] == n, 30,
+                     f"the relay to take all {n} messages from RabbitMQ")
+
+
+@pytest.fixture
+def plain_relay(harness, tmp_path):
+    """A relay on 127.0.0.1 with the default lease ttl (15 s)."""
+    r = RelayProc(harness, "127.0.0.1", tmp_path, "--retry-backoff", "0.1").start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def test_status_backlog_counts_what_the_relay_holds(harness, plain_relay, tmp_path, slurm):
+    ids = [harness.publish_file(b"ok\n") for _ in range(12)]
+    _relay_holds(harness, plain_relay, 12)
+    env = _launcher_env(harness, plain_relay, tmp_path)
+    status = json.loads(_launcher(env, "status", "--json").stdout)
+    assert status["broker"]["ready"] == 0
+    assert status["backlog"]["total"] == 12, status["backlog"]
+    assert status["backlog"]["relay_ready"] == 12 and status["backlog"]["rabbitmq_ready"] == 0
+    assert "backlog    12 waiting (relay ready 12)" in _launcher(env, "status").stdout
+    # The same counts from the relay's API, as a launcher on another host gets them.
+    remote = dict(env, LAUNCHER_STATE_DIR=str(tmp_path / "elsewhere"), LAUNCHER_RELAY_URL=plain_relay.url,
+                  LAUNCHER_RELAY_TOKEN_FILE=plain_relay.token_file)
+    assert json.loads(_launcher(remote, "status", "--json").stdout)["backlog"]["relay_ready"] == 12
+    assert plain_relay.call("GET", "/v1/backlog", token="wrong-token-1234567").status_code == 401
+    # Agents take the work; the backlog goes to zero.
+    proc = start_agent_in(harness, None, "--idle-exit", "2", **plain_relay.agent_env())
+    assert wait_exit(harness, proc) == 0, harness.log_text()
+    assert unprocessed(harness, ids) == []
+    assert json.loads(_launcher(env, "status", "--json").stdout)["backlog"]["total"] == 0
+
+
+@pytest.mark.slurm
+def test_scale_submits_a_task_for_work_only_the_relay_holds(harness, plain_relay, tmp_path, slurm):
+    from helpers.slurm_jobs import cleanup, tasks_of, wait_for
+
+    for _ in range(12):
+        harness.publish_file(b"ok\n")
+    _relay_holds(harness, plain_relay, 12)
+    env = _launcher_env(harness, plain_relay, tmp_path)
+    try:
+        out = _launcher(env, "scale", "--once", "--files-per-task", "5", "--idle-grace", "0").stdout
+        assert out.startswith("scale_up: submit 3: backlog 12"), out
+        job = json.loads(_launcher(env, "status", "--json").stdout)["jobs"][0]["job_id"]
+        assert wait_for(lambda: len(tasks_of(job)) == 3)
+    finally:
+        cleanup(Path(plain_relay.state))
+
+
+def test_agent_killed_under_the_relay_its_leases_run_in_the_next_agents_run(harness, netns, tmp_path):
+    """The contract: kill -9 three seconds into a 30-file run, a second agent at once with --idle-exit 5."""
+    relay = RelayProc(harness, netns.host_ip, tmp_path).start()  # default lease ttl
+    try:
+        ids = [harness.publish_file(b"sleep 0.2\n") for _ in range(30)]
+        first = start_agent_in(harness, netns, **relay.agent_env())
+        harness.wait_for(lambda: harness.runs(), 60, "the first file to start")
+        time.sleep(3.0)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        second = start_agent_in(harness, netns, "--idle-exit", "5", **relay.agent_env())
+        assert wait_exit(harness, second, timeout=120) == 0, harness.log_text() + relay.log()
+        assert unprocessed(harness, ids) == [], harness.log_text() + relay.log()
+        assert harness.depth() == 0 and harness.errors() == []
+        assert "expired lease(s) returned" in relay.log()
+    finally:
+        relay.stop()
+
+
+def test_idle_agent_waits_for_a_dead_agents_lease(harness, plain_relay):
+    """Nothing else to do: the agent stays (--idle-exit 2) until the silent lease expires, then runs it."""
+    fid = harness.publish_file(b"ok\n")
+    _relay_holds(harness, plain_relay, 1)
+    ghost = plain_relay.call("POST", "/v1/lease", {"agent": "ghost", "max": 1, "wait": 5}).json()["leases"]
+    assert len(ghost) == 1  # leased, and never extended: as if its agent died at once
+    time.sleep(5.0)  # one missed heartbeat (ttl/4 + 1 s): the relay calls it stale
+    assert plain_relay.call("GET", "/v1/backlog").json()["stale"] == 1
+    proc = start_agent_in(harness, None, "--idle-exit", "2", **plain_relay.agent_env())
+    assert wait_exit(harness, proc) == 0, harness.log_text()
+    assert unprocessed(harness, [fid]) == [], harness.log_text() + plain_relay.log()
+    assert "source holds work deliverable" in harness.log_text()
+
+
+def test_retries_wait_in_the_relay_not_in_the_agent(harness, plain_relay):
+    """AGENT_RETRY_BACKOFF=10 through the relay: the good files run at once, the failing ones end in error.<queue>."""
+    failing = [harness.publish_file(b"raise\n") for _ in range(2)]
+    good = [harness.publish_file(b"ok\n") for _ in range(20)]
+    proc = start_agent_in(harness, None, "--idle-exit", "3", AGENT_RETRY_BACKOFF="10", AGENT_MAX_RETRIES="1",
+                          **plain_relay.agent_env())
+    assert wait_exit(harness, proc, timeout=120) == 0, harness.log_text()
+    runs = [r[0] for r in harness.runs()]
+    second_attempts = [i for i, f in enumerate(runs) if f in failing and runs[:i].count(f) == 1]
+    assert len(second_attempts) == 2 and max(runs.index(f) for f in good) < min(second_attempts), runs
+    assert "source holds work deliverable" in harness.log_text()  # it stayed for the retries
+    errors = {json.loads(body)["id"]: props for props, body in _wait_errors(harness, 2)}
+    assert set(errors) == set(failing)
+    assert all(p.headers["x-agent-attempts"] == 2 for p in errors.values())
+    assert unprocessed(harness, good) == []
+
+
+def _wait_errors(h: AgentHarness, n: int, timeout: float = 20.0) -> list:
+    """error.<queue> is published by the relay's broker link shortly after the dead-letter call."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += h.errors()
+        time.sleep(0.2)
+    return got
+
+
+def test_relay_registers_for_its_agents_while_they_live(harness, tmp_path):
+    relay = RelayProc(harness, "127.0.0.1", tmp_path, "--heartbeat", "1").start()
+    listen = harness.registrations()
+    try:
+        def ours() -> int:
+            return len(listen())
+
+        proc = start_agent_in(harness, None, "--idle-exit", "6", AGENT_HEARTBEAT="600", **relay.agent_env())
+        harness.wait_for(lambda: ours() > 0, 60, "the agent's own registration")
+        time.sleep(5.0)
+        assert ours() >= 3  # the relay, every second, while the agent long-polls
+        assert wait_exit(harness, proc) == 0, harness.log_text()
+        time.sleep(4.0)  # one interval after the agent's last call (its long poll noticed gone), the relay stops
+        ours()
+        time.sleep(3.0)
+        assert ours() == 0, relay.log()
+    finally:
+        relay.stop()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.slurm_jobs import cleanup, squeue, tasks_of, wait_for
+
 # Their jobs take up to 4 of the node's 4 CPUs (caps test; its assertions allow pending tasks):
 # one test at a time (xdist group slurm-cpus), beside the walltime cases' one CPU.
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm-cpus")]
@@ -79,63 +81,12 @@ def env(tmp_path, slurm):
     cleanup(tmp_path / "state")
 
 
-def cleanup(state_dir):
-    """scancel every job this launcher state knows, and any job named after its intents."""
-    db = state_dir / "ledger.sqlite"
-    if not db.exists():
-        return
-    con = sqlite3.connect(str(db))
-    try:
-        rows = con.execute("SELECT job_id, job_name FROM submissions").fetchall()
-    except sqlite3.OperationalError:  # the launcher died before it made its tables: no jobs
-        rows = []
-    finally:
-        con.close()
-    ids = [r[0] for r in rows if r[0]]
-    names = {r[1] for r in rows}
-    for rec in squeue():
-        if rec.get("name") in names:
-            ids.append(str(rec["array_job_id"] or rec["job_id"]))
-    if ids:
-        subprocess.run(["scancel", *sorted(set(ids))], capture_output=True, timeout=30)
-
-
-def squeue():
-    out = subprocess.run(["squeue", "--json"], capture_output=True, text=True, timeout=30)
-    return json.loads(out.stdout)["jobs"]
-
-
-def tasks_of(job_id):
-    """{task index: state} for one array job, as squeue shows it now."""
-    out = {}
-    for rec in squeue():
-        if str(rec.get("array_job_id")) != str(job_id):
-            continue
-        if rec.get("array_task_id") is not None:
-            out[rec["array_task_id"]] = rec["job_state"]
-        elif rec.get("array_task_string"):
-            from launcher.schedulers.base import parse_ranges
-            for i in parse_ranges(rec["array_task_string"]):
-                out[i] = rec["job_state"]
-    return out
-
-
 def launcher(env, *args, timeout=60, check=True):
     proc = subprocess.run([PY, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launcher {args} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def wait_for(predicate, timeout=30.0, step=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def test_submit_status_cancel(env):

@@ -25,7 +25,7 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     cfg_file = tmp_path / "agent.yaml"
     cfg_file.write_text("idle_exit: 30\nslots: 3\nmax_retries: 7\n")
     cfg = load_config({"idle_exit": "5"}, {"AGENT_SLOTS": "2"}, str(cfg_file))
-    assert (cfg.idle_exit, cfg.slots, cfg.max_retries, cfg.heartbeat) == (5.0, 2, 7, 300.0)
+    assert (cfg.idle_exit, cfg.slots, cfg.max_retries, cfg.heartbeat) == (5.0, 2, 7, 60.0)
 
 
 def test_agent_config_env_names_the_file(tmp_path):

@@ -118,5 +118,5 @@ def test_launch_keeps_agent_settings_and_adds_the_prefix(tmp_path):
     assert env == {"PATH": "/usr/bin", "MY_SETTING": "1", "EXTRACTION_FUNC": "run", "EXTRACTION_MODULE": "mod"}
     cfg = load_config({}, environ={"AGENT_COMMAND_PREFIX": "env -i"})
     init, _ = apply(cfg, spec, {"t": "init", "plugin": spec.__dict__}, {})
-    code_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     assert init["launch"] == {"argv": ["env", "-i", sys.executable, "-c", BOOT, code_dir], "cwd": code_dir}

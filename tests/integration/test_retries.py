@@ -1,0 +1,181 @@
+"""Retries that never block, kill -9 during a backoff, and the registration interval (real broker).
+
+A failed message waits for its retry in `retry.<queue>.<seconds>` (agent.sources.amqp_retry),
+not in the agent's prefetch window, so the rest of the queue runs meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pika
+import pika.exceptions
+import pytest
+
+from agent.sources.amqp_retry import retry_queue
+from helpers.agent_harness import harness  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def _retry_depth(h, seconds: int) -> int:
+    ch = h._conn.channel()
+    try:
+        return ch.queue_declare(retry_queue(h.queue, seconds), passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return -1  # not declared
+    finally:
+        if ch.is_open:
+            ch.close()
+
+
+def _drop_retry_queues(h, *seconds: int) -> None:
+    """Best effort, on a connection of its own (cleanup must not hide the test's result)."""
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(h.url))
+        try:
+            ch = conn.channel()
+            for s in seconds:
+                ch.queue_delete(retry_queue(h.queue, s))
+        finally:
+            conn.close()
+    except pika.exceptions.AMQPError as exc:
+        print(f"could not delete the retry queues of {h.queue}: {exc}")
+
+
+def test_failing_files_wait_outside_the_prefetch_window_and_end_in_the_error_queue(harness):
+    """The contract: AGENT_RETRY_BACKOFF=10, two failing files before twenty good ones."""
+    h = harness
+    failing = [h.publish_file(b"raise\n", name=f"bad{i}.txt") for i in range(2)]
+    good = [h.publish_file(b"ok\n", name=f"good{i}.txt") for i in range(20)]
+    try:
+        proc = h.start_agent("--idle-exit", "3", AGENT_RETRY_BACKOFF="10", AGENT_MAX_RETRIES="1")
+        h.wait_for(lambda: all(h.standin.metadata_for(f) for f in good), 60, "the good files")
+        assert proc.wait(timeout=90) == 0, h.log_text()
+        runs = [r[0] for r in h.runs()]
+        # Every good file ran before the first retry of a failing one (due 10 s after its failure).
+        second_attempts = [i for i, f in enumerate(runs) if f in failing and runs[:i].count(f) == 1]
+        last_good = max(runs.index(f) for f in good)
+        assert len(second_attempts) == 2 and last_good < min(second_attempts), runs
+        errors = {json.loads(body)["id"]: props for props, body in h.errors()}
+        assert set(errors) == set(failing)
+        for props in errors.values():
+            assert props.headers["x-agent-attempts"] == 2
+            assert "gave up after 2 attempt(s)" in props.headers["x-error-reason"]
+        assert h.depth() == 0 and _retry_depth(h, 10) == 0
+    finally:
+        _drop_retry_queues(h, 10)
+
+
+def test_kill_9_during_a_backoff_loses_nothing(harness, tmp_path):
+    h = harness
+    fid = h.publish_file(f"raise-once {tmp_path / 'marker'}\n".encode())
+    try:
+        first = h.start_agent(AGENT_RETRY_BACKOFF="5")
+        h.wait_for(lambda: "retrying in 5.0s" in h.log_text(), 30, "the first failure")
+        h.wait_for(lambda: _retry_depth(h, 5) == 1, 10, "the retry copy in its retry queue")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        # The original was acknowledged only after the broker confirmed the retry copy.
+        assert h.depth() == 0
+        h.wait_for(lambda: h.depth() == 1, 20, "the retry queue to dead-letter it back")
+        assert h.run_agent("--idle-exit", "2") == 0, h.log_text()
+        assert len(h.standin.metadata_for(fid)) == 1
+        assert [r[2] for r in h.runs()] == ["raise-once", "raise-once"]
+        assert h.errors() == [] and _retry_depth(h, 5) == 0
+    finally:
+        _drop_retry_queues(h, 5)
+
+
+def test_agent_stays_for_its_own_retries_when_idle_exit_is_shorter(harness, tmp_path):
+    h = harness
+    fid = h.publish_file(f"raise-once {tmp_path / 'marker'}\n".encode())
+    try:
+        assert h.run_agent("--idle-exit", "1", AGENT_RETRY_BACKOFF="4") == 0, h.log_text()
+        assert len(h.standin.metadata_for(fid)) == 1
+        assert "source holds work deliverable" in h.log_text()
+    finally:
+        _drop_retry_queues(h, 4)
+
+
+def _registrations(h, seconds: float, **env) -> tuple[list[float], str]:
+    """Start an agent; collect its registrations on the `extractors` fanout for seconds after its first."""
+    listen = h.registrations()
+    proc = h.start_agent(**env)
+    seen: list[float] = []
+    deadline = time.monotonic() + 60.0  # until the first registration (the extractor's start-up)
+    while time.monotonic() < deadline:
+        fresh = listen()
+        if fresh and not seen:
+            deadline = fresh[0] + seconds
+        seen += fresh
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    return seen, h.log_text()
+
+
+def test_registration_interval_follows_heartbeat(harness):
+    seen, log = _registrations(harness, 6.5, HEARTBEAT="2")
+    assert 3 <= len(seen) <= 5, (seen, log)  # at start, then every 2 s
+
+
+def test_default_registration_is_well_inside_clowder_v2s_window():
+    from agent.config import load_config
+
+    assert load_config({}, {}, None).heartbeat == 60.0
+    assert load_config({}, {"HEARTBEAT": "300"}, None).heartbeat == 300.0
+    assert load_config({}, {"AGENT_HEARTBEAT": "30", "HEARTBEAT": "300"}, None).heartbeat == 30.0
+
+
+def _scenario(fn, rabbitmq, tmp_path):
+    """Run a chaos scenario that needs no broker restart as a normal test (tests/chaos_scenarios.py)."""
+    r = fn(rabbitmq, tmp_path)
+    print(f"\n{r.scenario}: sent {r.sent}, processed {r.processed}, dead-lettered {r.dead_lettered}, lost {r.lost}, "
+          f"extra runs {r.duplicates}, recover {r.recover_seconds}s; {' | '.join(r.notes)}")
+    assert r.lost == 0 and r.problems == [], "\n".join(r.problems)
+    assert r.agent_exits == r.expected_exits
+    return r
+
+
+def test_scenario_kill_9_during_retry_backoffs(rabbitmq, tmp_path):
+    import chaos_scenarios as cs
+
+    r = _scenario(cs.kill9_during_backoff, rabbitmq, tmp_path)
+    assert r.processed == r.sent == 10 and r.dead_lettered == 0
+
+
+def test_scenario_kill_9_under_the_relay(rabbitmq, tmp_path):
+    import chaos_scenarios as cs
+
+    r = _scenario(cs.relay_lease_expiry, rabbitmq, tmp_path)
+    assert r.processed == r.sent == 20 and r.dead_lettered == 0
+
+
+def test_spool_launcher_registers_only_while_agents_write_their_info(harness, tmp_path):
+    from hpc_common.spool_layout import SpoolLayout
+    from launcher.relay.spool import Spooler
+
+    h = harness
+    listen = h.registrations()
+
+    def ours() -> int:
+        time.sleep(0.5)  # the broker routes the publish
+        return len(listen())
+
+    spooler = Spooler(h.url, h.queue, str(tmp_path / "spool"), heartbeat=60.0)
+    spooler.fs.make()
+    spooler.connect()
+    try:
+        info = {"extractor_info": {"name": "x"}, "owner": ""}
+        SpoolLayout.write_json(SpoolLayout(str(tmp_path / "spool")).info_file, dict(info, at=time.time() - 600))
+        spooler._register()
+        assert ours() == 0  # no agent wrote it for 10 minutes: none lives
+        SpoolLayout.write_json(SpoolLayout(str(tmp_path / "spool")).info_file, dict(info, at=time.time()))
+        spooler._register()
+        spooler._register()  # within the interval: once
+        assert ours() == 1
+    finally:
+        spooler.shutdown()
