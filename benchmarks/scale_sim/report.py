@@ -1,0 +1,232 @@
+"""Sweeps, the validation table, the limits table and the plots the scale model writes."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from .calibration import SOURCES, Costs
+from .model import COMPONENTS, Config, Result, simulate
+from .workload import Dist, fixed
+
+NODES = (1, 10, 100, 1000)
+RANKS = (1, 8, 32, 128)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The projection's stated inputs (the same for array and dispatch)."""
+
+    work: Dist
+    queue_wait: Dist
+    walltime: float
+    files_per_rank: int
+    seed: int
+
+    def describe(self) -> str:
+        return (f"file durations {self.work}, queue waits {self.queue_wait}, walltime {self.walltime:g} s per task, "
+                f"{self.files_per_rank} files per rank waiting at t=0, seed {self.seed}")
+
+
+def project(nodes: int, ranks: int, load: Workload, costs: Costs, mode: str = "array",
+            source: str = "amqp") -> Result:
+    """One cluster configuration of the sweep."""
+    return simulate(Config(nodes=nodes, ranks=ranks, files=nodes * ranks * load.files_per_rank, work=load.work,
+                           queue_wait=load.queue_wait, walltime=load.walltime, mode=mode, source=source,
+                           seed=load.seed, costs=costs))
+
+
+def capacities(costs: Costs) -> dict[str, float]:
+    """Files/s at which each shared component is fully busy (the leader: per node)."""
+    return {"leader (per node)": 1.0 / costs.leader_cpu_s,
+            "broker": costs.broker_ops_per_s / costs.broker_ops_per_file,
+            "clowder": costs.clowder_workers / (costs.clowder_requests_per_file * costs.clowder_service_s),
+            "relay": costs.relay_files_per_s}
+
+
+def _row(r: Result) -> str:
+    c = r.config
+    relay = f"{r.relay_load:.2f}" if c.source == "relay" else "–"
+    return (f"| {c.nodes} | {c.ranks} | {c.mode} | {c.source} | {len(r.done)} | {r.makespan:,.0f} | "
+            f"{r.files_per_s:,.1f} | {r.utilization:.2f} | {r.peak_connections} | {r.broker_ops_per_s:,.0f} | "
+            f"{r.clowder_requests_per_s:,.0f} | {relay} | {r.bottleneck} | "
+            + " ".join(f"{k[0]}{r.load(k):.2f}" for k in COMPONENTS) + " |")
+
+
+HEADER = ("| nodes | ranks | mode | source | files | makespan (s) | files/s | allocation utilization | "
+          "broker connections | broker msgs/s | Clowder req/s | relay load | saturated | loads (l b c r) |\n"
+          "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+
+
+def sweep(load: Workload, costs: Costs, log: Callable[[str], None], nodes: Iterable[int] = NODES,
+          ranks: Iterable[int] = RANKS) -> list[Result]:
+    """Array over AMQP for every (nodes, ranks); relay and dispatch for the same grid's corners."""
+    out = []
+    for n in nodes:
+        for r in ranks:
+            t = time.time()
+            res = project(n, r, load, costs)
+            out.append(res)
+            log(f"array {n} x {r}: {res.files_per_s:,.1f} files/s, {res.bottleneck} ({time.time() - t:.1f} s)")
+    for n in nodes:
+        for mode, source in (("array", "relay"), ("dispatch", "amqp")):
+            res = project(n, max(ranks), load, costs, mode=mode, source=source)
+            out.append(res)
+            log(f"{mode}/{source} {n} x {max(ranks)}: {res.files_per_s:,.1f} files/s")
+    return out
+
+
+def limits_table(costs: Costs, mean_work: float) -> list[str]:
+    cap = capacities(costs)
+    lines = ["| component | ceiling (files/s) | saturates at (busy ranks, for the stated mean file time) |",
+             "|---|---:|---:|"]
+    for name, files_s in cap.items():
+        ranks = files_s * mean_work
+        note = " per node" if name.startswith("leader") else ""
+        lines.append(f"| {name} | {files_s:,.0f} | {ranks:,.0f}{note} |")
+    return lines
+
+
+def sources_lines(costs: Costs) -> list[str]:
+    lines = ["| constant | value | where it came from |", "|---|---:|---|"]
+    for name, source in SOURCES.items():
+        lines.append(f"| {name} | {getattr(costs, name):g} | {source} |")
+    return lines
+
+
+def sweep_markdown(results: list[Result], load: Workload, costs: Costs, command: str) -> str:
+    lines = [f"# Scale model: 1 to 1,000 nodes x 1 to 128 ranks ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
+             "A discrete-event simulation (SimPy, `benchmarks/scale_sim/`), not a measurement: one RabbitMQ and one "
+             "Clowder serve every node; each node is one array task with one MPI leader. Its validation against "
+             "real runs on this machine is in [scale_model_validation.md](scale_model_validation.md).", "",
+             f"Workload (stated): {load.describe()}.", "",
+             "Loads: steady files/s (10th to 90th percentile of completions) x the component's service time per "
+             "file; l = busiest MPI leader, b = broker, c = Clowder, r = relay. A component at >= 0.85 is "
+             "'saturated'; 'none' means the files' own work (or the queue waits) set the pace. Allocation "
+             "utilization = extractor time of completed files / rank-time allocated (start-up, idle exit and "
+             "hand-backs at walltime are the rest).", "", HEADER]
+    lines += [_row(r) for r in results]
+    lines += ["", "## Ceilings", "", *limits_table(costs, load.work.mean), "",
+              "## Calibration", "", *sources_lines(costs), "", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(results: list[Result], costs: Costs, path: str) -> None:
+    """files/s against nodes, one line per ranks, with the shared ceilings; and array vs dispatch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
+    arrays = [r for r in results if r.config.mode == "array" and r.config.source == "amqp"]
+    for ranks in sorted({r.config.ranks for r in arrays}):
+        pts = sorted((r.config.nodes, r.files_per_s) for r in arrays if r.config.ranks == ranks)
+        ax.plot(*zip(*pts), marker="o", label=f"{ranks} ranks/node")
+    relay = sorted((r.config.nodes, r.files_per_s) for r in results if r.config.source == "relay")
+    if relay:
+        ax.plot(*zip(*relay), marker="s", linestyle="--", label="relay, max ranks")
+    for name, value in capacities(costs).items():
+        if not name.startswith("leader"):
+            ax.axhline(value, color="grey", linewidth=0.8, linestyle=":")
+            ax.text(1, value * 1.05, f"{name} ceiling", fontsize=8, color="grey")
+    ax.set(xscale="log", yscale="log", xlabel="nodes (array tasks)", ylabel="files/s (whole run)",
+           title="Throughput, one RabbitMQ + one Clowder")
+    ax.legend(fontsize=8)
+    top = max(r.config.ranks for r in results)
+    for mode in ("array", "dispatch"):
+        pts = sorted((r.config.nodes, r.makespan) for r in results
+                     if r.config.mode == mode and r.config.source == "amqp" and r.config.ranks == top)
+        bx.plot(*zip(*pts), marker="o", label=f"{mode} ({top} ranks or job slots per node)")
+    bx.set(xscale="log", yscale="log", xlabel="nodes", ylabel="makespan (s)",
+           title="Resident array vs one job per file, same queue waits")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- validation ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One real run on this machine and the model configuration that predicts it."""
+
+    kind: str          # "mpi" or "array"
+    size: int          # ranks, or array tasks
+    files: int
+    sleep: float
+
+    @property
+    def name(self) -> str:
+        unit = "ranks" if self.kind == "mpi" else "array tasks"
+        return f"{self.kind}: {self.size} {unit}, {self.files} files of {self.sleep:g} s"
+
+
+MPI_CASES = (Case("mpi", 1, 16, 0.5), Case("mpi", 4, 64, 0.5), Case("mpi", 8, 128, 0.5),
+             Case("mpi", 16, 256, 0.5), Case("mpi", 64, 384, 2.0))
+ARRAY_CASES = tuple(Case("array", k, 48, 1.5) for k in (1, 2, 4, 8))
+IDLE_EXIT = 5.0
+
+
+def predict(case: Case, costs: Costs, host_cores: int, slurm_slots: int) -> float:
+    """The model's makespan for a validation case, with this machine's cores and Slurm slots."""
+    if case.kind == "mpi":
+        cfg = Config(nodes=1, ranks=case.size, files=case.files, work=fixed(case.sleep), include_startup=False,
+                     host_cores=host_cores, costs=costs)
+    else:
+        cfg = Config(nodes=case.size, ranks=1, files=case.files, work=fixed(case.sleep), slots=slurm_slots,
+                     host_cores=host_cores, idle_exit=IDLE_EXIT, costs=costs)
+    return simulate(cfg).makespan
+
+
+def validation_markdown(rows: list[tuple[Case, list[float], float]], notes: list[str], costs: Costs,
+                        command: str) -> str:
+    lines = [f"# Scale model validation ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
+             "Each case was run for real on this machine, several times (median shown), and predicted by the "
+             "model with this machine's cores shared by the broker, the Clowder stand-in and every rank, and "
+             "the local Slurm's slots. Sleep-bound extractor (examples/sleepy) because the machine is shared.", "",
+             "- mpi: `mpiexec -n R python -m agent run` through benchmarks/mpi_scaling.py's own runner: ranks "
+             "ready first, timed from the first publish to the last metadata upload.",
+             "- array: `sbatch --array=1-K pbs/agent_array.slurm` (one CPU per task) over files already "
+             f"waiting, AGENT_IDLE_EXIT={IDLE_EXIT:g}; timed from sbatch to the last metadata upload (scheduler "
+             "start, job script, agent start-up included).", "",
+             "| case | measured makespan (s), median | runs | predicted (s) | error | within 15% |",
+             "|---|---:|---|---:|---:|---|"]
+    worst = 0.0
+    for case, runs, predicted in rows:
+        measured = statistics.median(runs)
+        err = (predicted - measured) / measured
+        worst = max(worst, abs(err))
+        lines.append(f"| {case.name} | {measured:.2f} | {', '.join(f'{v:.2f}' for v in runs)} | {predicted:.2f} | "
+                     f"{err:+.1%} | {'yes' if abs(err) <= 0.15 else 'NO'} |")
+    lines += ["", f"Largest error: {worst:.1%} (bound 15%).", "", *[f"- {n}" for n in notes], "",
+              "## Calibration used", "", *sources_lines(costs), "", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def validate(costs: Costs, runs: int, log: Callable[[str], None], cases: Optional[tuple[Case, ...]] = None
+             ) -> tuple[list[tuple[Case, list[float], float]], list[str]]:
+    """Run every case `runs` times (rounds interleaved, so slow moments of the machine spread out)."""
+    from . import measure
+
+    cases = cases or MPI_CASES + ARRAY_CASES
+    slots, cores = measure.slurm_cpus(), os.cpu_count() or 1
+    notes = [f"Before: {measure.machine_state()}; local Slurm offers {slots} CPUs (array tasks at once)."]
+    measured: dict[Case, list[float]] = {c: [] for c in cases}
+    per_file: list[float] = []
+    for round_no in range(runs):
+        for case in cases:
+            if case.kind == "mpi":
+                got = measure.mpi_case(case.size, case.files, case.sleep)
+            else:
+                got = measure.array_case(case.size, case.files, case.sleep, IDLE_EXIT)
+                per_file.append(got["requests_per_file"])
+            measured[case].append(got["makespan"])
+            log(f"round {round_no + 1}: {case.name}: {got['makespan']:.2f} s")
+    notes.append(f"After: {measure.machine_state()}.")
+    if per_file:
+        notes.append(f"Clowder API requests per file counted on the stand-in: {statistics.median(per_file):g} "
+                     f"(model: {costs.clowder_requests_per_file}).")
+    rows = [(c, measured[c], predict(c, costs, cores, slots)) for c in cases]
+    return rows, notes
