@@ -21,7 +21,10 @@ setup(
         # HPC sites bring their own MPI (mpi4py built against it); for development
         # and CI the MPICH wheel from PyPI is enough.
         "mpi": ["mpich"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # simpy: tests/test_scale_model.py runs the scale model in CI.
+        "test": ["pytest>=7", "hypothesis>=6", "simpy>=4.1"],
+        # The benchmarks' extra tools: the scale model (SimPy) and its plots.
+        "bench": ["simpy>=4.1", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
