@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "python benchmarks/scale_model.py " + " ".join(argv))
             with open(args.out, "w") as fh:
                 fh.write(text)
+            with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:  # the raw runs, for re-reading
+                json.dump([{"case": r.case.name, "runs": r.runs, "predicted": r.predicted,
+                            "predicted_idle": r.predicted_idle} for r in rows], fh, indent=1)
             print(text)
         else:
             from scale_sim import measure

@@ -43,12 +43,25 @@ def slurm_cpus() -> int:
 
 
 # -- calibration probes ----------------------------------------------------------------------------
-def broker_ops_per_s(messages: int = 3000) -> float:
-    """Persistent publish, delivery and ack of `messages` on one fresh queue: operations per second."""
+def _meter(roots: list[int]):
+    import mpi_scaling  # its CpuMeter: CPU used meanwhile by processes not ours (nor the broker)
+
+    return mpi_scaling.CpuMeter(roots)
+
+
+def share(foreign: float) -> float:
+    """Our share of this machine's cores while other work kept `foreign` cores busy."""
+    cores = os.cpu_count() or 1
+    return cores / (cores + max(0.0, foreign))
+
+
+def broker_ops_per_s(messages: int = 3000) -> tuple[float, float]:
+    """Persistent publish, delivery and ack of `messages` on one fresh queue: (operations/s, other load)."""
     conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     ch = conn.channel()
     queue = fresh_queue(ch, "scale-cal")
     try:
+        meter = _meter([])
         started = time.perf_counter()
         publish(ch, queue, [b'{"id": "x"}'] * messages, reply_to="scale-cal-none")
         ch.basic_qos(prefetch_count=200)
@@ -62,15 +75,16 @@ def broker_ops_per_s(messages: int = 3000) -> float:
                 break
         ch.cancel()
         elapsed = time.perf_counter() - started
+        foreign = meter.foreign_cores()
     finally:
         ch.queue_delete(queue)
         ch.queue_delete("error." + queue)
         conn.close()
-    return 3 * messages / elapsed
+    return 3 * messages / elapsed, foreign
 
 
-def clowder_probe(requests_per_client: int = 300, clients: int = 4) -> tuple[float, float]:
-    """The stand-in's (one-client median latency s, requests/s under `clients` concurrent clients)."""
+def clowder_probe(requests_per_client: int = 300, clients: int = 4) -> tuple[float, float, float]:
+    """The stand-in's (one-client median latency s, requests/s under `clients` concurrent clients, other load)."""
     standin = StandinProcess()
     try:
         file_id = standin.add_files(1, b"lorem ipsum\n" * 80)[0]
@@ -88,32 +102,42 @@ def clowder_probe(requests_per_client: int = 300, clients: int = 4) -> tuple[flo
                 session.get(url).raise_for_status()
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
+        meter = _meter([standin.proc.pid])
         started = time.perf_counter()
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         rate = clients * requests_per_client / (time.perf_counter() - started)
+        foreign = meter.foreign_cores()
     finally:
         standin.close()
-    return statistics.median(latencies), rate
+    return statistics.median(latencies), rate, foreign
 
 
-def task_start_s(agent_start_s: float, tries: int = 3) -> float:
-    """Median time from sbatch to the first result of a 0 s file (a one-task array), minus the agent's
-    own start-up: the scheduler's start latency plus the job script's work."""
-    return statistics.median(array_case(1, 1, 0.0, idle_exit=1)["makespan"] for _ in range(tries)) - agent_start_s
+def task_start_s(agent_start_s: float, tries: int = 3) -> tuple[float, float]:
+    """A one-task array over one 0 s file, median of `tries`: (queue wait = sbatch to the job script's
+    first line, task start = from there to the first result, minus the agent's own start-up)."""
+    runs = [array_case(1, 1, 0.0, idle_exit=1) for _ in range(tries)]
+    wait = statistics.median(r["waits"][0] for r in runs)
+    return wait, statistics.median(r["makespan"] - r["waits"][0] for r in runs) - agent_start_s
 
 
 def calibrate(agent_start_s: float, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Measure the machine-dependent constants (medians of three) and return them by Costs name."""
+    """Measure the machine-dependent constants (medians of three), as idle-machine values by Costs name."""
     log(f"machine: {machine_state()}")
-    broker = statistics.median(broker_ops_per_s() for _ in range(3))
+    brokers = [broker_ops_per_s() for _ in range(3)]
     probes = [clowder_probe() for _ in range(3)]
-    latency = statistics.median(p[0] for p in probes)
-    rate = statistics.median(p[1] for p in probes)
-    start = task_start_s(agent_start_s)
-    service = 1.0 / rate
+    for rate, foreign in brokers:
+        log(f"broker: {rate:.0f} ops/s with {foreign:.2f} cores of other load")
+    for latency, rate, foreign in probes:
+        log(f"stand-in: {rate:.0f} requests/s, one client {latency * 1e3:.2f} ms, {foreign:.2f} cores of other load")
+    broker = statistics.median(rate / share(foreign) for rate, foreign in brokers)
+    service = statistics.median(share(foreign) / rate for _, rate, foreign in probes)
+    latency = statistics.median(latency * share(foreign) for latency, _, foreign in probes)
+    wait, start = task_start_s(agent_start_s)
+    log(f"local Slurm: sbatch to the job script {wait:.2f} s (median), then {start:.2f} s + agent start-up")
+    log(f"machine after: {machine_state()}")
     return {"broker_ops_per_s": round(broker), "clowder_service_s": round(service, 6),
             "clowder_rtt_s": round(max(0.0, latency - service), 6), "task_start_s": round(start, 2)}
 
@@ -127,11 +151,38 @@ def _agent_env(queue: str, sleep: float, tmp: str) -> dict[str, str]:
                 PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 
 
+class _JobMeter:
+    """mpi_scaling's CpuMeter, counting as ours also the processes Slurm started for our queue."""
+
+    def __init__(self, marker: str, roots: list[int]) -> None:
+        import mpi_scaling
+
+        marker_bytes = marker.encode()
+
+        class Meter(mpi_scaling.CpuMeter):
+            def _sample(self):  # noqa: ANN202 - the base class's contract
+                for name in os.listdir("/proc"):
+                    if name.isdigit():
+                        try:
+                            with open(f"/proc/{name}/environ", "rb") as fh:
+                                if marker_bytes in fh.read():
+                                    self.roots.add(int(name))
+                        except OSError:
+                            pass
+                return super()._sample()
+
+        self.meter = Meter(roots)
+
+    def foreign_cores(self) -> float:
+        return self.meter.foreign_cores()
+
+
 def array_case(tasks: int, files: int, sleep: float, idle_exit: float, timeout: float = 600) -> dict:
     """`sbatch --array=1-K pbs/agent_array.slurm` over `files` waiting sleep-extractor files.
 
     Makespan = sbatch to the last metadata upload (queue wait and start-up included). Also returns
-    the stand-in's API requests per file.
+    the stand-in's API requests per file, the cores other work used meanwhile ("foreign") and each
+    task's queue wait, sbatch to its job script's first line ("waits", by array index).
     """
     standin = StandinProcess()
     conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
@@ -149,6 +200,7 @@ def array_case(tasks: int, files: int, sleep: float, idle_exit: float, timeout: 
                               "parameters": {}}).encode() for fid in ids]
         publish(ch, queue, bodies, reply_to=replies)
         env = dict(_agent_env(queue, sleep, tmp), AGENT_IDLE_EXIT=str(idle_exit))
+        meter = _JobMeter(f"RABBITMQ_QUEUE={queue}", [standin.proc.pid])
         t0 = time.time()
         job = subprocess.run(["sbatch", "--parsable", f"--array=1-{tasks}", f"--output={tmp}/slurm-%A_%a.out",
                               os.path.join(REPO, "pbs", "agent_array.slurm")], cwd=REPO, env=env, check=True,
@@ -161,9 +213,17 @@ def array_case(tasks: int, files: int, sleep: float, idle_exit: float, timeout: 
             if time.time() > deadline:
                 raise RuntimeError(f"array of {tasks}: {len(times)} of {files} files done; logs in {tmp}")
             time.sleep(0.2)
+        foreign = meter.foreign_cores()
         counts = standin.http.get(standin.url + "_standin/counts").json()["requests"]
+        # A task's start: its Slurm output file, written once by agent_task.sh's first echo.
+        waits = {}
+        for name in os.listdir(tmp):
+            if name.startswith("slurm-") and name.endswith(".out"):
+                index = int(name[:-4].rsplit("_", 1)[1])
+                waits[index] = os.stat(os.path.join(tmp, name)).st_mtime - t0
         shutil.rmtree(tmp, ignore_errors=True)
-        return {"makespan": times[-1] - t0, "requests_per_file": sum(counts.values()) / files}
+        return {"makespan": times[-1] - t0, "requests_per_file": sum(counts.values()) / files, "foreign": foreign,
+                "waits": [waits.get(i, float("nan")) for i in range(1, tasks + 1)]}
     finally:
         if job:
             subprocess.run(["scancel", job], capture_output=True)

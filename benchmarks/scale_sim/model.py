@@ -5,7 +5,8 @@ What is modelled, per file, on the rank that runs it (costs from calibration.Cos
 1. broker: the file's broker operations (job publish, delivery, ack, status publishes and their
    deliveries) on ONE broker, a single server (one queue is one Erlang process);
    through a relay (source "relay") the file first passes the relay, a single server too;
-2. leader (ranks > 1): the node's MPI leader hands the file out, a single server per node;
+2. leader (ranks > 1): the node's MPI leader hands the file out, a single server per node, and
+   the hand-out takes `leader_handout_s` of polling latency on top;
 3. agent: the agent's and the extractor child's CPU per file, then the file's Clowder requests
    on ONE Clowder (`clowder_workers` servers, each request `clowder_service_s`, plus a round trip);
 4. work: the extractor's time, drawn from the stated distribution (a sleep, or CPU when
@@ -20,7 +21,8 @@ that ends by walltime while work remains is submitted again (what `launcher scal
 
 Every shared component is a first-come-first-served server booked when a file reaches it (exact
 for one server; with several, a booking never back-fills an earlier gap). On the shared host of
-this machine a booking also takes one of its cores. Approximations, stated: a file's Clowder
+this machine a booking also takes one of its cores, stretched by the share of the cores other
+work leaves us (`cpu_share`, measured during each validation run). Approximations, stated: a file's Clowder
 requests hold the server back to back; the broker is one server whatever the number of queues;
 all files are waiting at time 0 (a backlog); scheduler throughput (job starts per second) is not
 limited, which flatters dispatch.
@@ -53,12 +55,14 @@ class Config:
     work: Dist = fixed(1.0)
     work_cpu: bool = False
     queue_wait: Dist = fixed(0.0)
+    task_waits: tuple[float, ...] = ()  # measured first queue wait per array index (validation); else drawn
     walltime: float = 0.0          # per task; 0 = none
     mode: str = "array"            # "array" (resident agents) or "dispatch" (one job per file)
     source: str = "amqp"           # "amqp" (nodes reach the broker) or "relay"
     idle_exit: float = 60.0
     slots: int = 0                 # tasks (array) or jobs (dispatch) running at once; 0 = nodes / nodes*ranks
     host_cores: int = 0            # > 0: broker, Clowder, relay and every node share these cores (this machine)
+    cpu_share: float = 1.0         # with host_cores: the share of the cores this run gets (others' load)
     include_startup: bool = True   # False: ranks ready at t=0, timing from the first publish (mpi_scaling)
     seed: int = 1
     costs: Costs = DEFAULT
@@ -71,6 +75,8 @@ class Config:
             raise ValueError(f"mode must be array or dispatch, not {self.mode!r}")
         if self.source not in ("amqp", "relay"):
             raise ValueError(f"source must be amqp or relay, not {self.source!r}")
+        if not 0 < self.cpu_share <= 1:
+            raise ValueError(f"cpu_share must be in (0, 1], not {self.cpu_share:g}")
         if self.walltime < 0 or self.idle_exit < 0 or self.slots < 0 or self.host_cores < 0:
             raise ValueError("walltime, idle_exit, slots and host_cores must be >= 0")
         if 0 < self.walltime <= self.costs.walltime_margin_s:
@@ -214,6 +220,8 @@ class _Sim:
     def _use(self, server: Optional[_Server], seconds: float):
         """Wait for and take `seconds` of a server (None: a core of the host, or just the time)."""
         now = self.env.now
+        if self.host is not None:
+            seconds /= self.cfg.cpu_share  # other work on the shared host stretches every CPU step
         if server is None:
             end = self.host.book(now, seconds) if self.host is not None and seconds > 0 else now + seconds
         else:
@@ -230,6 +238,7 @@ class _Sim:
         yield from self._use(self.servers["broker"], c.broker_ops_per_file / c.broker_ops_per_s)
         if leader is not None:
             yield from self._use(leader, c.leader_cpu_s)
+            yield self.env.timeout(c.leader_handout_s)
 
     def _process(self, file_id: int, end: float):
         """Agent CPU, Clowder requests and the extractor's work; False if handed back at `end`."""
@@ -291,15 +300,18 @@ class _Sim:
 
     def _start_up(self) -> float:
         c, cfg = self.c, self.cfg
-        cores = cfg.host_cores or cfg.ranks
+        cores = cfg.host_cores * cfg.cpu_share if cfg.host_cores else cfg.ranks
         return c.task_start_s + c.agent_start_s + (c.rank_start_cpu_s * cfg.ranks / cores if cfg.ranks > 1 else 0.0)
 
     def _task(self, slot: int):
         """One array index: queue wait, slot, start-up, ranks; resubmitted after a walltime end."""
         env, cfg = self.env, self.cfg
+        first = True
         while self.backlog.remaining > 0:
             if cfg.include_startup:
-                yield env.timeout(cfg.queue_wait.sample(self.rng_wait))
+                given = first and slot < len(cfg.task_waits)
+                yield env.timeout(cfg.task_waits[slot] if given else cfg.queue_wait.sample(self.rng_wait))
+                first = False
             with self.slots.request() as req:
                 yield req
                 began = env.now
