@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--runs", type=_positive_int, default=3, help="runs per case (median)")
     va.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     va.add_argument("--out", default=os.path.join(RESULTS, "scale_model_validation.md"))
+    va.add_argument("--resume", action="store_true",
+                    help="keep the runs already recorded in the .json beside --out; make only the missing ones")
 
     sub.add_parser("calibrate", help="re-measure the broker, the Clowder stand-in and the local Slurm")
     return p
@@ -164,14 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
         elif args.command == "validate":
             log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-            rows, notes = report.validate(costs, args.runs, log)
+            raw = os.path.splitext(args.out)[0] + ".json"  # every real run, written as it ends
+            rows, notes = report.validate(costs, args.runs, log, raw, resume=args.resume)
             text = report.validation_markdown(rows, notes, costs,
                                               "python benchmarks/scale_model.py " + " ".join(argv))
             with open(args.out, "w") as fh:
                 fh.write(text)
-            with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:  # the raw runs, for re-reading
-                json.dump([{"case": r.case.name, "runs": r.runs, "predicted": r.predicted,
-                            "predicted_idle": r.predicted_idle} for r in rows], fh, indent=1)
             print(text)
         else:
             from scale_sim import measure

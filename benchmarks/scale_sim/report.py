@@ -1,6 +1,8 @@
 """Sweeps, the validation table, the limits table and the plots the scale model writes."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import statistics
 import time
@@ -46,18 +48,25 @@ def capacities(costs: Costs) -> dict[str, float]:
             "relay": costs.relay_files_per_s}
 
 
+def num(value: float) -> str:
+    """Three significant figures without exponents: 0.0123, 1.23, 12.3, 1,234."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{max(1, 2 - int(math.floor(math.log10(value))))}f}" if value > 0 else "0"
+
+
 def _row(r: Result) -> str:
     c = r.config
     relay = f"{r.relay_load:.2f}" if c.source == "relay" else "–"
-    return (f"| {c.nodes} | {c.ranks} | {c.mode} | {c.source} | {len(r.done)} | {r.makespan:,.0f} | "
-            f"{r.files_per_s:,.1f} | {r.utilization:.2f} | {r.peak_connections} | {r.broker_ops_per_s:,.0f} | "
-            f"{r.clowder_requests_per_s:,.0f} | {relay} | {r.bottleneck} | "
+    return (f"| {c.nodes} | {c.ranks} | {c.mode} | {c.source} | {len(r.done):,} | {r.makespan:,.0f} | "
+            f"{num(r.files_per_s)} | {num(r.steady_files_per_s)} | {r.utilization:.2f} | {r.peak_connections:,} | "
+            f"{num(r.broker_ops_per_s)} | {num(r.clowder_requests_per_s)} | {relay} | {r.bottleneck} | "
             + " ".join(f"{k[0]}{r.load(k):.2f}" for k in COMPONENTS) + " |")
 
 
-HEADER = ("| nodes | ranks | mode | source | files | makespan (s) | files/s | allocation utilization | "
-          "broker connections | broker msgs/s | Clowder req/s | relay load | saturated | loads (l b c r) |\n"
-          "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+HEADER = ("| nodes | ranks | mode | source | files | makespan (s) | files/s | steady files/s | allocation "
+          "utilization | broker connections (peak) | broker msgs/s | Clowder req/s | relay load | saturated | "
+          "loads (l b c r) |\n|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
 
 
 def sweep(load: Workload, costs: Costs, log: Callable[[str], None], nodes: Iterable[int] = NODES,
@@ -69,12 +78,12 @@ def sweep(load: Workload, costs: Costs, log: Callable[[str], None], nodes: Itera
             t = time.time()
             res = project(n, r, load, costs)
             out.append(res)
-            log(f"array {n} x {r}: {res.files_per_s:,.1f} files/s, {res.bottleneck} ({time.time() - t:.1f} s)")
+            log(f"array {n} x {r}: {num(res.files_per_s)} files/s, {res.bottleneck} ({time.time() - t:.1f} s)")
     for n in nodes:
         for mode, source in (("array", "relay"), ("dispatch", "amqp")):
             res = project(n, max(ranks), load, costs, mode=mode, source=source)
             out.append(res)
-            log(f"{mode}/{source} {n} x {max(ranks)}: {res.files_per_s:,.1f} files/s")
+            log(f"{mode}/{source} {n} x {max(ranks)}: {num(res.files_per_s)} files/s")
     return out
 
 
@@ -122,16 +131,16 @@ def plot_sweep(results: list[Result], costs: Costs, path: str) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
     arrays = [r for r in results if r.config.mode == "array" and r.config.source == "amqp"]
     for ranks in sorted({r.config.ranks for r in arrays}):
-        pts = sorted((r.config.nodes, r.files_per_s) for r in arrays if r.config.ranks == ranks)
+        pts = sorted((r.config.nodes, r.steady_files_per_s) for r in arrays if r.config.ranks == ranks)
         ax.plot(*zip(*pts), marker="o", label=f"{ranks} ranks/node")
-    relay = sorted((r.config.nodes, r.files_per_s) for r in results if r.config.source == "relay")
+    relay = sorted((r.config.nodes, r.steady_files_per_s) for r in results if r.config.source == "relay")
     if relay:
         ax.plot(*zip(*relay), marker="s", linestyle="--", label="relay, max ranks")
     for name, value in capacities(costs).items():
         if not name.startswith("leader"):
             ax.axhline(value, color="grey", linewidth=0.8, linestyle=":")
             ax.text(1, value * 1.05, f"{name} ceiling", fontsize=8, color="grey")
-    ax.set(xscale="log", yscale="log", xlabel="nodes (array tasks)", ylabel="files/s (whole run)",
+    ax.set(xscale="log", yscale="log", xlabel="nodes (array tasks)", ylabel="files/s (steady: 10th-90th percentile)",
            title="Throughput, one RabbitMQ + one Clowder")
     ax.legend(fontsize=8)
     top = max(r.config.ranks for r in results)
@@ -237,38 +246,52 @@ def validation_markdown(rows: list[Row], notes: list[str], costs: Costs, command
     return "\n".join(lines) + "\n"
 
 
-def _run_case(measure, case: Case, log: Callable[[str], None], attempts: int = 3) -> dict:
+def _run_case(measure, case: Case, log: Callable[[str], None], attempts: int = 5) -> dict:
     """One real run; a run broken by the shared services (a broker restart by someone else) is redone."""
     for attempt in range(1, attempts + 1):
         try:
             if case.kind == "mpi":
-                return measure.mpi_case(case.size, case.files, case.sleep)
-            return measure.array_case(case.size, case.files, case.sleep, IDLE_EXIT)
+                got = measure.mpi_case(case.size, case.files, case.sleep)
+            else:
+                got = measure.array_case(case.size, case.files, case.sleep, IDLE_EXIT)
+            log(f"{case.name}: {got['makespan']:.2f} s, other load {got['foreign']:.2f} cores")
+            return got
         except Exception as exc:  # noqa: BLE001 - any failure of the shared machine; retried, then raised
             if attempt == attempts:
                 raise
-            log(f"{case.name}: attempt {attempt} failed ({type(exc).__name__}: {exc}); again")
-            time.sleep(5)
+            log(f"{case.name}: attempt {attempt} failed ({type(exc).__name__}: {exc}); again in 20 s")
+            time.sleep(20)
     raise AssertionError("unreachable")
 
 
-def validate(costs: Costs, runs: int, log: Callable[[str], None], cases: Optional[tuple[Case, ...]] = None
-             ) -> tuple[list[Row], list[str]]:
-    """Run every case `runs` times (rounds interleaved, so slow moments of the machine spread out)."""
+def validate(costs: Costs, runs: int, log: Callable[[str], None], raw_path: str, resume: bool = False,
+             cases: Optional[tuple[Case, ...]] = None) -> tuple[list[Row], list[str]]:
+    """Run every case `runs` times (rounds interleaved, so slow moments of the machine spread out).
+
+    Every real run is appended to `raw_path` (JSON) as soon as it ends; with `resume`, the runs
+    already there are kept and only the missing ones are made.
+    """
     from . import measure
 
     cases = cases or MPI_CASES + ARRAY_CASES
     slots, cores = measure.slurm_cpus(), os.cpu_count() or 1
-    notes = [f"Before: {measure.machine_state()}; local Slurm offers {slots} CPUs (array tasks at once)."]
-    measured: dict[Case, list[dict]] = {c: [] for c in cases}
-    per_file: list[float] = []
+    raw: dict = {"notes": [], "runs": {}}
+    if resume and os.path.exists(raw_path):
+        with open(raw_path) as fh:
+            raw = json.load(fh)
+    raw["notes"].append(f"Start of a session: {measure.machine_state()}; local Slurm offers {slots} CPUs "
+                        "(array tasks at once).")
     for round_no in range(runs):
         for case in cases:
-            got = _run_case(measure, case, log)
-            if "requests_per_file" in got:
-                per_file.append(got["requests_per_file"])
-            measured[case].append(got)
-            log(f"round {round_no + 1}: {case.name}: {got['makespan']:.2f} s, other load {got['foreign']:.2f} cores")
+            done = raw["runs"].setdefault(case.name, [])
+            if len(done) > round_no:
+                continue
+            done.append(_run_case(measure, case, log))
+            with open(raw_path, "w") as fh:
+                json.dump(raw, fh, indent=1)
+    measured = {c: raw["runs"][c.name][:runs] for c in cases}
+    per_file = [g["requests_per_file"] for c in cases for g in measured[c] if "requests_per_file" in g]
+    notes = list(raw["notes"])
     notes.append(f"After: {measure.machine_state()}.")
     if per_file:
         notes.append(f"Clowder API requests per file counted on the stand-in: {statistics.median(per_file):g} "
