@@ -163,21 +163,34 @@ class SimulationStuck(RuntimeError):
 
 
 class _Backlog:
-    """The files waiting in the broker (or relay): ids handed out in order, hand-backs go first."""
+    """The files waiting in the broker (or relay): ids handed out in order, hand-backs go first.
+
+    An idle rank waits for a hand-back; each hand-back wakes one waiting rank (the longest
+    waiting), as one redelivery reaches one consumer.
+    """
 
     def __init__(self, env: simpy.Environment, files: int) -> None:
         self.env = env
         self.waiting = deque(range(files))
         self.remaining = files          # not yet completed
-        self.changed = env.event()
+        self.idle: deque[list] = deque()  # [event, still waiting] per idle rank
 
     def take(self) -> Optional[int]:
         return self.waiting.popleft() if self.waiting else None
 
+    def wait(self) -> list:
+        """A ticket [event, True]; the rank sets ticket[1] = False when it stops waiting."""
+        ticket = [self.env.event(), True]
+        self.idle.append(ticket)
+        return ticket
+
     def hand_back(self, file_id: int) -> None:
         self.waiting.appendleft(file_id)
-        self.changed.succeed()
-        self.changed = self.env.event()
+        while self.idle:
+            event, alive = self.idle.popleft()
+            if alive:
+                event.succeed()
+                return
 
 
 class _Server:
@@ -285,9 +298,11 @@ class _Sim:
             if file_id is None:
                 if self.backlog.remaining == 0 and cfg.idle_exit == 0:
                     return False
+                ticket = self.backlog.wait()
                 idle = env.timeout(cfg.idle_exit)
-                yield env.any_of([idle, self.backlog.changed])
-                if idle.processed and not self.backlog.waiting:
+                yield env.any_of([idle, ticket[0]])
+                ticket[1] = False
+                if not ticket[0].triggered and not self.backlog.waiting:
                     return False
                 continue
             started = env.now
