@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def workload(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--work", type=_dist, default=parse_dist("lognormal:median=60,sigma=1"),
-                        help="extractor time per file (default lognormal:median=60,sigma=1)")
+        sp.add_argument("--work", type=_dist, default=parse_dist("lognormal:median=60,sigma=0.8"),
+                        help="extractor time per file (default lognormal:median=60,sigma=0.8)")
         sp.add_argument("--queue-wait", type=_dist, default=parse_dist("lognormal:median=300,sigma=1"),
                         help="scheduler queue wait per task or job (default lognormal:median=300,sigma=1)")
         sp.add_argument("--walltime", type=_seconds, default=3600.0, help="per task, seconds (0 = none)")
