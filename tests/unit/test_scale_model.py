@@ -153,3 +153,19 @@ def test_cli_run_prints_the_result_as_json():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["files_done"] == 80 and out["broker_connections"] == 2 and out["saturated"] == "none"
+
+
+def test_validation_gives_a_task_that_never_started_a_wait_past_the_run():
+    from scale_sim.report import _waits
+
+    assert _waits({"makespan": 30.0, "waits": [0.4, float("nan"), -0.1]}) == (0.4, 30.0, 0.0)
+
+
+def test_sweep_page_lists_every_run_and_every_constant():
+    from scale_sim.report import Workload, sweep, sweep_markdown
+
+    load = Workload(fixed(1.0), fixed(5.0), 0.0, 2, 1)
+    results = sweep(load, DEFAULT, lambda line: None, nodes=(1, 3), ranks=(1, 2))
+    assert len(results) == 4 + 2 * 2  # the grid, then relay and dispatch per node count
+    text = sweep_markdown(results, load, DEFAULT, "cmd")
+    assert text.count("\n| 3 | 2 | ") == 3 and all(f"| {name} |" in text for name in SOURCES)
