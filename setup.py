@@ -22,7 +22,10 @@ setup(
         # Only MPI runs (mpiexec -n N python -m agent run) need mpi4py. HPC sites may build
         # mpi4py against their own MPI instead; for development and CI the MPICH wheel is enough.
         "mpi": ["mpi4py>=3.1", "mpich"],
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "import-linter>=2"],
+        # simpy: tests/unit/test_scale_model.py runs the scale model in CI.
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "import-linter>=2", "simpy>=4.1"],
+        # The benchmarks' extra tools: the scale model (SimPy) and its plots.
+        "bench": ["simpy>=4.1", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,84 @@
+"""Every constant the scale model uses, in one place, each with where its number came from.
+
+Costs are per file unless named otherwise. "Measured here" means on this project's 2-core
+machine; `python benchmarks/scale_model.py calibrate` re-measures the broker, the Clowder stand-in
+and the local Slurm's start latency and prints the values to put here. CPU costs are idle-machine
+costs: a probe run while others loaded the machine is scaled by our share of the cores then,
+cores / (cores + other load), the same correction the validation applies the other way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Calibrated costs; replace() a field to ask "what if" (the CLI's --set NAME=VALUE)."""
+
+    # -- agent, per file ------------------------------------------------------------------------
+    agent_cpu_s: float = 2.38e-3
+    child_cpu_s: float = 2.73e-3
+    clowder_requests_per_file: int = 3
+    # -- MPI leader (one per node): broker I/O, acks, status relay, hand-out to ranks -----------
+    leader_cpu_s: float = 4.4e-3
+    leader_handout_s: float = 0.035
+    # -- broker ---------------------------------------------------------------------------------
+    broker_ops_per_file: int = 11
+    broker_ops_per_s: float = 8230.0
+    # -- Clowder --------------------------------------------------------------------------------
+    clowder_workers: int = 1
+    clowder_service_s: float = 2.18e-3
+    clowder_rtt_s: float = 0.0
+    # -- relay ----------------------------------------------------------------------------------
+    relay_files_per_s: float = 85.3
+    # -- start-up and scheduler -----------------------------------------------------------------
+    agent_start_s: float = 0.8
+    rank_start_cpu_s: float = 0.78
+    task_start_s: float = 1.88
+    dispatch_job_s: float = 4.7
+    walltime_margin_s: float = 20.0
+
+    def with_overrides(self, pairs: dict[str, float]) -> "Costs":
+        """A copy with some fields replaced (names checked; ints stay ints)."""
+        known = {f.name: f.type for f in fields(self)}
+        changes = {}
+        for name, value in pairs.items():
+            if name not in known:
+                raise KeyError(name)
+            changes[name] = int(value) if known[name] in ("int", int) else float(value)
+        return replace(self, **changes)
+
+
+# Where each number came from (printed under every result table, so results carry their inputs).
+SOURCES: dict[str, str] = {
+    "agent_cpu_s": "FACTS.md (2026-12-01): agent process CPU per file, one slot, trivial extractor, fast stand-in",
+    "child_cpu_s": "FACTS.md (2026-12-01): the extractor child's CPU per file in the same run",
+    "clowder_requests_per_file": "pyclowder _process_message: file-info GET, blob GET, then the extractor's "
+                                 "metadata POST (FACTS.md); counted on the stand-in by `validate`",
+    "leader_cpu_s": "README MPI section and issue 14: the MPI leader's CPU per file (caps one leader near 220 files/s)",
+    "leader_handout_s": "benchmarks/results/mpi_scaling.md (quiet machine, 24 files per rank of 0.5 s): 4 ranks "
+                        "+31 ms and 8 ranks +44 ms per file over 1 rank: a rank's result to its next file "
+                        "(the ranks' and the leader's poll back-off), a wait, not CPU",
+    "broker_ops_per_file": "job publish + delivery + ack, 4 status publishes + their 4 deliveries to Clowder "
+                           "(README: four status messages per file)",
+    "broker_ops_per_s": "`scale_model.py calibrate` 2026-12-01: persistent publish + delivery + ack on one "
+                        "queue of the shared RabbitMQ 3.10.8, operations/s, idle-corrected (load average ~20)",
+    "clowder_workers": "the Clowder stand-in is one Python process (GIL): one request at a time",
+    "clowder_service_s": "`scale_model.py calibrate` 2026-12-01: 1 / the stand-in's requests/s under 4 "
+                         "concurrent clients (file-info GET), idle-corrected; a real Clowder: measure yours and "
+                         "--set clowder_service_s=",
+    "clowder_rtt_s": "`scale_model.py calibrate`: one client's median request time (idle-corrected) minus the "
+                     "service time; 0 here: one client is faster than the 4-client rate (GIL contention)",
+    "relay_files_per_s": "benchmarks/results/relay_throughput.md: 85.3 files/s through today's relay (1 agent, 2 slots)",
+    "agent_start_s": "benchmarks/results/agent_throughput.md: first result 0.67-0.83 s after the agent starts",
+    "rank_start_cpu_s": "benchmarks/results/mpi_scaling.md: 64 ranks ready after 25.0 s on 2 cores "
+                        "(25.0 x 2 / 64 core-seconds per rank)",
+    "task_start_s": "`scale_model.py calibrate`: local Slurm, a one-task array over one 0 s file: its job "
+                    "script's first line to the first result, minus agent_start_s (the queue wait before that "
+                    "line is the run's input)",
+    "dispatch_job_s": "benchmarks/launcher_dispatch_vs_array.results.md: ~4.7 s of wall time per job per CPU "
+                      "(scheduling, start, Python start-up, the launcher's polling)",
+    "walltime_margin_s": "README: AGENT_WALLTIME_MARGIN default, 5% of walltime, at least 20 s",
+}
+
+DEFAULT = Costs()
