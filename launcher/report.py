@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402 - after choosing the backend
 import matplotlib.dates as mdates  # noqa: E402
 
+from launcher.errors import ConfigError  # noqa: E402
 from launcher.states import JobState  # noqa: E402
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.0, 3.4, 100  # 800 x 340 px
@@ -48,7 +49,7 @@ def parse_since(text: Optional[str], now: float) -> float:
     try:
         return dt.datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:
-        raise ValueError(f"--since {text!r}: expected an ISO time (2026-12-01T10:00), epoch seconds"
+        raise ConfigError(f"--since {text!r}: expected an ISO time (2026-12-01T10:00), epoch seconds"
                          " or an age such as 90m, 6h, 2d") from None
 
 
@@ -325,7 +326,7 @@ def write_report(launcher, data: dict, out: Path, since: Optional[str] = None) -
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     ledger = launcher.ledger
     reports = ledger.agent_reports(start, queue=data["broker"].get("queue") or None)
     rows = [r for r in ledger.db.execute(

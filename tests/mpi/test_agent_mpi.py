@@ -98,8 +98,12 @@ def test_killed_rank_loses_nothing(harness):
 def test_hung_rank_is_given_up_and_the_others_carry_on(harness):
     """A rank that stops answering (SIGSTOP: the launcher sees nothing) is dropped after the timeout."""
     ids = [harness.publish_file(b"sleep 1\n") for _ in range(9)]
-    proc = harness.start_mpi(3, "--idle-exit", "2", AGENT_MPI_RANK_TIMEOUT="2")
+    # The ranks log straight to a file (flushed per line): MPI_Abort may kill mpiexec's stdio
+    # forwarding before the leader's last lines reach the harness's log.
+    rank_log = harness.tmp / "ranks.log"
+    proc = harness.start_mpi(3, "--idle-exit", "2", AGENT_MPI_RANK_TIMEOUT="2", AGENT_LOG_FILE=str(rank_log))
     harness.wait_for(lambda: len(harness.runs()) >= 3, 60, "every rank to start a file")
+    harness.logs.append(str(rank_log))
     victim = harness.rank_pids()[2]
     os.kill(victim, signal.SIGSTOP)
     try:

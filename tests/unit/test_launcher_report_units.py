@@ -4,6 +4,7 @@ import time
 import pytest
 from PIL import Image
 
+from launcher.errors import ConfigError
 from launcher.report import (bin_width, parse_since, plot_durations, plot_files_per_minute, plot_node_hours,
                              plot_tasks_by_state, plot_utilization, spread, state_at, task_spans, utilization)
 
@@ -15,7 +16,7 @@ def test_parse_since_forms():
     assert parse_since("2d", now) == now - 172800
     assert parse_since("1700000000", now) == 1_700_000_000.0
     assert parse_since("2026-12-01T10:00:00+00:00", now) == 1796119200.0
-    with pytest.raises(ValueError, match="--since"):
+    with pytest.raises(ConfigError, match="--since"):
         parse_since("last tuesday", now)
 
 
