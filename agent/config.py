@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.settings_files import parse_value, read_settings_file
+
 from .errors import ConfigError
 from .sources.registry import SOURCES, source_kind
 from .plugin_settings import parse_plugin_table
@@ -296,30 +298,12 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Optional[list[str]
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of setting: value")
-    unknown = sorted(set(map(str, data)) - set(_BY_NAME))
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return data
+    return read_settings_file(path, _BY_NAME, ConfigError, "config file", yaml.safe_load, (yaml.YAMLError,))
 
 
 def _parse(setting: Setting, raw: Any, origin: str) -> Any:
     """Parse and check one raw value; a bad one is a ConfigError naming the setting and its source."""
-    shown = "(hidden)" if setting.secret else repr(raw)
-    try:
-        value = setting.parse(raw)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{setting.name} from {origin}: cannot use {shown}: {exc}") from None
+    value = parse_value(setting.name, setting.parse, raw, origin, setting.secret, ConfigError)
     problem = setting.problem(value)
     if problem:
         raise ConfigError(f"{setting.name}: {problem} (from {origin})")

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.settings_files import parse_value, read_settings_file
 from launcher.errors import ConfigError
 
 SCHEDULER_NAMES = ("pbs", "torque", "slurm")
@@ -130,29 +131,11 @@ LauncherSettings.__doc__ = "Resolved settings of one launcher command (see SETTI
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"settings file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"settings file {path}: not valid YAML ({exc.__class__.__name__})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"settings file {path}: expected a mapping of setting: value")
-    unknown = sorted(set(map(str, data)) - set(_BY_NAME))
-    if unknown:
-        raise ConfigError(f"settings file {path}: unknown setting(s) {', '.join(unknown)}")
-    return data
+    return read_settings_file(path, _BY_NAME, ConfigError, "settings file", yaml.safe_load, (yaml.YAMLError,))
 
 
 def _parse(setting: Setting, raw: Any, origin: str) -> Any:
-    try:
-        return setting.parse(raw)
-    except (TypeError, ValueError) as exc:
-        shown = "(hidden)" if setting.secret else repr(raw)
-        raise ConfigError(f"{setting.name} from {origin}: cannot use {shown}: {exc}") from None
+    return parse_value(setting.name, setting.parse, raw, origin, setting.secret, ConfigError)
 
 
 def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None,
