@@ -72,7 +72,7 @@ def families(data: dict, ledger) -> Iterator:
     broker_up.add_metric(q, 0 if "error" in broker else 1)
     yield broker_up
     backlog = (data.get("backlog") or {}).get("total")
-    if backlog is not None:
+    if backlog is not None and "error" not in broker:  # without RabbitMQ's count the total is not known
         g = GaugeMetricFamily("clowder_hpc_backlog", "Files waiting for the launcher's agents (backlog total)",
                               labels=["queue"])
         g.add_metric(q, backlog)

@@ -141,14 +141,14 @@ def _scenario(fn, rabbitmq, tmp_path):
 
 
 def test_scenario_kill_9_during_retry_backoffs(rabbitmq, tmp_path):
-    import chaos_scenarios as cs
+    from helpers import chaos_scenarios as cs
 
     r = _scenario(cs.kill9_during_backoff, rabbitmq, tmp_path)
     assert r.processed == r.sent == 10 and r.dead_lettered == 0
 
 
 def test_scenario_kill_9_under_the_relay(rabbitmq, tmp_path):
-    import chaos_scenarios as cs
+    from helpers import chaos_scenarios as cs
 
     r = _scenario(cs.relay_lease_expiry, rabbitmq, tmp_path)
     assert r.processed == r.sent == 20 and r.dead_lettered == 0
