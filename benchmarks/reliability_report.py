@@ -29,7 +29,11 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 from helpers import chaos_scenarios as cs  # noqa: E402
 from _common import machine  # noqa: E402
 
-AMQP_URL = os.environ.get("RABBITMQ_TEST_URI") or "amqp://guest:guest@127.0.0.1:5672/%2f"
+from helpers import services  # noqa: E402
+
+# The restartable second node of scripts/services.sh (RABBITMQ_CHAOS_URI / RABBITMQ_CHAOS_NODE):
+# scenarios that restart the broker never touch the one everything else uses.
+AMQP_URL, cs.BROKER_NODE = services.chaos_rabbitmq()
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "reliability.md"
 
 
