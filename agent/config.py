@@ -18,22 +18,11 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-from hpc_common.settings_files import parse_value, read_settings_file
+from hpc_common.settings_files import parse_bool as _to_bool, parse_value, read_settings_file
 
 from .errors import ConfigError
 from .sources.registry import SOURCES, source_kind
 from .plugin_settings import parse_plugin_table
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
 
 
 def _to_path_list(value: Any) -> list[str]:

@@ -10,6 +10,18 @@ import os
 from typing import Any, Callable, Collection, TextIO
 
 
+def parse_bool(value: Any) -> bool:
+    """A boolean setting: 1/0, true/false, yes/no, on/off (empty is false); ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean (1 or 0, true or false): {value!r}")
+
+
 def read_settings_file(path: str, known: Collection[str], error: type[Exception], label: str,
                        load: Callable[[TextIO], Any], syntax_errors: tuple[type[BaseException], ...]) -> dict[str, Any]:
     """The file's {setting: value} mapping; `error` (one line: label, path and why) when it cannot be

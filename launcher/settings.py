@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-from hpc_common.settings_files import parse_value, read_settings_file
+from hpc_common.settings_files import parse_bool as _flag_bool, parse_value, read_settings_file
 from launcher.errors import ConfigError
 
 SCHEDULER_NAMES = ("pbs", "torque", "slurm")
@@ -41,17 +41,6 @@ def _clowder_version(value: Any) -> int:
     if number not in (1, 2):
         raise ValueError("expected 1 or 2")
     return number
-
-
-def _flag_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected 1 or 0")
 
 
 def _url(value: Any) -> Optional[str]:
