@@ -16,6 +16,8 @@ setup(
         "pyyaml>=6",
         "mpi4py>=3.1",
         "pyclowder==3.0.8",
+        "aiohttp>=3.9",   # the relay's HTTP server and its Clowder client (launcher/relay)
+        "uvloop>=0.17",   # the relay's event loop when present (about twice asyncio's speed)
     ],
     extras_require={
         # HPC sites bring their own MPI (mpi4py built against it); for development

@@ -18,7 +18,7 @@ already back in the relay's hands (expired) and the agent must not retry the cal
 `/clowder/<lease id>/api/...` is the Clowder path (launcher.relay.forward); it is authenticated
 by the per-lease key instead, because unchanged extractors send Clowder's key, not ours.
 
-Serving: aiohttp's low-level server on one asyncio event loop (one thread serves every
+Serving: aiohttp's low-level server on one asyncio event loop (uvloop's when installed; one thread serves every
 connection; a waiting long poll is a future, launcher.relay.longpoll). Blocking work -- the lease
 table's SQLite commits -- runs in a small thread pool; publishes go to the broker link's thread
 through its outbox; the lease reaper keeps its own thread. Every route is one method
@@ -125,6 +125,15 @@ class _CappedServer(web.Server):
         return super().__call__()
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (about twice as fast per request), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def json_response(status: int, obj: Any, close: bool = False, headers: Optional[dict[str, str]] = None
                   ) -> web.Response:
     """A JSON answer (what every work-API route and every error sends)."""
@@ -210,9 +219,13 @@ class Relay:
         """Serve until shutdown() (blocks; runs its own event loop in this thread)."""
         assert self._sock is not None
         self._reaper.start()
+        loop = new_event_loop()
         try:
-            asyncio.run(self._serve())
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._serve())
         finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
             self._pool.shutdown(wait=False)
             self._served.set()
 
