@@ -22,15 +22,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pika
+import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
                      wait_count)
 
-FLOOR = 0.5
+FLOOR = 0.8
+STANDIN_THREADS = 4
 
 
 def _free_port() -> int:
@@ -95,6 +98,31 @@ def run_case(name: str, standin: StandinProcess, ch, n: int, agents: int, slots:
     return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started}
 
 
+def standin_rate(standin: StandinProcess, n: int) -> float:
+    """The stand-in's own files/s: the agents' two calls per file (GET the file, POST metadata), 4 threads."""
+    standin.clear()
+    files = standin.add_files(n, b"lorem ipsum dolor sit amet\n" * 37)
+    md = {"@context": ["https://clowder.ncsa.illinois.edu/contexts/metadata.jsonld"],
+          "content": {"lines": 37}, "agent": {"@type": "cat:extractor", "extractor_id": standin.url + "api/x"}}
+
+    def work(part: list[str]) -> None:
+        http = requests.Session()
+        for fid in part:
+            http.get(f"{standin.url}api/files/{fid}", params={"key": "secret"}).raise_for_status()
+            http.post(f"{standin.url}api/files/{fid}/metadata.jsonld", params={"key": "secret"},
+                      json=md).raise_for_status()
+
+    threads = [threading.Thread(target=work, args=(files[i::STANDIN_THREADS],)) for i in range(STANDIN_THREADS)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    standin.clear()
+    return n / elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
@@ -106,7 +134,9 @@ def main() -> int:
     ch.queue_declare("bench-replies", durable=False, auto_delete=False)
     standin = StandinProcess()
     pairs = []
+    load_before = os.getloadavg()[0]
     try:
+        alone = standin_rate(standin, args.files)
         for label, agents, slots in (("1 agent, 1 slot", 1, 1), ("1 agent, 2 slots", 1, 2),
                                      ("2 agents, 1 slot each", 2, 1)):
             direct = run_case(f"direct AMQP, {label}", standin, ch, args.files, agents, slots, False, env)
@@ -117,7 +147,8 @@ def main() -> int:
         ch.queue_delete("bench-replies")
         conn.close()
     lines = [f"# Relay throughput ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
-             f"Machine: {machine()}", "",
+             f"Machine: {machine()}; load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} "
+             "after it (the machine is shared with other engineers).", "",
              "Unchanged wordcount extractor, 1 KB text files, v1 messages; one broker and one Clowder stand-in "
              "process for all cases; the relay on loopback, on the same machine. Steady state = files/s from the "
              "first result to the last. Ratio = relay / direct (floor {:.1f}).".format(FLOOR), "",
@@ -130,7 +161,8 @@ def main() -> int:
         lines.append(f"| {label} | {d['rate']:.1f} | {r['rate']:.1f} | {ratio:.2f} | {d['first']:.2f} / "
                      f"{r['first']:.2f} |")
     lines += ["", f"{args.files} files per case. Lowest ratio: {worst:.2f} "
-              f"({'meets' if worst >= FLOOR else 'BELOW'} the {FLOOR} floor).", "",
+              f"({'meets' if worst >= FLOOR else 'BELOW'} the {FLOOR} floor). The Clowder stand-in alone "
+              f"({STANDIN_THREADS} threads, the agents' GET + POST per file, same run): {alone:.1f} files/s.", "",
               "Command: `python benchmarks/relay_throughput.py`"]
     text = "\n".join(lines) + "\n"
     print(text)

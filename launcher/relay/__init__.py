@@ -42,6 +42,22 @@ Forwarding without an open proxy (launcher.relay.forward, launcher.relay.routes)
   Status messages the agent POSTs go to the lease's reply_to with its correlation_id; the
   relay registers the extractor on the `extractors` exchange for the agent.
 
+Serving and scale (launcher.relay.server, launcher.relay.longpoll)
+  aiohttp on one event loop (uvloop's when installed): a connection costs a socket and a small
+  buffer, not a thread, and a waiting long poll is a future in one FIFO queue that a single task
+  serves as rows become leasable. SQLite commits run in a 4-thread pool, pika stays on the broker
+  thread. `--max-connections` (default 1024) caps open connections; one more gets a 503 (raise it
+  for big machines: an agent keeps about six open; the relay lifts its open-files limit to fit).
+  benchmarks/relay_load.py drives 2,000 agent connections against this relay and the earlier
+  thread-per-connection one side by side (benchmarks/results/relay_load.md).
+  One relay process uses one core at most (the GIL). If that core is the limit, run several relay
+  processes on the login node, each on its own port and with its own --state-dir (the lock file
+  allows one relay per state folder), all on the same queue (each takes its own small buffer),
+  and point each group of agents at one of them (AGENT_RELAY_URL per job array, e.g. by array
+  index). Do not share one port between relays with SO_REUSEPORT: a lease lives in the process
+  that granted it, and the kernel would send an agent's next connection (its heartbeat, its
+  completion, its extractor's Clowder calls) to any of them.
+
 Security
   Every work-API request carries `Authorization: Bearer <token>` (token read from a file that
   must be mode 0600, compared in constant time); Clowder calls carry their per-lease key. TLS

@@ -38,6 +38,7 @@ from .store import LeaseStore
 log = logging.getLogger("launcher.relay.forward")
 BLOCK = 1 << 20
 JSON_LIMIT = 16 << 20
+SMALL = 1 << 16         # answers up to this size are read whole and sent in one write
 POOL = 64             # upstream connections at most (all Clowder hosts together)
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "content-length", "host", "authorization", "x-api-key",
@@ -221,14 +222,23 @@ class Forwarder:
         extra.update((k, v) for k, v in upstream.headers.items() if k.lower() in _PASS_BACK)
         status, reason = upstream.status, upstream.reason or None
         if learn and 200 <= status < 300 and "json" in ctype.lower() and (length or 0) <= JSON_LIMIT:
-            data = await upstream.content.read(JSON_LIMIT + 1) if length is None else \
-                await upstream.content.readexactly(length)
+            try:
+                data = await upstream.content.read(JSON_LIMIT + 1) if length is None else \
+                    await upstream.content.readexactly(length)
+            except (asyncio.IncompleteReadError, aiohttp.ClientError, asyncio.TimeoutError):
+                raise ClientError(502, "Clowder's answer was cut short") from None
             try:
                 ids = ids_in(json.loads(data))
             except ValueError:
                 ids = []
             if ids:
                 await self._blocking(self.store.learn, lease_id, learn, ids)
+            return web.Response(status=status, reason=reason, body=data, headers=extra)
+        if length is not None and length <= SMALL:  # one write with its headers, not three
+            try:
+                data = await upstream.content.readexactly(length)
+            except (asyncio.IncompleteReadError, aiohttp.ClientError, asyncio.TimeoutError):
+                raise ClientError(502, "Clowder's answer was cut short") from None
             return web.Response(status=status, reason=reason, body=data, headers=extra)
         resp = web.StreamResponse(status=status, reason=reason, headers=extra)
         if length is not None:
