@@ -98,3 +98,11 @@ def machine() -> str:
                          text=True).stdout.strip().strip('"')
     return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, RabbitMQ {rmq or '?'}, "
             f"pika {pika.__version__}, {platform.system()} {platform.release()}")
+
+
+def write_report(lines: list[str], out: str) -> None:
+    """Print a benchmark's markdown report and write it to out."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(out, "w") as fh:
+        fh.write(text)

@@ -42,7 +42,7 @@ import pika
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AMQP_URL, REPO, fresh_queue, machine, publish, v1_message  # noqa: E402
+from _common import AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report  # noqa: E402
 
 OLD_REF = "5710b70"      # the last commit with the ThreadingHTTPServer relay
 FLOOR_RATE = 5.0         # this relay / the earlier one
@@ -327,10 +327,7 @@ def main() -> int:
               f"{direct['rate'] / new_rate if new_rate else float('inf'):.1f}x this relay's rate. "
               f"{'Meets' if ok else 'BELOW'} the floors.", "",
               "Command: `python benchmarks/relay_load.py`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.out, "w") as fh:
-        fh.write(text)
+    write_report(lines, args.out)
     return 0 if ok else 1
 
 

@@ -24,13 +24,14 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import pika
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
-                     wait_count)
+                     wait_count, write_report)
 
 FLOOR = 0.8
 STANDIN_THREADS = 4
@@ -65,12 +66,24 @@ class Relay:
         self.proc.wait(timeout=30)
 
 
-def run_case(name: str, standin: StandinProcess, ch, n: int, agents: int, slots: int, via_relay: bool,
+class BrokerChannel:
+    """A channel opened afresh for each use: a case can outlast an idle connection's heartbeats."""
+
+    def __enter__(self) -> Any:
+        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        return self.conn.channel()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.conn.close()
+
+
+def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int, via_relay: bool,
              env: dict, timeout: float = 600) -> dict:
     standin.clear()
-    queue = fresh_queue(ch, "bench-relay")
     files = standin.add_files(n, b"lorem ipsum dolor sit amet\n" * 37)
-    publish(ch, queue, [v1_message(f, standin.url) for f in files], reply_to="bench-replies")
+    with BrokerChannel() as ch:
+        queue = fresh_queue(ch, "bench-relay")
+        publish(ch, queue, [v1_message(f, standin.url) for f in files], reply_to="bench-replies")
     workdir = tempfile.mkdtemp(prefix="bench-relay-")
     relay = Relay(queue, workdir) if via_relay else None
     agent_env = dict(env, RABBITMQ_QUEUE=queue)
@@ -93,8 +106,9 @@ def run_case(name: str, standin: StandinProcess, ch, n: int, agents: int, slots:
         if relay is not None:
             relay.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    ch.queue_delete(queue)
-    ch.queue_delete("error." + queue)
+    with BrokerChannel() as ch:
+        ch.queue_delete(queue)
+        ch.queue_delete("error." + queue)
     return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started}
 
 
@@ -129,9 +143,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "relay_throughput.md"))
     args = parser.parse_args()
     env = agent_env()
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    ch = conn.channel()
-    ch.queue_declare("bench-replies", durable=False, auto_delete=False)
+    with BrokerChannel() as ch:
+        ch.queue_declare("bench-replies", durable=False, auto_delete=False)
     standin = StandinProcess()
     pairs = []
     load_before = os.getloadavg()[0]
@@ -139,13 +152,13 @@ def main() -> int:
         alone = standin_rate(standin, args.files)
         for label, agents, slots in (("1 agent, 1 slot", 1, 1), ("1 agent, 2 slots", 1, 2),
                                      ("2 agents, 1 slot each", 2, 1)):
-            direct = run_case(f"direct AMQP, {label}", standin, ch, args.files, agents, slots, False, env)
-            relayed = run_case(f"through the relay, {label}", standin, ch, args.files, agents, slots, True, env)
+            direct = run_case(f"direct AMQP, {label}", standin, args.files, agents, slots, False, env)
+            relayed = run_case(f"through the relay, {label}", standin, args.files, agents, slots, True, env)
             pairs.append((label, direct, relayed))
     finally:
         standin.close()
-        ch.queue_delete("bench-replies")
-        conn.close()
+        with BrokerChannel() as ch:
+            ch.queue_delete("bench-replies")
     lines = [f"# Relay throughput ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
              f"Machine: {machine()}; load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} "
              "after it (the machine is shared with other engineers).", "",
@@ -164,10 +177,7 @@ def main() -> int:
               f"({'meets' if worst >= FLOOR else 'BELOW'} the {FLOOR} floor). The Clowder stand-in alone "
               f"({STANDIN_THREADS} threads, the agents' GET + POST per file, same run): {alone:.1f} files/s.", "",
               "Command: `python benchmarks/relay_throughput.py`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.out, "w") as fh:
-        fh.write(text)
+    write_report(lines, args.out)
     return 0 if worst >= FLOOR else 1
 
 

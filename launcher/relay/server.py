@@ -120,7 +120,7 @@ class _CappedServer(web.Server):
         self.cap = cap
 
     def __call__(self) -> Any:
-        if len(self._connections) >= self.cap:
+        if len(self.connections) >= self.cap:
             return _Refuse()
         return super().__call__()
 
@@ -304,6 +304,11 @@ class Relay:
         except ClientError as exc:
             status = exc.status
             return _error(exc.status, exc.text, close=exc.status in _CLOSE_AFTER or exc.status >= 500)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the agent has gone: nothing to answer
+        except Exception:  # noqa: BLE001 - answered as JSON like every other error
+            log.exception("relay: unexpected error serving %s %s", request.method, _loggable(path))
+            return _error(500, "internal error in the relay (see its log)", close=True)
         finally:
             log.debug("%s %s -> %d in %.1f ms", request.method, _loggable(path), status,
                       (time.monotonic() - started) * 1000)
