@@ -106,3 +106,14 @@ def write_report(lines: list[str], out: str) -> None:
     print(text)
     with open(out, "w") as fh:
         fh.write(text)
+
+
+class BrokerChannel:
+    """A channel opened afresh for each use: a case can outlast an idle connection's heartbeats."""
+
+    def __enter__(self) -> Any:
+        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        return self.conn.channel()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.conn.close()

@@ -38,11 +38,10 @@ import threading
 import time
 from typing import Any, Optional
 
-import pika
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report  # noqa: E402
+from _common import AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report, BrokerChannel  # noqa: E402
 
 OLD_REF = "5710b70"      # the last commit with the ThreadingHTTPServer relay
 FLOOR_RATE = 5.0         # this relay / the earlier one
@@ -243,9 +242,11 @@ def run_driver(mode: str, url: str, token: str, args: argparse.Namespace,
             "driver_cpu_ms": 1000 * sum(p["driver_cpu_s"] for p in parts) / files if files else float("nan")}
 
 
-def relay_case(tree: str, ch: Any, standin_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    queue = fresh_queue(ch, "bench-load")
-    publish(ch, queue, [v1_message(f"f{i}", standin_url) for i in range(args.files)], reply_to="bench-load-replies")
+def relay_case(tree: str, standin_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    with BrokerChannel() as ch:
+        queue = fresh_queue(ch, "bench-load")
+        publish(ch, queue, [v1_message(f"f{i}", standin_url) for i in range(args.files)],
+                reply_to="bench-load-replies")
     workdir = tempfile.mkdtemp(prefix="bench-load-")
     relay = RelayUnderTest(tree, queue, workdir, max(4096, args.agents * 2))
     try:
@@ -253,8 +254,9 @@ def relay_case(tree: str, ch: Any, standin_url: str, args: argparse.Namespace) -
     finally:
         relay.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        ch.queue_delete(queue)
-        ch.queue_delete("error." + queue)
+        with BrokerChannel() as ch:
+            ch.queue_delete(queue)
+            ch.queue_delete("error." + queue)
     return result
 
 
@@ -281,23 +283,22 @@ def main() -> int:
     standin = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "fast_standin.py")],
                                stdout=subprocess.PIPE, text=True)
     standin_url = standin.stdout.readline().strip().split(" ", 1)[1]
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    ch = conn.channel()
-    ch.queue_declare("bench-load-replies", durable=False, auto_delete=False)
+    with BrokerChannel() as ch:
+        ch.queue_declare("bench-load-replies", durable=False, auto_delete=False)
     old = old_tree(args.old_ref)
     rows = []
     try:
         load_before = os.getloadavg()
         direct = run_driver("direct", standin_url, "", args)
         rows.append(("Clowder stand-in alone (GET + POST per file)", direct))
-        rows.append((f"earlier relay ({args.old_ref}, ThreadingHTTPServer)", relay_case(old, ch, standin_url, args)))
-        rows.append(("this relay (aiohttp)", relay_case(REPO, ch, standin_url, args)))
+        rows.append((f"earlier relay ({args.old_ref}, ThreadingHTTPServer)", relay_case(old, standin_url, args)))
+        rows.append(("this relay (aiohttp)", relay_case(REPO, standin_url, args)))
     finally:
         standin.terminate()
         standin.wait(timeout=10)
         shutil.rmtree(old, ignore_errors=True)
-        ch.queue_delete("bench-load-replies")
-        conn.close()
+        with BrokerChannel() as ch:
+            ch.queue_delete("bench-load-replies")
     old_rate, new_rate = rows[1][1]["rate"], rows[2][1]["rate"]
     ratio = new_rate / old_rate if old_rate else float("inf")
     new_conns = rows[2][1]["connections"]

@@ -24,14 +24,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
 
-import pika
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
-                     wait_count, write_report)
+                     wait_count, write_report, BrokerChannel)
 
 FLOOR = 0.8
 STANDIN_THREADS = 4
@@ -64,17 +62,6 @@ class Relay:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
-
-
-class BrokerChannel:
-    """A channel opened afresh for each use: a case can outlast an idle connection's heartbeats."""
-
-    def __enter__(self) -> Any:
-        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-        return self.conn.channel()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.conn.close()
 
 
 def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int, via_relay: bool,

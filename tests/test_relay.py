@@ -543,3 +543,18 @@ def test_300_agents_long_polling_at_once_each_get_one_lease(harness, local_relay
     assert len(set(got)) == n
     harness.wait_for(lambda: harness.depth() == 0, 10, "the queue to be empty")
     assert r.call("POST", "/v1/lease", {"agent": "late", "max": 1, "wait": 0}).json()["leases"] == []
+
+
+def test_expect_100_continue_is_answered_only_within_the_limits(harness, local_relay):
+    r = local_relay
+    body = b'{"items": []}'
+    head = (f"POST /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {r.token}\r\n"
+            f"Content-Type: application/json\r\nExpect: 100-continue\r\n")
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 202")
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as sock:
+        sock.sendall(f"{head}Content-Length: {2 << 20}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")  # refused before the body is sent

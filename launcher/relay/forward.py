@@ -56,6 +56,12 @@ class ClientError(Exception):
         self.status, self.text = status, text
 
 
+async def continue_if_asked(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` once the request has passed its checks (curl sends it for big bodies)."""
+    if request.version >= aiohttp.HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
 @dataclass
 class Plan:
     """A checked forwarded call: where it goes and how (Forwarder.plan's answer)."""
@@ -151,6 +157,7 @@ class Forwarder:
     async def handle(self, request: web.BaseRequest, lease_id: str, path: str, query: str) -> web.StreamResponse:
         """Answer one forwarded request; raise ClientError for a refusal or an unreachable Clowder."""
         plan = self.plan(request.method, request.headers, lease_id, path, query)
+        await continue_if_asked(request)
         ctype = request.headers.get("Content-Type", "")
         payload: Union[bytes, AsyncIterator[bytes]]
         trouble: list[ClientError] = []

@@ -53,7 +53,7 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 
 from .broker import BrokerLink
-from .forward import ClientError, Forwarder
+from .forward import ClientError, Forwarder, continue_if_asked
 from .longpoll import LeaseWaiters
 from .store import Lease, LeaseStore
 
@@ -330,6 +330,7 @@ class Relay:
         if length > self.settings.max_json:
             raise ClientError(413, f"request body of {length} bytes is over the limit of "
                                    f"{self.settings.max_json}")
+        await continue_if_asked(request)
         try:
             data = await request.content.readexactly(length)
         except asyncio.IncompleteReadError:
