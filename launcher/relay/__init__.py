@@ -50,7 +50,7 @@ Serving and scale (launcher.relay.server, launcher.relay.longpoll)
   for big machines: an agent keeps about six open; the relay lifts its open-files limit to fit).
   benchmarks/relay_load.py drives 2,000 agent connections against this relay and the earlier
   thread-per-connection one side by side (benchmarks/results/relay_load.md): on the shared
-  2-core machine (load average 25-36 during the run) this relay held all 2,000 without an error
+  2-core machine (load average 25-38 during the run) this relay held all 2,000 without an error
   at 5.5x the earlier relay's files/s (125 vs 23) and 8.6x its files per CPU second (4.7 ms of
   relay CPU per file vs 40.5 ms; about 210 files/s per core), where the earlier one saw 2,199
   disconnects. Rerun it on a quiet machine for absolute rates.
