@@ -117,3 +117,16 @@ class BrokerChannel:
 
     def __exit__(self, *exc: Any) -> None:
         self.conn.close()
+
+
+OLD_RELAY_REF = "5710b70"  # the last commit with the stdlib ThreadingHTTPServer relay
+
+
+def old_tree(ref: str) -> str:
+    """A temporary folder holding `launcher` and `agent` as they were at git ref (caller removes it)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="bench-old-relay-")
+    archive = subprocess.run(["git", "-C", REPO, "archive", ref, "launcher", "agent"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder

@@ -41,9 +41,9 @@ from typing import Any, Optional
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report, BrokerChannel  # noqa: E402
+from _common import AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report, BrokerChannel, \
+    OLD_RELAY_REF, old_tree  # noqa: E402
 
-OLD_REF = "5710b70"      # the last commit with the ThreadingHTTPServer relay
 FLOOR_RATE = 5.0         # this relay / the earlier one
 FLOOR_CONNECTIONS = 2000
 
@@ -260,13 +260,6 @@ def relay_case(tree: str, standin_url: str, args: argparse.Namespace) -> dict[st
     return result
 
 
-def old_tree(ref: str) -> str:
-    folder = tempfile.mkdtemp(prefix="bench-old-relay-")
-    archive = subprocess.run(["git", "-C", REPO, "archive", ref, "launcher", "agent"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
-    return folder
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_drive":
         return drive_main(sys.argv[2:])
@@ -276,7 +269,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=30000, help="messages published per relay case")
     parser.add_argument("--drivers", type=int, default=4, help="load generator processes (agents split among them)")
     parser.add_argument("--extend-every", type=int, default=10, help="a heartbeat every this many files")
-    parser.add_argument("--old-ref", default=OLD_REF, help="git ref of the earlier relay")
+    parser.add_argument("--old-ref", default=OLD_RELAY_REF, help="git ref of the earlier relay")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "relay_load.md"))
     args = parser.parse_args()
     raise_fd_limit()
