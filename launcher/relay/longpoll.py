@@ -7,9 +7,9 @@ more than the work itself, so waiters are futures in one FIFO queue, served by o
 - a bridge thread sleeps on the lease store's `changed` condition (holding its lock between
   waits, so no notification is missed) and kicks the task on the loop;
 - the task, kicked or every POLL seconds (a retry's backoff ends without a notification), leases
-  for the first waiter in the queue, then the next, until the store has nothing leasable; a
-  waiter that left (timeout, hung-up agent) is skipped, and leases taken for one that left in
-  the meantime are released at once.
+  for the waiters in queue order, up to BATCH of them in one trip to the thread pool, until the
+  store has nothing leasable; a waiter that left (timeout, hung-up agent) is skipped, and leases
+  taken for one that left in the meantime are released at once.
 
 LeaseStore stays synchronous and thread-safe: its calls run in the relay's thread pool.
 """
@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Optional
 from .store import Lease, LeaseStore
 
 POLL = 0.5
+BATCH = 64      # waiters served per trip to the thread pool
 
 
 @dataclass
@@ -105,23 +106,44 @@ class LeaseWaiters:
                 pass
             self._kick.clear()
             while self._queue and not self._halt.is_set():
-                waiter = self._queue[0]
-                if waiter.future.done() or waiter.gone():
-                    self._queue.popleft()
-                    if not waiter.future.done():
-                        waiter.future.set_result([])
-                    continue
-                got = await self._run(self.store.lease, waiter.agent, waiter.limit, self.ttl, waiter.host_for)
-                if not got:
+                batch = self._next_batch()
+                if not batch:
+                    break
+                served = await self._run(self._lease_for, batch)  # one pool hop for the whole batch
+                left: list[Lease] = []
+                for waiter, got in zip(batch, served):
+                    if waiter.future.done():  # left while we leased for it: hand the leases back
+                        left.extend(got)
+                    else:
+                        waiter.future.set_result(got)
+                if left:
+                    await self._run(lambda: [self.store.release(lease.lease_id) for lease in left])
+                if len(served) < len(batch):  # nothing more leasable: the rest wait at the front
+                    self._queue.extendleft(reversed(batch[len(served):]))
                     self.store.demand.set()
                     break
-                if self._queue and self._queue[0] is waiter:
-                    self._queue.popleft()
-                if waiter.future.done():  # left while we leased for it: hand the leases back
-                    for lease in got:
-                        await self._run(self.store.release, lease.lease_id)
-                else:
-                    waiter.future.set_result(got)
+
+    def _next_batch(self) -> list[_Waiter]:
+        """Up to BATCH waiters from the front that are still waiting (the others are answered [])."""
+        batch: list[_Waiter] = []
+        while self._queue and len(batch) < BATCH:
+            waiter = self._queue.popleft()
+            if waiter.future.done() or waiter.gone():
+                if not waiter.future.done():
+                    waiter.future.set_result([])
+                continue
+            batch.append(waiter)
+        return batch
+
+    def _lease_for(self, batch: list[_Waiter]) -> list[list[Lease]]:
+        """In the pool: lease for each waiter in order until the store has nothing leasable."""
+        out: list[list[Lease]] = []
+        for waiter in batch:
+            got = self.store.lease(waiter.agent, waiter.limit, self.ttl, waiter.host_for)
+            if not got:
+                break
+            out.append(got)
+        return out
 
     def _watch_store(self) -> None:
         """Thread: forward the store's notifications to the serving task."""
