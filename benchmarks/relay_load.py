@@ -29,6 +29,7 @@ import json
 import os
 import resource
 import secrets
+import select
 import shutil
 import socket
 import subprocess
@@ -85,7 +86,7 @@ async def _agent(i: int, args: argparse.Namespace, all_in: asyncio.Event, done: 
         if await call(s, "GET", hello) is not None:
             connected[0] += 1
             if connected[0] == args.agents:
-                all_in.set()
+                print("ready", flush=True)  # every agent of this process holds its connection
         await all_in.wait()
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
@@ -126,9 +127,16 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     errors: dict[str, int] = {}
     connected = [0]
     all_in = asyncio.Event()
-    asyncio.get_running_loop().call_later(args.connect_within, all_in.set)  # start anyway after this
+    loop = asyncio.get_running_loop()
+
+    async def go() -> None:  # the orchestrator says "go" once every load process is ready
+        await loop.run_in_executor(None, sys.stdin.readline)
+        all_in.set()
+
+    starter = loop.create_task(go())
     cpu0 = time.process_time()
     await asyncio.gather(*(_agent(i, args, all_in, done, errors, connected) for i in range(args.agents)))
+    await starter
     done.sort()
     return {"files": len(done), "first": done[0] if done else 0.0, "last": done[-1] if done else 0.0,
             "errors": errors, "agents_connected": connected[0], "driver_cpu_s": time.process_time() - cpu0}
@@ -142,7 +150,6 @@ def drive_main(argv: list[str]) -> int:
     p.add_argument("--agents", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--extend-every", type=int, default=10)
-    p.add_argument("--connect-within", type=float, default=60)
     args = p.parse_args(argv)
     args.token = os.environ.get("LOAD_TOKEN", "")
     raise_fd_limit()
@@ -208,8 +215,18 @@ def run_driver(mode: str, url: str, token: str, args: argparse.Namespace,
     share = [args.agents // args.drivers + (1 if i < args.agents % args.drivers else 0) for i in range(args.drivers)]
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "_drive", mode, url, "--agents", str(n),
                                "--seconds", str(args.seconds), "--extend-every", str(args.extend_every)],
-                              env=dict(os.environ, LOAD_TOKEN=token), stdout=subprocess.PIPE, text=True)
+                              env=dict(os.environ, LOAD_TOKEN=token), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
              for n in share]
+    deadline = time.monotonic() + args.connect_within
+    for proc in procs:  # each prints "ready" when all its agents hold a connection (or we go anyway)
+        while time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                proc.stdout.readline()
+                break
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     peak = [0]
     stop = threading.Event()
 
@@ -223,7 +240,7 @@ def run_driver(mode: str, url: str, token: str, args: argparse.Namespace,
     thread.start()
     parts = []
     for proc in procs:
-        out, _ = proc.communicate(timeout=args.seconds + 300)
+        out, _ = proc.communicate(timeout=args.seconds + 300)  # (stdin is closed here: no effect now)
         parts.append(json.loads(out.strip().splitlines()[-1]))
     stop.set()
     thread.join()
@@ -267,6 +284,7 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=2000, help="virtual agents, one connection each")
     parser.add_argument("--seconds", type=float, default=30, help="length of each case")
     parser.add_argument("--files", type=int, default=30000, help="messages published per relay case")
+    parser.add_argument("--connect-within", type=float, default=90, help="seconds for every agent to connect")
     parser.add_argument("--drivers", type=int, default=4, help="load generator processes (agents split among them)")
     parser.add_argument("--extend-every", type=int, default=10, help="a heartbeat every this many files")
     parser.add_argument("--old-ref", default=OLD_RELAY_REF, help="git ref of the earlier relay")
