@@ -49,11 +49,12 @@ Serving and scale (launcher.relay.server, launcher.relay.longpoll)
   thread. `--max-connections` (default 1024) caps open connections; one more gets a 503 (raise it
   for big machines: an agent keeps about six open; the relay lifts its open-files limit to fit).
   benchmarks/relay_load.py drives 2,000 agent connections against this relay and the earlier
-  thread-per-connection one side by side (benchmarks/results/relay_load.md): on the shared
-  2-core machine (load average 25-38 during the run) this relay held all 2,000 without an error
-  at 5.5x the earlier relay's files/s (125 vs 23) and 8.6x its files per CPU second (4.7 ms of
-  relay CPU per file vs 40.5 ms; about 210 files/s per core), where the earlier one saw 2,199
-  disconnects. Rerun it on a quiet machine for absolute rates.
+  thread-per-connection one side by side (benchmarks/results/relay_load.md). On the shared
+  2-core machine (load average 14-52 during the run) this relay held all 2,000 without an error
+  at 3.3x the earlier relay's files/s (166 vs 51) and 6.2x its files per CPU second (4.2 ms of
+  relay CPU per file vs 25.7 ms: about 240 files/s per core), where the earlier one saw 689
+  disconnects; runs under other loads gave 3.2x-5.5x files/s and 4.7x-8.6x per CPU second.
+  Rerun it on a quiet machine for absolute rates.
   One relay process uses one core at most (the GIL). If that core is the limit, run several relay
   processes on the login node, each on its own port and with its own --state-dir (the lock file
   allows one relay per state folder), all on the same queue (each takes its own small buffer),
