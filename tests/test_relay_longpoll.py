@@ -29,6 +29,15 @@ def _run_with(store: LeaseStore, scenario) -> object:
         pool.shutdown()
 
 
+async def _until_waiting(waiters: LeaseWaiters, n: int) -> None:
+    """Until n lessees are queued (their first try, in the pool, found nothing)."""
+    for _ in range(200):
+        if waiters.waiting >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"only {waiters.waiting} of {n} lessees queued")
+
+
 def _host(lease_id: str) -> str:
     return f"http://relay/clowder/{lease_id}/"
 
@@ -37,9 +46,11 @@ def test_waiters_are_served_in_arrival_order_as_messages_arrive(tmp_path):
     store = LeaseStore(str(tmp_path / "l.sqlite3"))
 
     async def scenario(waiters):
-        polls = [asyncio.ensure_future(waiters.lease(f"a{i}", 1, 10.0, _host, lambda: False)) for i in range(3)]
-        await asyncio.sleep(0.2)
-        assert waiters.waiting == 3 and not any(p.done() for p in polls)
+        polls = []
+        for i in range(3):  # one after the other: each first tries at once, then queues
+            polls.append(asyncio.ensure_future(waiters.lease(f"a{i}", 1, 10.0, _host, lambda: False)))
+            await _until_waiting(waiters, i + 1)
+        assert not any(p.done() for p in polls)
         await asyncio.get_running_loop().run_in_executor(
             None, store.add, [Incoming(body=b'{"id": "%d"}' % i, routing_key="q") for i in range(2)])
         done, pending = await asyncio.wait(polls, timeout=5, return_when=asyncio.ALL_COMPLETED)
@@ -56,11 +67,11 @@ def test_a_waiter_that_timed_out_or_hung_up_gets_nothing_and_holds_nothing(tmp_p
 
     async def scenario(waiters):
         assert await waiters.lease("quick", 1, 0.1, _host, lambda: False) == []  # timed out
-        hung_up = asyncio.ensure_future(waiters.lease("gone", 1, 10.0, _host, lambda: True))
+        hung_up = await asyncio.wait_for(waiters.lease("gone", 1, 10.0, _host, lambda: True), 5)  # answered at once
         live = asyncio.ensure_future(waiters.lease("live", 1, 10.0, _host, lambda: False))
-        await asyncio.sleep(0.1)
+        await _until_waiting(waiters, 1)
         await asyncio.get_running_loop().run_in_executor(None, store.add, [Incoming(body=b"x", routing_key="q")])
-        return await asyncio.wait_for(hung_up, 5), await asyncio.wait_for(live, 5)
+        return hung_up, await asyncio.wait_for(live, 5)
 
     hung_up, live = _run_with(store, scenario)
     assert hung_up == [] and len(live) == 1
@@ -72,7 +83,7 @@ def test_stop_answers_every_waiter_with_nothing(tmp_path):
 
     async def scenario(waiters):
         polls = [asyncio.ensure_future(waiters.lease(f"a{i}", 1, 30.0, _host, lambda: False)) for i in range(5)]
-        await asyncio.sleep(0.1)
+        await _until_waiting(waiters, 5)
         await waiters.stop()
         return await asyncio.wait_for(asyncio.gather(*polls), 5)
 
