@@ -17,6 +17,8 @@ setup(
         "pyclowder==3.0.8",
         "prometheus-client>=0.17",
         "matplotlib>=3.6",
+        "aiohttp>=3.9",   # the relay's HTTP server and its Clowder client (launcher/relay)
+        "uvloop>=0.17",   # the relay's event loop when present (about twice asyncio's speed)
     ],
     extras_require={
         # Only MPI runs (mpiexec -n N python -m agent run) need mpi4py. HPC sites may build

@@ -98,3 +98,35 @@ def machine() -> str:
                          text=True).stdout.strip().strip('"')
     return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, RabbitMQ {rmq or '?'}, "
             f"pika {pika.__version__}, {platform.system()} {platform.release()}")
+
+
+def write_report(lines: list[str], out: str) -> None:
+    """Print a benchmark's markdown report and write it to out."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(out, "w") as fh:
+        fh.write(text)
+
+
+class BrokerChannel:
+    """A channel opened afresh for each use: a case can outlast an idle connection's heartbeats."""
+
+    def __enter__(self) -> Any:
+        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        return self.conn.channel()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.conn.close()
+
+
+OLD_RELAY_REF = "5710b70"  # the last commit with the stdlib ThreadingHTTPServer relay
+
+
+def old_tree(ref: str) -> str:
+    """A temporary folder holding `launcher` and `agent` as they were at git ref (caller removes it)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="bench-old-relay-")
+    archive = subprocess.run(["git", "-C", REPO, "archive", ref, "launcher", "agent"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder

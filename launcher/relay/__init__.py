@@ -46,6 +46,27 @@ Forwarding without an open proxy (launcher.relay.forward, hpc_common.routes)
   relay registers the extractor on the `extractors` exchange for the agent, and on its own
   every `--heartbeat` seconds (default 60) while agents call it.
 
+Serving and scale (launcher.relay.server, launcher.relay.longpoll)
+  aiohttp on one event loop (uvloop's when installed): a connection costs a socket and a small
+  buffer, not a thread, and a waiting long poll is a future in one FIFO queue that a single task
+  serves as rows become leasable. SQLite commits run in a 4-thread pool, pika stays on the broker
+  thread. `--max-connections` (default 1024) caps open connections; one more gets a 503 (raise it
+  for big machines: an agent keeps about six open; the relay lifts its open-files limit to fit).
+  benchmarks/relay_load.py drives 2,000 agent connections against this relay and the earlier
+  thread-per-connection one side by side (benchmarks/results/relay_load.md). On the shared
+  2-core machine (load average 14-52 during the run) this relay held all 2,000 without an error
+  at 3.3x the earlier relay's files/s (166 vs 51) and 6.2x its files per CPU second (4.2 ms of
+  relay CPU per file vs 25.7 ms: about 240 files/s per core), where the earlier one saw 689
+  disconnects; runs under other loads gave 3.2x-5.5x files/s and 4.7x-8.6x per CPU second.
+  Rerun it on a quiet machine for absolute rates.
+  One relay process uses one core at most (the GIL). If that core is the limit, run several relay
+  processes on the login node, each on its own port and with its own --state-dir (the lock file
+  allows one relay per state folder), all on the same queue (each takes its own small buffer),
+  and point each group of agents at one of them (AGENT_RELAY_URL per job array, e.g. by array
+  index). Do not share one port between relays with SO_REUSEPORT: a lease lives in the process
+  that granted it, and the kernel would send an agent's next connection (its heartbeat, its
+  completion, its extractor's Clowder calls) to any of them.
+
 Security
   Every work-API request carries `Authorization: Bearer <token>` (token read from a file that
   must be mode 0600, compared in constant time); Clowder calls carry their per-lease key. TLS

@@ -1,6 +1,6 @@
 """Forwarding an extractor's Clowder calls for one lease, streamed both ways.
 
-`/clowder/<lease id>/<path>?<query>` is checked, in this order:
+`/clowder/<lease id>/<path>?<query>` is checked, in this order (`Forwarder.plan`, no I/O):
 
 1. the lease is live and the request carries its per-lease key (v1 `?key=`, or an `X-API-Key`
    header as v2 sends it; compared in constant time). Unknown lease and wrong key get the same
@@ -9,26 +9,28 @@
 3. the request body fits the upload limit (413 otherwise, before anything is sent upstream).
 
 Then the request goes to the lease's own Clowder host (the message's `host`, or the relay's
-`--clowder-url`), with the real key put back the way the agent presented its lease key, over a
-kept-alive connection per handler thread. Bodies are streamed in 1 MiB blocks both ways (files
-can be GBs); only JSON request bodies up to JSON_LIMIT are read whole, so that the relay URL the
-extractor saw as its `host` (pyclowder writes it into metadata's `extractor_id`) is replaced by
-the real host, and only JSON answers of routes that create or list ids are read whole, to learn
-those ids for the lease. Hop-by-hop and `Location` headers are not passed on.
+`--clowder-url`), with the real key put back the way the agent presented its lease key, over
+aiohttp's client with a bounded pool of kept-alive connections (POOL in all, shared by every
+agent; requests beyond it wait for a free connection). Bodies are streamed in 1 MiB blocks both
+ways (files can be GBs); only JSON request bodies up to JSON_LIMIT are read whole, so that the
+relay URL the extractor saw as its `host` (pyclowder writes it into metadata's `extractor_id`)
+is replaced by the real host, and only JSON answers of routes that create or list ids are read
+whole, to learn those ids for the lease. Hop-by-hop and `Location` headers are not passed on.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
-import http.client
 import json
 import logging
-import socket
 import ssl
-import threading
-import time
-from http.server import BaseHTTPRequestHandler
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
 
 from hpc_common.routes import Refusal, check, ids_in, lease_scope
 
@@ -38,12 +40,14 @@ from .store import LeaseStore
 log = logging.getLogger("launcher.relay.forward")
 BLOCK = 1 << 20
 JSON_LIMIT = 16 << 20
-IDLE_REUSE = 4.0      # an upstream connection idle longer than this is replaced (the server may have closed it)
+SMALL = 1 << 16         # answers up to this size are read whole and sent in one write
+POOL = 64             # upstream connections at most (all Clowder hosts together)
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "content-length", "host", "authorization", "x-api-key",
         "accept-encoding", "expect"}
 _PASS_BACK = {"content-type", "content-disposition", "content-encoding", "last-modified", "etag",
               "cache-control", "content-language"}
+_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 class ClientError(RelayError):
@@ -54,30 +58,60 @@ class ClientError(RelayError):
         self.status, self.text = status, text
 
 
-class _Pool(threading.local):
-    def __init__(self) -> None:
-        self.conns: dict[tuple[str, str], tuple[http.client.HTTPConnection, float]] = {}
+async def continue_if_asked(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` once the request has passed its checks (curl sends it for big bodies)."""
+    if request.version >= aiohttp.HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+@dataclass
+class Plan:
+    """A checked forwarded call: where it goes and how (Forwarder.plan's answer)."""
+
+    url: URL
+    netloc: str
+    headers: dict[str, str]
+    length: Optional[int]       # None: the agent sends it chunked
+    learn: Optional[str]        # kind of id in the answer to allow for the lease
+    lease_host: str             # the relay URL the agent saw as its host ...
+    real_host: str              # ... and the real one that replaces it in JSON bodies
 
 
 class Forwarder:
     """Checks and forwards one lease's Clowder calls."""
 
     def __init__(self, store: LeaseStore, max_upload: int, clowder_url: Optional[str] = None,
-                 timeout: float = 300.0, connect_timeout: float = 10.0) -> None:
+                 timeout: float = 300.0, connect_timeout: float = 10.0, pool: int = POOL) -> None:
         self.store = store
         self.max_upload = max_upload
         self.clowder_url = clowder_url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._pool = _Pool()
-        self._tls = ssl.create_default_context()
+        self.pool = pool
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._run: Optional[Callable[..., Awaitable[Any]]] = None
 
-    # -- entry point ------------------------------------------------------------------------------
-    def handle(self, h: BaseHTTPRequestHandler, lease_id: str, path: str, query: str) -> int:
-        """Answer one forwarded request on handler h; return the status sent."""
+    async def start(self, run_blocking: Optional[Callable[..., Awaitable[Any]]] = None) -> None:
+        """Open the upstream connection pool (on the serving loop); run_blocking runs SQLite work."""
+        connector = aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool, ssl=ssl.create_default_context(),
+                                         keepalive_timeout=4.0, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout, sock_read=self.timeout))
+        self._run = run_blocking
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- checks (no I/O) ------------------------------------------------------------------------------
+    def plan(self, method: str, headers: Any, lease_id: str, path: str, query: str) -> Plan:
+        """Check one forwarded call (see the module docstring); raise ClientError when refused."""
         params = parse_qsl(query, keep_blank_values=True)
         by_query = [v for k, v in params if k == "key"]
-        by_header = h.headers.get("X-API-Key")
+        by_header = headers.get("X-API-Key")
         presented = by_query[0] if by_query else by_header
         lease = self.store.live(lease_id)
         if lease is None or not presented or not hmac.compare_digest(presented.encode(), lease.lease_key.encode()):
@@ -90,44 +124,27 @@ class Forwarder:
         if not real_host.endswith("/"):
             real_host += "/"
         try:
-            route = check(h.command, path, lease_scope(body, lease.learned))
+            route = check(method, path, lease_scope(body, lease.learned))
         except Refusal as exc:
             raise ClientError(exc.status, exc.text) from None
         upstream_query = [(k, real_key if k == "key" else v) for k, v in params if k != "key" or by_query]
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+        out = {k: v for k, v in headers.items() if k.lower() not in _HOP}
         if not by_query:
-            headers["X-API-KEY"] = real_key
-        length, chunked = self._request_length(h)
+            out["X-API-KEY"] = real_key
+        length = self._request_length(headers)
         base = urlsplit(real_host)
         target = (base.path or "/") + path + ("?" + urlencode(upstream_query) if upstream_query else "")
-        ctype = h.headers.get("Content-Type", "")
-        payload: Any
-        if length is not None and length <= JSON_LIMIT and "json" in ctype.lower():
-            raw = _read_exact(h.rfile, length)
-            if lease.lease_host:
-                raw = raw.replace(lease.lease_host.encode(), real_host.encode())
-                raw = raw.replace(lease.lease_host.rstrip("/").encode(), real_host.rstrip("/").encode())
-            payload, length = raw, len(raw)
-        elif length == 0:
-            payload = b""
-        elif chunked:
-            payload = self._chunked_in(h)
-        else:
-            payload = _blocks(h.rfile, length or 0)
-        resp, conn = self._send(base.scheme, base.netloc, h.command, target, headers, payload, length)
-        try:
-            return self._answer(h, resp, route.learn, lease_id)
-        finally:
-            if resp.will_close or not resp.isclosed():
-                self._drop(base.scheme, base.netloc, conn)
+        if length is not None:
+            out["Content-Length"] = str(length)
+        return Plan(url=URL(f"{base.scheme}://{base.netloc}{target}", encoded=True), netloc=base.netloc,
+                    headers=out, length=length, learn=route.learn, lease_host=lease.lease_host, real_host=real_host)
 
-    # -- request side -------------------------------------------------------------------------------
-    def _request_length(self, h: BaseHTTPRequestHandler) -> tuple[Optional[int], bool]:
-        if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
-            return None, True
-        raw = h.headers.get("Content-Length")
+    def _request_length(self, headers: Any) -> Optional[int]:
+        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            return None
+        raw = headers.get("Content-Length")
         if raw is None:
-            return 0, False
+            return 0
         try:
             length = int(raw)
         except ValueError:
@@ -136,145 +153,123 @@ class Forwarder:
             raise ClientError(400, "Content-Length is negative")
         if length > self.max_upload:
             raise ClientError(413, f"upload of {length} bytes is over the relay's limit of {self.max_upload}")
-        return length, False
+        return length
 
-    def _chunked_in(self, h: BaseHTTPRequestHandler) -> Iterator[bytes]:
-        total = 0
-        while True:
-            line = h.rfile.readline(1024)
+    # -- entry point ------------------------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest, lease_id: str, path: str, query: str) -> web.StreamResponse:
+        """Answer one forwarded request; raise ClientError for a refusal or an unreachable Clowder."""
+        plan = self.plan(request.method, request.headers, lease_id, path, query)
+        await continue_if_asked(request)
+        ctype = request.headers.get("Content-Type", "")
+        payload: Union[bytes, AsyncIterator[bytes]]
+        trouble: list[ClientError] = []
+        if plan.length is not None and plan.length <= JSON_LIMIT and "json" in ctype.lower():
             try:
-                size = int(line.split(b";")[0].strip() or b"x", 16)
-            except ValueError:
-                raise ClientError(400, "malformed chunked body") from None
-            if size == 0:
-                while h.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
+                raw = await request.content.readexactly(plan.length)
+            except asyncio.IncompleteReadError:
+                raise ClientError(400, "request body shorter than its Content-Length") from None
+            if plan.lease_host:
+                raw = raw.replace(plan.lease_host.encode(), plan.real_host.encode())
+                raw = raw.replace(plan.lease_host.rstrip("/").encode(), plan.real_host.rstrip("/").encode())
+            payload = raw
+            plan.headers["Content-Length"] = str(len(raw))
+        elif plan.length == 0:
+            payload = b""
+        else:
+            payload = self._body(request, plan.length, trouble)
+        upstream = await self._send(request.method, plan, payload, trouble)
+        try:
+            return await self._answer(request, upstream, plan.learn, lease_id)
+        finally:
+            upstream.release()
+
+    # -- request side -------------------------------------------------------------------------------------
+    async def _body(self, request: web.BaseRequest, length: Optional[int],
+                    trouble: list[ClientError]) -> AsyncIterator[bytes]:
+        """The agent's body in blocks, checked against its length (or, chunked, against max_upload)."""
+        total = 0
+        while length is None or total < length:
+            block = await request.content.read(BLOCK if length is None else min(BLOCK, length - total))
+            if not block:
+                if length is not None:
+                    trouble.append(ClientError(400, "request body shorter than its Content-Length"))
+                    raise trouble[-1]
                 return
-            total += size
+            total += len(block)
             if total > self.max_upload:
-                raise ClientError(413, f"upload is over the relay's limit of {self.max_upload} bytes")
-            yield from _blocks(h.rfile, size)
-            h.rfile.readline(1024)
+                trouble.append(ClientError(413, f"upload is over the relay's limit of {self.max_upload} bytes"))
+                raise trouble[-1]
+            yield block
 
-    def _connection(self, scheme: str, netloc: str, fresh: bool) -> http.client.HTTPConnection:
-        key = (scheme, netloc)
-        held = self._pool.conns.pop(key, None)
-        if held is not None:
-            conn, last = held
-            if not fresh and time.monotonic() - last < IDLE_REUSE:
-                return conn
-            conn.close()
-        if scheme == "https":
-            return http.client.HTTPSConnection(netloc, timeout=self.connect_timeout, context=self._tls)
-        return http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
-
-    def _drop(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
-        self._pool.conns.pop((scheme, netloc), None)
-        conn.close()
-
-    def _send(self, scheme: str, netloc: str, method: str, target: str, headers: dict[str, str], payload: Any,
-              length: Optional[int]) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    async def _send(self, method: str, plan: Plan, payload: Union[bytes, AsyncIterator[bytes]],
+                    trouble: list[ClientError]) -> aiohttp.ClientResponse:
+        assert self._session is not None, "Forwarder.start() was not called"
         replayable = isinstance(payload, bytes)
         for attempt in (1, 2):
-            conn = self._connection(scheme, netloc, fresh=attempt == 2)
             try:
-                conn.putrequest(method, target, skip_accept_encoding=True)
-                for k, v in headers.items():
-                    conn.putheader(k, v)
-                if length is None:
-                    conn.putheader("Transfer-Encoding", "chunked")
-                else:
-                    conn.putheader("Content-Length", str(length))
-                small = isinstance(payload, bytes) and len(payload) <= 65536
-                conn.endheaders(payload if small and payload else None)  # one segment with its headers
-                if conn.sock is not None:
-                    conn.sock.settimeout(self.timeout)
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if isinstance(payload, bytes):
-                    if payload and not small:
-                        conn.send(payload)
-                else:
-                    for block in payload:
-                        conn.send(b"%x\r\n%s\r\n" % (len(block), block) if length is None else block)
-                    if length is None:
-                        conn.send(b"0\r\n\r\n")
-                resp = conn.getresponse()
-                self._pool.conns[(scheme, netloc)] = (conn, time.monotonic())
-                return resp, conn
+                return await self._session.request(method, plan.url, headers=plan.headers, data=payload,
+                                                   allow_redirects=False, compress=None)
+            except asyncio.TimeoutError:
+                raise ClientError(504, f"Clowder at {plan.netloc} did not answer in time") from None
             except ClientError:
-                conn.close()
                 raise
-            except (socket.timeout, TimeoutError):
-                conn.close()
-                raise ClientError(504, f"Clowder at {netloc} did not answer in time") from None
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                if attempt == 1 and replayable and isinstance(exc, (http.client.RemoteDisconnected,
-                                                                    BrokenPipeError, ConnectionResetError)):
+            except (aiohttp.ClientError, OSError) as exc:
+                if trouble:
+                    raise trouble[0] from None
+                if attempt == 1 and replayable and isinstance(exc, _STALE):
                     continue  # a kept-alive connection the server had closed: once more, fresh
-                raise ClientError(502, f"Clowder at {netloc} is not reachable: {exc.__class__.__name__}") from None
+                raise ClientError(502, f"Clowder at {plan.netloc} is not reachable: "
+                                       f"{exc.__class__.__name__}") from None
         raise AssertionError("unreachable")
 
-    # -- response side ------------------------------------------------------------------------------
-    def _answer(self, h: BaseHTTPRequestHandler, resp: http.client.HTTPResponse, learn: Optional[str],
-                lease_id: str) -> int:
-        length_text = resp.getheader("Content-Length")
-        length = int(length_text) if length_text and length_text.isdigit() else None
-        ctype = resp.getheader("Content-Type", "")
-        extra = [(k, v) for k, v in resp.getheaders() if k.lower() in _PASS_BACK]
-        if learn and 200 <= resp.status < 300 and "json" in ctype.lower() and (length or 0) <= JSON_LIMIT:
-            data = resp.read(JSON_LIMIT + 1) if length is None else resp.read(length)
+    # -- response side --------------------------------------------------------------------------------------
+    async def _answer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, learn: Optional[str],
+                      lease_id: str) -> web.StreamResponse:
+        length = upstream.content_length
+        ctype = upstream.headers.get("Content-Type", "")
+        extra = {"Server": "clowder-relay"}
+        extra.update((k, v) for k, v in upstream.headers.items() if k.lower() in _PASS_BACK)
+        status, reason = upstream.status, upstream.reason or None
+        if learn and 200 <= status < 300 and "json" in ctype.lower() and (length or 0) <= JSON_LIMIT:
             try:
-                self.store.learn(lease_id, learn, ids_in(json.loads(data)))
+                data = await upstream.content.read(JSON_LIMIT + 1) if length is None else \
+                    await upstream.content.readexactly(length)
+            except (asyncio.IncompleteReadError, aiohttp.ClientError, asyncio.TimeoutError):
+                raise ClientError(502, "Clowder's answer was cut short") from None
+            try:
+                ids = ids_in(json.loads(data))
             except ValueError:
-                pass
-            _head(h, resp.status, resp.reason, extra, len(data))
-            h.wfile.write(data)
-            return resp.status
+                ids = []
+            if ids:
+                await self._blocking(self.store.learn, lease_id, learn, ids)
+            return web.Response(status=status, reason=reason, body=data, headers=extra)
+        if length is not None and length <= SMALL:  # one write with its headers, not three
+            try:
+                data = await upstream.content.readexactly(length)
+            except (asyncio.IncompleteReadError, aiohttp.ClientError, asyncio.TimeoutError):
+                raise ClientError(502, "Clowder's answer was cut short") from None
+            return web.Response(status=status, reason=reason, body=data, headers=extra)
+        resp = web.StreamResponse(status=status, reason=reason, headers=extra)
         if length is not None:
-            _head(h, resp.status, resp.reason, extra, length)
-            remaining = length
-            while remaining > 0:
-                block = resp.read(min(BLOCK, remaining))
-                if not block:
-                    h.close_connection = True  # upstream cut short: the agent sees a short read
-                    return resp.status
-                h.wfile.write(block)
-                remaining -= len(block)
-            return resp.status
-        _head(h, resp.status, resp.reason, extra + [("Transfer-Encoding", "chunked")], None)
-        while True:
-            block = resp.read1(BLOCK) if hasattr(resp, "read1") else resp.read(BLOCK)
-            if not block:
-                break
-            h.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
-        h.wfile.write(b"0\r\n\r\n")
-        return resp.status
+            resp.content_length = length
+        else:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        sent = 0
+        try:
+            async for block in upstream.content.iter_chunked(BLOCK):
+                await resp.write(block)
+                sent += len(block)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            resp.force_close()  # upstream cut short: the agent sees a short read
+            return resp
+        if length is not None and sent < length:
+            resp.force_close()
+            return resp
+        await resp.write_eof()
+        return resp
 
-
-def _head(h: BaseHTTPRequestHandler, status: int, reason: str, headers: list[tuple[str, str]],
-          length: Optional[int]) -> None:
-    lines = [f"HTTP/1.1 {status} {reason or 'Status'}", "Server: clowder-relay"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    if h.close_connection:
-        lines.append("Connection: close")
-    h.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-
-
-def _read_exact(rfile: Any, length: int) -> bytes:
-    data = rfile.read(length)
-    if len(data) != length:
-        raise ClientError(400, "request body shorter than its Content-Length")
-    return data
-
-
-def _blocks(rfile: Any, length: int) -> Iterator[bytes]:
-    remaining = length
-    while remaining > 0:
-        block = rfile.read(min(BLOCK, remaining))
-        if not block:
-            raise ClientError(400, "request body shorter than its Content-Length")
-        remaining -= len(block)
-        yield block
+    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._run is None:
+            return fn(*args)
+        return await self._run(fn, *args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -96,6 +97,18 @@ def _lock(folder: str) -> int:
     return fd
 
 
+def _raise_fd_limit(connections: int) -> None:
+    """Lift the soft open-files limit toward the hard one: each connection is a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256  # the lease table, the broker, upstream connections, logs
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open-files limit %d is below --max-connections %d plus room; raise `ulimit -Hn`",
+                        new, connections)
+
+
 def run(args: argparse.Namespace, state_dir: str, launcher_settings: Any = None) -> int:
     """Run the relay until SIGTERM/SIGINT; return the exit code."""
     from .broker import BrokerLink
@@ -123,6 +136,7 @@ def run(args: argparse.Namespace, state_dir: str, launcher_settings: Any = None)
                              max_upload=args.max_upload, max_connections=args.max_connections,
                              clowder_url=conf.clowder_url,
                              public_url=args.public_url, tls=_tls(args.cert, args.key))
+    _raise_fd_limit(settings.max_connections)
     folder = os.path.join(state_dir, "relay-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in queue))
     os.makedirs(folder, mode=0o700, exist_ok=True)
     lock_fd = _lock(folder)

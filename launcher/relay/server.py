@@ -26,37 +26,45 @@ already back in the relay's hands (expired) and the agent must not retry the cal
 `/clowder/<lease id>/api/...` is the Clowder path (launcher.relay.forward); it is authenticated
 by the per-lease key instead, because unchanged extractors send Clowder's key, not ours.
 
-Limits: work-API bodies need a Content-Length and at most `max_json` bytes (413 otherwise); the
-stdlib parser already bounds request lines and headers (64 KiB, 100 headers). One thread per
-connection (`http.server.ThreadingHTTPServer`), capped at `max_connections` (503 beyond it; an
-agent keeps about six connections open), so a relay serves some hundreds of agents, not tens of
-thousands, and uses one core at most (the GIL): about 85 files/s of small files measured on a
-2-core machine shared with everything else. Every error is JSON {"error": "..."} with a 4xx/5xx.
-The lease key in forwarded URLs is a capability: the relay never logs query strings and logs only
-the first characters of lease ids.
+Serving: aiohttp's low-level server on one asyncio event loop (uvloop's when installed; one thread serves every
+connection; a waiting long poll is a future, launcher.relay.longpoll). Blocking work -- the lease
+table's SQLite commits -- runs in a small thread pool; publishes go to the broker link's thread
+through its outbox; the lease reaper keeps its own thread. Every route is one method
+`async def _name(request, body) -> (status, answer)` listed in `Relay.routes`.
+
+Limits: work-API bodies need a Content-Length and at most `max_json` bytes (413 otherwise);
+request lines up to 64 KiB, headers up to 8 KiB each and 128 in all (400 beyond). Open
+connections are capped at `max_connections`: one more gets a 503 JSON answer and is closed (an
+agent keeps about six connections open). One relay process serves thousands of agent
+connections and uses one core at most (the GIL): benchmarks/results/relay_load.md measures it
+against the earlier thread-per-connection server, side by side. Every error is JSON
+{"error": "..."} with a 4xx/5xx. The lease key in forwarded URLs is a capability: the relay
+never logs query strings (no access log) and logs only the first characters of lease ids.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
+import functools
 import hmac
 import json
 import logging
 import re
-import select
 import socket
-import socketserver
 import ssl
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
-from urllib.parse import urlsplit
+from typing import Any, Awaitable, Callable, Optional
+
+from aiohttp import web
 
 from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
 
 from .broker import BrokerLink
-from .forward import ClientError, Forwarder
+from .forward import ClientError, Forwarder, continue_if_asked
+from .longpoll import LeaseWaiters
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
 from .store import Lease, LeaseStore
 
@@ -64,6 +72,14 @@ log = logging.getLogger("launcher.relay")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 MAX_DELAY_S = 24 * 3600.0
 _LEASE_PATH = re.compile(r"^/clowder/([A-Za-z0-9_\-]{10,64})/(.*)$")
+_CLOSE_AFTER = (400, 411, 413)      # the request body may be unread: this connection cannot go on
+IDLE_TIMEOUT = 120.0                # an idle kept-alive connection is closed after this
+THREADS = 4                         # SQLite work (serialised by the store's lock anyway)
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: clowder-relay\r\nContent-Type: application/json\r\n"
+         b"Connection: close\r\nContent-Length: 58\r\n\r\n"
+         b'{"error": "too many connections to the relay; try again"}\n')
+
+Route = Callable[[web.BaseRequest, dict[str, Any]], Awaitable[tuple[int, Optional[Any]]]]
 
 
 @dataclass
@@ -87,191 +103,63 @@ class RelaySettings:
     tls: Optional[ssl.SSLContext] = None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 256
-    allow_reuse_address = True
+class _Refuse(asyncio.Protocol):
+    """A connection over the cap: a 503 answer, our side closed, the rest of its request dropped."""
 
-    def __init__(self, relay: "Relay") -> None:
-        self.relay = relay
-        self._slots = threading.BoundedSemaphore(relay.settings.max_connections)
-        if ":" in relay.settings.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((relay.settings.host, relay.settings.port), _Handler)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        transport.write(_BUSY)  # type: ignore[attr-defined]
+        if transport.can_write_eof():  # type: ignore[attr-defined]
+            transport.write_eof()  # type: ignore[attr-defined]
+        # closing at once could reset the connection before the client read the answer
+        self._timer = asyncio.get_running_loop().call_later(2.0, transport.close)
 
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # no reverse DNS lookup (HTTPServer does one)
-        self.server_name, self.server_port = self.server_address[:2]
+    def data_received(self, data: bytes) -> None:
+        pass
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            if self.relay.settings.tls is None:
-                try:
-                    body = b'{"error": "too many connections to the relay; try again"}'
-                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-                except OSError:
-                    pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        tls = self.relay.settings.tls
-        if tls is None:
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(15)  # the handshake happens here, in this connection's own thread
-        try:
-            wrapped = tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.info("TLS handshake with %s failed: %s", client_address[0], exc.__class__.__name__)
-            return
-        try:
-            self.RequestHandlerClass(wrapped, client_address, self)
-        finally:
-            wrapped.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)):
-            return
-        log.exception("relay: unexpected error serving %s", client_address[0])
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._timer.cancel()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "clowder-relay"
-    sys_version = ""
-    disable_nagle_algorithm = True
-    timeout = 120  # an idle kept-alive connection is closed after this
+class _CappedServer(web.Server):
+    """aiohttp's low-level server with an open-connection cap (503 beyond it)."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass  # request lines can carry lease keys (?key=): never logged
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], cap: int,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.cap = cap
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
-
-    @property
-    def relay(self) -> "Relay":
-        return self.server.relay  # type: ignore[attr-defined]
-
-    # -- plumbing --------------------------------------------------------------------------------
-    def _send_json(self, status: int, obj: Any, extra: tuple[tuple[str, str], ...] = ()) -> None:
-        self._send_body(status, json.dumps(obj).encode(), "application/json", extra)
-
-    def _send_body(self, status: int, body: bytes, content_type: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
-        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('Status',))[0]}", "Server: clowder-relay",
-                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-        lines += [f"{k}: {v}" for k, v in extra]
-        if self.close_connection:
-            lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-
-    def _error(self, status: int, text: str, close: bool = False, **more: Any) -> None:
-        if close:
-            self.close_connection = True
-        extra = (("WWW-Authenticate", 'Bearer realm="clowder-relay"'),) if status == 401 else ()
-        self._send_json(status, {"error": text, **more}, extra)
-
-    def _authorized(self) -> bool:
-        header = self.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return False
-        return hmac.compare_digest(presented.strip().encode(), self.relay.token_bytes)
-
-    def _json_body(self) -> dict[str, Any]:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise ClientError(411, "send the body with a Content-Length, not chunked")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise ClientError(411, "a Content-Length header is required")
-        try:
-            length = int(raw)
-        except ValueError:
-            raise ClientError(400, "Content-Length is not a number") from None
-        if length < 0:
-            raise ClientError(400, "Content-Length is negative")
-        if length > self.relay.settings.max_json:
-            raise ClientError(413, f"request body of {length} bytes is over the limit of "
-                                   f"{self.relay.settings.max_json}")
-        data = self.rfile.read(length)
-        if len(data) != length:
-            raise ClientError(400, "request body shorter than its Content-Length")
-        try:
-            obj = json.loads(data or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ClientError(400, f"malformed JSON body: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ClientError(400, f"the body must be a JSON object, not {type(obj).__name__}")
-        return obj
-
-    def _dispatch(self) -> None:
-        started = time.monotonic()
-        split = urlsplit(self.path)
-        status = 500
-        match = None
-        try:
-            match = _LEASE_PATH.match(split.path)
-            if match:
-                status = self._forward(match.group(1), match.group(2), split.query)
-                return
-            if not self._authorized():
-                self._consume_small_body()
-                status = 401
-                self._error(401, "missing or wrong bearer token")
-                return
-            status = self.relay.api(self, split.path)
-        except ClientError as exc:
-            status = exc.status
-            self._error(exc.status, exc.text, close=exc.status in (400, 411, 413) or exc.status >= 500)
-        finally:
-            self.relay.metrics.observe(split.path, status, forwarded=match is not None)
-            log.debug("%s %s -> %d in %.1f ms", self.command, _loggable(split.path), status,
-                      (time.monotonic() - started) * 1000)
-
-    def _consume_small_body(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if 0 <= length <= 65536:
-            self.rfile.read(length)
-        else:
-            self.close_connection = True
-
-    def _forward(self, lease_id: str, rest: str, query: str) -> int:
-        try:
-            return self.relay.forwarder.handle(self, lease_id, rest, query)
-        except ClientError as exc:
-            # The request body may be unread or half-sent upstream: this connection cannot go on.
-            self._error(exc.status, exc.text, close=True)
-            return exc.status
+    def __call__(self) -> Any:
+        if len(self.connections) >= self.cap:
+            return _Refuse()
+        return super().__call__()
 
 
-def _peer_closed(sock: Any) -> bool:
-    """True when the client has closed its side of the connection (checked without reading)."""
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (about twice as fast per request), else asyncio's."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False  # (a socket with a timeout would wait in recv even with MSG_DONTWAIT)
-        data = socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except (OSError, ValueError):
-        return True
-    return data == b""
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def json_response(status: int, obj: Any, close: bool = False, headers: Optional[dict[str, str]] = None
+                  ) -> web.Response:
+    """A JSON answer (what every work-API route and every error sends)."""
+    resp = web.Response(status=status, body=json.dumps(obj).encode(), content_type="application/json",
+                        headers={"Server": "clowder-relay", **(headers or {})})
+    if close:
+        resp.force_close()
+    return resp
+
+
+def _error(status: int, text: str, close: bool = False, **more: Any) -> web.Response:
+    extra = {"WWW-Authenticate": 'Bearer realm="clowder-relay"'} if status == 401 else None
+    return json_response(status, {"error": text, **more}, close=close, headers=extra)
 
 
 def _loggable(path: str) -> str:
@@ -292,6 +180,14 @@ def _field(obj: dict[str, Any], name: str, kind: type, required: bool = True, de
     return value
 
 
+def _gone_peer(request: web.BaseRequest) -> Callable[[], bool]:
+    """True once the agent has hung up (checked by the long poll)."""
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+    return gone
+
+
 class Relay:
     """The relay's request handling, over a lease store, a broker link and a forwarder."""
 
@@ -302,35 +198,96 @@ class Relay:
         self.broker = broker
         self.forwarder = forwarder
         self.stopping = threading.Event()
-        self._server: Optional[_Server] = None
+        self.routes: dict[str, tuple[str, Route]] = {
+            "/v1/hello": ("GET", self._hello), "/v1/lease": ("POST", self._lease),
+            "/v1/extend": ("POST", self._extend), "/v1/complete": ("POST", self._complete),
+            "/v1/release": ("POST", self._release), "/v1/fail": ("POST", self._fail),
+            "/v1/dead-letter": ("POST", self._dead_letter), "/v1/status": ("POST", self._status),
+            "/v1/register": ("POST", self._register), "/v1/backlog": ("GET", self._backlog),
+            "/metrics": ("GET", self._metrics)}
+        self._sock: Optional[socket.socket] = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="relay-db")
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._served = threading.Event()
+        self.waiters = LeaseWaiters(store, settings.lease_ttl, self.run_blocking)
         self._reaper = threading.Thread(target=self._reap, name="relay-reaper", daemon=True)
         self.metrics = RelayMetrics(store, broker, settings.queue)
         self._agent_seen = 0.0            # monotonic time of the last call by an agent
-        self._long_polls = 0              # agents waiting in /v1/lease right now (alive too)
-        self._polls_lock = threading.Lock()
+        self._long_polls = 0              # agents waiting in /v1/lease right now (alive too; event loop only)
         self._registration: Optional[dict[str, Any]] = None
         self._next_register = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def bind(self) -> tuple[str, int]:
         """Open the listening socket; return the bound (host, port)."""
-        self._server = _Server(self)
-        return self._server.server_address[:2]
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.settings.host, self.settings.port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._sock = sock
+        return sock.getsockname()[:2]
 
     def serve(self) -> None:
-        """Serve until shutdown() (blocks)."""
-        assert self._server is not None
+        """Serve until shutdown() (blocks; runs its own event loop in this thread)."""
+        assert self._sock is not None
         self._reaper.start()
-        self._server.serve_forever(poll_interval=0.2)
+        loop = new_event_loop()
+        try:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._pool.shutdown(wait=False)
+            self._served.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self.stopping.is_set():
+            return
+        await self.forwarder.start(self.run_blocking)
+        self.waiters.start()
+        web_server = _CappedServer(self._dispatch, self.settings.max_connections, access_log=None,
+                                   keepalive_timeout=IDLE_TIMEOUT, max_line_size=65536, auto_decompress=False,
+                                   lingering_time=2.0)
+        server = await self._loop.create_server(web_server, sock=self._sock, ssl=self.settings.tls,
+                                                ssl_handshake_timeout=15 if self.settings.tls else None,
+                                                backlog=1024)
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            await self.waiters.stop()
+            await web_server.shutdown(2.0)
+            await self.forwarder.close()
 
     def shutdown(self) -> None:
-        """Stop answering: long polls return at once, the listening socket closes."""
+        """Stop answering: long polls return at once, the listening socket closes (from another thread)."""
         self.stopping.set()
         with self.store.changed:
             self.store.changed.notify_all()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass  # the loop has already ended
+            self._served.wait(15.0)
+        elif self._sock is not None and not self._reaper.is_alive():
+            self._sock.close()
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking call (SQLite) in the relay's thread pool."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._pool, functools.partial(fn, *args))
 
     def _reap(self) -> None:
         while not self.stopping.wait(1.0):
@@ -354,44 +311,100 @@ class Relay:
     def backoff(self, attempts: int) -> float:
         return min(self.settings.retry_backoff * (2 ** max(0, attempts - 1)), 60.0)
 
-    # -- the work API ------------------------------------------------------------------------------
-    def api(self, h: _Handler, path: str) -> int:
-        routes = {"/v1/hello": ("GET", self._hello), "/v1/lease": ("POST", self._lease),
-                  "/v1/extend": ("POST", self._extend), "/v1/complete": ("POST", self._complete),
-                  "/v1/release": ("POST", self._release), "/v1/fail": ("POST", self._fail),
-                  "/v1/dead-letter": ("POST", self._dead_letter), "/v1/status": ("POST", self._status),
-                  "/v1/register": ("POST", self._register), "/v1/backlog": ("GET", self._backlog)}
-        if path == "/metrics" and h.command == "GET":  # Prometheus scrapes with the bearer token
-            h._send_body(200, self.metrics.render(), METRICS_CONTENT_TYPE)
-            return 200
-        if path not in routes:
-            raise ClientError(404, f"no such endpoint: {path}")
-        method, fn = routes[path]
-        if h.command != method:
-            raise ClientError(405, f"{path} takes {method}, not {h.command}")
-        if path != "/v1/backlog":  # the launcher asks for counts too: only agents keep registration alive
-            self._agent_seen = time.monotonic()
-        body = h._json_body() if method == "POST" else {}
-        status, answer = fn(h, body)
-        if answer is not None:
-            h._send_json(status, answer)
-        return status
+    # -- dispatch ----------------------------------------------------------------------------------
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        path, _, query = request.raw_path.partition("?")
+        status = 500
+        match = None
+        try:
+            match = _LEASE_PATH.match(path)
+            if match:
+                try:
+                    resp = await self.forwarder.handle(request, match.group(1), match.group(2), query)
+                except ClientError as exc:
+                    # The request body may be unread or half-sent upstream: this connection cannot go on.
+                    resp = _error(exc.status, exc.text, close=True)
+            elif not self._authorized(request):
+                resp = _error(401, "missing or wrong bearer token", close=(request.content_length or 0) > 65536)
+            else:
+                resp = await self.api(request, path)
+            status = resp.status
+            return resp
+        except ClientError as exc:
+            status = exc.status
+            return _error(exc.status, exc.text, close=exc.status in _CLOSE_AFTER or exc.status >= 500)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the agent has gone: nothing to answer
+        except Exception:  # noqa: BLE001 - answered as JSON like every other error
+            log.exception("relay: unexpected error serving %s %s", request.method, _loggable(path))
+            return _error(500, "internal error in the relay (see its log)", close=True)
+        finally:
+            self.metrics.observe(path, status, forwarded=match is not None)
+            log.debug("%s %s -> %d in %.1f ms", request.method, _loggable(path), status,
+                      (time.monotonic() - started) * 1000)
 
-    def _hello(self, h: _Handler, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _authorized(self, request: web.BaseRequest) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            return False
+        return hmac.compare_digest(presented.strip().encode(), self.token_bytes)
+
+    async def _json_body(self, request: web.BaseRequest) -> dict[str, Any]:
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            raise ClientError(411, "send the body with a Content-Length, not chunked")
+        raw = request.headers.get("Content-Length")
+        if raw is None:
+            raise ClientError(411, "a Content-Length header is required")
+        length = request.content_length or 0  # the parser has checked it is a number >= 0
+        if length > self.settings.max_json:
+            raise ClientError(413, f"request body of {length} bytes is over the limit of "
+                                   f"{self.settings.max_json}")
+        await continue_if_asked(request)
+        try:
+            data = await request.content.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise ClientError(400, "request body shorter than its Content-Length") from None
+        try:
+            obj = json.loads(data or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientError(400, f"malformed JSON body: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ClientError(400, f"the body must be a JSON object, not {type(obj).__name__}")
+        return obj
+
+    # -- the work API ------------------------------------------------------------------------------
+    async def api(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        """One work-API call: look its route up, read its body, answer what the route returns."""
+        if path not in self.routes:
+            raise ClientError(404, f"no such endpoint: {path}")
+        method, fn = self.routes[path]
+        if request.method != method:
+            raise ClientError(405, f"{path} takes {method}, not {request.method}")
+        if path not in ("/v1/backlog", "/metrics"):  # the launcher and Prometheus ask too: only agents count
+            self._agent_seen = time.monotonic()
+        body = await self._json_body(request) if method == "POST" else {}
+        status, answer = await fn(request, body)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        return json_response(status, answer)
+
+    async def _hello(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return 200, {"queue": self.settings.queue, "lease_ttl": self.settings.lease_ttl,
                      "max_wait": self.settings.max_wait, "max_upload": self.settings.max_upload,
                      "broker_connected": self.broker.connected.is_set()}
 
-    def _base_url(self, h: _Handler) -> str:
+    def _base_url(self, request: web.BaseRequest) -> str:
         if self.settings.public_url:
             return self.settings.public_url.rstrip("/")
-        host = h.headers.get("Host", "")
+        host = request.headers.get("Host", "")
         if not _HOST_HEADER.match(host):
             raise ClientError(400, "missing or malformed Host header")
         scheme = "https" if self.settings.tls is not None else "http"
         return f"{scheme}://{host}"
 
-    def _lease(self, h: _Handler, body: dict[str, Any]) -> tuple[int, Optional[dict[str, Any]]]:
+    async def _lease(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, Any]:
         agent = _field(body, "agent", str)[:200]
         limit = _field(body, "max", int, required=False, default=1)
         wait = _field(body, "wait", float, required=False, default=0.0)
@@ -401,29 +414,25 @@ class Relay:
             raise ClientError(400, "field 'wait' must not be negative")
         if self.stopping.is_set():
             raise ClientError(503, "the relay is shutting down")
-        base = self._base_url(h)
-
-        def give_up() -> bool:
-            return self.stopping.is_set() or _peer_closed(h.connection)
-
-        with self._polls_lock:
-            self._long_polls += 1
+        base = self._base_url(request)
+        gone = _gone_peer(request)
+        self._long_polls += 1
         try:
-            leases = self.store.wait_lease(agent, limit, self.settings.lease_ttl, min(wait, self.settings.max_wait),
-                                           lambda lease_id: f"{base}/clowder/{lease_id}/", give_up)
+            leases = await self.waiters.lease(agent, limit, min(wait, self.settings.max_wait),
+                                              lambda lease_id: f"{base}/clowder/{lease_id}/", gone)
         finally:
-            with self._polls_lock:
-                self._long_polls -= 1
+            self._long_polls -= 1
             self._agent_seen = time.monotonic()
+        resp = json_response(200, {"leases": [self._handed_out(lease) for lease in leases]})
         try:
-            if leases and _peer_closed(h.connection):
+            if leases and gone():
                 raise ConnectionResetError("the agent hung up during its long poll")
-            h._send_json(200, {"leases": [self._handed_out(lease) for lease in leases]})
-        except OSError:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
             for lease in leases:  # never delivered: leasable again at once
-                self.store.release(lease.lease_id)
-            raise
-        return 200, None
+                await self.run_blocking(self.store.release, lease.lease_id)
+        return 200, resp
 
     def _handed_out(self, lease: Lease) -> dict[str, Any]:
         body = lease.body
@@ -450,26 +459,30 @@ class Relay:
     def _gone() -> tuple[int, dict[str, Any]]:
         return 409, {"error": "lease not live (expired, or already settled)", "gone": True}
 
-    def _extend(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    @staticmethod
+    def _lease_ids(body: dict[str, Any]) -> list[str]:
         ids = _field(body, "lease_ids", list)
         if len(ids) > 10000 or not all(isinstance(i, str) and len(i) <= 64 for i in ids):
             raise ClientError(400, "field 'lease_ids' must be a list of lease ids")
-        ok, gone = self.store.extend(ids, self.settings.lease_ttl)
+        return ids
+
+    async def _extend(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ok, gone = await self.run_blocking(self.store.extend, self._lease_ids(body), self.settings.lease_ttl)
         return 200, {"extended": ok, "gone": gone, "lease_ttl": self.settings.lease_ttl}
 
-    def _complete(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def _complete(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if "lease_ids" in body:  # a batch: {"done": [...], "gone": [...]}
-            ids = _field(body, "lease_ids", list)
-            if len(ids) > 10000 or not all(isinstance(i, str) and len(i) <= 64 for i in ids):
-                raise ClientError(400, "field 'lease_ids' must be a list of lease ids")
-            done = set(self.store.complete_many(ids))
+            ids = self._lease_ids(body)
+            done = set(await self.run_blocking(self.store.complete_many, ids))
             return 200, {"done": sorted(done), "gone": [i for i in ids if i not in done]}
-        return (200, {"ok": True}) if self.store.complete(self._lease_id(body)) else self._gone()
+        ok = await self.run_blocking(self.store.complete, self._lease_id(body))
+        return (200, {"ok": True}) if ok else self._gone()
 
-    def _release(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        return (200, {"ok": True}) if self.store.release(self._lease_id(body)) else self._gone()
+    async def _release(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ok = await self.run_blocking(self.store.release, self._lease_id(body))
+        return (200, {"ok": True}) if ok else self._gone()
 
-    def _fail(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def _fail(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         lease_id = self._lease_id(body)
         attempts = _field(body, "attempts", int, required=False, default=0)
         reason = _field(body, "reason", str, required=False, default="")[:REASON_LIMIT]
@@ -477,17 +490,18 @@ class Relay:
         if delay is not None and not 0 <= delay <= MAX_DELAY_S:
             raise ClientError(400, f"field 'delay' must be between 0 and {MAX_DELAY_S}")
         backoff = self.backoff if delay is None else (lambda _attempts: delay)
-        outcome = self.store.fail(lease_id, attempts, self._scrub(lease_id, reason), self.settings.max_retries,
-                                  backoff)
+        outcome = await self.run_blocking(self.store.fail, lease_id, attempts, self._scrub(lease_id, reason),
+                                          self.settings.max_retries, backoff)
         return (200, {"outcome": outcome}) if outcome else self._gone()
 
-    def _dead_letter(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def _dead_letter(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         lease_id = self._lease_id(body)
         reason = self._scrub(lease_id, _field(body, "reason", str, required=False, default="")[:REASON_LIMIT])
         tb = self._scrub(lease_id, _field(body, "traceback", str, required=False, default="")[-TRACEBACK_LIMIT:])
         attempts = _field(body, "attempts", int, required=False, default=0)
         agent = _field(body, "agent", str, required=False, default=None)
-        ok = self.store.dead_letter(lease_id, reason, tb, attempts, agent[:200] if agent else None)
+        ok = await self.run_blocking(self.store.dead_letter, lease_id, reason, tb, attempts,
+                                     agent[:200] if agent else None)
         return (200, {"ok": True}) if ok else self._gone()
 
     def _scrub(self, lease_id: str, text: str) -> str:
@@ -500,21 +514,22 @@ class Relay:
                 text = text.replace(secret, "***")
         return text
 
-    def _status(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def _status(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         items = _field(body, "items", list)
-        accepted = 0
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("lease_id"), str) \
                     or not isinstance(item.get("payload"), dict):
                 raise ClientError(400, "each status item needs a 'lease_id' string and a 'payload' object")
-            route = self.store.route(item["lease_id"])
+        routes = await self.run_blocking(lambda: [self.store.route(item["lease_id"]) for item in items])
+        accepted = 0
+        for item, route in zip(items, routes):
             if route is None or not route[0]:
                 continue
             if self.broker.publish_status(route[0], route[1], item["payload"]):
                 accepted += 1
         return 202, {"accepted": accepted}
 
-    def _register(self, h: _Handler, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def _register(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         agent = _field(body, "agent", str)[:200]
         info = _field(body, "extractor_info", dict)
         owner = _field(body, "owner", str, required=False, default="")
@@ -524,7 +539,13 @@ class Relay:
         queued = self.broker.publish_registration(dict(message))
         return 202, {"accepted": queued}
 
-    def _backlog(self, h: _Handler, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        counts = self.store.backlog(self.settings.lease_ttl)
+    async def _backlog(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        counts = await self.run_blocking(self.store.backlog, self.settings.lease_ttl)
         counts.update(queue=self.settings.queue, lease_ttl=self.settings.lease_ttl)
         return 200, counts
+
+    async def _metrics(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, web.Response]:
+        """Prometheus text; scraped with the same bearer token (the store is read in the pool)."""
+        body = await self.run_blocking(self.metrics.render)
+        return 200, web.Response(status=200, body=body, headers={"Server": "clowder-relay",
+                                                                 "Content-Type": METRICS_CONTENT_TYPE})

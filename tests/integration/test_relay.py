@@ -191,6 +191,21 @@ def _lease_one(relay: RelayProc) -> dict[str, Any]:
     return leases[0]
 
 
+def test_fail_with_a_delay_holds_the_retry_that_long(harness, local_relay):
+    """/v1/fail's delay replaces the relay's backoff; out of 0..24 h it is refused and the lease stays."""
+    r = local_relay
+    harness.publish_file(b"ok\n")
+    lease = _lease_one(r)
+    for bad in (-1, 24 * 3600 + 1, "soon"):
+        refused = r.call("POST", "/v1/fail", {"lease_id": lease["lease_id"], "attempts": 1, "delay": bad})
+        assert refused.status_code == 400 and "delay" in refused.json()["error"], refused.text
+    ok = r.call("POST", "/v1/fail", {"lease_id": lease["lease_id"], "attempts": 1, "reason": "x", "delay": 600})
+    assert ok.status_code == 200 and ok.json()["outcome"] == "retry", ok.text
+    backlog = r.call("GET", "/v1/backlog").json()
+    assert backlog["ready"] == 0 and backlog["backoff"] == 1 and 590 <= backlog["retry_after"] <= 600, backlog
+    assert r.call("POST", "/v1/lease", {"agent": "test", "max": 1, "wait": 0}).json()["leases"] == []
+
+
 def test_bad_tokens_and_malformed_requests_get_clear_errors(harness, local_relay):
     r = local_relay
     assert r.call("GET", "/v1/hello", token=None).status_code == 401
@@ -494,3 +509,105 @@ def test_relay_registers_for_its_agents_while_they_live(harness, tmp_path):
         assert ours() == 0, relay.log()
     finally:
         relay.stop()
+
+
+# -- the HTTP stack's limits ----------------------------------------------------------------------------
+def _raw_hello(r: RelayProc) -> socket.socket:
+    """A kept-alive raw connection that has been answered once (so the relay counts it as open)."""
+    sock = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+    sock.sendall(f"GET /v1/hello HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {r.token}\r\n\r\n".encode())
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def test_connections_over_the_cap_get_503_and_the_cap_frees_up(harness, tmp_path):
+    r = RelayProc(harness, "127.0.0.1", tmp_path, "--max-connections", "5").start()
+    held = []
+    try:
+        held = [_raw_hello(r) for _ in range(5)]
+        over = r.call("GET", "/v1/hello")
+        assert over.status_code == 503 and "too many connections" in over.json()["error"]
+        held.pop().close()
+        time.sleep(0.5)  # the relay sees the close
+        assert r.call("GET", "/v1/hello").status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+        r.stop()
+
+
+def test_size_limits(harness, local_relay):
+    r = local_relay
+    harness.publish_file(b"ok\n")
+    lease = _lease_one(r)
+    body = json.loads(base64.b64decode(lease["body_b64"]))
+    base, key = body["host"], body["secretKey"]
+    dataset = "ds-" + harness.queue
+    # A chunked upload (no Content-Length) is cut off at --max-upload too.
+    chunks = (b"x" * 50000 for _ in range(4))
+    big = requests.post(f"{base}api/uploadToDataset/{dataset}", params={"key": key}, data=chunks,
+                        headers={"Content-Type": "application/octet-stream"}, timeout=30)
+    assert big.status_code == 413 and "limit" in big.json()["error"], big.text
+    assert harness.standin.records(kind="upload") == []
+    # The work API's JSON limit holds with any Content-Length, and oversized headers are refused.
+    exact = r.call("POST", "/v1/status", data=b" " * ((1 << 20) + 1), headers={"Content-Type": "application/json"})
+    assert exact.status_code == 413
+    assert r.call("POST", "/v1/status", {"items": []}).status_code == 202  # the limit is not the default
+    huge = r.call("GET", "/v1/hello", headers={"X-Filler": "y" * 20000})
+    assert huge.status_code == 400
+    long_line = r.call("GET", "/v1/hello?" + "z" * 70000)
+    assert long_line.status_code in (400, 414)
+    assert r.call("POST", "/v1/release", {"lease_id": lease["lease_id"]}).status_code == 200
+
+
+def test_300_agents_long_polling_at_once_each_get_one_lease(harness, local_relay):
+    import asyncio
+
+    import aiohttp
+
+    r = local_relay
+    n = 300
+    auth = {"Authorization": f"Bearer {r.token}"}
+
+    async def one(i: int, session: aiohttp.ClientSession) -> str:
+        async with session.post(r.url + "/v1/lease", json={"agent": f"a{i}", "max": 1, "wait": 25}) as resp:
+            assert resp.status == 200, await resp.text()
+            leases = (await resp.json())["leases"]
+        assert len(leases) == 1
+        lease_id = leases[0]["lease_id"]
+        async with session.post(r.url + "/v1/complete", json={"lease_ids": [lease_id]}) as resp:
+            assert (await resp.json())["done"] == [lease_id]
+        return lease_id
+
+    async def main() -> list[str]:
+        connector = aiohttp.TCPConnector(limit=n)
+        async with aiohttp.ClientSession(connector=connector, headers=auth) as session:
+            polls = [asyncio.ensure_future(one(i, session)) for i in range(n)]
+            await asyncio.sleep(2.0)  # every agent is waiting on its own connection now
+            assert not any(p.done() for p in polls)
+            await asyncio.get_running_loop().run_in_executor(None, publish_all)
+            return await asyncio.wait_for(asyncio.gather(*polls), 90)
+
+    def publish_all() -> None:
+        for i in range(n):
+            harness.publish({"id": f"f{i}", "host": harness.standin.url, "secretKey": harness.key})
+
+    got = asyncio.run(main())
+    assert len(set(got)) == n
+    harness.wait_for(lambda: harness.depth() == 0, 10, "the queue to be empty")
+    assert r.call("POST", "/v1/lease", {"agent": "late", "max": 1, "wait": 0}).json()["leases"] == []
+
+
+def test_expect_100_continue_is_answered_only_within_the_limits(harness, local_relay):
+    r = local_relay
+    body = b'{"items": []}'
+    head = (f"POST /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {r.token}\r\n"
+            f"Content-Type: application/json\r\nExpect: 100-continue\r\n")
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 202")
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as sock:
+        sock.sendall(f"{head}Content-Length: {2 << 20}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")  # refused before the body is sent
