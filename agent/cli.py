@@ -172,6 +172,9 @@ def cmd_plugins(cfg: AgentConfig, as_json: bool) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit code (agent.exitcodes)."""
     args = _parser().parse_args(argv)
+    if args.command != "run":
+        from . import early_signals
+        early_signals.release()  # only `run` acts on stop signals itself (agent/__main__.py holds them)
     try:
         cfg = _settings(args)
     except ConfigError as exc:

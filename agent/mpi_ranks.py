@@ -49,7 +49,7 @@ from typing import Any, Callable, Optional
 
 from hpc_common.redact import Redactor
 
-from . import exitcodes
+from . import early_signals, exitcodes
 from .config import AgentConfig, setting_from_env
 from .errors import ConfigError
 from .rank_worker import RankWorker
@@ -543,6 +543,9 @@ class Follower:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        for signum in early_signals.take():  # came while this rank was starting
+            if signum != signal.SIGUSR1:
+                on_signal(signum, None)
         try:
             return self._loop()
         except BaseException:  # noqa: BLE001 - never hang the job in MPI_Finalize

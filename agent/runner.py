@@ -37,7 +37,7 @@ import pyclowder.utils
 from hpc_common import reports
 from hpc_common.redact import Redactor
 
-from . import exitcodes
+from . import early_signals, exitcodes
 from .config import AgentConfig
 from .messages import BadMessage, Delivery, parse_body, status_payload
 from .slots import Slot
@@ -158,8 +158,10 @@ class Runner:
             self._signal = signum  # acted on by the main loop: the broker client must not be re-entered here
             self.source.wake()
 
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for signum in early_signals.SIGNALS:
             signal.signal(signum, handler)
+        for signum in early_signals.take():  # came while the agent was starting
+            handler(signum, None)
 
     def request_stop(self, reason: str, grace: Optional[float] = None) -> None:
         """Take no new work; let in-flight work finish for grace seconds (default stop_grace)."""
