@@ -8,8 +8,9 @@ that apply to that plugin only, so several plugins in one agent can each have th
         command_prefix: apptainer exec --bind /scratch wordcount.sif
         env_python: /opt/python/3.11/bin/python3
 
-Keys: command_prefix, env_python, env_build, extraction_func, extraction_module. A key missing
-there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...).
+Keys: command_prefix, env_python, env_build, extraction_func, extraction_module, and for an
+agent serving several plugins (agent.plugin_set) slots, time_limit, max_retries, rabbitmq_queue.
+A key missing there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import json
 import shlex
 from typing import Any, Mapping, Optional
 
-PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module")
+PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module",
+                   "slots", "time_limit", "max_retries", "rabbitmq_queue")
 
 
 def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,150 @@
+"""Several plugins in one agent (`--plugin a,b`), against a real RabbitMQ and the Clowder stand-in.
+
+Plugin a is tests/plugins/directive (a class extractor), plugin b tests/plugins/simple_wc (a
+function extractor); each consumes a fresh queue of this test, named in the `plugins:` table.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import time
+import uuid
+
+import pika
+import pytest
+
+from helpers.agent_harness import TEST_PLUGINS, AgentHarness, harness  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+A, B = "test.directive", "test.simple.wc"
+
+
+@pytest.fixture
+def second(harness, rabbitmq):  # noqa: F811
+    """A harness on a second fresh queue, same stand-in and folder (for plugin b)."""
+    h = AgentHarness(rabbitmq, f"test-{uuid.uuid4().hex[:8]}", harness.standin, harness.tmp)
+    try:
+        yield h
+    finally:
+        try:
+            h.ch.queue_delete(h.queue)
+            h.ch.queue_delete("error." + h.queue)
+        except pika.exceptions.AMQPError:
+            pass
+        h.close()
+
+
+def _table(a: AgentHarness, b: AgentHarness, **extra_a: object) -> str:
+    return json.dumps({A: {"rabbitmq_queue": a.queue, **extra_a}, B: {"rabbitmq_queue": b.queue}})
+
+
+def _env(a: AgentHarness, b: AgentHarness, **extra_a: object) -> dict[str, str]:
+    # RABBITMQ_QUEUE names one queue: with two plugins each one's queue comes from the table.
+    return {"RABBITMQ_QUEUE": "", "AGENT_PLUGIN_PATH": TEST_PLUGINS, "AGENT_PLUGINS": _table(a, b, **extra_a)}
+
+
+def _consumers(h: AgentHarness, queue: str) -> int:
+    return h.ch.queue_declare(queue, durable=True, passive=True).method.consumer_count
+
+
+def _agent_connections(pid: int) -> int:
+    """Broker connections whose name is an agent of this process id (agent ids hold the pid)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "client_properties"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    return sum(1 for line in out.splitlines() if "clowder-hpc-agent" in line and f"-{pid}-" in line)
+
+
+def test_each_queue_goes_to_its_own_extractor_over_one_connection(harness, second):
+    a_ids = [harness.publish_file(b"sleep 0.5\n", name=f"a{i}.txt") for i in range(6)]
+    b_ids = [second.publish_file(b"one two three\n", name=f"b{i}.txt") for i in range(4)]
+    proc = harness.start_agent("--plugin", f"{A},{B}", "--idle-exit", "3", **_env(harness, second, slots=2))
+    harness.wait_for(lambda: _consumers(harness, harness.queue) == 1 and _consumers(harness, second.queue) == 1,
+                     90, "both queues consumed")
+    assert _agent_connections(proc.pid) == 1
+    assert proc.wait(timeout=120) == 0, harness.log_text()
+    for fid in a_ids:  # queue a's messages went to the directive extractor only
+        (md,) = harness.standin.metadata_for(fid)
+        assert md["content"]["directive"] == "sleep" and "words" not in md["content"]
+    for fid in b_ids:
+        (md,) = harness.standin.metadata_for(fid)
+        assert md["content"]["words"] == "3" and "directive" not in md["content"]
+    runs = harness.runs()  # what the directive extractor was given: a's files, each once
+    assert sorted(r[0] for r in runs) == sorted(a_ids)
+    assert len(collections.Counter(pid for _, pid, _ in runs)) == 2  # plugin a's two slots
+    assert harness.depth() == 0 and second.depth() == 0
+    done = {s["file_id"]: s["status"] for s in harness.statuses() + second.statuses()}
+    assert all(done[f] == "StatusMessage.done: Done processing." for f in a_ids + b_ids)
+    text = harness.log_text()
+    assert f"queue {harness.queue}, 2 slot(s)" in text and f"queue {second.queue}, 1 slot(s)" in text
+    assert "idle for 3s (every queue)" in text
+
+
+def test_poison_goes_to_the_error_queue_of_its_own_plugin(harness, second):
+    bad = harness.publish_file(b"abort\n")
+    good = second.publish_file(b"a b\n")
+    code = harness.run_agent("--plugin", f"{A},{B}", "--idle-exit", "2", **_env(harness, second))
+    assert code == 0, harness.log_text()
+    errors = harness.errors()
+    assert len(errors) == 1 and json.loads(errors[0][1])["id"] == bad
+    assert second.errors() == [] and second.depth() == 0
+    assert harness.standin.metadata_for(good)[0]["content"]["words"] == "2"
+
+
+def test_idle_exit_waits_for_every_queue(harness, second):
+    """Plugin b idles for longer than idle_exit while a works: the agent stays, and b still takes work."""
+    slow = harness.publish_file(b"sleep 6\n")
+    proc = harness.start_agent("--plugin", f"{A},{B}", "--idle-exit", "2", **_env(harness, second))
+    harness.wait_for(lambda: len(harness.runs()) == 1, 90, "plugin a to start its file")
+    time.sleep(3)  # b has now been idle for longer than idle_exit
+    assert proc.poll() is None, harness.log_text()
+    late = second.publish_file(b"late words here\n")
+    assert proc.wait(timeout=120) == 0, harness.log_text()
+    assert harness.standin.metadata_for(slow) and harness.standin.metadata_for(late)[0]["content"]["words"] == "3"
+
+
+def test_slot_split_from_the_environment(harness, second):
+    ids = [harness.publish_file(b"sleep 0.5\n", name=f"s{i}.txt") for i in range(4)]
+    code = harness.run_agent("--plugin", f"{A},{B}", "--idle-exit", "2", AGENT_SLOTS=f"{A}:2,{B}:1",
+                             **_env(harness, second))
+    assert code == 0, harness.log_text()
+    assert len(collections.Counter(pid for _, pid, _ in harness.runs())) == 2
+    assert all(harness.standin.metadata_for(f) for f in ids)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("same-queue", "both consume queue"),
+    ("unknown-in-split", "slots: nope is not a plugin this agent serves"),
+    ("rabbitmq-queue", "rabbitmq_queue (RABBITMQ_QUEUE) names one queue but the agent serves 2 plugins"),
+    ("spool", "source spool serves one plugin per agent"),
+])
+def test_bad_combinations_are_refused_before_any_message(harness, second, tmp_path, case, expected):
+    fid = harness.publish_file(b"ok\n")
+    env = _env(harness, second)
+    if case == "same-queue":
+        env["AGENT_PLUGINS"] = json.dumps({A: {"rabbitmq_queue": harness.queue},
+                                           B: {"rabbitmq_queue": harness.queue}})
+    elif case == "unknown-in-split":
+        env["AGENT_SLOTS"] = f"{A}:2,nope:1"
+    elif case == "rabbitmq-queue":
+        env.update(RABBITMQ_QUEUE=harness.queue, AGENT_PLUGINS="{}")
+    else:
+        env.update(AGENT_SOURCE="spool", AGENT_SPOOL_DIR=str(tmp_path))
+    code = harness.run_agent("--plugin", f"{A},{B}", "--idle-exit", "2", **env)
+    log = harness.log_text()
+    assert code == 2, log
+    assert expected in log and "Traceback" not in log
+    assert len([line for line in log.splitlines() if "ERROR" in line]) == 1
+    assert harness.depth() == 1 and not harness.standin.metadata_for(fid)
+
+
+def test_yaml_list_of_plugins(harness, second, tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"plugin: [{A}, {B}]\nplugins:\n  {A}: {{rabbitmq_queue: {harness.queue}}}\n"
+                      f"  {B}: {{rabbitmq_queue: {second.queue}, slots: 2}}\n")
+    a, b = harness.publish_file(b"ok\n"), second.publish_file(b"x y\n")
+    code = harness.run_agent("--idle-exit", "2", AGENT_CONFIG=str(config), RABBITMQ_QUEUE="",
+                             AGENT_PLUGIN="", AGENT_PLUGIN_PATH=TEST_PLUGINS)
+    assert code == 0, harness.log_text()
+    assert harness.standin.metadata_for(a) and harness.standin.metadata_for(b)
+    assert f"queue {second.queue}, 2 slot(s)" in harness.log_text()
