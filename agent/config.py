@@ -54,10 +54,10 @@ def _to_optional_str(value: Any) -> Optional[str]:
 
 
 def _to_plugins(value: Any) -> Optional[str]:
-    """One plugin name or several: a YAML list or a comma-separated string, kept comma-separated."""
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v).strip() for v in value)
-    names = [n.strip() for n in str(value if value is not None else "").split(",") if n.strip()]
+    """One plugin name or several: a YAML list or a string separated by commas or spaces (job scripts:
+    qsub -v and sbatch --export split on commas), kept comma-separated."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    names = [n for item in items if item is not None for n in str(item).replace(",", " ").split()]
     return ",".join(names) or None
 
 

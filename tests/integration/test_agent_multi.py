@@ -148,3 +148,34 @@ def test_yaml_list_of_plugins(harness, second, tmp_path):
     assert code == 0, harness.log_text()
     assert harness.standin.metadata_for(a) and harness.standin.metadata_for(b)
     assert f"queue {second.queue}, 2 slot(s)" in harness.log_text()
+
+
+# -- the launcher, for agents serving several plugins ------------------------------------------------
+def test_launcher_status_shows_each_queue_and_their_sum(harness, second, tmp_path):
+    import os
+    import sys
+
+    from helpers.agent_harness import REPO
+
+    for _ in range(3):
+        harness.publish_file(b"ok\n")
+    for _ in range(2):
+        second.publish_file(b"x\n")
+    caps = tmp_path / "caps.yaml"
+    caps.write_text("max_array_size: 5\nmax_running: 4\nmax_queued: 6\nmax_walltime: \"00:05:00\"\ncores_per_task: 1\n")
+    env = dict(os.environ, LAUNCHER_CAPS=str(caps), LAUNCHER_STATE_DIR=str(tmp_path / "state"),
+               LAUNCHER_SCHEDULER="slurm", RABBITMQ_URI=harness.url, PYTHONPATH=REPO,
+               AGENT_JOURNAL_DIR=str(tmp_path / "journal"))
+    env.pop("RABBITMQ_QUEUE", None)
+    argv = [sys.executable, "-m", "launcher", "status", "--rabbitmq-queue", harness.queue,
+            "--rabbitmq-queue", second.queue]
+    out = subprocess.run(argv + ["--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["broker"]["ready"] == 5 and data["backlog"]["total"] == 5  # today's keys: the total
+    assert {q: v["ready"] for q, v in data["queues"].items()} == {harness.queue: 3, second.queue: 2}
+    assert data["queues"][second.queue]["backlog"]["total"] == 2
+    text = subprocess.run(argv, env=dict(env, RABBITMQ_QUEUE=f"{harness.queue},{second.queue}"), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert f"{second.queue}  ready 2" in text.stdout and "backlog    5 waiting" in text.stdout

@@ -20,6 +20,7 @@ def _plan(environ, config_file=None):
 
 def test_plugin_list_from_a_comma_string_and_a_yaml_list(tmp_path):
     assert plugin_names(load_config({}, {"AGENT_PLUGIN": " ncsa.a , ncsa.b,"})) == ["ncsa.a", "ncsa.b"]
+    assert plugin_names(load_config({}, {"AGENT_PLUGIN": "ncsa.a ncsa.b"})) == ["ncsa.a", "ncsa.b"]
     assert plugin_names(load_config({}, {})) == [None]
     config = tmp_path / "a.yaml"
     config.write_text("plugin: [ncsa.a, ncsa.b]\n")
