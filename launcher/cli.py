@@ -129,8 +129,8 @@ def build(args, need_script: bool = False) -> Launcher:
     broker, queue, _ = _broker(args)
     names = queue_names(queue)
     # Several queues: the jobs' agents serve several plugins (AGENT_PLUGIN='a b'), each consuming its
-    # own queue; RABBITMQ_QUEUE names one queue, so it is not passed to them.
-    env = {"RABBITMQ_QUEUE": queue} if len(names) == 1 else {}
+    # own queue; RABBITMQ_QUEUE names one queue, so theirs is emptied (Slurm's --export=ALL would pass a,b).
+    env = {"RABBITMQ_QUEUE": queue if len(names) == 1 else ""} if names else {}
     script = _script(args, name, runner) if need_script else ""
     from launcher import backlog
 

@@ -12,30 +12,19 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
-import pika
 import pytest
 
-from helpers.agent_harness import REPO, TEST_PLUGINS, AgentHarness, harness  # noqa: F401 (fixture)
+from helpers.agent_harness import REPO, TEST_PLUGINS, AgentHarness, harness, second_harness  # noqa: F401
 
 pytestmark = pytest.mark.integration
 A, B = "test.directive", "test.simple.wc"
 
 
 @pytest.fixture
-def second(harness, rabbitmq):  # noqa: F811
-    """A harness on a second fresh queue, same stand-in and folder (for plugin b)."""
-    h = AgentHarness(rabbitmq, f"test-{uuid.uuid4().hex[:8]}", harness.standin, harness.tmp)
-    try:
-        yield h
-    finally:
-        try:
-            h.ch.queue_delete(h.queue)
-            h.ch.queue_delete("error." + h.queue)
-        except pika.exceptions.AMQPError:
-            pass
-        h.close()
+def second(second_harness):
+    """Plugin b's queue: a second fresh queue, same stand-in."""
+    return second_harness
 
 
 def _table(a: AgentHarness, b: AgentHarness, **extra_a: object) -> str:
