@@ -180,6 +180,19 @@ class Runner:
             return None
         return self._last_activity
 
+    @property
+    def stopping(self) -> bool:
+        """True once this runner takes no new work."""
+        return self._stop_reason is not None
+
+    def signalled(self, signum: int) -> None:
+        """A signal for this runner (safe in a signal handler): acted on at its next step."""
+        self._signal = signum
+
+    def close_slots(self) -> None:
+        """Stop the extractor processes (setup failed elsewhere in the agent)."""
+        self._close_slots()
+
     def source_gone(self, exc: BaseException) -> None:
         """The work source cannot be reached any more: end with BROKER_UNREACHABLE."""
         log.error("%s; handing back what can be handed back", exc)

@@ -74,13 +74,13 @@ class RunnerGroup:
 
     def _close_all_slots(self) -> None:
         for runner in self.runners:
-            runner._close_slots()
+            runner.close_slots()
 
     def _check_idle(self, now: float) -> None:
         """Stop every plugin once all of them have been idle for idle_exit (unless work is due soon)."""
         if not self.idle_exit or now < self._hold_until:
             return
-        running = [r for r in self.runners if r._stop_reason is None]
+        running = [r for r in self.runners if not r.stopping]
         if not running:
             return
         since = [r.idle_since() for r in self.runners if not r.finished()]
@@ -99,7 +99,7 @@ class RunnerGroup:
 
         def handler(signum: int, _frame: Any) -> None:
             for runner in self.runners:
-                runner._signal = signum  # each acts on it in its own step, as a one-plugin agent does
+                runner.signalled(signum)  # each acts on it in its own step, as a one-plugin agent does
             self.runners[0].source.wake()
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):

@@ -83,6 +83,43 @@ def test_poison_goes_to_the_error_queue_of_its_own_plugin(harness, second):
     assert harness.standin.metadata_for(good)[0]["content"]["words"] == "2"
 
 
+def _registrations(h: AgentHarness):
+    """Listen on the `extractors` fanout: the returned function gives {queue: extractor_info name} seen."""
+    ch = h._conn.channel()
+    ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(q, "extractors")
+
+    def seen() -> dict:
+        out = {}
+        while True:
+            method, _props, body = ch.basic_get(q, auto_ack=True)
+            if method is None:
+                return out
+            message = json.loads(body)
+            out[message.get("queue")] = message.get("extractor_info", {}).get("description")
+    return seen
+
+
+def test_each_plugin_has_its_own_retries_time_limit_and_registration(harness, second):
+    seen = _registrations(harness)
+    failing = harness.publish_file(b"raise\n")
+    slow = harness.publish_file(b"sleep 30\n")
+    words = second.publish_file(b"three more words\n")
+    # a: no retries and a 2 s limit; b: the agent-wide defaults (3 retries, no limit)
+    code = harness.run_agent("--plugin", f"{A},{B}", "--idle-exit", "2",
+                             **_env(harness, second, max_retries=0, time_limit=2))
+    assert code == 0, harness.log_text()
+    dead = sorted(json.loads(body)["id"] for _, body in harness.errors())
+    assert dead == sorted([failing, slow])  # one attempt each: a's max_retries 0; the slow one killed at 2 s
+    assert [r[0] for r in harness.runs()].count(failing) == 1
+    assert second.errors() == [] and second.standin.metadata_for(words)
+    assert harness.log_text().count("gave up after 1 attempt(s)") == 2
+    registered = seen()
+    assert registered.get(harness.queue, "").startswith("Test extractor: the file's first line")
+    assert registered.get(second.queue, "").startswith("Test function extractor")
+
+
 def test_idle_exit_waits_for_every_queue(harness, second):
     """Plugin b idles for longer than idle_exit while a works: the agent stays, and b still takes work."""
     slow = harness.publish_file(b"sleep 6\n")
