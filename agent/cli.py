@@ -1,6 +1,6 @@
 """Command line of the agent.
 
-  python -m agent run [--plugin NAME] [--idle-exit S] [--max-messages N] [...]
+  python -m agent run [--plugin NAME[,NAME...]] [--idle-exit S] [--max-messages N] [...]
   python -m agent plugins
   python -m agent prepare [--plugin NAME ...]
   python -m agent local --plugin NAME --out DIR FILE...
