@@ -225,5 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return prepare_plugins(cfg, names)
     if args.command == "local":
         from .local_run import run_local
+        if cfg.plugin and "," in cfg.plugin:
+            print(f"agent: configuration error: local runs one plugin, not {cfg.plugin}", file=sys.stderr)
+            return exitcodes.CONFIG_ERROR
         return run_local(cfg, args.out, args.files)
     return cmd_run(cfg)

@@ -72,3 +72,10 @@ def test_rabbitmq_queue_with_several_plugins_is_fine_when_each_has_its_own():
 def test_bad_slot_values(bad):
     with pytest.raises(ConfigError):
         load_config({}, {"AGENT_SLOTS": bad})
+
+
+def test_local_runs_one_plugin(tmp_path, capsys):
+    from agent import cli
+
+    assert cli.main(["local", "--plugin", "ncsa.a,ncsa.b", "--out", str(tmp_path), "f.txt"]) == 2
+    assert "local runs one plugin" in capsys.readouterr().err
