@@ -244,13 +244,33 @@ def test_a_lost_connection_comes_back_for_every_queue(harness, second):
 
 
 @pytest.mark.mpi
-def test_several_plugins_under_mpi_are_refused_in_one_line(harness, second, mpi):
-    """Not yet supported under MPI: one line, exit 2 on every rank, nothing taken."""
-    fid = harness.publish_file(b"ok\n")
+def test_two_plugins_under_mpi_one_connection_per_group(harness, second, mpi):
+    """mpiexec -n 2: every rank runs both plugins' extractors; only the leader consumes, once per queue."""
+    a_ids = [harness.publish_file(b"sleep 0.4\n", name=f"a{i}.txt") for i in range(8)]
+    b_ids = [second.publish_file(b"one two three four\n", name=f"b{i}.txt") for i in range(4)]
     env = harness.env(**_env(harness, second))
     env["PATH"] = os.path.dirname(str(mpi)) + os.pathsep + env.get("PATH", "")
-    out = subprocess.run([str(mpi), "-n", "2", sys.executable, "-m", "agent", "run", "--plugin", f"{A},{B}"],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "do not run under MPI yet" in out.stderr and "Traceback" not in out.stderr
-    assert harness.depth() == 1 and not harness.standin.metadata_for(fid)
+    log_path = harness.tmp / "mpi.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([str(mpi), "-n", "2", sys.executable, "-m", "agent", "run", "--plugin", f"{A},{B}",
+                                 "--idle-exit", "3"], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    seen = set()
+    try:
+        while proc.poll() is None:
+            seen.add((_consumers(harness, harness.queue), _consumers(harness, second.queue)))
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text
+    assert {a for a, _ in seen} <= {0, 1} and {b for _, b in seen} <= {0, 1}, seen  # one consumer per queue
+    assert (1, 1) in seen
+    for fid in a_ids:
+        assert harness.standin.metadata_for(fid)[0]["content"]["directive"] == "sleep", text
+    assert all(second.standin.metadata_for(f)[0]["content"]["words"] == "4" for f in b_ids), text
+    runs = harness.runs()
+    assert sorted(r[0] for r in runs) == sorted(a_ids)
+    assert len(collections.Counter(pid for _, pid, _ in runs)) == 2, runs  # a's files spread over both ranks
+    assert harness.depth() == 0 and second.depth() == 0 and "Traceback" not in text
