@@ -31,6 +31,10 @@ SIGTERM/SIGINT received by any rank are relayed to the leader, whose Runner drai
 once: one allocation (group), one decision. Idle exit, message budget and walltime are the
 leader's Runner's decisions too.
 
+Several plugins (`--plugin a,b`, agent.runner_group): every rank runs a RankWorker per plugin; a
+lane's number says whose (plugin p's lanes are p * LANE_STRIDE + i), and the leader runs one Runner
+per plugin, each with its own lanes, over the group's one connection.
+
 Nothing here imports mpi4py unless an MPI launcher started the agent (launched_by_mpi): importing
 it initializes MPI, which a plain single-process agent must not do.
 """

@@ -1,4 +1,5 @@
-"""Several plugins in one agent process: one Runner per plugin, one main loop, one broker connection.
+"""Several plugins in one agent process: one Runner per plugin, one main loop, one broker connection
+(under MPI: in the group's leader, each Runner's slots being lanes to the ranks, agent.mpi_ranks).
 
 Each plugin keeps everything a one-plugin agent has (its queue, slots, retries, time limits,
 registration, error queue, walltime estimate): its Runner does exactly what it does alone. What
