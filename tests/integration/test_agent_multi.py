@@ -228,7 +228,8 @@ def test_sigterm_hands_back_both_plugins_work(harness, second):
 
 def test_a_lost_connection_comes_back_for_every_queue(harness, second):
     """The broker closes the agent's one connection: both queues are consumed again after the reconnect."""
-    proc = harness.start_agent("--plugin", f"{A},{B}", "--idle-exit", "4", **_env(harness, second))
+    # idle_exit well above what rabbitmqctl takes on a loaded machine: the agent must still be there
+    proc = harness.start_agent("--plugin", f"{A},{B}", "--idle-exit", "15", **_env(harness, second))
     harness.wait_for(lambda: _consumers(harness, harness.queue) == 1 and _consumers(harness, second.queue) == 1,
                      90, "both queues consumed")
     subprocess.run(["rabbitmqctl", "-q", "close_connection", _agent_connection_pid(proc.pid), "test"],
