@@ -13,10 +13,12 @@ from typing import Any, Callable, Optional
 
 from .errors import ConfigError
 from .plugin_loader import PluginSpec
+from .plugin_settings import own_value
 from .worker_settings import queue_name
 
 #: settings the `plugins:` table may give per plugin that a plugin's copy of the settings takes over
-PER_PLUGIN_OVERRIDES = ("slots", "time_limit", "max_retries", "rabbitmq_queue")
+#: (slots too, which may also come from the AGENT_SLOTS split)
+PER_PLUGIN_OVERRIDES = ("time_limit", "max_retries", "rabbitmq_queue")
 #: work sources that can serve several plugins from one agent
 MULTI_PLUGIN_SOURCES = ("amqp",)
 
@@ -81,7 +83,7 @@ def plan_plugins(cfg: Any, find: Callable[[Optional[str]], PluginSpec],
     plans: list[PluginPlan] = []
     for name, spec in specs:
         values: dict[str, Any] = {"plugin": name or spec.name}
-        for key in PER_PLUGIN_OVERRIDES[1:]:
+        for key in PER_PLUGIN_OVERRIDES:
             raw = _table_value(cfg, spec, key)
             if raw is not None:
                 values[key] = parse(key, raw, f"plugins.{spec.name}.{key}")
@@ -102,9 +104,4 @@ def plan_plugins(cfg: Any, find: Callable[[Optional[str]], PluginSpec],
 
 def _table_value(cfg: Any, spec: PluginSpec, key: str) -> Any:
     """The plugins table's own value for key (None when the table does not give one)."""
-    table = getattr(cfg, "plugins", None) or {}
-    for candidate in (spec.name, spec.folder_name):
-        entry = table.get(candidate)
-        if entry is not None and entry.get(key) not in (None, ""):
-            return entry[key]
-    return None
+    return own_value(cfg, key, spec.name, spec.folder_name)

@@ -39,14 +39,20 @@ def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plugin_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:
-    """The plugin's own value for key (by extractor_info name, then folder name), else the agent-wide one."""
+def own_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:
+    """The plugin's own value for key in the plugins table (by extractor_info name, then folder name), or None."""
     table: Mapping[str, Mapping[str, Any]] = getattr(cfg, "plugins", None) or {}
     for candidate in (name, folder_name):
         entry = table.get(candidate) if candidate else None
         if entry is not None and entry.get(key) not in (None, ""):
             return entry[key]
-    return getattr(cfg, key)
+    return None
+
+
+def plugin_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:
+    """The plugin's own value for key (by extractor_info name, then folder name), else the agent-wide one."""
+    own = own_value(cfg, key, name, folder_name)
+    return getattr(cfg, key) if own is None else own
 
 
 def command_prefix(value: Any) -> list[str]:
