@@ -1,6 +1,6 @@
 """Command line of the agent.
 
-  python -m agent run [--plugin NAME] [--idle-exit S] [--max-messages N] [...]
+  python -m agent run [--plugin NAME[,NAME...]] [--idle-exit S] [--max-messages N] [...]
   python -m agent plugins
   python -m agent prepare [--plugin NAME ...]
   python -m agent local --plugin NAME --out DIR FILE...
@@ -21,13 +21,13 @@ from typing import Any, Iterator, Optional, Sequence
 from hpc_common.redact import Redactor
 
 from . import exitcodes
-from .config import AgentConfig, ConfigError, add_setting_flags, load_config
+from .config import AgentConfig, ConfigError, add_setting_flags, load_config, parse_setting
 from .errors import AgentError
 from .logs import setup_logging
 from .plugin_loader import discover, find_plugin, search_dirs
 from .plugin_settings import entry_defaults
 from .sources.registry import SourceRequest, source_kind
-from .worker_settings import queue_name, worker_env, worker_init
+from .worker_settings import worker_env, worker_init
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,10 +102,11 @@ def _journal(cfg: AgentConfig, agent_id: str, wanted: bool) -> Iterator[Any]:
 
 
 def cmd_run(cfg: AgentConfig) -> int:
-    """`agent run`: one plugin, one work source (from the registry), on one rank or an MPI group."""
+    """`agent run`: one plugin (or several, agent.runner_group), one work source, on one rank or an MPI group."""
     from . import extractor_launch
     from .jobenv import detect
     from .mpi_ranks import launched_by_mpi  # does not import mpi4py
+    from .plugin_set import plan_plugins
     from .runner import Runner
     from .slots import Slot
     from .sources.amqp import new_agent_id
@@ -118,8 +119,11 @@ def cmd_run(cfg: AgentConfig) -> int:
     end_time, margin = _task_end(cfg, identity, log)
     ranks = None
     try:
-        spec = find_plugin(cfg.plugin, cfg.plugin_path, entry_defaults(cfg))
-        queue = queue_name(cfg, spec)
+        plans = plan_plugins(cfg, lambda name: find_plugin(name, cfg.plugin_path, entry_defaults(cfg)),
+                             parse_setting)
+        if len(plans) > 1:
+            return _run_plugins(cfg, plans, identity, redactor, end_time, margin, launched_by_mpi(forced=cfg.mpi))
+        spec, cfg, queue = plans[0].spec, plans[0].cfg, plans[0].queue
         init, env = extractor_launch.apply(cfg, spec, worker_init(cfg, spec, queue), worker_env(cfg))
         if launched_by_mpi(forced=cfg.mpi):  # started by mpiexec: one extractor per rank, one connection per group
             from .mpi_ranks import join_allocation
@@ -148,6 +152,58 @@ def cmd_run(cfg: AgentConfig) -> int:
     except AgentError as exc:  # setup failed: one line, the exit code of its kind
         log.error("%s", exc)
         return exitcodes.for_error(exc)
+    return ranks.finish(code) if ranks is not None else code
+
+
+def _run_plugins(cfg: AgentConfig, plans: list, identity: Any, redactor: Redactor,
+                 end_time: Optional[float], margin: float, mpi: bool) -> int:
+    """Several plugins in this process: a Runner each, their queues on one broker connection.
+
+    Under MPI every rank runs each plugin's extractors; the group's leader runs the Runners.
+    """
+    from . import extractor_launch
+    from .runner import Runner
+    from .runner_group import RunnerGroup
+    from .slots import Slot
+    from .sources.amqp import new_agent_id
+
+    log = logging.getLogger("agent")
+    launches = []
+    for plan in plans:
+        own = dataclasses.replace(plan.cfg, idle_exit=0.0)  # idle exit is the group's: every queue idle
+        launches.append(extractor_launch.apply(own, plan.spec, worker_init(own, plan.spec, plan.queue),
+                                               worker_env(own)))
+    ranks = None
+    if mpi:
+        from .mpi_ranks import RankPlugin, join_allocation_plugins
+        ranks = join_allocation_plugins(cfg, [RankPlugin(init, env, plan.cfg.slots)
+                                              for plan, (init, env) in zip(plans, launches)], redactor)
+        if not ranks.leader:
+            return ranks.serve()  # this rank gets its files over MPI from its group's leader
+    kind = source_kind(cfg.source)
+    agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
+    with _journal(cfg, agent_id, kind.uses_journal) as journal:
+        runners: list[Runner] = []
+        owner = None
+        for number, (plan, (init, env)) in enumerate(zip(plans, launches)):
+            own = dataclasses.replace(plan.cfg, idle_exit=0.0)
+            if ranks is not None:
+                own = ranks.leader_config(own, number)
+            source = kind.build(SourceRequest(own, plan.queue, agent_id, journal, shared=owner is None,
+                                              joins=owner))
+            owner = owner or source
+
+            def make_slot(index: int, post: Any, on_frame: Any, init: Any = init, env: Any = env,
+                          number: int = number) -> Any:
+                if ranks is not None:
+                    return ranks.make_slot(index, post, on_frame, number)
+                return Slot(index, init, post, on_frame, redactor, env=env)
+
+            log.info("agent %s: plugin %s (%s), queue %s, %d slot(s)", agent_id, plan.spec.name, plan.spec.folder,
+                     plan.queue, own.slots)
+            runners.append(Runner(own, source, make_slot, redactor, end_time=end_time, margin=margin,
+                                  identity=identity.label()))
+        code = RunnerGroup(runners, cfg.idle_exit, time.monotonic).run()
     return ranks.finish(code) if ranks is not None else code
 
 
@@ -188,5 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return prepare_plugins(cfg, names)
     if args.command == "local":
         from .local_run import run_local
+        if cfg.plugin and "," in cfg.plugin:
+            print(f"agent: configuration error: local runs one plugin, not {cfg.plugin}", file=sys.stderr)
+            return exitcodes.CONFIG_ERROR
         return run_local(cfg, args.out, args.files)
     return cmd_run(cfg)

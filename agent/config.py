@@ -44,6 +44,35 @@ def _to_optional_str(value: Any) -> Optional[str]:
     return None if value is None or str(value) == "" else str(value)
 
 
+def _to_plugins(value: Any) -> Optional[str]:
+    """One plugin name or several: a YAML list or a string separated by commas or spaces (job scripts:
+    qsub -v and sbatch --export split on commas), kept comma-separated."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    names = [n for item in items if item is not None for n in str(item).replace(",", " ").split()]
+    return ",".join(names) or None
+
+
+def _to_slots(value: Any) -> Any:
+    """A slot count for every plugin (`2`) or a split by plugin (`a:2,b:1`, or a YAML mapping)."""
+    if isinstance(value, Mapping):
+        return {str(k): int(v) for k, v in value.items()}
+    text = str(value).strip()
+    if ":" not in text:
+        return int(text)
+    split: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.rpartition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"expected NAME:COUNT in a slot split, not {part!r}")
+        split[name.strip()] = int(count)
+    return split
+
+
+def _slots_check(v: Any) -> Optional[str]:
+    counts = v.values() if isinstance(v, dict) else [v]
+    return None if all(c >= 1 for c in counts) else "must be at least 1"
+
+
 def _to_source(value: Any) -> str:
     text = str(value).strip()
     if text not in SOURCES:
@@ -138,8 +167,8 @@ class Setting:
 
 _OPT_STR = Optional[str]
 SETTINGS: tuple[Setting, ...] = (
-    Setting("plugin", _to_optional_str, None, "extractor to run: its extractor_info name or folder name",
-            type=_OPT_STR),
+    Setting("plugin", _to_plugins, None, "extractor(s) to run: extractor_info name or folder name; several "
+            "comma-separated (a,b) or a YAML list, served by one agent", type=_OPT_STR),
     Setting("plugin_path", _to_path_list, [], "extra folders holding plugin folders (colon-separated)",
             type=list[str]),
     Setting("source", _to_source, "amqp", "where work comes from: amqp (RabbitMQ), relay or spool (python -m launcher relay|spool), or file "
@@ -177,8 +206,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat", float, 60.0, "seconds between registrations on the 'extractors' exchange (Clowder v2 "
             "forgets an extractor unheard for 300 s; pyclowder's 300 s sits on that edge)", ("HEARTBEAT",),
             check=_not_negative, type=float),
-    Setting("slots", int, 1, "extractor processes this agent runs at once (per rank under MPI)",
-            check=_at_least(1), type=int),
+    Setting("slots", _to_slots, 1, "extractor processes this agent runs at once (per rank under MPI); with "
+            "several plugins, for each, or split by plugin: a:2,b:1", check=_slots_check, type=Any),
     Setting("time_limit", float, 0.0, "seconds one file may take before its extractor is killed (0: no limit)",
             check=_not_negative, type=float),
     Setting("memory_limit", float, 0.0, "MB one extractor process tree may use before it is killed (0: no limit)",
@@ -234,7 +263,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("command_prefix", _to_optional_str, None,
             "command put before the extractor process's, e.g. 'apptainer exec x.sif'", type=_OPT_STR),
     Setting("plugins", parse_plugin_table, {},
-            "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module}}",
+            "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module, "
+            "slots, time_limit, max_retries, rabbitmq_queue}}",
             type=dict[str, dict[str, Any]]),
 )
 
@@ -297,6 +327,11 @@ def _parse(setting: Setting, raw: Any, origin: str) -> Any:
     if problem:
         raise ConfigError(f"{setting.name}: {problem} (from {origin})")
     return value
+
+
+def parse_setting(name: str, raw: Any, origin: str) -> Any:
+    """Parse and check a raw value of the setting `name` (ConfigError naming origin when bad)."""
+    return _parse(_BY_NAME[name], raw, origin)
 
 
 def setting_from_env(name: str, environ: Mapping[str, str]) -> Any:

@@ -31,6 +31,10 @@ SIGTERM/SIGINT received by any rank are relayed to the leader, whose Runner drai
 once: one allocation (group), one decision. Idle exit, message budget and walltime are the
 leader's Runner's decisions too.
 
+Several plugins (`--plugin a,b`, agent.runner_group): every rank runs a RankWorker per plugin; a
+lane's number says whose (plugin p's lanes are p * LANE_STRIDE + i), and the leader runs one Runner
+per plugin, each with its own lanes, over the group's one connection.
+
 Nothing here imports mpi4py unless an MPI launcher started the agent (launched_by_mpi): importing
 it initializes MPI, which a plain single-process agent must not do.
 """
@@ -147,6 +151,24 @@ class _RankTag(logging.Filter):
 def join_allocation(cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
                     redactor: Redactor) -> "Leader | Follower":
     """Initialize MPI, find this rank's group and role, start its extractor(s)."""
+    return join_allocation_plugins(cfg, [RankPlugin(init, env, cfg.slots)], redactor)
+
+
+@dataclass(frozen=True)
+class RankPlugin:
+    """One plugin every rank of the group runs: its extractor's init frame, environment and slots per rank."""
+
+    init: dict[str, Any]
+    env: dict[str, str]
+    slots: int
+
+
+#: lanes of plugin p are p * LANE_STRIDE + i on every rank, so a job's lane says whose extractor runs it
+LANE_STRIDE = 1 << 20
+
+
+def join_allocation_plugins(cfg: AgentConfig, plugins: list[RankPlugin], redactor: Redactor) -> "Leader | Follower":
+    """join_allocation for several plugins (agent.runner_group): every rank runs each one's extractors."""
     settings = MpiSettings.from_config(cfg)
     MPI = load_mpi()
     world = MPI.COMM_WORLD
@@ -162,9 +184,9 @@ def join_allocation(cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
         if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
             log.error("this MPI library gives no thread support (MPI_THREAD_SERIALIZED needed by the leader)")
             world.Abort(exitcodes.CONFIG_ERROR)
-        member = Leader(world, comm, cfg, init, child_env(env), redactor, settings)
+        member = Leader(world, comm, plugins, redactor, settings)
     else:
-        member = Follower(world, comm, cfg, init, child_env(env), redactor, settings)
+        member = Follower(world, comm, plugins, redactor, settings)
     member.start()
     return member
 
@@ -175,8 +197,9 @@ def join_allocation(cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
 class LaneSlot:
     """One Runner slot: one job at a time, run by whichever rank the leader picks."""
 
-    def __init__(self, index: int, leader: "Leader") -> None:
-        self.index = index
+    def __init__(self, index: int, leader: "Leader", plugin: int = 0) -> None:
+        self.index = index  # the lane: plugin * LANE_STRIDE + the Runner's slot number
+        self.plugin = plugin
         self.busy_with: Any = None
         self.started_at = 0.0
         self.info: Optional[dict[str, Any]] = None
@@ -186,7 +209,7 @@ class LaneSlot:
         """Nothing to start: the ranks' extractors started when the allocation was joined."""
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
-        self.info = self._leader.wait_ready(timeout)
+        self.info = self._leader.wait_ready(timeout, self.plugin)
         return self.info
 
     def assign(self, delivery: Any, body: dict[str, Any], job_number: int) -> None:
@@ -206,29 +229,30 @@ class Leader:
 
     leader = True
 
-    def __init__(self, world: Any, comm: Any, cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
-                 redactor: Redactor, settings: MpiSettings) -> None:
+    def __init__(self, world: Any, comm: Any, plugins: list[RankPlugin], redactor: Redactor,
+                 settings: MpiSettings) -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
         self.world, self.comm, self.settings = world, comm, settings
         self.size = comm.Get_size()
-        self.worker = RankWorker(init, env, redactor, self._local_frame, extractors=cfg.slots,
-                                 stage_ahead=settings.stage_ahead)
+        self.workers = [RankWorker(p.init, child_env(p.env), redactor, self._local_frame, extractors=p.slots,
+                                   stage_ahead=settings.stage_ahead) for p in plugins]
+        self.worker = self.workers[0]
         self.lanes_total = self.worker.capacity * self.size
         self._lock = threading.Lock()
         self._lanes: dict[int, LaneSlot] = {}
-        self._post: Optional[Callable[[Callable[[], None]], None]] = None
-        self._on_frame: Optional[Callable[[Any, dict[str, Any]], None]] = None
+        self._calls: dict[int, tuple[Callable[[Callable[[], None]], None], Callable[[Any, dict[str, Any]], None]]] = {}
         self._where: dict[int, int] = {}          # lane -> rank running its job
-        self._load = [0] * self.size
-        self._ready: set[int] = set()             # ranks whose extractor is ready
-        self._failed: dict[int, str] = {}         # ranks whose extractor could not start
+        n = len(plugins)
+        self._load = [[0] * self.size for _ in range(n)]        # per plugin: jobs per rank
+        self._ready: list[set[int]] = [set() for _ in range(n)]  # per plugin: ranks whose extractor is ready
+        self._failed: list[dict[int, str]] = [{} for _ in range(n)]  # per plugin: ranks that could not start it
         self.lost: dict[int, str] = {}            # ranks that stopped answering
         self._acks: set[int] = set()              # ranks that closed
         self._closed_lanes: set[int] = set()
         self._closing = False
-        self._answered = threading.Event()
+        self._answered = [threading.Event() for _ in range(n)]
         self._out: "queue.SimpleQueue[tuple[int, tuple]]" = queue.SimpleQueue()
         now = time.monotonic()
         self._last_seen = [now] * self.size
@@ -237,70 +261,77 @@ class Leader:
         self._stop = threading.Event()
         self._finished = False
         self._thread = threading.Thread(target=self._comm_main, name="mpi-comm", daemon=True)
-        self.info: Optional[dict[str, Any]] = None
+        self.infos: list[Optional[dict[str, Any]]] = [None] * n
         self.sent_jobs = [0] * self.size
 
     # -- set-up -----------------------------------------------------------------------------------
     def start(self) -> None:
         atexit.register(self._abort_if_unfinished)
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         self._thread.start()
         if self.size == 1:
-            self._answered.set()
+            for answered in self._answered:
+                answered.set()
         log.info("MPI group of %d rank(s) (AGENT_MPI_LEADER=%s): this rank holds the group's broker connection",
                  self.size, self.settings.leader)
 
-    def leader_config(self, cfg: AgentConfig) -> AgentConfig:
-        """The Runner's settings: one slot per lane of the whole group."""
-        return dataclasses.replace(cfg, slots=self.lanes_total)
+    def leader_config(self, cfg: AgentConfig, plugin: int = 0) -> AgentConfig:
+        """The plugin's Runner's settings: one slot per lane of the whole group."""
+        return dataclasses.replace(cfg, slots=self.workers[plugin].capacity * self.size)
 
     def make_slot(self, index: int, post: Callable[[Callable[[], None]], None],
-                  on_frame: Callable[[Any, dict[str, Any]], None]) -> LaneSlot:
-        self._post, self._on_frame = post, on_frame
-        slot = LaneSlot(index, self)
-        self._lanes[index] = slot
+                  on_frame: Callable[[Any, dict[str, Any]], None], plugin: int = 0) -> LaneSlot:
+        lane = plugin * LANE_STRIDE + index
+        self._calls[lane] = (post, on_frame)
+        slot = LaneSlot(lane, self, plugin)
+        self._lanes[lane] = slot
         return slot
 
-    def wait_ready(self, timeout: float) -> dict[str, Any]:
+    def wait_ready(self, timeout: float, plugin: int = 0) -> dict[str, Any]:
         """This rank's extractor ready, then every other rank ready or failed (up to timeout)."""
-        if self.info is not None:
-            return self.info
+        info = self.infos[plugin]
+        if info is not None:
+            return info
+        worker = self.workers[plugin]
         deadline = time.monotonic() + timeout
-        if not self.worker.ready.wait(timeout):
+        if not worker.ready.wait(timeout):
             raise RuntimeError(f"extractor process did not start within {timeout:.0f}s")
-        if self.worker.fatal:
-            raise RuntimeError(self.worker.fatal)
+        if worker.fatal:
+            raise RuntimeError(worker.fatal)
         with self._lock:
-            self._ready.add(0)
-        self._answered.wait(max(0.0, deadline - time.monotonic()))
+            self._ready[plugin].add(0)
+        self._check_answered()
+        self._answered[plugin].wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            ready, failed = sorted(self._ready), dict(self._failed)
+            ready, failed = sorted(self._ready[plugin]), dict(self._failed[plugin])
         for rank, reason in sorted(failed.items()):
             log.error("rank %d cannot run the extractor: %s; the other ranks carry on", rank, reason)
         silent = self.size - len(ready) - len(failed)
         if silent:
             log.warning("%d rank(s) not ready after %.0fs; they get files once they are", silent, timeout)
         log.info("%d of %d rank(s) ready: %d extractor process(es) per rank, %d lane(s)%s", len(ready),
-                 self.size, self.worker.extractors, self.lanes_total,
-                 ", stage-ahead on" if self.worker.stage_ahead else "")
-        self.info = self.worker.info
-        return self.info  # type: ignore[return-value]
+                 self.size, worker.extractors, worker.capacity * self.size,
+                 ", stage-ahead on" if worker.stage_ahead else "")
+        self.infos[plugin] = worker.info
+        return worker.info  # type: ignore[return-value]
 
     # -- lanes (main thread) --------------------------------------------------------------------
-    def _pick(self) -> int:
-        live = [r for r in self._ready if r not in self.lost and r not in self._failed]
+    def _pick(self, plugin: int) -> int:
+        live = [r for r in self._ready[plugin] if r not in self.lost and r not in self._failed[plugin]]
         if not live:
             return 0
-        return min(live, key=lambda r: (self._load[r], r))
+        return min(live, key=lambda r: (self._load[plugin][r], r))
 
     def assign(self, lane: int, body: dict[str, Any], number: int) -> None:
+        plugin = lane // LANE_STRIDE
         with self._lock:
-            rank = self._pick()
+            rank = self._pick(plugin)
             self._where[lane] = rank
-            self._load[rank] += 1
+            self._load[plugin][rank] += 1
             self.sent_jobs[rank] += 1
         if rank == 0:
-            self.worker.submit(lane, number, body)
+            self.workers[plugin].submit(lane, number, body)
         else:
             self._out.put((rank, ("job", lane, number, body)))
 
@@ -308,7 +339,7 @@ class Leader:
         with self._lock:
             rank = self._where.get(lane)
         if rank == 0:
-            self.worker.kill(lane)
+            self.workers[lane // LANE_STRIDE].kill(lane)
         elif rank is not None:
             self._out.put((rank, ("kill", lane)))
 
@@ -317,7 +348,8 @@ class Leader:
         if self._closing or len(self._closed_lanes) < len(self._lanes):
             return
         self._closing = True
-        self.worker.close()
+        for worker in self.workers:
+            worker.close()
         for rank in range(1, self.size):
             self._out.put((rank, ("close",)))
 
@@ -332,11 +364,10 @@ class Leader:
                 return  # a late frame from a rank already given up on
             if kind in ("done", "died"):
                 del self._where[lane]
-                self._load[rank] -= 1
+                self._load[lane // LANE_STRIDE][rank] -= 1
         slot = self._lanes[lane]
-        assert self._post is not None and self._on_frame is not None
-        on_frame = self._on_frame
-        self._post(lambda: on_frame(slot, frame))
+        post, on_frame = self._calls[lane]
+        post(lambda: on_frame(slot, frame))
 
     def _lose(self, rank: int, reason: str) -> None:
         with self._lock:
@@ -346,14 +377,14 @@ class Leader:
             lanes = [lane for lane, r in self._where.items() if r == rank]
             for lane in lanes:
                 del self._where[lane]
-            self._load[rank] = 0
+            for load in self._load:
+                load[rank] = 0
         log.error("MPI rank %d lost (%s): %d file(s) it held go back for another attempt; the other ranks "
                   "carry on", rank, reason, len(lanes))
         self._check_answered()
         for lane in lanes:
-            slot, on_frame = self._lanes[lane], self._on_frame
-            assert self._post is not None and on_frame is not None
-            self._post(lambda s=slot, f=on_frame: f(s, {"t": "died", "reason": f"MPI rank {rank} was lost: {reason}"}))
+            slot, (post, on_frame) = self._lanes[lane], self._calls[lane]
+            post(lambda s=slot, f=on_frame: f(s, {"t": "died", "reason": f"MPI rank {rank} was lost: {reason}"}))
 
     # -- the comm thread ------------------------------------------------------------------------------
     def _comm_main(self) -> None:
@@ -445,11 +476,12 @@ class Leader:
         if kind == "frame":
             self._frame(src, msg[1], msg[2])
         elif kind in ("ready", "fatal"):
+            plugin = msg[2] if len(msg) > 2 else 0
             with self._lock:
                 if kind == "ready":
-                    self._ready.add(src)
+                    self._ready[plugin].add(src)
                 else:
-                    self._failed[src] = msg[1]
+                    self._failed[plugin][src] = msg[1]
             self._check_answered()
         elif kind == "signal":
             log.info("rank %d received %s: stopping the group", src, signal.Signals(msg[1]).name)
@@ -459,8 +491,9 @@ class Leader:
 
     def _check_answered(self) -> None:
         with self._lock:
-            if len(self._ready | set(self._failed) | set(self.lost) | {0}) >= self.size:
-                self._answered.set()
+            for ready, failed, answered in zip(self._ready, self._failed, self._answered):
+                if len(ready | set(failed) | set(self.lost) | {0}) >= self.size:
+                    answered.set()
 
     def _relay_signal(self) -> None:
         """A rank's SIGTERM/SIGINT becomes the leader's: the Runner's handler drains every lane."""
@@ -476,7 +509,8 @@ class Leader:
         self._finished = True
         if not self._closing:  # the Runner never closed its lanes (it was not built, or failed)
             self._closing = True
-            self.worker.close()
+            for worker in self.workers:
+                worker.close()
             for rank in range(1, self.size):
                 self._out.put((rank, ("close",)))
         deadline = time.monotonic() + CLOSE_WAIT
@@ -487,7 +521,8 @@ class Leader:
             time.sleep(0.05)
         self._stop.set()
         self._thread.join(10)
-        self.worker.join(10)
+        for worker in self.workers:
+            worker.join(10)
         missing = sorted(set(range(1, self.size)) - set(self.lost) - self._acks)
         if self.size > 1:
             shares = self.sent_jobs
@@ -515,16 +550,19 @@ class Follower:
 
     leader = False
 
-    def __init__(self, world: Any, comm: Any, cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
-                 redactor: Redactor, settings: MpiSettings) -> None:
+    def __init__(self, world: Any, comm: Any, plugins: list[RankPlugin], redactor: Redactor,
+                 settings: MpiSettings) -> None:
         self.world, self.comm, self.settings = world, comm, settings
         self._up: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
-        self.worker = RankWorker(init, env, redactor, self._emit, extractors=cfg.slots,
-                                 stage_ahead=settings.stage_ahead, on_ready=self._ready)
+        self.workers = [RankWorker(p.init, child_env(p.env), redactor, self._emit, extractors=p.slots,
+                                   stage_ahead=settings.stage_ahead,
+                                   on_ready=lambda info, reason, i=i: self._ready(info, reason, i))
+                        for i, p in enumerate(plugins)]
         self._signals: list[int] = []
 
     def start(self) -> None:
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
 
     def leader_config(self, cfg: AgentConfig) -> AgentConfig:  # pragma: no cover - leader only
         return cfg
@@ -532,8 +570,8 @@ class Follower:
     def _emit(self, lane: int, frame: dict[str, Any]) -> None:
         self._up.put(("frame", lane, frame))
 
-    def _ready(self, info: Optional[dict[str, Any]], reason: str) -> None:
-        self._up.put(("ready", info) if info is not None else ("fatal", reason))
+    def _ready(self, info: Optional[dict[str, Any]], reason: str, plugin: int = 0) -> None:
+        self._up.put(("ready", info, plugin) if info is not None else ("fatal", reason, plugin))
 
     def serve(self) -> int:
         """Run jobs from the leader until it says close; returns this rank's exit code."""
@@ -588,9 +626,9 @@ class Follower:
                 busy = True
                 last_heard = time.monotonic()
                 if msg[0] == "job":
-                    self.worker.submit(msg[1], msg[2], msg[3])
+                    self.workers[msg[1] // LANE_STRIDE].submit(msg[1], msg[2], msg[3])
                 elif msg[0] == "kill":
-                    self.worker.kill(msg[1])
+                    self.workers[msg[1] // LANE_STRIDE].kill(msg[1])
                 elif msg[0] == "close":
                     closing = True
             if closing:
@@ -604,7 +642,8 @@ class Follower:
             if now - last_sent >= hb:
                 sends.append(self.comm.isend(("hb",), dest=0, tag=TAG))
                 last_sent = now
-            cap = MAX_POLL_RANK_FULL if self.worker.load() >= self.worker.capacity else MAX_POLL_RANK
+            full = all(w.load() >= w.capacity for w in self.workers)
+            cap = MAX_POLL_RANK_FULL if full else MAX_POLL_RANK
             interval = MIN_POLL if busy else min(interval * 2, cap)
             try:
                 carried = self._up.get(timeout=interval)
@@ -612,8 +651,10 @@ class Follower:
                 pass
 
     def _close(self, sends: list[Any]) -> int:
-        self.worker.close()
-        self.worker.join(10)
+        for worker in self.workers:
+            worker.close()
+        for worker in self.workers:
+            worker.join(10)
         while True:  # frames still queued (none expected: the leader closes when all lanes are idle)
             try:
                 msg = self._up.get_nowait()
@@ -626,4 +667,4 @@ class Follower:
         while sends and time.monotonic() < deadline:
             sends = [r for r in sends if not r.Test()]
             time.sleep(0.005)
-        return exitcodes.PLUGIN_ERROR if self.worker.fatal else exitcodes.OK
+        return exitcodes.PLUGIN_ERROR if any(w.fatal for w in self.workers) else exitcodes.OK

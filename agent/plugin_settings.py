@@ -8,8 +8,9 @@ that apply to that plugin only, so several plugins in one agent can each have th
         command_prefix: apptainer exec --bind /scratch wordcount.sif
         env_python: /opt/python/3.11/bin/python3
 
-Keys: command_prefix, env_python, env_build, extraction_func, extraction_module. A key missing
-there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...).
+Keys: command_prefix, env_python, env_build, extraction_func, extraction_module, and for an
+agent serving several plugins (agent.plugin_set) slots, time_limit, max_retries, rabbitmq_queue.
+A key missing there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import json
 import shlex
 from typing import Any, Mapping, Optional
 
-PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module")
+PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module",
+                   "slots", "time_limit", "max_retries", "rabbitmq_queue")
 
 
 def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:
@@ -37,14 +39,20 @@ def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plugin_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:
-    """The plugin's own value for key (by extractor_info name, then folder name), else the agent-wide one."""
+def own_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:
+    """The plugin's own value for key in the plugins table (by extractor_info name, then folder name), or None."""
     table: Mapping[str, Mapping[str, Any]] = getattr(cfg, "plugins", None) or {}
     for candidate in (name, folder_name):
         entry = table.get(candidate) if candidate else None
         if entry is not None and entry.get(key) not in (None, ""):
             return entry[key]
-    return getattr(cfg, key)
+    return None
+
+
+def plugin_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:
+    """The plugin's own value for key (by extractor_info name, then folder name), else the agent-wide one."""
+    own = own_value(cfg, key, name, folder_name)
+    return getattr(cfg, key) if own is None else own
 
 
 def command_prefix(value: Any) -> list[str]:

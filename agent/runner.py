@@ -97,6 +97,9 @@ class Runner:
         self._next_register = 0.0
         self._next_recovery = 0.0
         self.exit_code = exitcodes.OK
+        #: stops that concern the whole agent (this node's scratch is full); agent.runner_group
+        #: points it at every plugin's runner
+        self.stop_agent: Callable[[str], None] = self.request_stop
 
     # -- cross-thread ----------------------------------------------------------------------------
     def post(self, fn: Callable[[], None]) -> None:
@@ -115,8 +118,31 @@ class Runner:
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
         """Run until idle, the message budget, a signal or an unrecoverable error; return the exit code."""
+        self.start_slots()
+        code = self.wait_ready()
+        if code is None:
+            code = self.open_source()
+        if code is not None:
+            return code
+        self._install_signals()
+        try:
+            while not self._finished():
+                self.source.poll(0.0 if not self._calls.empty() else 0.25)
+                self.step(self._clock())
+        except SourceUnavailable as exc:
+            self.source_gone(exc)
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    # The phases of run(), also driven one by one for several plugins in one agent (agent.runner_group).
+    def start_slots(self) -> None:
+        """Start the extractor processes (they load in parallel with other plugins' ones)."""
         for slot in self.slots:
             slot.start()
+
+    def wait_ready(self) -> Optional[int]:
+        """Wait for the extractor to load: None when ready, else the exit code (slots closed)."""
         try:
             self.info = self.slots[0].wait_ready(timeout=120)
         except RuntimeError as exc:
@@ -125,30 +151,61 @@ class Runner:
             return exitcodes.PLUGIN_ERROR
         log.info("extractor %s %s ready in %d slot(s)", self.info.get("name"), self.info.get("version", ""),
                  len(self.slots))
+        return None
+
+    def open_source(self) -> Optional[int]:
+        """Begin taking deliveries: None when started, else the exit code (slots closed)."""
         try:
             self.source.start(self._on_delivery, self._on_lost)
         except SourceUnavailable as exc:
             log.error("%s", exc)
             self._close_slots()
             return exitcodes.BROKER_UNREACHABLE
-        self._install_signals()
         self._last_activity = self._clock()
-        try:
-            while not self._finished():
-                self.source.poll(0.0 if not self._calls.empty() else 0.25)
-                self._drain_calls()
-                self._tick(self._clock())
-        except SourceUnavailable as exc:
-            log.error("%s; handing back what can be handed back", exc)
-            self.exit_code = exitcodes.BROKER_UNREACHABLE
-        finally:
-            self._close_slots()
-            self._publish_report(self._clock())
-            self.source.close()
+        return None
+
+    def step(self, now: float) -> None:
+        """After a poll of the source: run what slot threads posted, then the time-driven duties."""
+        self._drain_calls()
+        self._tick(now)
+
+    @property
+    def has_calls(self) -> bool:
+        """True when slot threads posted work the main thread has not run yet."""
+        return not self._calls.empty()
+
+    def idle_since(self) -> Optional[float]:
+        """When this runner last had work (clock time), None while it has some."""
+        if self.pending or self._busy() or self.backoff:
+            return None
+        return self._last_activity
+
+    @property
+    def stopping(self) -> bool:
+        """True once this runner takes no new work."""
+        return self._stop_reason is not None
+
+    def signalled(self, signum: int) -> None:
+        """A signal for this runner (safe in a signal handler): acted on at its next step."""
+        self._signal = signum
+
+    def close_slots(self) -> None:
+        """Stop the extractor processes (setup failed elsewhere in the agent)."""
+        self._close_slots()
+
+    def source_gone(self, exc: BaseException) -> None:
+        """The work source cannot be reached any more: end with BROKER_UNREACHABLE."""
+        log.error("%s; handing back what can be handed back", exc)
+        self.exit_code = exitcodes.BROKER_UNREACHABLE
+
+    def shutdown(self) -> None:
+        """Close the slots, send the last report, close the source, log what was done."""
+        self._close_slots()
+        self._publish_report(self._clock())
+        self.source.close()
         c = self.counters
         log.info("stopped (%s): %d received, %d succeeded, %d retried, %d dead-lettered, %d handed back",
                  self._stop_reason or "error", c.received, c.succeeded, c.retried, c.dead_lettered, c.handed_back)
-        return self.exit_code
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -181,6 +238,10 @@ class Runner:
 
     def _busy(self) -> list[Slot]:
         return [s for s in self.slots if s.busy_with is not None]
+
+    def finished(self) -> bool:
+        """True once this runner stopped and nothing it holds needs it any more."""
+        return self._finished()
 
     def _finished(self) -> bool:
         if self._stop_reason is None:
@@ -333,7 +394,7 @@ class Runner:
             self._settle(delivery, "hand back", lambda: self.source.release(delivery))
             log.error("%s; handing the message back and stopping this agent", frame.get("reason"))
             self.exit_code = exitcodes.NO_SCRATCH
-            self.request_stop(frame.get("reason") or "resources")
+            self.stop_agent(frame.get("reason") or "resources")
         elif frame.get("outcome") == "error":
             self._reject(delivery, frame.get("reason") or "extractor error", frame.get("traceback") or "",
                          attempts=delivery.attempts + 1, send_status=False)
@@ -397,8 +458,9 @@ class Runner:
             # Without the broker the agent cannot know whether the queue is empty: time spent
             # reconnecting is not idleness (reconnect_timeout bounds it, with exit code 4).
             self._last_activity = now
-        if self._stop_reason is None and self.cfg.idle_exit and not self.pending and not self._busy() \
-                and not self.backoff and now - self._last_activity >= self.cfg.idle_exit:
+        since = self.idle_since()
+        if self._stop_reason is None and self.cfg.idle_exit and since is not None \
+                and now - since >= self.cfg.idle_exit:
             soon = self.source.work_soon() if self.source.connected else None
             if soon is None:
                 self.request_stop(f"idle for {self.cfg.idle_exit:g}s")

@@ -51,6 +51,7 @@ class Backlog:
     in_flight: dict[str, int] = dataclasses.field(default_factory=dict)  # being worked on: not waiting
     retry_after: Optional[float] = None  # seconds until held work (backoff, stale lease) is leasable
     errors: list[str] = dataclasses.field(default_factory=list)
+    by_queue: dict[str, "Backlog"] = dataclasses.field(default_factory=dict)  # several queues: each one's
 
     @property
     def total(self) -> int:
@@ -307,6 +308,24 @@ def held(places: Places) -> Backlog:
     return out
 
 
+def places_per_queue(settings: Any, queues: list[str]) -> list[Places]:
+    """Places of several queues (agents serving several plugins). A remote relay and LAUNCHER_SPOOL_DIR
+    serve one queue: they are counted with the first queue only, never once per queue."""
+    first = Places.from_settings(settings, queues[0])
+    return [first] + [dataclasses.replace(first, queue=q, relay_url=None, relay_token_file=None, spool_dir=None)
+                      for q in queues[1:]]
+
+
+def held_queues(places: list[Places]) -> Backlog:
+    """held() of several queues: their sum, with each queue's own in `by_queue`."""
+    out = Backlog()
+    each = {p.queue or "": held(p) for p in places}
+    for part in each.values():
+        out = out.merge(part)
+    out.by_queue = each
+    return out
+
+
 def total(rabbitmq_ready: Optional[int], rest: Backlog) -> Backlog:
     """The whole backlog: RabbitMQ's ready count (None: the broker query failed) and the held parts."""
     out = Backlog(dict(rest.parts), dict(rest.in_flight), rest.retry_after, list(rest.errors))
@@ -315,5 +334,5 @@ def total(rabbitmq_ready: Optional[int], rest: Backlog) -> Backlog:
     return out
 
 
-__all__ = ["Backlog", "Places", "WAITING_PARTS", "from_relay_counts", "held", "journal", "local_relays",
-           "record_spool", "relay_tables", "remote_relay", "spool", "spool_dirs", "total"]
+__all__ = ["Backlog", "Places", "WAITING_PARTS", "from_relay_counts", "held", "held_queues", "journal",
+           "local_relays", "places_per_queue", "record_spool", "relay_tables", "remote_relay", "spool", "spool_dirs", "total"]

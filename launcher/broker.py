@@ -102,6 +102,7 @@ class QueueStats:
     ack_rate: Optional[float] = None  # messages/s acknowledged recently, None: unknown
     activity: Optional[Activity] = None  # what the agents reported in the last window (hpc_common.reports)
     reports: tuple = ()  # those reports as read (dicts), for the ledger to keep
+    per_queue: dict = dataclasses.field(default_factory=dict)  # several queues: {name: QueueStats}
 
 
 def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
@@ -140,6 +141,28 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
     if management_url:
         unacked, ack_rate = _management(uri, queue, management_url, timeout)
     return QueueStats(ready, consumers, unacked, ack_rate, summarize(reports), tuple(reports))
+
+
+def queues_stats(uri: str, queues: list, management_url: Optional[str] = None,
+                 timeout: float = 10.0) -> QueueStats:
+    """Several queues (agents serving several plugins) as one: see combine_stats.
+
+    Raises BrokerError when any one cannot be queried: a partial sum would undersize the array.
+    """
+    return combine_stats({name: queue_stats(uri, name, management_url, timeout) for name in queues})
+
+
+def combine_stats(each: dict) -> QueueStats:
+    """The sum of several queues' stats (unknown when one is unknown), each kept in ``per_queue``."""
+    stats = list(each.values())
+
+    def total(values: list) -> Any:
+        return None if any(v is None for v in values) else sum(values)
+
+    reports = tuple(r for s in stats for r in s.reports)
+    return QueueStats(sum(s.ready for s in stats), sum(s.consumers for s in stats),
+                      total([s.unacked for s in stats]), total([s.ack_rate for s in stats]),
+                      summarize(list(reports)), reports, per_queue=dict(each))
 
 
 def _agent_reports(conn, queue: str) -> list:

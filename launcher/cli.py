@@ -27,7 +27,7 @@ from launcher.logfmt import OneLineFormatter
 from launcher.operations import Launcher, Refused
 from launcher.runner import LocalRunner, Runner, SSHRunner, default_control_dir
 from launcher.schedulers import detect_scheduler, make_scheduler
-from launcher.settings import from_args as settings_from_args
+from launcher.settings import from_args as settings_from_args, queue_names
 from launcher.strategy import Policy
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_REFUSED, EXIT_LOCKED = 1, 2, 3, 4
@@ -104,8 +104,19 @@ def _broker(args):
     uri, queue = s.rabbitmq_uri, s.rabbitmq_queue
     if not uri or not queue:
         return None, queue, redact_uri(uri) if uri else "(RABBITMQ_URI not set)"
-    from launcher.broker import queue_stats
+    from launcher.broker import queue_stats, queues_stats
+    names = queue_names(queue)
+    if len(names) > 1:  # agents serving several plugins: the backlog is the sum of their queues'
+        return functools.partial(queues_stats, uri, names, s.rabbitmq_management), queue, redact_uri(uri)
     return functools.partial(queue_stats, uri, queue, s.rabbitmq_management), queue, redact_uri(uri)
+
+
+def _one_queue(args, command: str) -> None:
+    """ConfigError when the queue setting names several queues and command serves one."""
+    names = queue_names(_settings(args).rabbitmq_queue)
+    if len(names) > 1:
+        raise ConfigError(f"{command} serves one queue, not {len(names)} ({', '.join(names)}): "
+                          "run one per queue")
 
 
 def build(args, need_script: bool = False) -> Launcher:
@@ -116,13 +127,19 @@ def build(args, need_script: bool = False) -> Launcher:
     scheduler = make_scheduler(name)
     ledger = Ledger(_state_dir(args) / "ledger.sqlite")
     broker, queue, _ = _broker(args)
-    env = {"RABBITMQ_QUEUE": queue} if queue else {}
+    names = queue_names(queue)
+    # Several queues: the jobs' agents serve several plugins (AGENT_PLUGIN='a b'), each consuming its
+    # own queue; RABBITMQ_QUEUE names one queue, so theirs is emptied (Slurm's --export=ALL would pass a,b).
+    env = {"RABBITMQ_QUEUE": queue if len(names) == 1 else ""} if names else {}
     script = _script(args, name, runner) if need_script else ""
     from launcher import backlog
 
-    places = backlog.Places.from_settings(_settings(args), queue)
+    if len(names) > 1:
+        held = functools.partial(backlog.held_queues, backlog.places_per_queue(_settings(args), names))
+    else:
+        held = functools.partial(backlog.held, backlog.Places.from_settings(_settings(args), queue))
     return Launcher(runner=runner, scheduler=scheduler, ledger=ledger, caps=caps, script=script,
-                    job_env=env, broker=broker, held=functools.partial(backlog.held, places))
+                    job_env=env, broker=broker, held=held)
 
 
 def _lock(args) -> filelock.FileLock:
@@ -282,6 +299,7 @@ def cmd_dispatch(args) -> int:
     from launcher.broker import QueueClient
     from launcher.dispatch import Dispatcher
 
+    _one_queue(args, "dispatch")
     launcher = build(args, need_script=True)
     if isinstance(launcher.runner, SSHRunner):
         raise ConfigError("dispatch runs on the login node itself for now (message files must be"
@@ -325,6 +343,7 @@ def cmd_dispatch(args) -> int:
 def cmd_relay(args) -> int:
     from launcher.relay.main import main_from_cli
 
+    _one_queue(args, "relay")
     return main_from_cli(args, str(_state_dir(args)), _settings(args))
 
 
@@ -332,6 +351,7 @@ def cmd_spool(args) -> int:
     from launcher.backlog import record_spool
     from launcher.relay.spool import main_from_cli
 
+    _one_queue(args, "spool")
     settings = _settings(args)
     if settings.rabbitmq_queue and not settings.ssh:
         record_spool(Path(settings.state_dir), settings.rabbitmq_queue, args.dir)  # so status/scale count what it stages
@@ -353,7 +373,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--state-dir", metavar="DIR",
                    help="ledger and lock (env LAUNCHER_STATE_DIR,"
                         " default ~/.local/state/clowder-launcher)", **d)
-    g.add_argument("--rabbitmq-queue", metavar="Q", help="env RABBITMQ_QUEUE", **d)
+    g.add_argument("--rabbitmq-queue", metavar="Q", action="append",
+                   help="env RABBITMQ_QUEUE; repeat (or a,b) for agents serving several plugins", **d)
     g.add_argument("--rabbitmq-management", metavar="URL",
                    help="management API for unacked counts (env RABBITMQ_MANAGEMENT_URL)", **d)
     g.add_argument("-v", "--verbose", action="store_true",

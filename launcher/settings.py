@@ -43,6 +43,18 @@ def _clowder_version(value: Any) -> int:
     return number
 
 
+def _queues(value: Any) -> Optional[str]:
+    """One queue or several (a YAML list, repeated --rabbitmq-queue, or a,b), kept comma-separated."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    names = [n for item in items if item is not None for n in str(item).replace(",", " ").split()]
+    return ",".join(dict.fromkeys(names)) or None
+
+
+def queue_names(value: Optional[str]) -> list[str]:
+    """The queues of the rabbitmq_queue setting, in order ([] when unset)."""
+    return [n for n in (value or "").split(",") if n]
+
+
 def _url(value: Any) -> Optional[str]:
     text = _text(value)
     if text is not None and not text.startswith(("http://", "https://")):
@@ -88,7 +100,9 @@ SETTINGS: tuple[Setting, ...] = (
             "ledger, lock and dispatch messages (default $XDG_STATE_HOME/clowder-launcher, "
             "~/.local/state/clowder-launcher)", "--state-dir", default_from_env=_default_state_dir),
     Setting("rabbitmq_uri", ("RABBITMQ_URI",), _text, None, "broker URI with credentials", secret=True),
-    Setting("rabbitmq_queue", ("RABBITMQ_QUEUE",), _text, None, "the extractor's queue", "--rabbitmq-queue"),
+    Setting("rabbitmq_queue", ("RABBITMQ_QUEUE",), _queues, None,
+            "the extractor's queue; several (a,b, or --rabbitmq-queue repeated) for agents serving several plugins",
+            "--rabbitmq-queue"),
     Setting("rabbitmq_management", ("RABBITMQ_MANAGEMENT_URL",), _url, None,
             "RabbitMQ management API, for unacked counts", "--rabbitmq-management"),
     Setting("clowder_url", ("CLOWDER_URL",), _url, None,

@@ -51,7 +51,8 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
             broker["error"] = str(exc)
     else:
         broker["error"] = "no broker configured (RABBITMQ_URI, RABBITMQ_QUEUE)"
-    whole = backlogs.total(stats.ready if stats is not None else None, launcher.held_backlog())
+    held = launcher.held_backlog()
+    whole = backlogs.total(stats.ready if stats is not None else None, held)
     start = period_start(now, caps.budget_period)
     used, committed = launcher.ledger.node_hours(start, now)
     activity = stats.activity if stats is not None else None
@@ -88,6 +89,7 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
         "scheduler_refreshed": refreshed,
         "broker": broker,
         "backlog": whole.as_json(),
+        "queues": _per_queue(queue, stats, held),
         "tasks": launcher.ledger.counts(),
         "tasks_this_period": launcher.ledger.all_counts(start),
         "files_per_minute": None if rate is None else round(rate, 2),
@@ -104,6 +106,20 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
         "jobs": jobs,
         "last_decisions": decisions,
     }
+
+
+def _per_queue(queue: Optional[str], stats: Optional[QueueStats], held: backlogs.Backlog) -> dict:
+    """`"queues"` of `status --json`: {name: {ready, unacked, consumers, backlog}} for each queue served
+    (one entry when there is one queue; the totals stay in "broker" and "backlog")."""
+    if stats is None:
+        return {}
+    each = stats.per_queue or ({queue: stats} if queue else {})
+    out = {}
+    for name, one in each.items():
+        part = backlogs.total(one.ready, held.by_queue.get(name, held) if stats.per_queue else held)
+        out[name] = {"ready": one.ready, "unacked": one.unacked, "consumers": one.consumers,
+                     "backlog": part.as_json()}
+    return out
 
 
 def _n(value) -> str:
@@ -139,6 +155,11 @@ def render(data: dict) -> str:
     else:
         lines.append(f"queue      {b['queue']}  ready {_n(b.get('ready'))}  unacked"
                      f" {_n(b.get('unacked'))}  consumers {_n(b.get('consumers'))}  ({b['uri']})")
+    queues = data.get("queues") or {}
+    if len(queues) > 1:
+        for name, q in queues.items():
+            lines.append(f"  {name}  ready {_n(q.get('ready'))}  unacked {_n(q.get('unacked'))}  consumers"
+                         f" {_n(q.get('consumers'))}  backlog {q['backlog'].get('total', 0)}")
     lines.append(render_backlog(data.get("backlog") or {}))
     lines.append(f"tasks now  queued {t['queued']}  running {t['running']}  missing {t['missing']}")
     lines.append(f"period     completed {p['completed']}  timeout {p['timeout']}  failed"

@@ -52,6 +52,7 @@ if [ -z "${AGENT_MPI_RANKS:-}" ] && [ -n "${PBS_NODEFILE:-}" ] && [ -f "$PBS_NOD
 fi
 export PATH="$(dirname "$PY"):$PATH"   # the venv's mpiexec before any system one
 
+# AGENT_PLUGIN may name several plugins ("a b"): one agent (per MPI group) serves them all.
 # exec: the scheduler's SIGTERM (walltime, qdel) must reach the agent itself.
 # Several ranks need mpi4py (the `mpi` extra); a single-rank task runs without it.
 if [ "$ranks" -gt 1 ]; then

@@ -27,6 +27,8 @@ class SourceRequest:
     queue: str
     agent_id: str
     journal: Any = None      # agent.journal.Journal, open, when the kind uses_journal
+    shared: bool = False     # several plugins: this source's connection is shared by the `joins` of others
+    joins: Any = None        # several plugins: the (shared) source whose connection this queue rides on
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,14 @@ def _no_proxy(env: dict[str, str], host: Optional[str]) -> None:
 # -- the built-in sources ------------------------------------------------------------------------------
 def _amqp(req: SourceRequest) -> WorkSource:
     from .amqp import AmqpSource
+    from .amqp_shared import SharedAmqpSource
 
     cfg = req.cfg
-    return AmqpSource(cfg.rabbitmq_uri, req.queue, cfg.effective_prefetch(), req.journal, req.agent_id,
-                      connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
+    if req.joins is not None:
+        return req.joins.add_queue(req.queue, cfg.effective_prefetch())
+    kind = SharedAmqpSource if req.shared else AmqpSource
+    return kind(cfg.rabbitmq_uri, req.queue, cfg.effective_prefetch(), req.journal, req.agent_id,
+                connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
 
 
 def _relay(req: SourceRequest) -> WorkSource:

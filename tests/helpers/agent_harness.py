@@ -198,6 +198,21 @@ def harness(rabbitmq: str, amqp_queue: str, tmp_path: Any):
 
 
 @pytest.fixture
+def second_harness(harness: AgentHarness, rabbitmq: str):
+    """A harness on a second fresh queue with the first one's stand-in and folder (two plugins in one agent)."""
+    h = AgentHarness(rabbitmq, f"test-{uuid.uuid4().hex[:8]}", harness.standin, harness.tmp)
+    try:
+        yield h
+    finally:
+        try:
+            h.ch.queue_delete(h.queue)
+            h.ch.queue_delete("error." + h.queue)
+        except pika.exceptions.AMQPError:
+            pass
+        h.close()
+
+
+@pytest.fixture
 def chaos_harness(chaos_rabbitmq: tuple[str, str], tmp_path: Any):
     """An AgentHarness on the restartable broker node (conftest's chaos_rabbitmq), fresh queue.
 
