@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import pika
 import pika.exceptions
+import pika.frame
+import pika.spec
 
 from hpc_common import reports
 from hpc_common.messages import RECOVERED, dead_letter_headers, retry_headers
@@ -69,6 +71,51 @@ def _coalesce_sends(conn: Any) -> None:
         produce()
 
     transport._produce = produce_joined
+
+
+class _StatusFrames:
+    """Status replies marshalled once per shape: a few of them per file, all alike.
+
+    pika marshals a publish's method frame (exchange, routing key) and header frame (properties,
+    body size) in Python on every call, most of a status reply's cost. Here both come from
+    pika's own frame classes and are kept by (reply_to) and (correlation id, body size); only the
+    body frame is new each time. The frames are queued on the channel's connection like any
+    publish (see _send_later). Large bodies take pika's ordinary path.
+    """
+
+    LIMIT = 16 * 1024  # well under any frame_max: one body frame
+
+    def __init__(self) -> None:
+        self._methods: dict[str, bytes] = {}
+        self._headers: dict[tuple[Optional[str], int], bytes] = {}
+
+    def publish(self, channel: Any, reply_to: str, correlation_id: Optional[str], body: bytes,
+                props: pika.BasicProperties) -> None:
+        impl = _send_later(channel)
+        if len(body) > self.LIMIT or impl.connection.is_closed:
+            impl.basic_publish("", reply_to, body, props)
+            return
+        impl._raise_if_not_open()
+        number = impl.channel_number
+        method = self._methods.get(reply_to)
+        if method is None:
+            if len(self._methods) >= 256:
+                self._methods.clear()
+            method = self._methods[reply_to] = pika.frame.Method(
+                number, pika.spec.Basic.Publish(exchange="", routing_key=reply_to)).marshal()
+        key = (correlation_id, len(body))
+        header = self._headers.get(key)
+        if header is None:
+            if len(self._headers) >= 1024:
+                self._headers.clear()
+            header = self._headers[key] = pika.frame.Header(number, len(body), props).marshal()
+        # one buffer for the three frames: one write into the connection's queue, not three
+        impl.connection._output_marshaled_frames([method + header + pika.frame.Body(number, body).marshal()])
+
+    def forget(self) -> None:
+        """Frames name a channel number: drop them with their connection."""
+        self._methods.clear()
+        self._headers.clear()
 
 
 def open_status_channel(uri: str) -> tuple[Any, Any]:
@@ -138,6 +185,7 @@ class AmqpSource(WorkSource):
         self.generation = 0
         self._where = redact_uri(uri)
         self._status_props: dict[Optional[str], pika.BasicProperties] = {}  # by correlation id
+        self._status_frames = _StatusFrames()
 
     # -- connection lifecycle --------------------------------------------------------------------
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -183,6 +231,7 @@ class AmqpSource(WorkSource):
                 pass
             raise
         self._conn, self._ch, self._pub = conn, ch, pub
+        self._status_frames.forget()
         self.generation += 1
         self._consumer_tag = None
         if self._intake:
@@ -383,7 +432,8 @@ class AmqpSource(WorkSource):
             props = self._status_props[delivery.correlation_id] = pika.BasicProperties(
                 delivery_mode=2, correlation_id=delivery.correlation_id, content_type="application/json")
         try:
-            _send_later(self._ch).basic_publish("", delivery.reply_to, json.dumps(payload), props)
+            self._status_frames.publish(self._ch, delivery.reply_to, delivery.correlation_id,
+                                        json.dumps(payload).encode("utf-8"), props)
         except _PIKA_ERRORS as exc:
             try:
                 self._lose(exc, "status")
