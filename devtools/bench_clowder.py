@@ -10,7 +10,8 @@ same bodies as the full stand-in:
 
 - v1: ``GET api/files/{id}/metadata`` (file info), ``GET api/files/{id}`` (blob),
   ``POST api/files/{id}/metadata.jsonld``;
-- v2: ``GET api/v2/files/{id}/summary``, ``GET api/v2/files/{id}``, ``POST api/v2/files/{id}/metadata``.
+- v2: ``GET api/v2/files/{id}/summary``, ``GET api/v2/files/{id}/metadata`` (what pyclowder's v2
+  download_info reads: the metadata list), ``GET api/v2/files/{id}``, ``POST api/v2/files/{id}/metadata``.
 
 Keys as in Clowder (v1 ``?key=`` or ``X-API-Key``; v2 ``X-API-KEY``), 401 without one, 404 for
 unknown files or routes. The control routes the benchmarks use match the full stand-in's:
@@ -70,8 +71,10 @@ class BenchClowder:
         if f is None:
             return self._error(404, "file %s not found" % fid, api)
         kind = route.rsplit(" ", 1)[1]
-        if kind.endswith("/metadata") and method == "GET" or kind.endswith("/summary"):
+        if method == "GET" and (kind.endswith("/summary") or api == "v1" and kind.endswith("/metadata")):
             return 200, json.dumps(self._info(f, api)).encode(), "application/json", ""
+        if method == "GET" and kind.endswith("/metadata"):  # v2: the metadata list (pyclowder's download_info)
+            return 200, json.dumps(f["metadata"]).encode(), "application/json", ""
         if method == "GET":
             return 200, f["content"], f["content_type"], f["disposition"]
         try:
@@ -80,7 +83,11 @@ class BenchClowder:
             return self._error(400, "invalid JSON", api)
         self.records.append({"kind": "metadata", "api": api, "file_id": fid, "dataset_id": f["dataset_id"],
                              "body": posted, "time": time.time()})
-        answer = {"id": uuid.uuid4().hex, "content": posted} if api == "v2" else "Metadata successfully added to db"
+        view = {"id": uuid.uuid4().hex, "resource": {"collection": "files", "resource_id": fid}}
+        view.update(posted if isinstance(posted, dict) else {"content": posted})
+        if api == "v2":
+            f["metadata"].append(view)  # v1 lists metadata on another route, which no per-file path reads
+        answer = view if api == "v2" else "Metadata successfully added to db"
         return 200, json.dumps(answer).encode(), "application/json", ""
 
     @staticmethod
@@ -91,8 +98,9 @@ class BenchClowder:
             return "%s <unknown>" % method, None
         prefix, fid, rest = "/".join(parts[:base]), parts[base], parts[base + 1:]
         tail = "/".join(rest)
-        allowed = {("GET", ""), ("GET", "summary" if api == "v2" else "metadata"),
-                   ("POST", "metadata" if api == "v2" else "metadata.jsonld")}
+        allowed = {("GET", ""), ("GET", "metadata"), ("POST", "metadata" if api == "v2" else "metadata.jsonld")}
+        if api == "v2":
+            allowed.add(("GET", "summary"))
         if (method, tail) not in allowed:
             return "%s <unknown>" % method, None
         return "%s %s/{id}%s" % (method, prefix, "/" + tail if tail else ""), fid
@@ -115,7 +123,7 @@ class BenchClowder:
         fid = uuid.uuid4().hex[:24]
         ctype = "text/plain" if name.endswith(".txt") else "application/octet-stream"
         self.files[fid] = {"id": fid, "name": name, "content": content, "content_type": ctype,
-                           "dataset_id": dataset_id,
+                           "dataset_id": dataset_id, "metadata": [],
                            "disposition": "Content-Disposition: attachment; filename=\"%s\"\r\n" % name.replace('"', "")}
         return fid
 
