@@ -173,3 +173,20 @@ class CpuSampler:
                     return a + (b - a) * ((t - ta) / (tb - ta) if tb > ta else 0.0)
             return s[0][k] if t < s[0][0] else s[-1][k]
         return at(t1) - at(t0)
+
+
+def mpi_leader(mpiexec_pid: int, timeout: float = 120) -> int:
+    """The pid of the rank-0 agent process (the MPI leader) under an mpiexec process."""
+    import psutil
+    root = psutil.Process(mpiexec_pid)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in root.children(recursive=True):
+            try:
+                cmd = p.cmdline()
+                if "agent" in cmd and "run" in cmd and p.environ().get("PMI_RANK") == "0":
+                    return p.pid
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise RuntimeError("no MPI rank 0 agent process found")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,30 +24,33 @@ import time
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (agent_env, AMQP_URL, REPO, CpuSampler, StandinProcess, fresh_queue, machine, publish,  # noqa: E402
-                     rate, v1_message, wait_count)
+from _common import (agent_env, AMQP_URL, REPO, CpuSampler, StandinProcess, fresh_queue, machine, mpi_leader,  # noqa: E402
+                     publish, rate, v1_message, wait_count)
 from plots import plot_results  # noqa: E402
 
 WORDCOUNT = os.path.join(REPO, "examples", "wordcount")
 
 
-def run_case(name: str, standin: StandinProcess, ch, n: int, start_cmd, timeout: float) -> dict:
+def run_case(name: str, standin: StandinProcess, ch, n: int, start_cmd, timeout: float, mpi: bool = False) -> dict:
     standin.clear()
     queue = fresh_queue(ch, "bench-" + name)
     files = standin.add_files(n, b"lorem ipsum dolor sit amet\n" * 37)
     publish(ch, queue, [v1_message(f, standin.url) for f in files], reply_to="bench-replies")
     started = time.time()
     proc = start_cmd(queue)
-    sampler = CpuSampler(proc.pid)
     try:
+        sampler = CpuSampler(mpi_leader(proc.pid) if mpi else proc.pid)  # MPI: the leader, rank 0
         times = wait_count(standin, n, timeout)
         sampler.stop()
     finally:
-        proc.terminate()
+        if mpi:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL) if mpi else proc.kill()
     ch.queue_delete(queue)
     ch.queue_delete("error." + queue)
     files = max(len(times) - 1, 1)
@@ -94,8 +98,15 @@ def main() -> int:
                                     stderr=quiet)
         return start
 
+    def mpi(queue):
+        return subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "agent", "run", "--plugin",
+                                 "ncsa.wordcount.hpc"], cwd=REPO, stderr=quiet, start_new_session=True,
+                                env=dict(env, RABBITMQ_QUEUE=queue,
+                                         PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")))
+
     cases = [("bare loop", args.files, bare), ("pyclowder RabbitMQConnector", args.pyclowder_files, pyclowder),
-             ("agent, 1 slot", args.files, agent(1)), ("agent, 2 slots", args.files, agent(2))]
+             ("agent, 1 slot", args.files, agent(1)), ("agent, 2 slots", args.files, agent(2)),
+             ("agent under MPI, 2 ranks (leader CPU)", args.files, mpi)]
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in cases}
     capacities = []
     try:
@@ -104,7 +115,7 @@ def main() -> int:
             for name, n, start in cases:
                 if name.startswith("pyclowder") and runs[name]:
                     continue  # one second per file whatever happens: one run says it
-                runs[name].append(run_case(name, standin, ch, n, start, 600))
+                runs[name].append(run_case(name, standin, ch, n, start, 600, mpi=start is mpi))
     finally:
         standin.close()
         ch.queue_delete("bench-replies")
@@ -116,8 +127,9 @@ def main() -> int:
              f"Machine: {machine()}", "",
              "Trivial extractor (unchanged wordcount, 1 KB text files), v1 messages, one broker and one Clowder "
              "stand-in process (devtools.bench_clowder) for all cases. Steady state = files/s from the first "
-             "result to the last. Agent CPU = user+system CPU of the agent process alone over that span, per file; "
-             f"extractor CPU = its extractor process(es). Medians of {args.runs} runs "
+             "result to the last. Agent CPU = user+system CPU of the agent process alone over that span, per file "
+             "(MPI: the leader, rank 0, which also runs one extractor process); extractor CPU = the agent's (the "
+             "leader's) extractor process(es). Medians of {args.runs} runs "
              "(pyclowder's connector: one run).", "",
              f"Reference: the stand-in alone (no broker; GET blob + POST metadata over 4 kept-alive connections, "
              f"benchmarks/standin_load.py) served **{capacity:.0f} files/s = {capacity / bare_rate:.1f}x the bare "

@@ -35,14 +35,13 @@ import time
 import uuid
 
 import pika
-import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AMQP_URL, REPO, CpuSampler, agent_env, fresh_queue, machine, publish, rate  # noqa: E402
+from _common import (AMQP_URL, REPO, CpuSampler, agent_env, fresh_queue, machine, mpi_leader, publish,  # noqa: E402
+                     rate)
 from relay_throughput import Relay  # noqa: E402
 
 PLUGINS = os.path.join(REPO, "benchmarks", "plugins")
-VENV_BIN = os.path.dirname(sys.executable)
 HOST = "http://127.0.0.1:9/"  # never called: the no-op extractor bypasses every Clowder request
 
 
@@ -109,21 +108,6 @@ class DoneWatcher:
         self._thread.join(timeout=10)
 
 
-def _mpi_leader(root: psutil.Process, timeout: float = 120) -> psutil.Process:
-    """The rank-0 agent process under mpiexec."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in root.children(recursive=True):
-            try:
-                cmd = p.cmdline()
-                if "agent" in cmd and "run" in cmd and p.environ().get("PMI_RANK") == "0":
-                    return p
-            except psutil.Error:
-                continue
-        time.sleep(0.2)
-    raise RuntimeError("no MPI rank 0 agent process found")
-
-
 def run_case(kind: str, ch, n: int, slots: int = 1, timeout: float = 600) -> dict:
     queue = fresh_queue(ch, "bench-noop")
     replies = f"bench-noop-replies-{uuid.uuid4().hex[:6]}"
@@ -137,7 +121,7 @@ def run_case(kind: str, ch, n: int, slots: int = 1, timeout: float = 600) -> dic
     workdir = tempfile.mkdtemp(prefix="bench-noop-")
     env = dict(agent_env(), RABBITMQ_QUEUE=queue, AGENT_PLUGIN_PATH=PLUGINS,
                AGENT_JOURNAL_DIR=os.path.join(workdir, "journal"),
-               PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     relay = None
     agent = [sys.executable, "-m", "agent", "run", "--plugin", "bench.noop", "--slots", str(slots)]
     if kind == "reference":
@@ -152,7 +136,7 @@ def run_case(kind: str, ch, n: int, slots: int = 1, timeout: float = 600) -> dic
         argv = agent
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        measured = _mpi_leader(psutil.Process(proc.pid)).pid if kind == "mpi" else proc.pid
+        measured = mpi_leader(proc.pid) if kind == "mpi" else proc.pid
         sampler = CpuSampler(measured)
         relay_cpu = CpuSampler(relay.proc.pid) if relay else None
         times = watcher.wait(n, timeout, proc)
