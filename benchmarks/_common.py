@@ -190,3 +190,29 @@ def mpi_leader(mpiexec_pid: int, timeout: float = 120) -> int:
                 continue
         time.sleep(0.2)
     raise RuntimeError("no MPI rank 0 agent process found")
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM a benchmark's process group (started with start_new_session), SIGKILL after grace seconds."""
+    import signal
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def write_results(path: str, lines: list[str]) -> None:
+    """Print a benchmark's markdown, write it to path and redraw its plot (when it has one)."""
+    from plots import plot_results
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(path, "w") as fh:
+        fh.write(text)
+    try:
+        print(f"plot: {plot_results(path)}")
+    except KeyError:
+        pass  # a results file outside benchmarks/results (--out elsewhere) has no plot

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,8 +24,7 @@ import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (agent_env, AMQP_URL, REPO, CpuSampler, StandinProcess, fresh_queue, machine, mpi_leader,  # noqa: E402
-                     publish, rate, v1_message, wait_count)
-from plots import plot_results  # noqa: E402
+                     publish, rate, stop_group, v1_message, wait_count, write_results)
 
 WORDCOUNT = os.path.join(REPO, "examples", "wordcount")
 
@@ -44,13 +42,13 @@ def run_case(name: str, standin: StandinProcess, ch, n: int, start_cmd, timeout:
         sampler.stop()
     finally:
         if mpi:
-            os.killpg(proc.pid, signal.SIGTERM)
+            stop_group(proc, grace=30)
         else:
             proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL) if mpi else proc.kill()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     ch.queue_delete(queue)
     ch.queue_delete("error." + queue)
     files = max(len(times) - 1, 1)
@@ -144,11 +142,7 @@ def main() -> int:
         lines.append(f"| {r['name']} | {r['files']} | {r['rate']:.1f} | {r['rate'] / bare_rate:.2f}x | "
                      f"{r['rate'] / py_rate:.0f}x | {cpu} | {child} | {r['first']:.2f} |")
     lines += ["", "Command: `python benchmarks/agent_throughput.py`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.out, "w") as fh:
-        fh.write(text)
-    print(f"plot: {plot_results(args.out)}")
+    write_results(args.out, lines)
     return 0
 
 

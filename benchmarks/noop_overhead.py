@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (AMQP_URL, REPO, CpuSampler, agent_env, fresh_queue, machine, mpi_leader, publish,  # noqa: E402
-                     rate)
+                     rate, stop_group, write_results)
 from relay_throughput import Relay  # noqa: E402
 
 PLUGINS = os.path.join(REPO, "benchmarks", "plugins")
@@ -144,13 +143,7 @@ def run_case(kind: str, ch, n: int, slots: int = 1, timeout: float = 600) -> dic
         if relay_cpu:
             relay_cpu.stop()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
         if relay is not None:
             relay.close()
         watcher.close()
@@ -215,15 +208,7 @@ def main() -> int:
                      f"{f'{cpu:.2f}' if agentish else '-'} | {f'{child:.2f}' if agentish else '-'} | "
                      f"{f'{relay:.2f}' if relay is not None else '-'} |")
     lines += ["", "Command: `python benchmarks/noop_overhead.py`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.out, "w") as fh:
-        fh.write(text)
-    try:
-        from plots import plot_results
-        print(f"plot: {plot_results(args.out)}")
-    except KeyError:
-        pass  # no plot for an --out outside benchmarks/results
+    write_results(args.out, lines)
     return 0
 
 
