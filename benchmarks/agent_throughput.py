@@ -127,7 +127,7 @@ def main() -> int:
              "stand-in process (devtools.bench_clowder) for all cases. Steady state = files/s from the first "
              "result to the last. Agent CPU = user+system CPU of the agent process alone over that span, per file "
              "(MPI: the leader, rank 0, which also runs one extractor process); extractor CPU = the agent's (the "
-             "leader's) extractor process(es). Medians of {args.runs} runs "
+             f"leader's) extractor process(es). Medians of {args.runs} runs "
              "(pyclowder's connector: one run).", "",
              f"Reference: the stand-in alone (no broker; GET blob + POST metadata over 4 kept-alive connections, "
              f"benchmarks/standin_load.py) served **{capacity:.0f} files/s = {capacity / bare_rate:.1f}x the bare "
