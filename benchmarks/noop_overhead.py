@@ -38,6 +38,7 @@ import pika
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (AMQP_URL, REPO, CpuSampler, agent_env, fresh_queue, machine, mpi_leader, publish,  # noqa: E402
                      rate, stop_group, write_results)
+from bare_loop import consume  # noqa: E402
 from relay_throughput import Relay  # noqa: E402
 
 PLUGINS = os.path.join(REPO, "benchmarks", "plugins")
@@ -46,11 +47,7 @@ HOST = "http://127.0.0.1:9/"  # never called: the no-op extractor bypasses every
 
 def reference_loop(url: str, queue: str, count: int) -> None:
     """Consume, publish STARTED and DONE to reply_to, ack: the least a worker does per file."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    ch.basic_qos(prefetch_count=20)
-    done = 0
-    for method, props, body in ch.consume(queue):
+    def handle(ch, props, body: bytes) -> None:
         msg = json.loads(body)
         out = pika.BasicProperties(delivery_mode=2, correlation_id=props.correlation_id,
                                    content_type="application/json")
@@ -59,12 +56,8 @@ def reference_loop(url: str, queue: str, count: int) -> None:
                 "file_id": msg["id"], "extractor_id": "bench.noop", "job_id": msg.get("jobid"),
                 "status": f"StatusMessage.{kind}: {text}", "start": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "message_type": f"StatusMessage.{kind}", "message": text}), out)
-        ch.basic_ack(method.delivery_tag)
-        done += 1
-        if done >= count:
-            break
-    ch.cancel()
-    conn.close()
+
+    consume(url, queue, count, handle)
 
 
 class DoneWatcher:
