@@ -83,7 +83,7 @@ class _StatusFrames:
     publish (see _send_later). Large bodies take pika's ordinary path.
     """
 
-    LIMIT = 16 * 1024  # well under any frame_max: one body frame
+    LIMIT = 16 * 1024  # one body frame (and never more than the connection's frame_max allows)
 
     def __init__(self) -> None:
         self._methods: dict[str, bytes] = {}
@@ -92,7 +92,7 @@ class _StatusFrames:
     def publish(self, channel: Any, reply_to: str, correlation_id: Optional[str], body: bytes,
                 props: pika.BasicProperties) -> None:
         impl = _send_later(channel)
-        if len(body) > self.LIMIT or impl.connection.is_closed:
+        if len(body) > min(self.LIMIT, impl.connection._body_max_length) or impl.connection.is_closed:
             impl.basic_publish("", reply_to, body, props)
             return
         impl._raise_if_not_open()
