@@ -19,10 +19,15 @@ class FrameError(ProtocolError):
     """The other side sent something that is not a frame, or went away mid-frame."""
 
 
+def encode(obj: Any) -> bytes:
+    """One frame as bytes (several may be written at once)."""
+    data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    return _HEADER.pack(len(data)) + data
+
+
 def send(stream: BinaryIO, obj: Any) -> None:
     """Write one frame and flush it."""
-    data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
-    stream.write(_HEADER.pack(len(data)) + data)
+    stream.write(encode(obj))
     stream.flush()
 
 

@@ -49,6 +49,17 @@ RECOVERY_INTERVAL = 30.0
 MAX_BACKOFF = 60.0
 
 
+class _Post:
+    """What slots call to hand work to the main thread: post(fn), or post.quiet(fn) for what can wait."""
+
+    def __init__(self, runner: "Runner") -> None:
+        self._post = runner.post
+        self.quiet = runner.post_quiet
+
+    def __call__(self, fn: Callable[[], None]) -> None:
+        self._post(fn)
+
+
 @dataclass
 class Counters:
     """What this agent did, reported when it ends."""
@@ -80,7 +91,8 @@ class Runner:
         self.redactor = redactor
         self._clock = clock
         self._calls: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
-        self.slots = [make_slot(i, self.post, self._on_frame) for i in range(cfg.slots)]
+        self._wake_due = False
+        self.slots = [make_slot(i, _Post(self), self._on_frame) for i in range(cfg.slots)]
         self.pending: collections.deque[tuple[Delivery, dict[str, Any]]] = collections.deque()
         self.backoff: list[tuple[float, Delivery, int, str]] = []
         self.deferred: list[tuple[Delivery, Callable[[], None]]] = []
@@ -105,9 +117,22 @@ class Runner:
     def post(self, fn: Callable[[], None]) -> None:
         """Run fn on the main thread soon (safe from any thread)."""
         self._calls.put(fn)
-        self.source.wake()
+        # One wake-up per batch: the flag is cleared by the main thread before it drains, and
+        # the call is queued before the flag is read, so a call is never left undrained.
+        if not self._wake_due:
+            self._wake_due = True
+            self.source.wake()
+
+    def post_quiet(self, fn: Callable[[], None]) -> None:
+        """Run fn on the main thread at its next turn, without waking it (safe from any thread).
+
+        For what may wait a poll interval (status updates): they then leave with the next
+        outcome or delivery, in order and in one write, instead of a wake-up and a send each.
+        """
+        self._calls.put(fn)
 
     def _drain_calls(self) -> None:
+        self._wake_due = False
         while True:
             try:
                 fn = self._calls.get_nowait()

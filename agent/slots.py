@@ -45,6 +45,7 @@ class Slot:
         self.index = index
         self._init = init_frame
         self._post = post
+        self._post_quiet: Post = getattr(post, "quiet", post)  # the runner's no-wake post, when it has one
         self._on_frame = on_frame
         self._redactor = redactor
         self._env = env
@@ -150,6 +151,8 @@ class Slot:
         assert proc.stderr is not None
         child_log = logging.getLogger(f"extractor.{self.index}")
         for raw in iter(proc.stderr.readline, b""):
+            if not child_log.isEnabledFor(logging.INFO):
+                continue  # read and dropped: no decoding or masking of lines nobody keeps
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 child_log.info("%s", self._redactor(line))
@@ -202,10 +205,13 @@ class Slot:
                     frame = ipc.recv(proc.stdout)
                     if frame is None:
                         raise ipc.FrameError("closed")
-                    if frame.get("t") == "done":
+                    kind = frame.get("t")
+                    if kind == "done":
                         self._job_started = None
-                    self._post(lambda f=frame: self._on_frame(self, f))
-                    if frame.get("t") == "done":
+                    # Statuses can wait for the main thread's next turn (at most its poll interval).
+                    post = self._post_quiet if kind == "status" else self._post
+                    post(lambda f=frame: self._on_frame(self, f))
+                    if kind == "done":
                         break
             except (OSError, ipc.FrameError, ValueError):
                 self._job_started = None

@@ -12,7 +12,10 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any, BinaryIO
+
+from . import ipc
 
 
 def _private_channel() -> tuple[BinaryIO, BinaryIO]:
@@ -33,9 +36,47 @@ def _die_with_parent() -> None:
         pass
 
 
-def main() -> int:
-    from . import ipc
+STATUS_HOLD = 0.05  # seconds a status frame may wait to share a write with the frames after it
 
+
+class _FrameWriter:
+    """Frames to the agent: status frames wait up to STATUS_HOLD, other frames go at once.
+
+    A trivial file sends four statuses and its outcome; written one by one that is five pipe
+    writes, each waking the agent. Held statuses leave with the next outcome (one write, in
+    order), or after STATUS_HOLD by the flusher thread when the extractor works longer.
+    """
+
+    def __init__(self, outbox: BinaryIO) -> None:
+        self._outbox = outbox
+        self._lock = threading.Lock()  # extractors may spawn threads that report status
+        self._held: list[bytes] = []
+        threading.Thread(target=self._flusher, name="status-flusher", daemon=True).start()
+
+    def emit(self, frame: dict[str, Any]) -> None:
+        data = ipc.encode(frame)
+        with self._lock:
+            self._held.append(data)
+            if frame.get("t") != "status":
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            self._outbox.write(b"".join(self._held))
+            self._held.clear()
+
+    def _flusher(self) -> None:
+        while True:
+            time.sleep(STATUS_HOLD)
+            if self._held:
+                with self._lock:
+                    try:
+                        self._flush()
+                    except OSError:
+                        return  # the agent went away; the main loop sees it too
+
+
+def main() -> int:
     _die_with_parent()
     if os.getppid() == 1:  # the agent died before we could ask
         return 1
@@ -43,11 +84,7 @@ def main() -> int:
     init = ipc.recv(inbox)
     if not init or init.get("t") != "init":
         return 2
-    lock = threading.Lock()  # extractors may spawn threads that report status
-
-    def emit(frame: dict[str, Any]) -> None:
-        with lock:
-            ipc.send(outbox, frame)
+    emit = _FrameWriter(outbox).emit
 
     # pyclowder reads CLOWDER_VERSION when first imported, so it must be set before that.
     os.environ["CLOWDER_VERSION"] = str(init["clowder_version"])

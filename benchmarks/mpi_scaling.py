@@ -27,7 +27,6 @@ import argparse
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Optional
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish  # noqa: E402
+from _common import AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, stop_group  # noqa: E402
 from plots import plot_results  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -215,13 +214,7 @@ class Bench:
                 time.sleep(0.25)
             foreign = meter.foreign_cores()
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_group(proc)
             if slow_download:
                 self.standin.http.post(self.standin.url + "_standin/faults", json={"reset": True})
             self.ch.queue_delete(queue)

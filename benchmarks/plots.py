@@ -148,11 +148,29 @@ def plot_dispatch_vs_array(md: str, png: str) -> str:
     return _save(fig, png)
 
 
+def plot_noop_overhead(md: str, png: str) -> str:
+    """No-op extractor: files/s per case, with the agent's CPU ms per file on each bar."""
+    rows = read_table(md, "case")
+    names = [re.sub(r"\s*\(.*\)", "", r["case"]).replace("agent ", "").replace("agent, ", "") for r in rows]
+    rates = [number(r["files/s"]) for r in rows]
+    fig, ax = _figure("No-op extractor: files/s (agent CPU ms per file on the bars)", width=9.0)
+    bars = ax.bar(names, rates, color=["#969696"] + ["#3182bd"] * (len(rows) - 1))
+    for bar, r in zip(bars, rows):
+        cpu = r["agent CPU ms/file"]
+        label = f"{bar.get_height():g}" + (f"\n{cpu} ms" if cpu not in ("-", "") else "")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_ylabel("files / s")
+    ax.tick_params(axis="x", labelsize=8)
+    return _save(fig, png)
+
+
 #: results markdown (relative to benchmarks/) -> its plot function
 PLOTS: Dict[str, Callable[[str, str], str]] = {
     os.path.join("results", "agent_throughput.md"): plot_agent_throughput,
     os.path.join("results", "mpi_scaling.md"): plot_mpi_scaling,
     os.path.join("results", "relay_throughput.md"): plot_relay_throughput,
+    os.path.join("results", "noop_overhead.md"): plot_noop_overhead,
     "launcher_dispatch_vs_array.results.md": plot_dispatch_vs_array,
 }
 

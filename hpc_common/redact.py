@@ -11,6 +11,8 @@ import threading
 from typing import Iterable
 
 MASK = "***"
+_MEMO_SIZE = 256   # distinct short texts remembered
+_MEMO_TEXT = 200   # longer texts (log lines with ids and times) rarely repeat
 
 _PATTERNS = [
     # amqp://user:password@host -> amqp://user:***@host (also http basic auth in URLs)
@@ -32,6 +34,10 @@ class Redactor:
         self._lock = threading.Lock()
         self._literals: set[str] = set()
         self._literal_re: re.Pattern[str] | None = None
+        # Results for short texts seen before (the same status lines come back for every file).
+        # Replaced, never cleared in place, when a literal is added: a caller still computing
+        # with the old literals then writes into the old dict, which nobody reads any more.
+        self._memo: dict[str, str] = {}
         for lit in literals:
             self.add(lit)
 
@@ -48,16 +54,26 @@ class Redactor:
             self._literals.add(secret)
             alts = sorted(self._literals, key=len, reverse=True)
             self._literal_re = re.compile("|".join(re.escape(s) for s in alts))
+            self._memo = {}
 
     def __call__(self, text: str) -> str:
         """Return text with every known secret masked."""
         if not text:
             return text
+        memo = self._memo
+        done = memo.get(text)
+        if done is not None:
+            return done
+        original = text
         literal_re = self._literal_re
         if literal_re is not None:
             text = literal_re.sub(MASK, text)
         for pattern, repl in _PATTERNS:
             text = pattern.sub(repl, text)
+        if len(original) <= _MEMO_TEXT:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[original] = text
         return text
 
 

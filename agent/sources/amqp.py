@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 import pika
 import pika.exceptions
+import pika.frame
+import pika.spec
 
 from hpc_common import reports
 from hpc_common.messages import RECOVERED, dead_letter_headers, retry_headers
@@ -35,6 +37,87 @@ from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 log = logging.getLogger("agent.amqp")
 logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO lines are per connection event
 _PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+def _send_later(channel: Any) -> Any:
+    """The channel under a BlockingChannel: its publishes and acks are queued, not flushed.
+
+    BlockingChannel.basic_ack/basic_publish each run the I/O loop until their frame is on the
+    wire (a poll and a send per call, three times per file). Queued on the underlying channel,
+    every status and ack of one turn of the agent's loop leaves in one send when poll() next runs
+    the connection, in the order they were made; errors surface there, or here when the channel
+    is already closed.
+    """
+    return channel._impl  # pika 1.x: the asynchronous Channel a BlockingChannel wraps
+
+
+def _coalesce_sends(conn: Any) -> None:
+    """Make the connection send everything it has buffered in one socket send.
+
+    pika buffers each frame apart (a publish is three: method, header, body) and sends each with
+    its own send(): thirteen system calls per file for four statuses and an ack, each one also
+    waking the broker. Joining the buffers first keeps the bytes and their order and leaves one
+    send per turn of the loop. Without the private attributes (another pika) nothing changes.
+    """
+    transport = getattr(getattr(conn, "_impl", None), "_transport", None)
+    buffers = getattr(transport, "_tx_buffers", None)
+    produce = getattr(transport, "_produce", None)
+    if buffers is None or produce is None:
+        return
+
+    def produce_joined() -> None:
+        if len(buffers) > 1:
+            joined = b"".join(buffers)
+            buffers.clear()
+            buffers.append(joined)
+        produce()
+
+    transport._produce = produce_joined
+
+
+class _StatusFrames:
+    """Status replies marshalled once per shape: a few of them per file, all alike.
+
+    pika marshals a publish's method frame (exchange, routing key) and header frame (properties,
+    body size) in Python on every call, most of a status reply's cost. Here both come from
+    pika's own frame classes and are kept by (reply_to) and (correlation id, body size); only the
+    body frame is new each time. The frames are queued on the channel's connection like any
+    publish (see _send_later). Large bodies take pika's ordinary path.
+    """
+
+    LIMIT = 16 * 1024  # one body frame (and never more than the connection's frame_max allows)
+
+    def __init__(self) -> None:
+        self._methods: dict[str, bytes] = {}
+        self._headers: dict[tuple[Optional[str], int], bytes] = {}
+
+    def publish(self, channel: Any, reply_to: str, correlation_id: Optional[str], body: bytes,
+                props: pika.BasicProperties) -> None:
+        impl = _send_later(channel)
+        if len(body) > min(self.LIMIT, impl.connection._body_max_length) or impl.connection.is_closed:
+            impl.basic_publish("", reply_to, body, props)
+            return
+        impl._raise_if_not_open()
+        number = impl.channel_number
+        method = self._methods.get(reply_to)
+        if method is None:
+            if len(self._methods) >= 256:
+                self._methods.clear()
+            method = self._methods[reply_to] = pika.frame.Method(
+                number, pika.spec.Basic.Publish(exchange="", routing_key=reply_to)).marshal()
+        key = (correlation_id, len(body))
+        header = self._headers.get(key)
+        if header is None:
+            if len(self._headers) >= 1024:
+                self._headers.clear()
+            header = self._headers[key] = pika.frame.Header(number, len(body), props).marshal()
+        # one buffer for the three frames: one write into the connection's queue, not three
+        impl.connection._output_marshaled_frames([method + header + pika.frame.Body(number, body).marshal()])
+
+    def forget(self) -> None:
+        """Frames name a channel number: drop them with their connection."""
+        self._methods.clear()
+        self._headers.clear()
 
 
 def open_status_channel(uri: str) -> tuple[Any, Any]:
@@ -107,6 +190,8 @@ class AmqpSource(WorkSource):
         self._where = redact_uri(uri)
         self._decl: Any = None      # channel for retry-queue declarations (a 406 closes only it)
         self._retries_due: list[float] = []
+        self._status_props: dict[Optional[str], pika.BasicProperties] = {}  # by correlation id
+        self._status_frames = _StatusFrames()
 
     # -- connection lifecycle --------------------------------------------------------------------
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -137,6 +222,7 @@ class AmqpSource(WorkSource):
             params.heartbeat = 60
         params.client_properties = {"connection_name": f"clowder-hpc-agent {self.agent_id}"}
         conn = pika.BlockingConnection(params)
+        _coalesce_sends(conn)
         try:
             ch = conn.channel()
             self._declare(conn, ch)
@@ -151,6 +237,7 @@ class AmqpSource(WorkSource):
                 pass
             raise
         self._conn, self._ch, self._pub, self._decl = conn, ch, pub, None
+        self._status_frames.forget()
         self.generation += 1
         self._consumer_tag = None
         if self._intake:
@@ -267,7 +354,7 @@ class AmqpSource(WorkSource):
         if tag is None:
             raise SourceLost("delivery from a lost connection")
         try:
-            self._ch.basic_ack(tag)
+            _send_later(self._ch).basic_ack(tag)
         except _PIKA_ERRORS as exc:
             self._lose(exc, "ack")
 
@@ -383,10 +470,15 @@ class AmqpSource(WorkSource):
     def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
         if not delivery.reply_to or not self.connected:
             return
-        props = pika.BasicProperties(delivery_mode=2, correlation_id=delivery.correlation_id,
-                                     content_type="application/json")
+        props = self._status_props.get(delivery.correlation_id)
+        if props is None:
+            if len(self._status_props) >= 256:
+                self._status_props.clear()
+            props = self._status_props[delivery.correlation_id] = pika.BasicProperties(
+                delivery_mode=2, correlation_id=delivery.correlation_id, content_type="application/json")
         try:
-            self._ch.basic_publish("", delivery.reply_to, json.dumps(payload), props)
+            self._status_frames.publish(self._ch, delivery.reply_to, delivery.correlation_id,
+                                        json.dumps(payload).encode("utf-8"), props)
         except _PIKA_ERRORS as exc:
             try:
                 self._lose(exc, "status")
