@@ -944,7 +944,10 @@ def kill9_during_backoff(amqp_url: str, tmp: Path, r: Result) -> None:
         finish(h, agent, 10, r, "agent killed during the backoffs")
         clock = Clock()
         clock.clear(h)
-        second = h.start_agent("--idle-exit", "3", AGENT_RETRY_BACKOFF="4")
+        # The dead agent's retries come back from their retry queue when its 4 s TTL expires. A new
+        # agent cannot see retries another agent parked (it stays only for its own), so it idles
+        # longer than the backoff; an agent that left earlier would leave them to the next one.
+        second = h.start_agent("--idle-exit", "6", AGENT_RETRY_BACKOFF="4")
         r.expected_exits = [KILLED, 0]
         finish(h, second, 90, r, "second agent")
         facts = account(h, ids, r, clock)
