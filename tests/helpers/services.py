@@ -161,3 +161,18 @@ def require_mpi() -> Path:
     if problem:
         unavailable(problem)
     return mpiexec_path()
+
+
+def wait_for_port(host: str, port: int, timeout: float = 20.0) -> bool:
+    """Whether something accepts TCP connections on host:port within timeout seconds."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False

@@ -6,11 +6,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from helpers import services
 from launcher.runner import CommandError, SSHRunner
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,14 +59,7 @@ def sshd(tmp_path_factory):
         f"Host strangerhost\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
         f"  IdentityFile {d}/user_key\n  IdentitiesOnly yes\n"
         f"  UserKnownHostsFile {d}/empty_known_hosts\n  GlobalKnownHostsFile /dev/null\n")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
+    if not services.wait_for_port("127.0.0.1", port):
         proc.kill()
         pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
     try:

@@ -209,13 +209,7 @@ def sshd(tmp_path_factory):
     config.write_text(f"Host loginnode\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
                       f"  IdentityFile {d}/user_key\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
                       "  GlobalKnownHostsFile /dev/null\n  LogLevel ERROR\n")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    services.wait_for_port("127.0.0.1", port)  # the tests fail with ssh's own error if it never came up
     try:
         yield str(config)
     finally:
