@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-from hpc_common.settings_files import parse_bool as _to_bool, parse_value, read_settings_file
+from hpc_common.settings_files import first_set, parse_bool as _to_bool, parse_value, read_settings_file
 
 from .errors import ConfigError
 from .sources.registry import SOURCES, source_kind
@@ -337,7 +337,7 @@ def parse_setting(name: str, raw: Any, origin: str) -> Any:
 def setting_from_env(name: str, environ: Mapping[str, str]) -> Any:
     """One setting from the environment alone (its default when unset), parsed and checked."""
     setting = _BY_NAME[name]
-    env_name = next((e for e in setting.env if environ.get(e) not in (None, "")), None)
+    env_name = first_set(setting.env, environ)
     return _parse(setting, environ[env_name], env_name) if env_name else setting.fresh_default()
 
 
@@ -356,7 +356,7 @@ def load_config(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Map
         if flags.get(setting.name) is not None:
             values[setting.name] = _parse(setting, flags[setting.name], setting.flag)
             continue
-        env_name = next((e for e in setting.env if environ.get(e) not in (None, "")), None)
+        env_name = first_set(setting.env, environ)
         if env_name is not None:
             values[setting.name] = _parse(setting, environ[env_name], env_name)
         elif setting.name in file_values:

@@ -7,7 +7,7 @@ The YAML parser is passed in (`load`, `syntax_errors`): this layer stays standar
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Collection, TextIO
+from typing import Any, Callable, Collection, Iterable, Mapping, Optional, TextIO
 
 
 def parse_bool(value: Any) -> bool:
@@ -20,6 +20,11 @@ def parse_bool(value: Any) -> bool:
     if text in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"not a boolean (1 or 0, true or false): {value!r}")
+
+
+def first_set(names: Iterable[str], environ: Mapping[str, str]) -> Optional[str]:
+    """The first of a setting's environment variables that is set and not empty (None: none is)."""
+    return next((name for name in names if environ.get(name) not in (None, "")), None)
 
 
 def read_settings_file(path: str, known: Collection[str], error: type[Exception], label: str,

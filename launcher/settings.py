@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-from hpc_common.settings_files import parse_bool as _flag_bool, parse_value, read_settings_file
+from hpc_common.settings_files import first_set, parse_bool as _flag_bool, parse_value, read_settings_file
 from launcher.errors import ConfigError
 
 SCHEDULER_NAMES = ("pbs", "torque", "slurm")
@@ -150,7 +150,7 @@ def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping
     file_values = _read_yaml(config_file) if config_file else {}
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        env_name = next((e for e in setting.env if environ.get(e) not in (None, "")), None)
+        env_name = first_set(setting.env, environ)
         if setting.flag and flags.get(setting.name) is not None:
             values[setting.name] = _parse(setting, flags[setting.name], setting.flag)
         elif env_name is not None:
