@@ -146,12 +146,11 @@ def drive_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=("relay", "direct"))
     p.add_argument("url")
-    p.add_argument("--token", default="")
     p.add_argument("--agents", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--extend-every", type=int, default=10)
     args = p.parse_args(argv)
-    args.token = os.environ.get("LOAD_TOKEN", "")
+    args.token = os.environ.get("LOAD_TOKEN", "")  # the bearer token never goes on a command line
     raise_fd_limit()
     try:
         import uvloop
