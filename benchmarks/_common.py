@@ -16,6 +16,10 @@ import pika
 import requests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from devtools.amqp_queues import companion_queues, delete_queues  # noqa: E402
 AMQP_URL = os.environ.get("RABBITMQ_URI", "amqp://guest:guest@127.0.0.1:5672/%2f")
 
 
@@ -81,6 +85,11 @@ def fresh_queue(ch: Any, prefix: str) -> str:
     ch.queue_declare(name, durable=True)
     ch.queue_declare("error." + name, durable=True)
     return name
+
+
+def drop_queue(ch: Any, queue: str) -> None:
+    """Delete a benchmark's queue and the queues named after it (error., reports window, ...)."""
+    delete_queues(ch, companion_queues(queue))
 
 
 def publish(ch: Any, queue: str, bodies: list[bytes], reply_to: str) -> None:

@@ -23,7 +23,7 @@ import time
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (agent_env, AMQP_URL, REPO, CpuSampler, StandinProcess, fresh_queue, machine, mpi_leader,  # noqa: E402
+from _common import (drop_queue, agent_env, AMQP_URL, REPO, CpuSampler, StandinProcess, fresh_queue, machine, mpi_leader,  # noqa: E402
                      publish, rate, stop_group, v1_message, wait_count, write_results)
 
 WORDCOUNT = os.path.join(REPO, "examples", "wordcount")
@@ -49,8 +49,7 @@ def run_case(name: str, standin: StandinProcess, ch, n: int, start_cmd, timeout:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    ch.queue_delete(queue)
-    ch.queue_delete("error." + queue)
+    drop_queue(ch, queue)
     files = max(len(times) - 1, 1)
     return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started,
             "wall": times[-1] - started,

@@ -20,6 +20,7 @@ import uuid
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import drop_queue  # noqa: E402
 from plots import plot_results  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,8 +104,8 @@ def run(mode, n, tasks, work, tmp):
             proc.kill()
             proc.wait()
         conn = pika.BlockingConnection(pika.URLParameters(AMQP))
-        for q in (queue, done_q):
-            conn.channel().queue_delete(q)
+        drop_queue(conn.channel(), queue)
+        conn.channel().queue_delete(done_q)
         conn.close()
     assert len(times) == n, f"{mode}: only {len(times)} of {n} files done"
     return max(times) - t0

@@ -37,7 +37,7 @@ from typing import Optional
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, stop_group  # noqa: E402
+from _common import drop_queue, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, stop_group  # noqa: E402
 from plots import plot_results  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -217,8 +217,7 @@ class Bench:
             stop_group(proc)
             if slow_download:
                 self.standin.http.post(self.standin.url + "_standin/faults", json={"reset": True})
-            self.ch.queue_delete(queue)
-            self.ch.queue_delete("error." + queue)
+            drop_queue(self.ch, queue)
         makespan = times[-1] - t0
         return {"name": name, "ranks": ranks, "files": files, "makespan": makespan, "rate": files / makespan,
                 "ready_after": ready_after, "all_ready": all_ready == leaders, "connections": max(connections),

@@ -36,7 +36,7 @@ import uuid
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (AMQP_URL, REPO, CpuSampler, agent_env, fresh_queue, machine, mpi_leader, publish,  # noqa: E402
+from _common import (drop_queue, AMQP_URL, REPO, CpuSampler, agent_env, fresh_queue, machine, mpi_leader, publish,  # noqa: E402
                      rate, stop_group, write_results)
 from bare_loop import consume  # noqa: E402
 from relay_throughput import Relay  # noqa: E402
@@ -140,8 +140,7 @@ def run_case(kind: str, ch, n: int, slots: int = 1, timeout: float = 600) -> dic
         if relay is not None:
             relay.close()
         watcher.close()
-        ch.queue_delete(queue)
-        ch.queue_delete("error." + queue)
+        drop_queue(ch, queue)
         shutil.rmtree(workdir, ignore_errors=True)
     span, files = (times[0], times[-1]), max(len(times) - 1, 1)
     return {"rate": rate(times), "cpu_ms": 1000 * sampler.cpu_between(*span) / files,

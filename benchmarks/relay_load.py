@@ -42,7 +42,7 @@ from typing import Any, Optional
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report, BrokerChannel, \
+from _common import drop_queue, AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report, BrokerChannel, \
     OLD_RELAY_REF, old_tree  # noqa: E402
 
 FLOOR_RATE = 5.0         # this relay / the earlier one
@@ -271,8 +271,7 @@ def relay_case(tree: str, standin_url: str, args: argparse.Namespace) -> dict[st
         relay.close()
         shutil.rmtree(workdir, ignore_errors=True)
         with BrokerChannel() as ch:
-            ch.queue_delete(queue)
-            ch.queue_delete("error." + queue)
+            drop_queue(ch, queue)
     return result
 
 

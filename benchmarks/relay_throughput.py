@@ -31,7 +31,7 @@ from typing import Optional
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
+from _common import (drop_queue, agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
                      wait_count, write_report, BrokerChannel, OLD_RELAY_REF, old_tree)
 from plots import plot_results  # noqa: E402
 
@@ -99,8 +99,7 @@ def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int
             relay.close()
         shutil.rmtree(workdir, ignore_errors=True)
     with BrokerChannel() as ch:
-        ch.queue_delete(queue)
-        ch.queue_delete("error." + queue)
+        drop_queue(ch, queue)
     return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started}
 
 

@@ -31,6 +31,9 @@ set -euo pipefail
 
 ACTION="${1:-up}"
 TIMEOUT="${SERVICE_TIMEOUT:-60}"
+# A broker that was killed (not stopped) recovers its durable queues and rebuilds its message
+# store index before the rabbit application runs: allow that longer than a plain start.
+BOOT_TIMEOUT="${RABBITMQ_BOOT_TIMEOUT:-600}"
 
 RMQ_CONF=/etc/rabbitmq/rabbitmq.conf
 RMQ_CONSUMER_TIMEOUT=60000
@@ -99,6 +102,49 @@ stop_pidfile() { # stop_pidfile PIDFILE NAME: TERM, wait, then KILL
 }
 
 need() { command -v "$1" >/dev/null || die "$1 not found: run scripts/install.sh first"; }
+
+# ======================================================================== RabbitMQ (both nodes)
+# rmq_server_detached [ENV=VALUE...]: start a broker node in the background as user rabbitmq.
+# Recovery opens a file per durable queue; with fewer handles than queues RabbitMQ 3.x stalls in
+# its boot ("Recovering N queues, available file handles: M") and never runs. Debian's
+# /usr/sbin/rabbitmq-server goes through `su`, whose PAM session resets the soft open-files limit
+# to 1024, so start the server script ourselves with the soft limit raised to the hard one.
+rmq_server_detached() {
+    local server=/usr/lib/rabbitmq/bin/rabbitmq-server
+    if [[ "$(id -u)" == 0 && -x "$server" ]] && id rabbitmq >/dev/null 2>&1; then
+        (cd /var/lib/rabbitmq && env "$@" su rabbitmq -s /bin/sh -c \
+            "ulimit -n \$(ulimit -Hn) 2>/dev/null || true; exec $server -detached" 2>&1 9>&-)
+    else
+        (cd /var/lib/rabbitmq && env "$@" rabbitmq-server -detached 2>&1 9>&-)
+    fi
+}
+
+# rmq_booted LABEL STATE_CMD RUNNING_CMD: wait for a started node's rabbit application. A node
+# still in its boot (recovering queues, or too busy to answer) gets $BOOT_TIMEOUT seconds, with a
+# line every minute; a node whose application stays stopped fails after $TIMEOUT.
+rmq_booted() {
+    local label=$1 state_cmd=$2 running_cmd=$3 start=$SECONDS next=$((SECONDS + 60))
+    while ((SECONDS - start < BOOT_TIMEOUT)); do
+        "$running_cmd" && return 0
+        [[ "$("$state_cmd")" == stopped ]] && ((SECONDS - start >= TIMEOUT)) && return 1
+        if ((SECONDS >= next)); then
+            warn "$label: still booting after $((SECONDS - start))s (recovering queues; see its log)"
+            next=$((SECONDS + 60))
+        fi
+        sleep 1
+    done
+    return 1
+}
+
+# Queues the test suite and the benchmarks name (tests/ and benchmarks/ delete them when done)
+# expire after an hour unused, so a run killed half-way cannot pile up queues that every later
+# broker start must recover. A policy touches no other queue.
+LEFTOVER_POLICY=clowder-hpc-agent-test-leftovers
+LEFTOVER_PATTERN='^(clowder-hpc-agent[.]reports[.]|error[.]|reply[.]|retry[.])?(test|chaos|bench|perf|prof|scale-val|mp)-'
+rmq_leftover_policy() {  # rmq_leftover_policy [-n NODE]
+    timeout 30 rabbitmqctl "$@" -q set_policy --apply-to queues "$LEFTOVER_POLICY" "$LEFTOVER_PATTERN" \
+        '{"expires": 3600000}' >/dev/null 2>&1 || warn "rabbitmq: could not set policy $LEFTOVER_POLICY $*"
+}
 
 # ======================================================================== RabbitMQ
 # The main node's beam: any rabbitmq beam.smp but the chaos node's (its pid file is known).
@@ -169,8 +215,8 @@ rmq_up() {
             timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1 \
                 || die "rabbitmq: the node runs but 'rabbitmqctl start_app' failed (see /var/log/rabbitmq/)"
         fi
-        wait_for "$TIMEOUT" rmq_app_running \
-            || die "rabbitmq: node answers but the rabbit application is not running after ${TIMEOUT}s"
+        rmq_booted rabbitmq rmq_boot_state rmq_app_running \
+            || die "rabbitmq: node answers but the rabbit application is not running (see /var/log/rabbitmq/)"
         local ct
         ct="$(rmq_consumer_timeout)"
         if [[ "$ct" != "$RMQ_CONSUMER_TIMEOUT" ]]; then
@@ -182,19 +228,20 @@ rmq_up() {
         local out
         # Not `rabbitmqctl await_startup` straight away: it fails at once until the node has
         # registered with epmd. Poll the node instead (see shared/FACTS.md).
-        out="$(rabbitmq-server -detached 2>&1 9>&-)" \
+        out="$(rmq_server_detached)" \
             || die "rabbitmq: 'rabbitmq-server -detached' failed: $out"
         wait_for "$TIMEOUT" rmq_node_answers \
             || die "rabbitmq: node did not answer 'rabbitmqctl eval' within ${TIMEOUT}s (see /var/log/rabbitmq/)"
     fi
-    wait_for "$TIMEOUT" rmq_app_running \
-        || die "rabbitmq: node answers but the rabbit application is not running after ${TIMEOUT}s"
+    rmq_booted rabbitmq rmq_boot_state rmq_app_running \
+        || die "rabbitmq: node answers but the rabbit application is not running (see /var/log/rabbitmq/)"
     wait_for "$TIMEOUT" amqp_port_open \
         || die "rabbitmq: AMQP port $AMQP_PORT on 127.0.0.1 not open after ${TIMEOUT}s"
     local ct
     ct="$(rmq_consumer_timeout)"
     [[ "$ct" == "$RMQ_CONSUMER_TIMEOUT" ]] \
         || die "rabbitmq: consumer_timeout is '$ct', expected $RMQ_CONSUMER_TIMEOUT (check $RMQ_CONF)"
+    rmq_leftover_policy
 }
 
 rmq_status() {
@@ -209,10 +256,8 @@ rmq_status() {
 # ======================================================================== RabbitMQ chaos node
 # A second node on this host for tests that stop/start a broker (tests/chaos/test_chaos.py and the
 # durability restart test): restarting it cannot disturb the tests that use the main node.
-chaos_env() {
-    env RABBITMQ_NODENAME="$CHAOS_NODE" RABBITMQ_NODE_PORT="$CHAOS_PORT" RABBITMQ_DIST_PORT="$CHAOS_DIST_PORT" \
-        RABBITMQ_MNESIA_BASE="$CHAOS_BASE" RABBITMQ_LOG_BASE="$CHAOS_LOGDIR" RABBITMQ_CONFIG_FILE="$CHAOS_CONF" "$@"
-}
+CHAOS_ENV=(RABBITMQ_NODENAME="$CHAOS_NODE" RABBITMQ_NODE_PORT="$CHAOS_PORT" RABBITMQ_DIST_PORT="$CHAOS_DIST_PORT"
+           RABBITMQ_MNESIA_BASE="$CHAOS_BASE" RABBITMQ_LOG_BASE="$CHAOS_LOGDIR" RABBITMQ_CONFIG_FILE="$CHAOS_CONF")
 chaos_ctl() { timeout 30 rabbitmqctl -n "$CHAOS_NODE" -q "$@" 2>/dev/null; }
 chaos_answers() { [[ "$(chaos_ctl eval 'ok.')" == ok ]]; }
 chaos_app_running() { [[ "$(chaos_ctl eval 'rabbit:is_running().')" == true ]]; }
@@ -222,6 +267,7 @@ chaos_consumer_timeout() {
     out="$(chaos_ctl eval 'application:get_env(rabbit, consumer_timeout).' || true)"
     out="${out#\{ok,}"; echo "${out%\}}"
 }
+chaos_boot_state() { chaos_ctl eval 'rabbit_boot_state:get().' || true; }
 chaos_stopped() { ! pid_alive "$CHAOS_BASE/$CHAOS_NODE.pid" beam.smp; }
 
 chaos_write_conf() {
@@ -255,28 +301,29 @@ chaos_up() {
         wait_for "$TIMEOUT" chaos_answers \
             || die "rabbitmq-chaos: the node's process runs but does not answer after ${TIMEOUT}s (see $CHAOS_LOGDIR/)"
         # A test may have left its application stopped: start it (a booting node is left to finish).
-        if [[ "$(chaos_ctl eval 'rabbit_boot_state:get().')" == stopped ]]; then
+        if [[ "$(chaos_boot_state)" == stopped ]]; then
             timeout 60 rabbitmqctl -n "$CHAOS_NODE" -q start_app >/dev/null 2>&1 \
                 || die "rabbitmq-chaos: 'rabbitmqctl -n $CHAOS_NODE start_app' failed (see $CHAOS_LOGDIR/)"
         fi
-        wait_for "$TIMEOUT" chaos_app_running \
-            || die "rabbitmq-chaos: the rabbit application is not running after ${TIMEOUT}s"
+        rmq_booted rabbitmq-chaos chaos_boot_state chaos_app_running \
+            || die "rabbitmq-chaos: the rabbit application is not running (see $CHAOS_LOGDIR/)"
         if ((changed)) || [[ "$(chaos_consumer_timeout)" != "$RMQ_CONSUMER_TIMEOUT" ]]; then
             chaos_stop   # new config or another consumer_timeout: restart with ours
         fi
     fi
     if chaos_stopped; then
-        out="$(cd /var/lib/rabbitmq && chaos_env rabbitmq-server -detached 2>&1 9>&-)" \
+        out="$(rmq_server_detached "${CHAOS_ENV[@]}")" \
             || die "rabbitmq-chaos: 'rabbitmq-server -detached' failed: $out"
         wait_for "$TIMEOUT" chaos_answers \
             || die "rabbitmq-chaos: node $CHAOS_NODE did not answer within ${TIMEOUT}s (see $CHAOS_LOGDIR/)"
     fi
-    wait_for "$TIMEOUT" chaos_app_running \
-        || die "rabbitmq-chaos: the rabbit application is not running after ${TIMEOUT}s"
+    rmq_booted rabbitmq-chaos chaos_boot_state chaos_app_running \
+        || die "rabbitmq-chaos: the rabbit application is not running (see $CHAOS_LOGDIR/)"
     wait_for "$TIMEOUT" chaos_port_open \
         || die "rabbitmq-chaos: AMQP port $CHAOS_PORT on 127.0.0.1 not open after ${TIMEOUT}s"
     [[ "$(chaos_consumer_timeout)" == "$RMQ_CONSUMER_TIMEOUT" ]] \
         || die "rabbitmq-chaos: consumer_timeout is '$(chaos_consumer_timeout)', expected $RMQ_CONSUMER_TIMEOUT"
+    rmq_leftover_policy -n "$CHAOS_NODE"
 }
 
 chaos_status() {

@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 
+from devtools.amqp_queues import companion_queues, delete_queues
 from helpers import services
 
 
@@ -62,13 +63,11 @@ def amqp_queue(rabbitmq):
         try:
             conn = pika.BlockingConnection(params)
             try:
-                channel = conn.channel()
-                channel.queue_delete(name)
-                channel.queue_delete(f"error.{name}")
+                delete_queues(conn.channel(), companion_queues(name))
             finally:
                 conn.close()
         except Exception as exc:  # noqa: BLE001 - best effort
-            print(f"amqp_queue: could not delete {name} / error.{name}: {exc}")
+            print(f"amqp_queue: could not delete the queues of {name}: {exc}")
 
 
 # -- pytest-xdist groups ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import requests
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
-from _common import AMQP_URL, REPO, StandinProcess, fresh_queue, publish  # noqa: E402
+from _common import drop_queue, AMQP_URL, REPO, StandinProcess, fresh_queue, publish  # noqa: E402
 
 
 def machine_state() -> str:
@@ -77,8 +77,7 @@ def broker_ops_per_s(messages: int = 3000) -> tuple[float, float]:
         elapsed = time.perf_counter() - started
         foreign = meter.foreign_cores()
     finally:
-        ch.queue_delete(queue)
-        ch.queue_delete("error." + queue)
+        drop_queue(ch, queue)
         conn.close()
     return 3 * messages / elapsed, foreign
 
@@ -227,8 +226,7 @@ def array_case(tasks: int, files: int, sleep: float, idle_exit: float, timeout: 
     finally:
         if job:
             subprocess.run(["scancel", job], capture_output=True)
-        ch.queue_delete(queue)
-        ch.queue_delete("error." + queue)
+        drop_queue(ch, queue)
         ch.queue_delete(replies)
         conn.close()
         standin.close()

@@ -18,6 +18,8 @@ from typing import Any, Optional
 import pika
 import pytest
 
+from devtools.amqp_queues import companion_queues, delete_queues
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_PLUGINS = os.path.join(REPO, "tests", "plugins")
 EXAMPLES = os.path.join(REPO, "examples")
@@ -205,8 +207,7 @@ def second_harness(harness: AgentHarness, rabbitmq: str):
         yield h
     finally:
         try:
-            h.ch.queue_delete(h.queue)
-            h.ch.queue_delete("error." + h.queue)
+            delete_queues(h.ch, companion_queues(h.queue))
         except pika.exceptions.AMQPError:
             pass
         h.close()
@@ -231,8 +232,7 @@ def chaos_harness(chaos_rabbitmq: tuple[str, str], tmp_path: Any):
             h.close()
             try:
                 h.reconnect()
-                h.ch.queue_delete(h.queue)
-                h.ch.queue_delete("error." + h.queue)
+                delete_queues(h.ch, companion_queues(h.queue))
                 h._conn.close()
             except pika.exceptions.AMQPError as exc:
                 print(f"chaos_harness: could not delete {h.queue}: {exc!r}")

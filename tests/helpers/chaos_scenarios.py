@@ -48,6 +48,7 @@ from urllib.parse import quote, urlsplit
 
 import pika
 
+from devtools.amqp_queues import companion_queues, delete_queues
 from devtools.clowder_standin import ClowderStandin
 from helpers.agent_harness import AgentHarness
 
@@ -282,15 +283,8 @@ def open_harness(amqp_url: str, tmp: Path, key: str = "secret") -> Iterator[Agen
         with contextlib.suppress(Exception):
             conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
             ch = conn.channel()
-            for name in (queue, "error." + queue, "reply." + queue, *_retry_queues(queue)):
-                ch.queue_delete(name)
+            delete_queues(ch, companion_queues(queue, retries=True))
             conn.close()
-
-
-def _retry_queues(queue: str) -> list[str]:
-    """Every retry queue the agent may have declared for queue (buckets of 1..60 s; agent.sources.amqp_retry)."""
-    from agent.sources.amqp_retry import retry_queue
-    return [retry_queue(queue, s) for s in range(1, 61)]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
