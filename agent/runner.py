@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import pyclowder.utils
 
-from hpc_common import reports
+from hpc_common import reports, retry_queues
 from hpc_common.redact import Redactor
 
 from . import early_signals, exitcodes
@@ -46,7 +46,6 @@ from .walltime import DurationEstimate, admit
 
 log = logging.getLogger("agent")
 RECOVERY_INTERVAL = 30.0
-MAX_BACKOFF = 60.0
 
 
 class _Post:
@@ -409,7 +408,7 @@ class Runner:
         elif frame.get("outcome") == "defer":
             # Clowder unreachable: try again later without spending one of the file's attempts.
             self._defers += 1
-            delay = min(self.cfg.retry_backoff * (2 ** min(self._defers, 5)), MAX_BACKOFF)
+            delay = retry_queues.backoff(self.cfg.retry_backoff, min(self._defers, 5) + 1)
             log.warning("message %s deferred %.0fs: %s", delivery.file_id, delay,
                         self.redactor(frame.get("reason") or ""))
             self.backoff.append((self._clock() + delay, delivery, delivery.attempts, frame.get("reason") or ""))
@@ -432,7 +431,7 @@ class Runner:
         if attempts > self.cfg.max_retries:
             self._reject(delivery, f"gave up after {attempts} attempt(s): {reason}", traceback, attempts)
             return
-        delay = min(self.cfg.retry_backoff * (2 ** (attempts - 1)), MAX_BACKOFF)
+        delay = retry_queues.backoff(self.cfg.retry_backoff, attempts)
         log.warning("message %s failed (attempt %d of %d, %.1fs): %s; retrying in %.1fs", delivery.file_id,
                     attempts, self.cfg.max_retries + 1, elapsed, self.redactor(reason), delay)
         if self.source.delayed_retry:

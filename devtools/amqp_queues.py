@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from agent.sources.amqp_retry import retry_queue
+from hpc_common.retry_queues import retry_queue
 from hpc_common.reports import window_queue
 
 RETRY_BUCKETS = range(1, 61)  # the backoffs tests and benchmarks use stay within a minute

@@ -4,6 +4,8 @@ RabbitMQ's ready count alone is blind to the transports that take messages out o
 (and acknowledge them there) before an agent has them. The parts, each counted here:
 
   rabbitmq_ready      ready in the work queue (launcher.broker)
+  rabbitmq_retry      parked in the queue's retry queues, back in it after their backoff
+                      (hpc_common.retry_queues; the buckets follow AGENT_RETRY_BACKOFF, MAX_RETRY)
   relay_ready         in a relay's lease table, leasable now
   relay_backoff       in a relay's table, waiting for a failed attempt's retry time
   relay_stale         leased to agents that stopped heartbeating (back when the lease expires)
@@ -39,7 +41,7 @@ from typing import Any, Iterable, Optional
 from hpc_common.owned_folders import try_lock
 
 log = logging.getLogger("launcher.backlog")
-WAITING_PARTS = ("rabbitmq_ready", "relay_ready", "relay_backoff", "relay_stale", "spool_inbox",
+WAITING_PARTS = ("rabbitmq_ready", "rabbitmq_retry", "relay_ready", "relay_backoff", "relay_stale", "spool_inbox",
                  "spool_dead_claims", "journal_orphans")
 
 
@@ -60,7 +62,7 @@ class Backlog:
 
     @property
     def held(self) -> int:
-        """Waiting messages outside RabbitMQ (what its ready count cannot see)."""
+        """Waiting messages RabbitMQ's ready count cannot see."""
         return self.total - self.parts.get("rabbitmq_ready", 0)
 
     def add(self, part: str, count: int) -> None:
@@ -326,11 +328,12 @@ def held_queues(places: list[Places]) -> Backlog:
     return out
 
 
-def total(rabbitmq_ready: Optional[int], rest: Backlog) -> Backlog:
-    """The whole backlog: RabbitMQ's ready count (None: the broker query failed) and the held parts."""
+def total(rabbitmq_ready: Optional[int], rest: Backlog, rabbitmq_retry: int = 0) -> Backlog:
+    """The whole backlog: RabbitMQ's ready count (None: the broker query failed), what its retry
+    queues hold, and the held parts."""
     out = Backlog(dict(rest.parts), dict(rest.in_flight), rest.retry_after, list(rest.errors))
     if rabbitmq_ready is not None:
-        out.parts = {"rabbitmq_ready": int(rabbitmq_ready), **out.parts}
+        out.parts = {"rabbitmq_ready": int(rabbitmq_ready), "rabbitmq_retry": int(rabbitmq_retry), **out.parts}
     return out
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
+from hpc_common.retry_queues import retry_queue
 from hpc_common.redact import redact_text, redact_uri
 from hpc_common.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
                                 summarize, window_queue)
@@ -103,11 +104,13 @@ class QueueStats:
     activity: Optional[Activity] = None  # what the agents reported in the last window (hpc_common.reports)
     reports: tuple = ()  # those reports as read (dicts), for the ledger to keep
     per_queue: dict = dataclasses.field(default_factory=dict)  # several queues: {name: QueueStats}
+    retrying: int = 0  # parked in the queue's retry queues (hpc_common.retry_queues), back after their delay
 
 
 def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
-                timeout: float = 10.0) -> QueueStats:
-    """Depth and consumers of ``queue``; raises BrokerError (redacted) on any failure."""
+                timeout: float = 10.0, retry_buckets: Sequence[int] = ()) -> QueueStats:
+    """Depth and consumers of ``queue`` and what its retry queues of ``retry_buckets`` (seconds,
+    hpc_common.retry_queues.buckets) hold; raises BrokerError (redacted) on any failure."""
     import pika
     import pika.exceptions
 
@@ -125,6 +128,7 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
         ok = channel.queue_declare(queue=queue, passive=True)
         ready, consumers = ok.method.message_count, ok.method.consumer_count
         reports = _agent_reports(conn, queue)
+        retrying = _parked_retries(conn, queue, retry_buckets)
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 404:
             raise BrokerError(f"queue {queue!r} does not exist on {redact_uri(uri)}") from None
@@ -140,16 +144,33 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
     unacked = ack_rate = None
     if management_url:
         unacked, ack_rate = _management(uri, queue, management_url, timeout)
-    return QueueStats(ready, consumers, unacked, ack_rate, summarize(reports), tuple(reports))
+    return QueueStats(ready, consumers, unacked, ack_rate, summarize(reports), tuple(reports), retrying=retrying)
+
+
+def _parked_retries(conn: Any, queue: str, buckets: Sequence[int]) -> int:
+    """Messages waiting in queue's retry queues (a retry queue never declared, or expired unused, holds none)."""
+    import pika.exceptions
+
+    total, channel = 0, None
+    for seconds in buckets:
+        if channel is None or not channel.is_open:
+            channel = conn.channel()  # a 404 closes the channel it happened on
+        try:
+            total += channel.queue_declare(queue=retry_queue(queue, seconds), passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            channel = None
+    return total
 
 
 def queues_stats(uri: str, queues: list, management_url: Optional[str] = None,
-                 timeout: float = 10.0) -> QueueStats:
+                 timeout: float = 10.0, retry_buckets: Sequence[int] = ()) -> QueueStats:
     """Several queues (agents serving several plugins) as one: see combine_stats.
 
     Raises BrokerError when any one cannot be queried: a partial sum would undersize the array.
     """
-    return combine_stats({name: queue_stats(uri, name, management_url, timeout) for name in queues})
+    return combine_stats({name: queue_stats(uri, name, management_url, timeout, retry_buckets) for name in queues})
 
 
 def combine_stats(each: dict) -> QueueStats:
@@ -162,7 +183,8 @@ def combine_stats(each: dict) -> QueueStats:
     reports = tuple(r for s in stats for r in s.reports)
     return QueueStats(sum(s.ready for s in stats), sum(s.consumers for s in stats),
                       total([s.unacked for s in stats]), total([s.ack_rate for s in stats]),
-                      summarize(list(reports)), reports, per_queue=dict(each))
+                      summarize(list(reports)), reports, per_queue=dict(each),
+                      retrying=sum(s.retrying for s in stats))
 
 
 def _agent_reports(conn, queue: str) -> list:

@@ -104,11 +104,15 @@ def _broker(args):
     uri, queue = s.rabbitmq_uri, s.rabbitmq_queue
     if not uri or not queue:
         return None, queue, redact_uri(uri) if uri else "(RABBITMQ_URI not set)"
+    from hpc_common.retry_queues import buckets
     from launcher.broker import queue_stats, queues_stats
     names = queue_names(queue)
+    retry_buckets = buckets(s.retry_backoff, s.max_retries)  # where the agents park retries
     if len(names) > 1:  # agents serving several plugins: the backlog is the sum of their queues'
-        return functools.partial(queues_stats, uri, names, s.rabbitmq_management), queue, redact_uri(uri)
-    return functools.partial(queue_stats, uri, queue, s.rabbitmq_management), queue, redact_uri(uri)
+        return (functools.partial(queues_stats, uri, names, s.rabbitmq_management, retry_buckets=retry_buckets),
+                queue, redact_uri(uri))
+    return (functools.partial(queue_stats, uri, queue, s.rabbitmq_management, retry_buckets=retry_buckets),
+            queue, redact_uri(uri))
 
 
 def _one_queue(args, command: str) -> None:

@@ -193,11 +193,12 @@ class Launcher:
         """Broker and ledger counts now; the second item is the broker error, if any."""
         counts = self.ledger.counts()
         ready = consumers = unacked = None
-        error = None
+        retrying, error = 0, None
         if self.broker is not None:
             try:
                 stats = self.queue_stats()
                 ready, consumers, unacked = stats.ready, stats.consumers, stats.unacked
+                retrying = stats.retrying
                 if per_file_s is None and stats.activity is not None:
                     per_file_s = stats.activity.per_file_seconds  # measured by the agents themselves
             except BrokerError as exc:
@@ -210,7 +211,7 @@ class Launcher:
         obs = Observation(now=self.clock(), ready=ready, consumers=consumers, unacked=unacked,
                           queued=counts["queued"], running=counts["running"],
                           missing=counts["missing"], scheduler_ok=scheduler_ok,
-                          per_file_s=per_file_s, held=held.held,
+                          per_file_s=per_file_s, held=held.held + retrying,
                           held_in_flight=held.in_flight.get("relay_leased", 0))
         return obs, error
 

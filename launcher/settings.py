@@ -36,6 +36,15 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        number = kind(str(value).strip())
+        if number < 0:
+            raise ValueError("expected a number >= 0")
+        return number
+    return parse
+
+
 def _clowder_version(value: Any) -> int:
     number = int(str(value).strip())
     if number not in (1, 2):
@@ -119,6 +128,11 @@ SETTINGS: tuple[Setting, ...] = (
             "backlog: a spool folder to count (spools started here are found in the state folder)"),
     Setting("journal_dir", ("AGENT_JOURNAL_DIR",), _text, os.path.join("~", ".clowder-hpc-agent", "journal"),
             "backlog: the agents' in-flight journal, for work of dead agents"),
+    # The agents' retry settings say which retry queues (retry.<queue>.<s>) can hold parked retries.
+    Setting("retry_backoff", ("AGENT_RETRY_BACKOFF",), _non_negative(float), 2.0,
+            "backlog: the agents' first retry backoff in seconds (their retry queues are counted)"),
+    Setting("max_retries", ("AGENT_MAX_RETRIES", "MAX_RETRY"), _non_negative(int), 3,
+            "backlog: the agents' retries per file"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

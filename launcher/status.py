@@ -52,7 +52,8 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
     else:
         broker["error"] = "no broker configured (RABBITMQ_URI, RABBITMQ_QUEUE)"
     held = launcher.held_backlog()
-    whole = backlogs.total(stats.ready if stats is not None else None, held)
+    whole = backlogs.total(stats.ready if stats is not None else None, held,
+                           stats.retrying if stats is not None else 0)
     start = period_start(now, caps.budget_period)
     used, committed = launcher.ledger.node_hours(start, now)
     activity = stats.activity if stats is not None else None
@@ -116,7 +117,7 @@ def _per_queue(queue: Optional[str], stats: Optional[QueueStats], held: backlogs
     each = stats.per_queue or ({queue: stats} if queue else {})
     out = {}
     for name, one in each.items():
-        part = backlogs.total(one.ready, held.by_queue.get(name, held) if stats.per_queue else held)
+        part = backlogs.total(one.ready, held.by_queue.get(name, held) if stats.per_queue else held, one.retrying)
         out[name] = {"ready": one.ready, "unacked": one.unacked, "consumers": one.consumers,
                      "backlog": part.as_json()}
     return out

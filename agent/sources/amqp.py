@@ -9,7 +9,7 @@ other threads only wake it through add_callback_threadsafe. Two channels:
   - the confirm channel: publishes that must be durable before a delivery is settled (retry
     copies, error-queue copies, journal recovery), each waiting for the broker's confirm.
 Long work is secured through the journal (agent.journal explains why and how).
-Retries wait in retry.<queue>.<seconds> queues, not in the agent (agent.sources.amqp_retry).
+Retries wait in retry.<queue>.<seconds> queues, not in the agent (hpc_common.retry_queues).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pika
 import pika.exceptions
@@ -31,7 +31,7 @@ from hpc_common.redact import redact_uri
 from ..errors import BrokerError
 from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
-from . import amqp_retry
+from hpc_common import retry_queues
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.amqp")
@@ -166,7 +166,7 @@ class AmqpSource(WorkSource):
 
     def __init__(self, uri: str, queue: str, prefetch: int, journal: Journal, agent_id: str,
                  connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, retry_buckets: Sequence[int] = ()) -> None:
         self.uri = uri
         self.queue = queue
         self.error_queue = "error." + queue
@@ -190,6 +190,7 @@ class AmqpSource(WorkSource):
         self._where = redact_uri(uri)
         self._decl: Any = None      # channel for retry-queue declarations (a 406 closes only it)
         self._retries_due: list[float] = []
+        self.retry_buckets = tuple(retry_buckets)  # delays (s) of the retry queues other agents may fill
         self._status_props: dict[Optional[str], pika.BasicProperties] = {}  # by correlation id
         self._status_frames = _StatusFrames()
 
@@ -407,15 +408,15 @@ class AmqpSource(WorkSource):
         headers = retry_headers(delivery.headers, attempts, reason)
         if not delivery.secured and self._tag(delivery) is None:
             raise SourceLost("delivery from a lost connection")
-        seconds = amqp_retry.bucket(delay)
+        seconds = retry_queues.bucket(delay)
         name = self._retry_queue(seconds)
         self._publish_durable(name, delivery.body, self._props(delivery, headers))
         self.complete(delivery)
         self._retries_due.append(self._clock() + seconds)
 
     def _retry_queue(self, seconds: int) -> str:
-        """Declare the retry queue for this delay (before every publish: see amqp_retry) and return its name."""
-        name = amqp_retry.retry_queue(self.queue, seconds)
+        """Declare the retry queue for this delay (before every publish: see hpc_common.retry_queues) and return its name."""
+        name = retry_queues.retry_queue(self.queue, seconds)
         if not self.connected:
             raise SourceLost("not connected")
         try:
@@ -423,7 +424,7 @@ class AmqpSource(WorkSource):
                 self._decl = self._conn.channel()  # a refused declaration closes only this channel
             try:
                 self._decl.queue_declare(name, durable=True,
-                                         arguments=amqp_retry.retry_queue_arguments(self.queue, seconds))
+                                         arguments=retry_queues.retry_queue_arguments(self.queue, seconds))
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code != 406:
                     raise
@@ -436,10 +437,34 @@ class AmqpSource(WorkSource):
         return name
 
     def work_soon(self) -> Optional[float]:
-        """Retries this agent parked in retry queues come back at their due time: stay for them."""
+        """Retries parked in retry queues come back at their due time: stay for them. This agent's
+        own are timed; those of agents that stopped (kill -9 during a backoff) are found by asking
+        the depth of each retry queue these settings can fill (at most one bucket's delay away)."""
         now = self._clock()
         self._retries_due = [t for t in self._retries_due if t > now - 2.0]
-        return max(0.0, min(self._retries_due) - now) if self._retries_due else None
+        if self._retries_due:
+            return max(0.0, min(self._retries_due) - now)
+        waiting = [s for s, depth in self.parked_retries().items() if depth]
+        return float(min(waiting)) if waiting else None
+
+    def parked_retries(self) -> dict[int, int]:
+        """Messages waiting in this queue's retry queues, by delay bucket (a bucket not declared: 0)."""
+        out: dict[int, int] = {}
+        if not self.connected:
+            return out
+        for seconds in self.retry_buckets:
+            try:
+                if self._decl is None or not self._decl.is_open:
+                    self._decl = self._conn.channel()
+                ok = self._decl.queue_declare(retry_queues.retry_queue(self.queue, seconds), passive=True)
+                out[seconds] = ok.method.message_count
+            except pika.exceptions.ChannelClosedByBroker:
+                out[seconds] = 0  # 404: never declared, or expired unused (so empty)
+                self._decl = None
+            except _PIKA_ERRORS as exc:
+                self._lose(exc, "asking the depth of a retry queue")
+                break
+        return out
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         headers = dead_letter_headers(delivery.headers, reason, traceback, attempts, delivery.routing_key,

@@ -67,6 +67,8 @@ def _no_proxy(env: dict[str, str], host: Optional[str]) -> None:
 
 # -- the built-in sources ------------------------------------------------------------------------------
 def _amqp(req: SourceRequest) -> WorkSource:
+    from hpc_common import retry_queues
+
     from .amqp import AmqpSource
     from .amqp_shared import SharedAmqpSource
 
@@ -75,7 +77,8 @@ def _amqp(req: SourceRequest) -> WorkSource:
         return req.joins.add_queue(req.queue, cfg.effective_prefetch())
     kind = SharedAmqpSource if req.shared else AmqpSource
     return kind(cfg.rabbitmq_uri, req.queue, cfg.effective_prefetch(), req.journal, req.agent_id,
-                connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout)
+                connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout,
+                retry_buckets=retry_queues.buckets(cfg.retry_backoff, cfg.max_retries))
 
 
 def _relay(req: SourceRequest) -> WorkSource:

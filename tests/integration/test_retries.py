@@ -1,6 +1,6 @@
 """Retries that never block, kill -9 during a backoff, and the registration interval (real broker).
 
-A failed message waits for its retry in `retry.<queue>.<seconds>` (agent.sources.amqp_retry),
+A failed message waits for its retry in `retry.<queue>.<seconds>` (hpc_common.retry_queues),
 not in the agent's prefetch window, so the rest of the queue runs meanwhile.
 """
 from __future__ import annotations
@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pika
 import pika.exceptions
 import pytest
 
-from agent.sources.amqp_retry import retry_queue
-from helpers.agent_harness import harness  # noqa: F401 (fixture)
+from hpc_common.retry_queues import retry_queue
+from helpers.agent_harness import REPO, harness  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +89,42 @@ def test_kill_9_during_a_backoff_loses_nothing(harness, tmp_path):
         assert h.errors() == [] and _retry_depth(h, 5) == 0
     finally:
         _drop_retry_queues(h, 5)
+
+
+def _launcher_status(h, tmp_path, **env) -> dict:
+    caps = tmp_path / "caps.yaml"
+    caps.write_text('max_array_size: 2\nmax_running: 1\nmax_queued: 2\nmax_walltime: "00:05:00"\ncores_per_task: 1\n')
+    caps.chmod(0o644)
+    run_env = dict(os.environ, RABBITMQ_URI=h.url, RABBITMQ_QUEUE=h.queue, LAUNCHER_CAPS=str(caps),
+                   LAUNCHER_STATE_DIR=str(tmp_path / "launcher"), LAUNCHER_SCHEDULER="slurm",
+                   AGENT_JOURNAL_DIR=h.journal_dir, PYTHONPATH=REPO, **env)
+    proc = subprocess.run([sys.executable, "-m", "launcher", "status", "--json"], cwd=REPO, env=run_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_retry_parked_by_a_killed_agent_is_seen_by_the_launcher_and_the_next_agent(harness, tmp_path, slurm):
+    """kill -9 after the retry copy is parked: `launcher status` counts it in backlog.total, and an
+    agent started meanwhile with a shorter idle exit stays for it and finishes the file."""
+    h = harness
+    fid = h.publish_file(f"raise-once {tmp_path / 'marker'}\n".encode())
+    try:
+        first = h.start_agent(AGENT_RETRY_BACKOFF="12")
+        h.wait_for(lambda: _retry_depth(h, 12) == 1, 30, "the retry copy in its retry queue")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        status = _launcher_status(h, tmp_path, AGENT_RETRY_BACKOFF="12")
+        assert status["backlog"]["rabbitmq_retry"] == 1 and status["backlog"]["total"] == 1, status["backlog"]
+        assert status["broker"]["ready"] == 0
+        # The launcher's bucket names follow the agents' settings: other settings, other queues.
+        assert _launcher_status(h, tmp_path, AGENT_RETRY_BACKOFF="5")["backlog"]["total"] == 0
+        assert h.run_agent("--idle-exit", "2", AGENT_RETRY_BACKOFF="12") == 0, h.log_text()
+        assert len(h.standin.metadata_for(fid)) == 1
+        assert [r[2] for r in h.runs()] == ["raise-once", "raise-once"]
+        assert "source holds work deliverable" in h.log_text()
+    finally:
+        _drop_retry_queues(h, 12)
 
 
 def test_agent_stays_for_its_own_retries_when_idle_exit_is_shorter(harness, tmp_path):

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from agent.journal import Journal, JournalEntry
-from agent.sources import amqp_retry
+from hpc_common import retry_queues
 from hpc_common.spool_layout import SpoolLayout
 from launcher import backlog
 from launcher.caps import Caps, Usage
@@ -179,11 +179,19 @@ def test_scale_sizes_from_work_held_outside_rabbitmq():
 
 
 def test_retry_buckets_are_whole_seconds_and_queues_dead_letter_back():
-    assert [amqp_retry.bucket(x) for x in (0.2, 1.0, 1.5, 10.0, 60.0, 10 ** 9)] == [1, 1, 2, 10, 60, 86400]
-    assert amqp_retry.retry_queue("q", 10) == "retry.q.10"
-    args = amqp_retry.retry_queue_arguments("q", 10)
+    assert [retry_queues.bucket(x) for x in (0.2, 1.0, 1.5, 10.0, 60.0, 10 ** 9)] == [1, 1, 2, 10, 60, 86400]
+    assert retry_queues.retry_queue("q", 10) == "retry.q.10"
+    args = retry_queues.retry_queue_arguments("q", 10)
     assert args["x-message-ttl"] == 10000 and args["x-dead-letter-exchange"] == ""
     assert args["x-dead-letter-routing-key"] == "q" and args["x-expires"] > args["x-message-ttl"]
+
+
+def test_retry_buckets_follow_the_backoff_settings():
+    """The launcher and an idle agent find parked retries by these names: they must match the agent's delays."""
+    assert [retry_queues.backoff(2.0, a) for a in (1, 2, 3, 6, 7)] == [2.0, 4.0, 8.0, 60.0, 60.0]
+    assert retry_queues.buckets(2.0, 3) == [2, 4, 8]
+    assert retry_queues.buckets(1.5, 8) == [2, 3, 6, 12, 24, 48, 60]
+    assert retry_queues.buckets(10.0, 0) == []
 
 
 class _IdleSlot:

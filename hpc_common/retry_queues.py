@@ -12,6 +12,10 @@ up), a handful in practice because backoffs double up to a cap.
 Retry queues are durable and expire (`x-expires`) an hour after their last use. The agent
 declares the queue again right before every retry publish, which restarts that clock, so a queue
 is never dropped while it holds a message (a message's TTL, at most a day, is far below it).
+
+A message parked there is unsettled work like any other: the launcher counts it in its backlog and
+an idle agent stays for it. Neither can list queues over AMQP, so both derive the bucket names
+from the retry settings (`buckets`) and ask for each one's depth.
 """
 from __future__ import annotations
 
@@ -21,6 +25,17 @@ from typing import Any
 PREFIX = "retry."
 MAX_DELAY_S = 24 * 3600
 UNUSED_EXPIRY_S = 3600  # beyond the bucket's TTL
+MAX_BACKOFF_S = 60.0     # a retry's backoff doubles up to this
+
+
+def backoff(first: float, attempt: int) -> float:
+    """Seconds before retry number attempt (1 = the first retry): first, doubling, capped at a minute."""
+    return min(first * (2 ** max(attempt - 1, 0)), MAX_BACKOFF_S)
+
+
+def buckets(first: float, max_retries: int) -> list[int]:
+    """Every delay bucket a message can wait in with these settings (AGENT_RETRY_BACKOFF, MAX_RETRY)."""
+    return sorted({bucket(backoff(first, a)) for a in range(1, max_retries + 1)})
 
 
 def bucket(delay: float) -> int:
@@ -39,4 +54,4 @@ def retry_queue_arguments(queue: str, seconds: int) -> dict[str, Any]:
             "x-expires": (seconds + UNUSED_EXPIRY_S) * 1000}
 
 
-__all__ = ["bucket", "retry_queue", "retry_queue_arguments", "PREFIX"]
+__all__ = ["backoff", "bucket", "buckets", "retry_queue", "retry_queue_arguments", "MAX_BACKOFF_S", "PREFIX"]
