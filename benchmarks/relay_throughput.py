@@ -24,11 +24,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Optional
 
-import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (drop_queue, agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
@@ -36,7 +34,6 @@ from _common import (drop_queue, agent_env, AMQP_URL, REPO, StandinProcess, fres
 from plots import plot_results  # noqa: E402
 
 FLOOR = 0.8
-STANDIN_THREADS = 4
 
 
 def _free_port() -> int:
@@ -103,31 +100,6 @@ def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int
     return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started}
 
 
-def standin_rate(standin: StandinProcess, n: int) -> float:
-    """The stand-in's own files/s: the agents' two calls per file (GET the file, POST metadata), 4 threads."""
-    standin.clear()
-    files = standin.add_files(n, b"lorem ipsum dolor sit amet\n" * 37)
-    md = {"@context": ["https://clowder.ncsa.illinois.edu/contexts/metadata.jsonld"],
-          "content": {"lines": 37}, "agent": {"@type": "cat:extractor", "extractor_id": standin.url + "api/x"}}
-
-    def work(part: list[str]) -> None:
-        http = requests.Session()
-        for fid in part:
-            http.get(f"{standin.url}api/files/{fid}", params={"key": "secret"}).raise_for_status()
-            http.post(f"{standin.url}api/files/{fid}/metadata.jsonld", params={"key": "secret"},
-                      json=md).raise_for_status()
-
-    threads = [threading.Thread(target=work, args=(files[i::STANDIN_THREADS],)) for i in range(STANDIN_THREADS)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
-    standin.clear()
-    return n / elapsed
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
@@ -137,12 +109,12 @@ def main() -> int:
     env = agent_env()
     with BrokerChannel() as ch:
         ch.queue_declare("bench-replies", durable=False, auto_delete=False)
-    standin = StandinProcess()
+    standin = StandinProcess(lean=True)  # devtools.bench_clowder: far faster than what is measured through it
     pairs = []
     load_before = os.getloadavg()[0]
     old = old_tree(args.old_ref)
     try:
-        alone = standin_rate(standin, args.files)
+        alone = standin.capacity()
         for label, agents, slots in (("1 agent, 1 slot", 1, 1), ("1 agent, 2 slots", 1, 2),
                                      ("2 agents, 1 slot each", 2, 1)):
             direct = run_case(f"direct AMQP, {label}", standin, args.files, agents, slots, None, env)
@@ -171,7 +143,8 @@ def main() -> int:
                      f"{e['rate'] / d['rate']:.2f} | {d['first']:.2f} / {r['first']:.2f} |")
     lines += ["", f"{args.files} files per case. Lowest ratio: {worst:.2f} "
               f"({'meets' if worst >= FLOOR else 'BELOW'} the {FLOOR} floor). The Clowder stand-in alone "
-              f"({STANDIN_THREADS} threads, the agents' GET + POST per file, same run): {alone:.1f} files/s.", "",
+              f"(devtools.bench_clowder; GET + POST per file over 4 kept-alive connections, benchmarks/standin_load.py, "
+              f"same run): {alone:.0f} files/s.", "",
               "Command: `python benchmarks/relay_throughput.py`"]
     write_report(lines, args.out)
     print(f"plot: {plot_results(args.out)}")
