@@ -29,7 +29,7 @@ from typing import Optional
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (drop_queue, agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
+from _common import (CpuSampler, drop_queue, agent_env, AMQP_URL, REPO, StandinProcess, fresh_queue, machine, publish, rate, v1_message,  # noqa: E402
                      wait_count, write_report, BrokerChannel, OLD_RELAY_REF, old_tree)
 from plots import plot_results  # noqa: E402
 
@@ -82,8 +82,11 @@ def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int
     procs = [subprocess.Popen([sys.executable, "-m", "agent", "run", "--plugin", "ncsa.wordcount.hpc",
                                "--slots", str(slots)], cwd=REPO, env=agent_env, stderr=subprocess.DEVNULL)
              for _ in range(agents)]
+    sampler = CpuSampler(relay.proc.pid) if relay is not None else None
     try:
         times = wait_count(standin, n, timeout)
+        if sampler is not None:
+            sampler.stop()
     finally:
         for proc in procs:
             proc.terminate()
@@ -97,7 +100,8 @@ def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int
         shutil.rmtree(workdir, ignore_errors=True)
     with BrokerChannel() as ch:
         drop_queue(ch, queue)
-    return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started}
+    relay_ms = 1000 * sampler.cpu_between(times[0], times[-1]) / max(len(times) - 1, 1) if sampler else None
+    return {"name": name, "files": n, "rate": rate(times), "first": times[0] - started, "relay_ms": relay_ms}
 
 
 def main() -> int:
@@ -133,14 +137,15 @@ def main() -> int:
              "process for all cases; the relay on loopback, on the same machine. Steady state = files/s from the "
              "first result to the last. Ratio = relay / direct (floor {:.1f}).".format(FLOOR), "",
              f"| agents | direct AMQP files/s | through the relay files/s | ratio | earlier relay ({args.old_ref}) "
-             "files/s | its ratio | first result, direct / relay (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "files/s | its ratio | first result, direct / relay (s) | relay CPU ms/file (this / earlier) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     worst = float("inf")
     for label, d, r, e in pairs:
         ratio = r["rate"] / d["rate"]
         worst = min(worst, ratio)
         lines.append(f"| {label} | {d['rate']:.1f} | {r['rate']:.1f} | {ratio:.2f} | {e['rate']:.1f} | "
-                     f"{e['rate'] / d['rate']:.2f} | {d['first']:.2f} / {r['first']:.2f} |")
+                     f"{e['rate'] / d['rate']:.2f} | {d['first']:.2f} / {r['first']:.2f} | "
+                     f"{r['relay_ms']:.2f} / {e['relay_ms']:.2f} |")
     lines += ["", f"{args.files} files per case. Lowest ratio: {worst:.2f} "
               f"({'meets' if worst >= FLOOR else 'BELOW'} the {FLOOR} floor). The Clowder stand-in alone "
               f"(devtools.bench_clowder; GET + POST per file over 4 kept-alive connections, benchmarks/standin_load.py, "
