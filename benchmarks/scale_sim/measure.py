@@ -142,6 +142,16 @@ def calibrate(agent_start_s: float, log: Callable[[str], None] = print) -> dict[
 
 
 # -- validation cases ------------------------------------------------------------------------------
+def _wait_gone(job: str, timeout: float = 60.0) -> None:
+    """Wait until Slurm lists no task of job (scancel only asks)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(0.5)
+
+
 def _agent_env(queue: str, sleep: float, tmp: str) -> dict[str, str]:
     return dict(os.environ, RABBITMQ_URI=AMQP_URL, RABBITMQ_QUEUE=queue, PYTHONPATH=REPO,
                 AGENT_PLUGIN="ncsa.sleepy", AGENT_PLUGIN_PATH=os.path.join(REPO, "examples"),
@@ -226,6 +236,7 @@ def array_case(tasks: int, files: int, sleep: float, idle_exit: float, timeout: 
     finally:
         if job:
             subprocess.run(["scancel", job], capture_output=True)
+            _wait_gone(job)  # a task still running would declare its report queue again after the drop
         drop_queue(ch, queue)
         ch.queue_delete(replies)
         conn.close()
