@@ -16,6 +16,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from devtools.amqp_queues import delete_queues
 from hpc_common.retry_queues import retry_queue
 from helpers.agent_harness import REPO, harness  # noqa: F401 (fixture)
 
@@ -38,9 +39,7 @@ def _drop_retry_queues(h, *seconds: int) -> None:
     try:
         conn = pika.BlockingConnection(pika.URLParameters(h.url))
         try:
-            ch = conn.channel()
-            for s in seconds:
-                ch.queue_delete(retry_queue(h.queue, s))
+            delete_queues(conn.channel(), [retry_queue(h.queue, s) for s in seconds])
         finally:
             conn.close()
     except pika.exceptions.AMQPError as exc:
