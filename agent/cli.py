@@ -140,7 +140,8 @@ def cmd_run(cfg: AgentConfig) -> int:
             def make_slot(index: int, post, on_frame) -> Slot:
                 if ranks is not None:
                     return ranks.make_slot(index, post, on_frame)
-                return Slot(index, init, post, on_frame, redactor, env=env)
+                return Slot(index, init, post, on_frame, redactor, env=env,
+                            watcher=source if source.watches_fds else None)
 
             log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
             code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
@@ -194,10 +195,11 @@ def _run_plugins(cfg: AgentConfig, plans: list, identity: Any, redactor: Redacto
             owner = owner or source
 
             def make_slot(index: int, post: Any, on_frame: Any, init: Any = init, env: Any = env,
-                          number: int = number) -> Any:
+                          number: int = number, source: Any = source) -> Any:
                 if ranks is not None:
                     return ranks.make_slot(index, post, on_frame, number)
-                return Slot(index, init, post, on_frame, redactor, env=env)
+                return Slot(index, init, post, on_frame, redactor, env=env,
+                            watcher=source if source.watches_fds else None)
 
             log.info("agent %s: plugin %s (%s), queue %s, %d slot(s)", agent_id, plan.spec.name, plan.spec.folder,
                      plan.queue, own.slots)

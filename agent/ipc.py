@@ -26,8 +26,10 @@ def encode(obj: Any) -> bytes:
 
 
 def send(stream: BinaryIO, obj: Any) -> None:
-    """Write one frame and flush it."""
-    stream.write(encode(obj))
+    """Write one frame and flush it (an unbuffered stream may take it in several writes)."""
+    view = memoryview(encode(obj))
+    while view:
+        view = view[stream.write(view) or 0:]
     stream.flush()
 
 

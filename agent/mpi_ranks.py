@@ -367,6 +367,8 @@ class Leader:
                 self._load[lane // LANE_STRIDE][rank] -= 1
         slot = self._lanes[lane]
         post, on_frame = self._calls[lane]
+        if kind == "status":
+            post = getattr(post, "quiet", post)  # statuses leave with the next outcome: no wake-up each
         post(lambda: on_frame(slot, frame))
 
     def _lose(self, rank: int, reason: str) -> None:

@@ -1,9 +1,15 @@
-"""A slot: one extractor process and the thread that talks to it.
+"""A slot: one extractor process and the thread that starts it.
 
-The agent's main thread owns all message state. A slot's thread only carries frames: it writes
-the job to the child's pipe and forwards every frame the child sends back to the main thread
-through `post` (for the AMQP source, the connection's add_callback_threadsafe). When the child dies, the
-thread posts a "died" frame and the slot starts a fresh child for the next job.
+The agent's main thread owns all message state. The child's frames reach it one of two ways:
+
+- through the work source's event loop (a `watcher`, the AMQP source's): the main thread writes
+  the job to the child's pipe and reads the child's frames itself, when the loop says the pipe is
+  readable. No thread is woken per file, so a file costs the agent no thread switches;
+- otherwise the slot's thread writes the job and forwards every frame the child sends back
+  through `post` (a source without an event loop: relay, spool, message file, MPI ranks).
+
+Either way the slot's thread starts the child (its handshake blocks) and, when the child dies,
+waits for it, posts a "died" frame and starts a fresh child for the next job.
 
 Limits (the init frame's "limits": time_limit seconds, memory_limit MB, recycle_after files) are
 enforced here, next to the process: a watchdog kills a child that runs a job too long or whose
@@ -13,6 +19,7 @@ slow leak never reaches the limit mid-file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -21,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import psutil
 
@@ -34,6 +41,17 @@ Post = Callable[[Callable[[], None]], None]
 OnFrame = Callable[["Slot", dict[str, Any]], None]
 
 
+class FdWatcher(Protocol):
+    """An event loop on the main thread that calls back when a file descriptor is readable."""
+
+    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """Call on_readable (main thread, during the source's poll) while fd is readable; the poll
+        returns after the call, so what on_readable posts without a wake-up runs at the next step."""
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching fd."""
+
+
 class Slot:
     """One extractor child process, restarted when it dies."""
 
@@ -41,7 +59,8 @@ class Slot:
     worker_module = "agent.worker_process"
 
     def __init__(self, index: int, init_frame: dict[str, Any], post: Post, on_frame: OnFrame,
-                 redactor: Redactor, env: Optional[dict[str, str]] = None) -> None:
+                 redactor: Redactor, env: Optional[dict[str, str]] = None,
+                 watcher: Optional[FdWatcher] = None) -> None:
         self.index = index
         self._init = init_frame
         self._post = post
@@ -64,6 +83,13 @@ class Slot:
         self._job_started: Optional[float] = None   # set while the child works on a job
         self._kill_reason: Optional[str] = None
         self._served = 0
+        # loop mode (watcher given): the main thread holds the child's pipes between handshake and exit
+        self._watcher = watcher
+        self._control: "queue.SimpleQueue[Optional[str]]" = queue.SimpleQueue()  # main -> slot thread
+        self._child: Optional[subprocess.Popen[bytes]] = None  # attached child (main thread)
+        self._inbuf = bytearray()
+        self._queued: Optional[bytes] = None   # a job assigned while no child was attached
+        self._closed = False
 
     # -- main-thread API -----------------------------------------------------------------------
     def start(self) -> None:
@@ -81,7 +107,13 @@ class Slot:
     def assign(self, delivery: Any, body: dict[str, Any], job_number: int) -> None:
         self.busy_with = delivery
         self.started_at = time.monotonic()
-        self._jobs.put({"t": "job", "job": job_number, "body": body})
+        job = {"t": "job", "job": job_number, "body": body}
+        if self._watcher is None:
+            self._jobs.put(job)
+        elif self._child is None:
+            self._queued = ipc.encode(job)  # sent once the (re)started child is attached
+        else:
+            self._send_job(ipc.encode(job))
 
     def kill(self, reason: Optional[str] = None) -> None:
         """Kill the child (hung or over its limits); the thread reports it as died, with reason."""
@@ -95,7 +127,12 @@ class Slot:
                 pass
 
     def close(self) -> None:
-        self._jobs.put(None)
+        if self._watcher is None:
+            self._jobs.put(None)
+            return
+        self._closed = True
+        self._detach()
+        self._control.put(None)
 
     def memory_mb(self) -> float:
         """Resident memory of the child and all its descendants, in MB (0 when there is none)."""
@@ -114,6 +151,87 @@ class Slot:
             except psutil.Error:
                 pass
         return total / (1024 * 1024)
+
+    # -- loop mode: the main thread's side of the child's pipes -------------------------------------
+    def _attach(self, proc: subprocess.Popen[bytes]) -> None:
+        """A child finished its handshake: read its frames from the main loop from now on."""
+        if self._closed:
+            return  # the slot thread already has the close request and ends this child
+        assert proc.stdout is not None
+        self._child = proc
+        self._inbuf.clear()
+        os.set_blocking(proc.stdout.fileno(), False)
+        assert self._watcher is not None
+        self._watcher.watch(proc.stdout.fileno(), self._readable)
+        if self._queued is not None:
+            job, self._queued = self._queued, None
+            self._send_job(job)
+
+    def _detach(self) -> Optional[subprocess.Popen[bytes]]:
+        proc, self._child = self._child, None
+        if proc is not None and self._watcher is not None:
+            assert proc.stdout is not None
+            self._watcher.unwatch(proc.stdout.fileno())
+        return proc
+
+    def _send_job(self, data: bytes) -> None:
+        proc = self._child
+        assert proc is not None and proc.stdin is not None
+        self._kill_reason = None
+        self._job_started = time.monotonic()
+        fd, view = proc.stdin.fileno(), memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            pass  # the child is gone: its pipe's end of file follows and reports the job as died
+
+    def _readable(self) -> None:
+        """The watcher's callback: take what the child wrote, hand complete frames to the main thread."""
+        proc = self._child
+        if proc is None:
+            return
+        assert proc.stdout is not None
+        try:
+            data = os.read(proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._detach()
+            self._job_started = None
+            self._control.put("ended")  # the slot thread waits for the exit code and posts "died"
+            return
+        buf = self._inbuf
+        buf += data
+        while len(buf) >= 4:
+            size = int.from_bytes(buf[:4], "big")
+            if size > ipc.MAX_FRAME:
+                log.error("slot %d: the extractor process sent a frame of %d bytes; ending it", self.index, size)
+                self.kill("the extractor process broke the frame protocol")
+                buf.clear()
+                return
+            if len(buf) < 4 + size:
+                break
+            try:
+                frame = json.loads(bytes(buf[4:4 + size]))
+            except ValueError:
+                self.kill("the extractor process broke the frame protocol")
+                buf.clear()
+                return
+            del buf[:4 + size]
+            self._deliver(frame)
+
+    def _deliver(self, frame: dict[str, Any]) -> None:
+        # No wake-up needed: the watcher's poll returns after this callback (FdWatcher.watch).
+        self._post_quiet(lambda f=frame: self._on_frame(self, f))
+        if frame.get("t") == "done":
+            self._job_started = None
+            self._served += 1
+            if self._should_recycle():
+                self._detach()
+                self._control.put("retire")
 
     def _watch(self) -> None:
         """Watchdog thread: enforce the time and memory limits of the job in progress."""
@@ -136,8 +254,11 @@ class Slot:
             argv, cwd = [*launch["argv"], self.worker_module], launch["cwd"]
         else:
             argv, cwd = [sys.executable, "-m", self.worker_module], os.path.dirname(os.path.dirname(__file__))
+        # Loop mode reads the child's frames from its pipe itself: unbuffered, so that nothing the
+        # handshake read ahead is left in a buffer the main loop never looks at.
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=self._env, start_new_session=True, cwd=cwd)
+                                env=self._env, start_new_session=True, cwd=cwd,
+                                bufsize=0 if self._watcher is not None else -1)
         self.proc = proc
         threading.Thread(target=self._relay_stderr, args=(proc,), name=f"slot-{self.index}-log",
                          daemon=True).start()
@@ -179,8 +300,42 @@ class Slot:
                 continue
             self.info = first["info"]
             self._ready.set()
-            if not self._serve(proc):
+            if self._watcher is not None:
+                if not self._hand_over(proc):
+                    return
+            elif not self._serve(proc):
                 return
+
+    def _hand_over(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Loop mode: give the child's pipes to the main thread, then wait for the child's end.
+
+        True: spawn another (it died or is retired); False: the slot closed.
+        """
+        self._post(lambda: self._attach(proc))
+        what = self._control.get()
+        if what == "ended":
+            code = proc.wait()
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            reason = self._kill_reason or f"extractor process {how}"
+            self._post(lambda r=reason: self._on_frame(self, {"t": "died", "reason": r}))
+            return True
+        if what == "retire":
+            self._retire(proc)
+            return True
+        self._end(proc)
+        return False
+
+    def _end(self, proc: subprocess.Popen[bytes]) -> None:
+        """The slot closed: ask the child to exit, kill it if it does not within 5 s."""
+        try:
+            assert proc.stdin is not None
+            ipc.send(proc.stdin, {"t": "exit"})
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def _serve(self, proc: subprocess.Popen[bytes]) -> bool:
         """Feed jobs to one child until it dies (True: spawn another) or the slot closes (False)."""
@@ -188,14 +343,7 @@ class Slot:
         while True:
             job = self._jobs.get()
             if job is None:
-                try:
-                    ipc.send(proc.stdin, {"t": "exit"})
-                except OSError:
-                    pass
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.kill()
+                self._end(proc)
                 return False
             self._kill_reason = None
             try:

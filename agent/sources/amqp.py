@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import time
 import uuid
 from typing import Any, Callable, Optional, Sequence
@@ -120,6 +121,16 @@ class _StatusFrames:
         self._headers.clear()
 
 
+def _nothing() -> None:
+    """A timer callback whose only effect is to end process_data_events."""
+
+
+def _ioloop(conn: Any) -> Any:
+    """The event loop under a BlockingConnection (pika 1.x: its SelectConnection's IOLoop), or None."""
+    loop = getattr(getattr(conn, "_impl", None), "ioloop", None)
+    return loop if loop is not None and hasattr(loop, "add_handler") else None
+
+
 def open_status_channel(uri: str) -> tuple[Any, Any]:
     """A connection and channel for status replies only (one attempt, 5 s); BrokerError otherwise."""
     try:
@@ -163,6 +174,7 @@ class AmqpSource(WorkSource):
     """Consume one queue; settle deliveries exactly as the agent decides."""
 
     delayed_retry = True
+    watches_fds = True
 
     def __init__(self, uri: str, queue: str, prefetch: int, journal: Journal, agent_id: str,
                  connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
@@ -193,6 +205,8 @@ class AmqpSource(WorkSource):
         self.retry_buckets = tuple(retry_buckets)  # delays (s) of the retry queues other agents may fill
         self._status_props: dict[Optional[str], pika.BasicProperties] = {}  # by correlation id
         self._status_frames = _StatusFrames()
+        self._watched: dict[int, Callable[[], None]] = {}  # fd -> callback (the extractors' pipes)
+        self._loop_watches = False   # True while the connection's event loop has the watched fds
 
     # -- connection lifecycle --------------------------------------------------------------------
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -238,6 +252,9 @@ class AmqpSource(WorkSource):
                 pass
             raise
         self._conn, self._ch, self._pub, self._decl = conn, ch, pub, None
+        self._loop_watches = _ioloop(conn) is not None
+        for fd, callback in self._watched.items():
+            self._add_handler(fd, callback)
         self._status_frames.forget()
         self.generation += 1
         self._consumer_tag = None
@@ -296,6 +313,10 @@ class AmqpSource(WorkSource):
         if self._lost_since is not None:
             self._try_reconnect(timeout)
             return
+        if self._watched and not self._loop_watches:
+            # a pika without the event loop we watch pipes in: look at them between short polls
+            self._wait_watched(0.0)
+            timeout = min(timeout, 0.005)
         try:
             self._conn.process_data_events(time_limit=timeout)
             if not self._ch.is_open or not self._pub.is_open:
@@ -314,7 +335,7 @@ class AmqpSource(WorkSource):
         if now - self._lost_since > self.reconnect_timeout:
             raise SourceUnavailable(f"broker at {self._where} unreachable for {self.reconnect_timeout:.0f}s")
         if now < self._next_attempt:
-            time.sleep(min(timeout, self._next_attempt - now))
+            self._wait_watched(min(timeout, self._next_attempt - now))
             return
         lost_for = now - self._lost_since
         try:
@@ -332,6 +353,46 @@ class AmqpSource(WorkSource):
                 conn.add_callback_threadsafe(lambda: None)
             except _PIKA_ERRORS:
                 pass
+
+    # -- the extractors' pipes, read in this connection's event loop (agent.slots, loop mode) --------
+    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """on_readable runs inside poll(), which returns after it: what it posts quietly runs next."""
+        self._watched[fd] = on_readable
+        if self.connected:
+            self._add_handler(fd, on_readable)
+
+    def unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is None or not self.connected or not self._loop_watches:
+            return
+        try:
+            _ioloop(self._conn).remove_handler(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _add_handler(self, fd: int, callback: Callable[[], None]) -> None:
+        conn = self._conn
+        loop = _ioloop(conn) if self._loop_watches else None
+        if loop is None:
+            return
+
+        def on_event(_fd: int, _events: int) -> None:
+            callback()
+            # End this poll after the loop's turn (a zero timer, not a thread-safe wake-up: no
+            # pipe write and read), so what the callback posted runs at the runner's next step.
+            conn.call_later(0, _nothing)
+
+        loop.add_handler(fd, on_event, loop.READ)
+
+    def _wait_watched(self, seconds: float) -> None:
+        """Sleep up to seconds, calling back for watched fds that become readable (no connection)."""
+        if not self._watched:
+            time.sleep(seconds)
+            return
+        readable, _, _ = select.select(list(self._watched), [], [], seconds)
+        for fd in readable:
+            callback = self._watched.get(fd)
+            if callback is not None:
+                callback()
 
     def stop_intake(self) -> None:
         self._intake = False

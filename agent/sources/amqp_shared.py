@@ -118,6 +118,12 @@ class AmqpQueue(AmqpSource):
     def wake(self) -> None:
         self.owner.wake()
 
+    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
+        self.owner.watch(fd, on_readable)
+
+    def unwatch(self, fd: int) -> None:
+        self.owner.unwatch(fd)
+
     def close(self) -> None:
         self._intake = False
         self.owner.close()

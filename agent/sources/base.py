@@ -42,6 +42,8 @@ class WorkSource(abc.ABC):
     generation: int = 0
     #: True when the backend holds a retry's backoff itself (retry_later); otherwise the agent waits
     delayed_retry: bool = False
+    #: True when poll() runs an event loop that can also watch the extractors' pipes (watch/unwatch)
+    watches_fds: bool = False
 
     @abc.abstractmethod
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -54,6 +56,14 @@ class WorkSource(abc.ABC):
     @abc.abstractmethod
     def wake(self) -> None:
         """Make a poll() in progress return soon (safe from any thread)."""
+
+    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """Sources with watches_fds: call on_readable from poll() while fd is readable (main thread);
+        poll() returns after a call, so what on_readable posts without a wake-up runs at the next step."""
+        raise NotImplementedError("this source watches no file descriptors")
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching fd (watches_fds sources)."""
 
     @property
     @abc.abstractmethod
