@@ -66,6 +66,9 @@ _CHILD_DROP_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "MV2_",
 # job any moment; a rank whose lanes are all busy only expects kill/close, and 64 ranks polling
 # fast on two cores would take the CPU their extractors need.
 MIN_POLL, MAX_POLL_LEADER, MAX_POLL_RANK, MAX_POLL_RANK_FULL = 0.001, 0.005, 0.05, 0.25
+# A leader with no job out on another rank expects no frames, only heartbeats, signals and
+# (at the start) readiness: it polls at this pace, jobs to send still wake it at once.
+MAX_POLL_LEADER_QUIET = 0.05
 SCAN_EVERY = 0.25   # leader: heartbeat and timeout checks
 CLOSE_WAIT = 30.0
 
@@ -446,7 +449,9 @@ class Leader:
                     elif now - self._last_sent[rank] >= hb:
                         self._send(rank, ("hb",), sends)
                 self._relay_signal()
-            interval = MIN_POLL if busy else min(interval * 2, MAX_POLL_LEADER)
+            remote_jobs = any(rank != 0 for rank in self._where.values())
+            cap = MAX_POLL_LEADER if remote_jobs or sends else MAX_POLL_LEADER_QUIET
+            interval = MIN_POLL if busy else min(interval * 2, cap)
             try:
                 carried = self._out.get(timeout=interval)
             except queue.Empty:
@@ -475,7 +480,10 @@ class Leader:
 
     def _handle(self, src: int, msg: tuple) -> None:
         kind = msg[0]
-        if kind == "frame":
+        if kind == "frames":
+            for lane, frame in msg[1]:
+                self._frame(src, lane, frame)
+        elif kind == "frame":
             self._frame(src, msg[1], msg[2])
         elif kind in ("ready", "fatal"):
             plugin = msg[2] if len(msg) > 2 else 0
@@ -605,6 +613,7 @@ class Follower:
         carried: Optional[tuple] = None
         while True:
             busy = carried is not None
+            frames: list[tuple[int, dict[str, Any]]] = []
             while True:
                 if carried is None:
                     try:
@@ -613,9 +622,19 @@ class Follower:
                         break
                 msg, carried = carried, None
                 busy = True
-                if msg[0] != "wake":
+                if msg[0] == "frame":
+                    # A file's statuses and outcome come together (the extractor writes them in
+                    # one go): one MPI message for them, not one each.
+                    frames.append((msg[1], msg[2]))
+                elif msg[0] != "wake":
+                    if frames:
+                        sends.append(self.comm.isend(("frames", frames), dest=0, tag=TAG))
+                        frames = []
                     sends.append(self.comm.isend(msg, dest=0, tag=TAG))
                     last_sent = time.monotonic()
+            if frames:
+                sends.append(self.comm.isend(("frames", frames), dest=0, tag=TAG))
+                last_sent = time.monotonic()
             while self._signals:
                 sends.append(self.comm.isend(("signal", self._signals.pop(0)), dest=0, tag=TAG))
             sends = [r for r in sends if not r.Test()]
