@@ -207,6 +207,7 @@ class AmqpSource(WorkSource):
         self._status_frames = _StatusFrames()
         self._watched: dict[int, Callable[[], None]] = {}  # fd -> callback (the extractors' pipes)
         self._loop_watches = False   # True while the connection's event loop has the watched fds
+        self._tick_due: Optional[float] = None  # when the standing poll timer fires (see _pump)
 
     # -- connection lifecycle --------------------------------------------------------------------
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
@@ -253,6 +254,7 @@ class AmqpSource(WorkSource):
             raise
         self._conn, self._ch, self._pub, self._decl = conn, ch, pub, None
         self._loop_watches = _ioloop(conn) is not None
+        self._tick_due = None  # the old connection's timer died with it
         for fd, callback in self._watched.items():
             self._add_handler(fd, callback)
         self._status_frames.forget()
@@ -318,7 +320,7 @@ class AmqpSource(WorkSource):
             self._wait_watched(0.0)
             timeout = min(timeout, 0.005)
         try:
-            self._conn.process_data_events(time_limit=timeout)
+            self._pump(timeout)
             if not self._ch.is_open or not self._pub.is_open:
                 self._lose(None, "polling")
         except SourceLost:
@@ -328,6 +330,27 @@ class AmqpSource(WorkSource):
                 self._lose(exc, "polling")
             except SourceLost:
                 pass
+
+    def _pump(self, timeout: float) -> None:
+        """Run the connection's I/O until something happened or timeout seconds passed.
+
+        pika's time_limit arms and cancels a timer on every call (twice per file); one standing
+        tick timer, re-armed only when it fired, bounds the wait the same way at a few a second.
+        """
+        conn = self._conn
+        if timeout <= 0:
+            conn.process_data_events(time_limit=0)
+            return
+        due = self._clock() + timeout
+        if self._tick_due is None or self._tick_due > due + 0.05:
+            self._tick_due = due
+            generation = self.generation
+            conn.call_later(timeout, lambda: self._ticked(generation))
+        conn.process_data_events(time_limit=None)
+
+    def _ticked(self, generation: int) -> None:
+        if generation == self.generation:
+            self._tick_due = None
 
     def _try_reconnect(self, timeout: float) -> None:
         now = self._clock()
