@@ -1,7 +1,8 @@
 """The agent's main loop: deliveries in, extractor slots busy, every message settled once.
 
 All message state lives on the main thread, which also drives the work source (the broker
-client is not thread-safe). Slot threads hand frames back through `post`. The rules, in one place:
+client is not thread-safe). Slots hand frames back through `post` (from their threads, or from
+the source's event loop when it reads the extractors' pipes itself). The rules, in one place:
 
 - A message is acknowledged only after its extractor reported success, that is after pyclowder
   finished its uploads; status replies go to the message's reply_to as they happen.
@@ -189,13 +190,13 @@ class Runner:
         return None
 
     def step(self, now: float) -> None:
-        """After a poll of the source: run what slot threads posted, then the time-driven duties."""
+        """After a poll of the source: run what slots posted, then the time-driven duties."""
         self._drain_calls()
         self._tick(now)
 
     @property
     def has_calls(self) -> bool:
-        """True when slot threads posted work the main thread has not run yet."""
+        """True when slots posted work the main thread has not run yet."""
         return not self._calls.empty()
 
     def idle_since(self) -> Optional[float]:

@@ -16,11 +16,11 @@ class Costs:
     """Calibrated costs; replace() a field to ask "what if" (the CLI's --set NAME=VALUE)."""
 
     # -- agent, per file ------------------------------------------------------------------------
-    agent_cpu_s: float = 2.16e-3
-    child_cpu_s: float = 6.01e-3
+    agent_cpu_s: float = 1.25e-3
+    child_cpu_s: float = 4.75e-3
     clowder_requests_per_file: int = 3
     # -- MPI leader (one per node): broker I/O, acks, status relay, hand-out to ranks -----------
-    leader_cpu_s: float = 2.23e-3
+    leader_cpu_s: float = 1.73e-3
     leader_handout_s: float = 0.035
     # -- broker ---------------------------------------------------------------------------------
     broker_ops_per_file: int = 11
@@ -30,7 +30,7 @@ class Costs:
     clowder_service_s: float = 2.18e-3
     clowder_rtt_s: float = 0.0
     # -- relay ----------------------------------------------------------------------------------
-    relay_files_per_s: float = 191.0
+    relay_files_per_s: float = 144.0
     # -- start-up and scheduler -----------------------------------------------------------------
     agent_start_s: float = 0.8
     rank_start_cpu_s: float = 0.78
@@ -51,13 +51,13 @@ class Costs:
 
 # Where each number came from (printed under every result table, so results carry their inputs).
 SOURCES: dict[str, str] = {
-    "agent_cpu_s": "benchmarks/results/agent_throughput.md (2026-12-01 20:29): agent process CPU per file, one slot, "
+    "agent_cpu_s": "benchmarks/results/agent_throughput.md (2026-12-01 23:05): agent process CPU per file, one slot, "
                    "wordcount extractor, lean stand-in",
     "child_cpu_s": "benchmarks/results/agent_throughput.md: the extractor process's CPU per file in the same run",
     "clowder_requests_per_file": "pyclowder _process_message: file-info GET, blob GET, then the extractor's "
                                  "metadata POST (FACTS.md); counted on the stand-in by `validate`",
     "leader_cpu_s": "benchmarks/results/agent_throughput.md: the MPI leader's (rank 0's) CPU per file, 2 ranks, its own "
-                    "extractor lane included (caps one leader near 450 files/s)",
+                    "extractor lane included (caps one leader near 580 files/s)",
     "leader_handout_s": "benchmarks/results/mpi_scaling.md (quiet machine, 24 files per rank of 0.5 s): 4 ranks "
                         "+31 ms and 8 ranks +44 ms per file over 1 rank: a rank's result to its next file "
                         "(the ranks' and the leader's poll back-off), a wait, not CPU",
@@ -71,8 +71,8 @@ SOURCES: dict[str, str] = {
                          "--set clowder_service_s=",
     "clowder_rtt_s": "`scale_model.py calibrate`: one client's median request time (idle-corrected) minus the "
                      "service time; 0 here: one client is faster than the 4-client rate (GIL contention)",
-    "relay_files_per_s": "benchmarks/results/relay_throughput.md (2026-12-01): the aiohttp relay's CPU per file with real "
-                         "agents, 5.23 ms (1 agent, 2 slots) = 191 files/s per relay core (under 2,000 virtual agents "
+    "relay_files_per_s": "benchmarks/results/relay_throughput.md (2026-12-01 23:10): the aiohttp relay's CPU per file with "
+                         "real agents, median of the three cases 6.94 ms = 144 files/s per relay core (under 2,000 virtual agents "
                          "it did 304 files/s per core: relay_load.md)",
     "agent_start_s": "benchmarks/results/agent_throughput.md: first result 0.67-0.83 s after the agent starts",
     "rank_start_cpu_s": "benchmarks/results/mpi_scaling.md: 64 ranks ready after 25.0 s on 2 cores "
