@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 from .errors import ProtocolError
 
@@ -25,12 +25,38 @@ def encode(obj: Any) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
-def send(stream: BinaryIO, obj: Any) -> None:
-    """Write one frame and flush it (an unbuffered stream may take it in several writes)."""
-    view = memoryview(encode(obj))
+def write(stream: BinaryIO, data: bytes) -> None:
+    """Write encoded frames and flush them (an unbuffered stream may take them in several writes)."""
+    view = memoryview(data)
     while view:
         view = view[stream.write(view) or 0:]
     stream.flush()
+
+
+def send(stream: BinaryIO, obj: Any) -> None:
+    """Write one frame and flush it."""
+    write(stream, encode(obj))
+
+
+def take_frames(buf: bytearray) -> Iterator[Any]:
+    """Yield the complete frames at the start of buf, removing each from it (a partial one stays).
+
+    For a reader that gets bytes as they come (a non-blocking pipe); FrameError for a frame over
+    the limit or one that is not JSON.
+    """
+    while len(buf) >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buf)
+        if size > MAX_FRAME:
+            raise FrameError(f"frame of {size} bytes is over the limit")
+        end = _HEADER.size + size
+        if len(buf) < end:
+            return
+        try:
+            frame = json.loads(bytes(buf[_HEADER.size:end]))
+        except ValueError:
+            raise FrameError("a frame that is not JSON") from None
+        del buf[:end]
+        yield frame
 
 
 def _read_exact(stream: BinaryIO, size: int) -> Optional[bytes]:

@@ -613,7 +613,9 @@ class Follower:
         carried: Optional[tuple] = None
         while True:
             busy = carried is not None
-            frames: list[tuple[int, dict[str, Any]]] = []
+            # A file's statuses and outcome come together (the extractor writes them in one go):
+            # consecutive frames leave as one MPI message, in order with everything else.
+            outgoing: list[tuple] = []
             while True:
                 if carried is None:
                     try:
@@ -623,17 +625,14 @@ class Follower:
                 msg, carried = carried, None
                 busy = True
                 if msg[0] == "frame":
-                    # A file's statuses and outcome come together (the extractor writes them in
-                    # one go): one MPI message for them, not one each.
-                    frames.append((msg[1], msg[2]))
+                    if outgoing and outgoing[-1][0] == "frames":
+                        outgoing[-1][1].append((msg[1], msg[2]))
+                    else:
+                        outgoing.append(("frames", [(msg[1], msg[2])]))
                 elif msg[0] != "wake":
-                    if frames:
-                        sends.append(self.comm.isend(("frames", frames), dest=0, tag=TAG))
-                        frames = []
-                    sends.append(self.comm.isend(msg, dest=0, tag=TAG))
-                    last_sent = time.monotonic()
-            if frames:
-                sends.append(self.comm.isend(("frames", frames), dest=0, tag=TAG))
+                    outgoing.append(msg)
+            for msg in outgoing:
+                sends.append(self.comm.isend(msg, dest=0, tag=TAG))
                 last_sent = time.monotonic()
             while self._signals:
                 sends.append(self.comm.isend(("signal", self._signals.pop(0)), dest=0, tag=TAG))

@@ -19,7 +19,6 @@ slow leak never reaches the limit mid-file.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -167,22 +166,19 @@ class Slot:
             job, self._queued = self._queued, None
             self._send_job(job)
 
-    def _detach(self) -> Optional[subprocess.Popen[bytes]]:
+    def _detach(self) -> None:
         proc, self._child = self._child, None
         if proc is not None and self._watcher is not None:
             assert proc.stdout is not None
             self._watcher.unwatch(proc.stdout.fileno())
-        return proc
 
     def _send_job(self, data: bytes) -> None:
         proc = self._child
         assert proc is not None and proc.stdin is not None
         self._kill_reason = None
         self._job_started = time.monotonic()
-        fd, view = proc.stdin.fileno(), memoryview(data)
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            ipc.write(proc.stdin, data)  # unbuffered in loop mode (see _spawn)
         except OSError:
             pass  # the child is gone: its pipe's end of file follows and reports the job as died
 
@@ -203,25 +199,14 @@ class Slot:
             self._job_started = None
             self._control.put("ended")  # the slot thread waits for the exit code and posts "died"
             return
-        buf = self._inbuf
-        buf += data
-        while len(buf) >= 4:
-            size = int.from_bytes(buf[:4], "big")
-            if size > ipc.MAX_FRAME:
-                log.error("slot %d: the extractor process sent a frame of %d bytes; ending it", self.index, size)
-                self.kill("the extractor process broke the frame protocol")
-                buf.clear()
-                return
-            if len(buf) < 4 + size:
-                break
-            try:
-                frame = json.loads(bytes(buf[4:4 + size]))
-            except ValueError:
-                self.kill("the extractor process broke the frame protocol")
-                buf.clear()
-                return
-            del buf[:4 + size]
-            self._deliver(frame)
+        self._inbuf += data
+        try:
+            for frame in ipc.take_frames(self._inbuf):
+                self._deliver(frame)
+        except ipc.FrameError as exc:
+            log.error("slot %d: the extractor process sent %s; ending it", self.index, exc)
+            self.kill("the extractor process broke the frame protocol")
+            self._inbuf.clear()
 
     def _deliver(self, frame: dict[str, Any]) -> None:
         # No wake-up needed: the watcher's poll returns after this callback (FdWatcher.watch).

@@ -145,6 +145,22 @@ def test_frames_round_trip_and_detect_truncation():
         ipc.recv(io.BytesIO(data[:7]))
 
 
+def test_frames_taken_from_a_buffer_as_bytes_arrive():
+    data = ipc.encode({"t": "status", "n": 1}) + ipc.encode({"t": "done"})
+    buf = bytearray(data[:-3])  # the second frame has not fully arrived
+    assert list(ipc.take_frames(buf)) == [{"t": "status", "n": 1}]
+    assert bytes(buf) == data[len(ipc.encode({"t": "status", "n": 1})):-3]
+    buf += data[-3:]
+    assert list(ipc.take_frames(buf)) == [{"t": "done"}] and buf == bytearray()
+    with pytest.raises(ipc.FrameError, match="over the limit"):
+        list(ipc.take_frames(bytearray((ipc.MAX_FRAME + 1).to_bytes(4, "big"))))
+    bad = bytearray(ipc.encode([1]) + (3).to_bytes(4, "big") + b"{x}")
+    frames = ipc.take_frames(bad)
+    assert next(frames) == [1]  # frames before a broken one still come out
+    with pytest.raises(ipc.FrameError, match="not JSON"):
+        next(frames)
+
+
 # -- plugins -------------------------------------------------------------------------------------
 def _plugin(folder, name, code, info_extra=None):
     folder.mkdir(parents=True)
