@@ -36,6 +36,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_plain_command_does_not_use_mpi():
     assert not launched_by_mpi({})
     assert launched_by_mpi({"PMI_RANK": "0", "PMI_SIZE": "4"})
@@ -108,6 +117,9 @@ def test_hung_rank_is_given_up_and_the_others_carry_on(harness):
     os.kill(victim, signal.SIGSTOP)
     try:
         code = harness.wait_exit(proc, 60)
+        # MPI_Abort has Hydra SIGKILL every rank, the stopped one too; the kernel finishes that
+        # exit when the victim is next scheduled, which on a loaded host can be after mpiexec is gone.
+        killed_by_mpi = _gone_within(victim, 15)
     finally:
         if _alive(victim):
             os.kill(victim, signal.SIGKILL)
@@ -115,7 +127,7 @@ def test_hung_rank_is_given_up_and_the_others_carry_on(harness):
     assert "MPI rank 2 lost" in text and "MPI_Abort" in text, text
     assert code == 0, text  # everything settled before the abort
     assert harness.unprocessed(ids) == [] and harness.depth() == 0 and harness.errors() == []
-    assert not _alive(victim)
+    assert killed_by_mpi, "the stopped rank outlived the MPI job"
 
 
 def test_sigterm_to_one_rank_drains_the_whole_group(harness):
