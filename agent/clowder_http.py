@@ -1,8 +1,9 @@
-"""HTTP to Clowder for extractors: one kept-alive session, bounded retries on transient faults.
+"""HTTP to Clowder for extractors: kept-alive connections, bounded retries on transient faults.
 
 pyclowder's Connector.get/post call requests.get/post, opening a new TCP connection for every
 call; routing them through one Session keeps the connection alive (the largest single saving
-per file). Transient faults (connection errors, timeouts, 5xx, 429) are retried with backoff;
+per file), and the calls agent.keepalive_http can take exactly skip requests' own per-call
+Python too (three quarters of a small call's CPU). Transient faults (connection errors, timeouts, 5xx, 429) are retried with backoff;
 4xx answers are final and raised at once, since asking again cannot change them.
 """
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any, Callable
 
 import requests
 from urllib.parse import urlsplit
+from requests.utils import select_proxy
+
+from . import keepalive_http
 
 log = logging.getLogger("agent.http")
 
@@ -47,8 +51,9 @@ class ClowderHTTP:
 
     def __init__(self, attempts: int = 4, backoff: float = 0.5, max_backoff: float = 8.0,
                  timeout: tuple[float, float] = (10.0, 300.0),
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, keepalive: bool = True) -> None:
         self.session = _Session()
+        self.keepalive = keepalive_http.KeepAliveHTTP() if keepalive else None
         self.attempts = max(1, attempts)
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -71,7 +76,7 @@ class ClowderHTTP:
             try:
                 if start is not None:
                     body.seek(start)
-                response = self.session.request(method, url, **kwargs)
+                response = self._send(method, url, kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if last:
                     raise
@@ -89,8 +94,28 @@ class ClowderHTTP:
             delay = min(delay * 2, self.max_backoff)
         raise AssertionError("unreachable")
 
+    def _send(self, method: str, url: str, kwargs: dict[str, Any]) -> requests.Response:
+        """The call through the kept-alive client when it takes it exactly, else through requests."""
+        session = self.session
+        if self.keepalive is not None and keepalive_http.fits(kwargs) and not (session.cookies or session.cert
+                                                                            or session.auth):
+            stream = bool(kwargs.get("stream", False))
+            env = session.merge_environment_settings(url, {}, stream, kwargs.get("verify"), None)
+            if not select_proxy(url, env["proxies"]) and not env["cert"]:
+                full, headers, body = keepalive_http.prepare(session, url, kwargs)
+                response = self.keepalive.request(method, full, headers, body, kwargs["timeout"], env["verify"],
+                                                  stream)
+                after = keepalive_http.redirect(method, url, response, kwargs)
+                if after is None:
+                    return response
+                response.close()
+                method, url, kwargs = after
+        return session.request(method, url, **kwargs)
+
     def close(self) -> None:
         self.session.close()
+        if self.keepalive is not None:
+            self.keepalive.close()
 
 
 def _path(url: str) -> str:
