@@ -6,8 +6,9 @@ extractor's Clowder calls go through the relay too: with `source: relay` the age
 connection to anything but AGENT_RELAY_URL.
 
 Threads (the Runner's main thread only calls the methods below; none of them blocks for long):
-  - lease thread: long-polls POST /v1/lease while fewer than `prefetch` leases are held and
-    intake is on; leased deliveries wait in a queue that poll() hands to the Runner;
+  - lease thread: long-polls POST /v1/lease while fewer than `prefetch` leases are waiting or
+    running (one whose completion is on its way does not count) and intake is on; leased
+    deliveries wait in a queue that poll() hands to the Runner;
   - heartbeat thread: extends every held lease every lease_ttl/4 seconds (a lease lives in the
     relay's table, not in an open delivery, so RabbitMQ's consumer_timeout never applies and
     `secure()` has nothing to do);
@@ -27,7 +28,7 @@ The source raises SourceUnavailable once the relay has been unreachable for reco
 from __future__ import annotations
 
 import base64
-import json
+import json as jsonlib
 import logging
 import os
 import queue
@@ -36,11 +37,13 @@ import time
 from typing import Any, Callable, Optional
 
 import requests
+from requests.structures import CaseInsensitiveDict
 
 from hpc_common.messages import REASON_LIMIT, TRACEBACK_LIMIT
 from hpc_common.tokens import TokenFileError, read_token_file
 
 from ..errors import ConfigError, SourceError
+from ..keepalive_http import KeepAliveHTTP
 from ..messages import Delivery
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
 
@@ -50,6 +53,29 @@ STATUS_LINGER = 0.1
 
 class _Gone(SourceError):
     """The relay answered 409: the lease is no longer live."""
+
+
+class _Http:
+    """One thread's calls to the relay: JSON over its own kept-alive connections, no proxy from the environment.
+
+    agent.keepalive_http rather than a requests.Session: a relay call costs the agent a quarter of
+    the CPU (the agent makes one or two per file), with requests' exceptions and responses kept.
+    """
+
+    def __init__(self, auth: dict[str, str], verify: Any) -> None:
+        self._pool = KeepAliveHTTP()
+        self._verify = verify
+        self._headers = CaseInsensitiveDict(dict(auth, Accept="application/json", **{"Accept-Encoding": "identity"}))
+        self._json_headers = CaseInsensitiveDict(dict(self._headers, **{"Content-Type": "application/json"}))
+
+    def request(self, method: str, url: str, json: Optional[dict[str, Any]] = None,
+                timeout: Any = (10.0, 30.0)) -> requests.Response:
+        body = None if json is None else jsonlib.dumps(json).encode()
+        return self._pool.request(method, url, self._headers if body is None else self._json_headers, body,
+                                  timeout, self._verify, stream=False)
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 class RelaySource(WorkSource):
@@ -75,6 +101,7 @@ class RelaySource(WorkSource):
         self._inbox: "queue.Queue[Optional[Delivery]]" = queue.Queue()
         self._statuses: "queue.Queue[dict[str, Any]]" = queue.Queue(maxsize=10000)
         self._held: set[str] = set()
+        self._completing: set[str] = set()  # held, done here, completion not yet confirmed by the relay
         self._held_lock = threading.Lock()
         self._room = threading.Event()
         self._stop = threading.Event()
@@ -89,14 +116,10 @@ class RelaySource(WorkSource):
         self._threads: list[threading.Thread] = []
 
     # -- HTTP ------------------------------------------------------------------------------------
-    def _session(self) -> requests.Session:
-        s = requests.Session()
-        s.headers.update(self._auth)
-        s.verify = self._verify
-        s.trust_env = False  # the relay is reached directly: no proxy from the environment
-        return s
+    def _session(self) -> _Http:
+        return _Http(self._auth, self._verify)
 
-    def _call(self, http: requests.Session, method: str, path: str, payload: Optional[dict[str, Any]] = None,
+    def _call(self, http: _Http, method: str, path: str, payload: Optional[dict[str, Any]] = None,
               timeout: float = 30.0) -> dict[str, Any]:
         """One request; SourceLost when the relay cannot be reached or fails, _Gone on 409."""
         try:
@@ -223,7 +246,7 @@ class RelaySource(WorkSource):
         delay = 0.5
         while not self._stop.is_set():
             with self._held_lock:
-                room = self.prefetch - len(self._held)
+                room = self._room_left()
             if not self._intake or room <= 0:
                 self._room.wait(1.0)
                 self._room.clear()
@@ -256,6 +279,16 @@ class RelaySource(WorkSource):
                     continue
                 self._inbox.put(delivery)
         http.close()
+
+    def _room_left(self) -> int:
+        """Leases to ask for now (caller holds _held_lock).
+
+        A lease whose completion is on its way takes no place: waiting for that round trip before
+        leasing the next file left slots idle. Held leases stay bounded (4x prefetch) should
+        completions stop getting through while leases still do.
+        """
+        working = len(self._held) - len(self._completing)
+        return min(self.prefetch - working, 4 * self.prefetch - len(self._held))
 
     def _delivery(self, item: dict[str, Any]) -> Delivery:
         return Delivery(body=base64.b64decode(item["body_b64"]), routing_key=item.get("routing_key") or self.queue,
@@ -294,7 +327,7 @@ class RelaySource(WorkSource):
             self._post_statuses(http, first)
         http.close()
 
-    def _post_statuses(self, http: requests.Session, first: Optional[dict[str, Any]]) -> None:
+    def _post_statuses(self, http: _Http, first: Optional[dict[str, Any]]) -> None:
         items = [first] if first is not None else []
         while len(items) < 200:
             try:
@@ -314,7 +347,7 @@ class RelaySource(WorkSource):
 
     # -- settling ---------------------------------------------------------------------------------
     def _settle(self, path: str, delivery: Delivery, payload: dict[str, Any],
-                http: Optional[requests.Session] = None) -> dict[str, Any]:
+                http: Optional[_Http] = None) -> dict[str, Any]:
         lease_id = delivery.token
         try:
             answer = self._call(http or self._settle_http, "POST", path, dict(payload, lease_id=lease_id),
@@ -336,9 +369,12 @@ class RelaySource(WorkSource):
         A crash before it reaches the relay lets the lease expire and the message run again:
         at-least-once, as with RabbitMQ, and the Runner's main thread goes on at once.
         """
+        with self._held_lock:
+            self._completing.add(delivery.token)
         with self._done_lock:
             self._done.append(delivery)
         self._done_ready.set()
+        self._room.set()
 
     def _complete_loop(self) -> None:
         http = self._session()
@@ -353,7 +389,7 @@ class RelaySource(WorkSource):
                 delay = min(delay * 2, 5.0)
         http.close()
 
-    def _send_completions(self, http: requests.Session) -> bool:
+    def _send_completions(self, http: _Http) -> bool:
         """Post every queued completion in one request; False when the relay could not be reached."""
         with self._done_lock:
             batch, self._done = self._done, []
@@ -374,6 +410,7 @@ class RelaySource(WorkSource):
                             "given it out again", delivery.file_id or "(unparsed)")
         with self._held_lock:
             self._held.difference_update(d.token for d in batch)
+            self._completing.difference_update(d.token for d in batch)
         self._room.set()
         return True
 

@@ -205,3 +205,20 @@ def test_a_dead_agents_claim_goes_back_with_one_more_attempt(tmp_path):
     assert not os.path.exists(dead) and not os.path.exists(layout.result_dir("m1", partial=True))
     assert os.path.exists(os.path.join(alive, "m2.json"))
     os.close(fd)
+
+
+def test_a_lease_being_completed_frees_its_place_within_a_bound():
+    from agent.messages import Delivery
+    from agent.sources.relay import RelaySource
+
+    source = RelaySource("http://127.0.0.1:9", "token", prefetch=2, agent_id="a1", reconnect_timeout=0.5)
+    try:
+        source._held.update({"l1", "l2"})
+        assert source._room_left() == 0
+        source.complete(Delivery(body=b"{}", routing_key="q", token="l1"))  # queued for the completion thread
+        assert source._room_left() == 1 and "l1" in source._held  # still held: heartbeats keep extending it
+        source._held.update(f"x{i}" for i in range(6))
+        source._completing.update(f"x{i}" for i in range(6))
+        assert source._room_left() == 0  # 8 held (4x prefetch): no more until completions get through
+    finally:
+        source.close()
