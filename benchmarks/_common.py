@@ -124,7 +124,24 @@ def machine() -> str:
     rmq = subprocess.run(["rabbitmqctl", "-q", "eval", "rabbit_misc:version()."], capture_output=True,
                          text=True).stdout.strip().strip('"')
     return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, RabbitMQ {rmq or '?'}, "
-            f"pika {pika.__version__}, {platform.system()} {platform.release()}")
+            f"pika {pika.__version__}, {platform.system()} {platform.release()}; "
+            f"CPU probe {cpu_probe_ms():.0f} ms (a fixed Python loop, benchmarks/_common.py)")
+
+
+def cpu_probe_ms(rounds: int = 5) -> float:
+    """CPU ms of a fixed pure-Python loop (best of rounds): how fast this host's core is right now.
+
+    Per-file CPU figures move with the host (a VM on another machine, steal, a busy neighbour);
+    runs on hosts whose probes differ are compared through it, not directly.
+    """
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        total = 0
+        for i in range(1_000_000):
+            total += i & 7
+        best = min(best, time.process_time() - started)
+    return 1000 * best
 
 
 def write_report(lines: list[str], out: str) -> None:
