@@ -12,7 +12,7 @@ poll), GET the file and POST its metadata through the lease's Clowder path, POST
                    connection server), extracted with `git archive` into a temporary folder
   this relay       `python -m launcher relay` from this tree (aiohttp)
 
-The Clowder stand-in is benchmarks/fast_standin.py (aiohttp, checks nothing). Files/s counts
+The Clowder stand-in is devtools.bench_clowder (the lean one every benchmark uses). Files/s counts
 completed files between the first and the last completion of a case (at most --seconds);
 connections are the relay's ESTABLISHED sockets on its port, sampled every second (maximum).
 Everything runs on this machine (broker, stand-in, relay, load generator), so they share its
@@ -43,10 +43,11 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import drop_queue, AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report, BrokerChannel, \
-    OLD_RELAY_REF, old_tree  # noqa: E402
+    StandinProcess, OLD_RELAY_REF, old_tree  # noqa: E402
 
 FLOOR_RATE = 5.0         # this relay / the earlier one
 FLOOR_CONNECTIONS = 2000
+FILE = b"lorem ipsum dolor sit amet\n" * 37  # 1 KB, as in the other benchmarks
 
 
 def raise_fd_limit() -> int:
@@ -82,7 +83,7 @@ async def _agent(i: int, args: argparse.Namespace, all_in: asyncio.Event, done: 
 
     async with aiohttp.ClientSession(connector=connector, headers=auth, timeout=timeout) as s:
         # Open this agent's connection, then wait until every agent holds one: the clock starts then.
-        hello = args.url + ("/v1/hello" if args.mode == "relay" else "_count")
+        hello = args.url + ("/v1/hello" if args.mode == "relay" else "_standin/ping")
         if await call(s, "GET", hello) is not None:
             connected[0] += 1
             if connected[0] == args.agents:
@@ -91,7 +92,7 @@ async def _agent(i: int, args: argparse.Namespace, all_in: asyncio.Event, done: 
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
             if args.mode == "direct":
-                fid = f"f{i}-{files}"
+                fid = args.file_id
                 key = "secret"
                 host = args.url.rstrip("/") + "/"
                 leases = [{"lease_id": None, "body": {"id": fid, "host": host, "secretKey": key}}]
@@ -149,6 +150,7 @@ def drive_main(argv: list[str]) -> int:
     p.add_argument("--agents", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--extend-every", type=int, default=10)
+    p.add_argument("--file-id", default="", help="direct mode: the stand-in's file every call reads")
     args = p.parse_args(argv)
     args.token = os.environ.get("LOAD_TOKEN", "")  # the bearer token never goes on a command line
     raise_fd_limit()
@@ -209,11 +211,12 @@ class RelayUnderTest:
 
 
 def run_driver(mode: str, url: str, token: str, args: argparse.Namespace,
-               relay: Optional["RelayUnderTest"] = None) -> dict[str, Any]:
+               relay: Optional["RelayUnderTest"] = None, file_id: str = "") -> dict[str, Any]:
     """Run the load generator (in --drivers processes); sample the relay's connections and CPU."""
     share = [args.agents // args.drivers + (1 if i < args.agents % args.drivers else 0) for i in range(args.drivers)]
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "_drive", mode, url, "--agents", str(n),
-                               "--seconds", str(args.seconds), "--extend-every", str(args.extend_every)],
+                               "--seconds", str(args.seconds), "--extend-every", str(args.extend_every),
+                               "--file-id", file_id],
                               env=dict(os.environ, LOAD_TOKEN=token), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
              for n in share]
@@ -258,10 +261,11 @@ def run_driver(mode: str, url: str, token: str, args: argparse.Namespace,
             "driver_cpu_ms": 1000 * sum(p["driver_cpu_s"] for p in parts) / files if files else float("nan")}
 
 
-def relay_case(tree: str, standin_url: str, args: argparse.Namespace) -> dict[str, Any]:
+def relay_case(tree: str, standin: StandinProcess, args: argparse.Namespace) -> dict[str, Any]:
+    ids = standin.add_files(args.files, FILE)
     with BrokerChannel() as ch:
         queue = fresh_queue(ch, "bench-load")
-        publish(ch, queue, [v1_message(f"f{i}", standin_url) for i in range(args.files)],
+        publish(ch, queue, [v1_message(fid, standin.url) for fid in ids],
                 reply_to="bench-load-replies")
     workdir = tempfile.mkdtemp(prefix="bench-load-")
     relay = RelayUnderTest(tree, queue, workdir, max(4096, args.agents * 2))
@@ -289,22 +293,19 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "relay_load.md"))
     args = parser.parse_args()
     raise_fd_limit()
-    standin = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "fast_standin.py")],
-                               stdout=subprocess.PIPE, text=True)
-    standin_url = standin.stdout.readline().strip().split(" ", 1)[1]
+    standin = StandinProcess(lean=True)
     with BrokerChannel() as ch:
         ch.queue_declare("bench-load-replies", durable=False, auto_delete=False)
     old = old_tree(args.old_ref)
     rows = []
     try:
         load_before = os.getloadavg()
-        direct = run_driver("direct", standin_url, "", args)
+        direct = run_driver("direct", standin.url, "", args, file_id=standin.add_files(1, FILE)[0])
         rows.append(("Clowder stand-in alone (GET + POST per file)", direct))
-        rows.append((f"earlier relay ({args.old_ref}, ThreadingHTTPServer)", relay_case(old, standin_url, args)))
-        rows.append(("this relay (aiohttp)", relay_case(REPO, standin_url, args)))
+        rows.append((f"earlier relay ({args.old_ref}, ThreadingHTTPServer)", relay_case(old, standin, args)))
+        rows.append(("this relay (aiohttp)", relay_case(REPO, standin, args)))
     finally:
-        standin.terminate()
-        standin.wait(timeout=10)
+        standin.close()
         shutil.rmtree(old, ignore_errors=True)
         with BrokerChannel() as ch:
             ch.queue_delete("bench-load-replies")
@@ -316,7 +317,7 @@ def main() -> int:
              f"(shared with other engineers).", "",
              f"{args.agents} virtual agents, one kept-alive connection each, for {args.seconds:.0f} s per case: "
              f"lease (long poll) -> GET the file -> POST metadata through the lease's Clowder path -> complete, "
-             f"an extend every {args.extend_every} files. Clowder stand-in: benchmarks/fast_standin.py. "
+             f"an extend every {args.extend_every} files. Clowder stand-in: devtools.bench_clowder. "
              "Broker, stand-in, relay and load generator share this machine.", "",
              "| case | files/s | files | relay CPU ms/file | files/s per relay core | relay connections (max) "
              "| agents connected | errors | load avg at end |",

@@ -73,7 +73,7 @@ SOURCES: dict[str, str] = {
                      "service time; 0 here: one client is faster than the 4-client rate (GIL contention)",
     "relay_files_per_s": "benchmarks/results/relay_throughput.md (2026-12-02 01:10): the aiohttp relay's CPU per file with "
                          "real agents, median of the three cases 2.39 ms = 418 files/s per relay core (under 2,000 virtual agents "
-                         "it did 304 files/s per core: relay_load.md)",
+                         "it did 686 files/s per core on 2026-12-02: relay_load.md)",
     "agent_start_s": "benchmarks/results/agent_throughput.md (2026-12-02 01:07): first result 0.30-0.31 s after the agent starts",
     "rank_start_cpu_s": "benchmarks/results/mpi_scaling.md (2026-12-02 01:18): 64 ranks ready after 20.3 s on 2 cores "
                         "(20.3 x 2 / 64 core-seconds per rank)",
