@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import select
 import time
 import uuid
 from typing import Any, Callable, Optional, Sequence
@@ -34,6 +33,7 @@ from ..journal import Journal, JournalEntry, recover
 from ..messages import Delivery
 from hpc_common import retry_queues
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
+from .fd_wait import call_readable
 
 log = logging.getLogger("agent.amqp")
 logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO lines are per connection event
@@ -411,11 +411,7 @@ class AmqpSource(WorkSource):
         if not self._watched:
             time.sleep(seconds)
             return
-        readable, _, _ = select.select(list(self._watched), [], [], seconds)
-        for fd in readable:
-            callback = self._watched.get(fd)
-            if callback is not None:
-                callback()
+        call_readable(self._watched, seconds)
 
     def stop_intake(self) -> None:
         self._intake = False

@@ -5,6 +5,10 @@ hands out each message with its `host` pointing at the relay and a per-lease Clo
 extractor's Clowder calls go through the relay too: with `source: relay` the agent opens no
 connection to anything but AGENT_RELAY_URL.
 
+The Runner's main thread waits in poll(): a select() over the extractors' pipes (their slots
+run in loop mode, no thread per slot on a file's path) and a pipe the threads below write to
+when a lease arrives (agent.sources.fd_wait).
+
 Threads (the Runner's main thread only calls the methods below; none of them blocks for long):
   - lease thread: long-polls POST /v1/lease while fewer than `prefetch` leases are waiting or
     running (one whose completion is on its way does not count) and intake is on; leased
@@ -46,6 +50,7 @@ from ..errors import ConfigError, SourceError
 from ..keepalive_http import KeepAliveHTTP
 from ..messages import Delivery
 from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
+from .fd_wait import FdWaiter
 
 log = logging.getLogger("agent.relay")
 STATUS_LINGER = 0.1
@@ -82,6 +87,7 @@ class RelaySource(WorkSource):
     """Lease messages from a relay (see the module docstring)."""
 
     delayed_retry = True
+    watches_fds = True  # poll() waits in select() over the extractors' pipes (agent.sources.fd_wait)
 
     def __init__(self, url: str, token: str, prefetch: int, agent_id: str, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, verify: Any = True, lease_wait: float = 20.0,
@@ -114,6 +120,7 @@ class RelaySource(WorkSource):
         self._done_ready = threading.Event()
         self._on_delivery: Optional[OnDelivery] = None
         self._threads: list[threading.Thread] = []
+        self._waiter = FdWaiter()
 
     # -- HTTP ------------------------------------------------------------------------------------
     def _session(self) -> _Http:
@@ -187,21 +194,26 @@ class RelaySource(WorkSource):
             raise SourceUnavailable(self._fatal)
         if self._down_since is not None and self._clock() - self._down_since > self.reconnect_timeout:
             raise SourceUnavailable(f"relay at {self.url} unreachable for {self.reconnect_timeout:.0f}s")
-        try:
-            item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
-        except queue.Empty:
-            return
+        # Every put into the inbox is followed by a wake(): with nothing queued, wait for either.
+        self._waiter.wait(timeout if self._inbox.empty() else 0.0)
         while True:
-            if item is not None:
-                assert self._on_delivery is not None
-                self._on_delivery(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if item is not None:
+                assert self._on_delivery is not None
+                self._on_delivery(item)
 
     def wake(self) -> None:
-        self._inbox.put(None)
+        self._waiter.wake()
+
+    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """on_readable runs inside poll(), which returns after it: what it posts quietly runs next."""
+        self._waiter.watch(fd, on_readable)
+
+    def unwatch(self, fd: int) -> None:
+        self._waiter.unwatch(fd)
 
     @property
     def connected(self) -> bool:
@@ -239,6 +251,7 @@ class RelaySource(WorkSource):
         for thread in self._threads:
             thread.join(timeout=0.3)  # a lease long poll in flight is not waited for (the relay notices)
         self._settle_http.close()
+        self._waiter.close()
 
     # -- background loops ----------------------------------------------------------------------
     def _lease_loop(self) -> None:
@@ -278,6 +291,7 @@ class RelaySource(WorkSource):
                         pass
                     continue
                 self._inbox.put(delivery)
+                self.wake()
         http.close()
 
     def _room_left(self) -> int:
