@@ -88,6 +88,24 @@ def properties(**fields: Any) -> Any:
     return pika.BasicProperties(**fields)
 
 
+def publish_batch(channel: Any, items: Sequence[tuple[str, str, bytes, Any]]) -> None:
+    """Publish (exchange, routing key, body, properties) items on a channel without confirms, one flush.
+
+    BlockingChannel.basic_publish writes each message to the socket before it returns; a batch of
+    status replies queued on the connection goes out in one write instead (pika's own channel
+    beneath the blocking adapter; the plain per-message path when it is not there).
+    """
+    impl = getattr(channel, "_impl", None)
+    flush = getattr(channel, "_flush_output", None)
+    if impl is None or flush is None or getattr(channel, "_delivery_confirmation", False):
+        for exchange, key, body, props in items:
+            channel.basic_publish(exchange, key, body, props)
+        return
+    for exchange, key, body, props in items:
+        impl.basic_publish(exchange=exchange, routing_key=key, body=body, properties=props)
+    flush()
+
+
 def closed(reason: str) -> BrokerError:
     """The error for a channel found closed between operations."""
     return BrokerError(f"channel closed by the broker: {reason}")

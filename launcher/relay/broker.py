@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from hpc_common.messages import ATTEMPTS, Message, dead_letter_headers
 from hpc_common.redact import redact_uri
-from launcher.broker import BrokerError, BrokerRefused, closed, connect, properties, translated
+from launcher.broker import BrokerError, BrokerRefused, closed, connect, properties, publish_batch, translated
 
 from .store import DeadRow, LeaseStore
 
@@ -172,14 +172,17 @@ class BrokerLink(threading.Thread):
         return len(batch)
 
     def _drain_outbox(self) -> None:
+        batch: list[tuple[str, str, bytes, Any]] = []
         for _ in range(500):
             try:
-                exchange, key, body, props = self._outbox.get_nowait()
+                item = self._outbox.get_nowait()
             except queue.Empty:
-                return
-            if exchange == "extractors":
+                break
+            if item[0] == "extractors":
                 self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-            self._ch.basic_publish(exchange, key, body, props)
+            batch.append(item)
+        if batch:
+            publish_batch(self._ch, batch)  # the status replies of several files in one socket write
 
     def _props(self, row: DeadRow, headers: dict[str, Any]) -> Any:
         return properties(delivery_mode=2, reply_to=row.reply_to, correlation_id=row.correlation_id,

@@ -57,3 +57,31 @@ def test_reports_count_dead_letters_and_carry_per_file_times(harness, rabbitmq):
     durations = [d for r in reports for d in r["durations"]]
     assert len(durations) == 4 and sum(1 for d in durations if d >= 0.2) >= 3
     assert all(r["slots"] >= 1 for r in reports)
+
+
+@pytest.mark.integration
+def test_a_status_batch_reaches_its_queues_in_order(rabbitmq):
+    import uuid
+
+    from launcher.broker import connect, properties, publish_batch
+
+    conn = connect(rabbitmq, "test publish_batch")
+    try:
+        ch = conn.channel()
+        queues = [f"test-batch-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+        for name in queues:
+            ch.queue_declare(name, auto_delete=False)
+        items = [("", queues[i % 2], f"status {i}".encode(), properties(correlation_id=f"c{i}")) for i in range(6)]
+        publish_batch(ch, items)
+        got = {name: [] for name in queues}
+        for name in queues:
+            while True:
+                method, props, body = ch.basic_get(name, auto_ack=True)
+                if method is None:
+                    break
+                got[name].append((body.decode(), props.correlation_id))
+            ch.queue_delete(name)
+        assert got[queues[0]] == [("status 0", "c0"), ("status 2", "c2"), ("status 4", "c4")]
+        assert got[queues[1]] == [("status 1", "c1"), ("status 3", "c3"), ("status 5", "c5")]
+    finally:
+        conn.close()
