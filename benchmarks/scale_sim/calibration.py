@@ -51,8 +51,8 @@ class Costs:
 
 # Where each number came from (printed under every result table, so results carry their inputs).
 SOURCES: dict[str, str] = {
-    "agent_cpu_s": "benchmarks/results/agent_throughput.md (2026-12-02 01:07 run; the 01:35 rerun in the file gives "
-                   "0.39 ms): agent process CPU per file, one slot, wordcount extractor, lean stand-in",
+    "agent_cpu_s": "benchmarks/results/agent_throughput.md (2026-12-02 01:07 run; reruns at 01:35 and 02:03 gave "
+                   "0.39 and 0.53 ms): agent process CPU per file, one slot, wordcount extractor, lean stand-in",
     "child_cpu_s": "benchmarks/results/agent_throughput.md: the extractor process's CPU per file in the same run",
     "clowder_requests_per_file": "pyclowder _process_message: file-info GET, blob GET, then the extractor's "
                                  "metadata POST (FACTS.md); counted on the stand-in by `validate`",
