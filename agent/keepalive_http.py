@@ -158,7 +158,7 @@ class KeepAliveHTTP:
         out = requests.Response()
         out.status_code = resp.status
         out.reason = resp.reason
-        out.headers = CaseInsensitiveDict(resp.getheaders())
+        out.headers = _headers(resp.getheaders())
         out.url = url
         out.encoding = get_encoding_from_headers(out.headers)
         prepared = requests.PreparedRequest()
@@ -243,6 +243,14 @@ class KeepAliveHTTP:
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+
+
+def _headers(pairs: list[tuple[str, str]]) -> CaseInsensitiveDict:
+    """Response headers as requests gives them: a repeated header's values joined with ", "."""
+    out: CaseInsensitiveDict = CaseInsensitiveDict()
+    for name, value in pairs:
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
 
 
 def redirect(method: str, url: str, response: requests.Response,

@@ -45,6 +45,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(302, b"", Location="/api/files/f1?key=k")
         elif self.path.startswith("/gzip"):
             self._answer(200, gzip.compress(b'{"zipped": true}'), Content_Encoding="gzip")
+        elif self.path.startswith("/twice"):
+            self.send_response(200)
+            self.send_header("Link", "<a>")
+            self.send_header("Link", "<b>")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
         elif self.path.startswith("/missing"):
             self._answer(404, b'{"message": "not found"}')
         elif self.path.startswith("/short"):
@@ -136,6 +143,7 @@ def test_redirect_gzip_and_errors(server, http):
     resp = http.request("GET", _url(server, "/moved"))
     assert resp.status_code == 200 and resp.json()["path"] == "/api/files/f1?key=k"
     assert http.request("GET", _url(server, "/gzip")).json() == {"zipped": True}
+    assert http.request("GET", _url(server, "/twice")).headers["link"] == "<a>, <b>"  # as requests joins them
     with pytest.raises(requests.HTTPError) as err:
         http.request("GET", _url(server, "/missing"))
     assert err.value.response.status_code == 404
