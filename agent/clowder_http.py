@@ -3,8 +3,9 @@
 pyclowder's Connector.get/post call requests.get/post, opening a new TCP connection for every
 call; routing them through one Session keeps the connection alive (the largest single saving
 per file), and the calls agent.keepalive_http can take exactly skip requests' own per-call
-Python too (three quarters of a small call's CPU). Transient faults (connection errors, timeouts, 5xx, 429) are retried with backoff;
-4xx answers are final and raised at once, since asking again cannot change them.
+Python too (three quarters of a small call's CPU). Transient faults (connection errors,
+timeouts, 5xx, 429) are retried with backoff; 4xx answers are final and raised at once, since
+asking again cannot change them.
 """
 from __future__ import annotations
 

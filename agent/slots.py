@@ -2,11 +2,12 @@
 
 The agent's main thread owns all message state. The child's frames reach it one of two ways:
 
-- through the work source's event loop (a `watcher`, the AMQP source's): the main thread writes
-  the job to the child's pipe and reads the child's frames itself, when the loop says the pipe is
-  readable. No thread is woken per file, so a file costs the agent no thread switches;
+- through the work source's wait (a `watcher`: the AMQP source's event loop, the relay source's
+  select()): the main thread writes the job to the child's pipe and reads the child's frames
+  itself, when the source says the pipe is readable. No thread is woken per file, so a file costs
+  the agent no thread switches;
 - otherwise the slot's thread writes the job and forwards every frame the child sends back
-  through `post` (a source without an event loop: relay, spool, message file, MPI ranks).
+  through `post` (spool and message-file sources, MPI ranks).
 
 Either way the slot's thread starts the child (its handshake blocks) and, when the child dies,
 waits for it, posts a "died" frame and starts a fresh child for the next job.
@@ -299,16 +300,20 @@ class Slot:
         self._post(lambda: self._attach(proc))
         what = self._control.get()
         if what == "ended":
-            code = proc.wait()
-            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            reason = self._kill_reason or f"extractor process {how}"
-            self._post(lambda r=reason: self._on_frame(self, {"t": "died", "reason": r}))
+            self._report_died(proc)
             return True
         if what == "retire":
             self._retire(proc)
             return True
         self._end(proc)
         return False
+
+    def _report_died(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for a child that ended and post its "died" frame (the kill reason when we killed it)."""
+        code = proc.wait()
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        reason = self._kill_reason or f"extractor process {how}"
+        self._post(lambda: self._on_frame(self, {"t": "died", "reason": reason}))
 
     def _end(self, proc: subprocess.Popen[bytes]) -> None:
         """The slot closed: ask the child to exit, kill it if it does not within 5 s."""
@@ -348,10 +353,7 @@ class Slot:
                         break
             except (OSError, ipc.FrameError, ValueError):
                 self._job_started = None
-                code = proc.wait()
-                how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                reason = self._kill_reason or f"extractor process {how}"
-                self._post(lambda r=reason: self._on_frame(self, {"t": "died", "reason": r}))
+                self._report_died(proc)
                 return True
             self._served += 1
             if self._should_recycle():

@@ -104,7 +104,7 @@ class RelaySource(WorkSource):
         self._auth = {"Authorization": f"Bearer {token}"}
         self._verify = verify
         self._settle_http = self._session()
-        self._inbox: "queue.Queue[Optional[Delivery]]" = queue.Queue()
+        self._inbox: "queue.Queue[Delivery]" = queue.Queue()  # each put is followed by a wake()
         self._statuses: "queue.Queue[dict[str, Any]]" = queue.Queue(maxsize=10000)
         self._held: set[str] = set()
         self._completing: set[str] = set()  # held, done here, completion not yet confirmed by the relay
@@ -201,9 +201,8 @@ class RelaySource(WorkSource):
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                assert self._on_delivery is not None
-                self._on_delivery(item)
+            assert self._on_delivery is not None
+            self._on_delivery(item)
 
     def wake(self) -> None:
         self._waiter.wake()
@@ -241,11 +240,10 @@ class RelaySource(WorkSource):
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
-                try:
-                    self.release(item)
-                except SourceLost:
-                    pass
+            try:
+                self.release(item)
+            except SourceLost:
+                pass
         self._flush_statuses()
         self._flush_completions()
         for thread in self._threads:
