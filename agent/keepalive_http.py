@@ -61,7 +61,7 @@ class _Raw:
         self._done = False
 
     def read(self, amt: Optional[int] = None, decode_content: bool = True) -> bytes:
-        """Up to amt bytes of the (decoded) body; b"" at its end."""
+        """Up to amt bytes of the decoded body; b"" at its end (decode_content: urllib3's signature, always on)."""
         while not self._done:
             try:
                 chunk = self._resp.read(amt) if amt else self._resp.read()
@@ -202,8 +202,9 @@ class KeepAliveHTTP:
                 ctx = ssl.create_default_context()
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            elif isinstance(verify, str) and verify is not True:
-                ctx = ssl.create_default_context(**({"capath": verify} if os.path.isdir(verify) else {"cafile": verify}))
+            elif isinstance(verify, str):  # a CA bundle file or a folder of hashed certificates, as requests takes
+                where = {"capath": verify} if os.path.isdir(verify) else {"cafile": verify}
+                ctx = ssl.create_default_context(**where)
             else:
                 ctx = ssl.create_default_context(cafile=DEFAULT_CA_BUNDLE_PATH)
             self._tls[verify] = ctx
