@@ -147,6 +147,17 @@ class KeepAliveHTTP:
             except ssl.SSLError as exc:
                 conn.close()
                 raise requests.exceptions.SSLError(str(exc)) from None
+            # Bad input, not a network fault (so not retried), and named without its value: a URL's
+            # query or a header may hold a Clowder key.
+            except http.client.InvalidURL:
+                conn.close()
+                raise requests.exceptions.InvalidURL(
+                    f"a URL for {parts.hostname} holds characters HTTP does not allow (not shown: it may hold a key)") \
+                    from None
+            except ValueError:
+                conn.close()
+                raise requests.exceptions.InvalidHeader(
+                    "a request header holds characters HTTP does not allow (not shown: it may hold a key)") from None
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 raise requests.exceptions.ConnectionError(f"{parts.hostname}: {exc!r}") from None

@@ -191,3 +191,13 @@ def test_uploads_requests_builds_still_go_through_requests(server, http):
     http.request("POST", _url(server, "/api/uploadToDataset/d1?key=k"), files={"File": ("a.txt", b"hello")})
     method, path, headers, body = server.seen[-1]
     assert headers["Content-Type"].startswith("multipart/form-data") and b"hello" in body
+
+
+def test_malformed_urls_and_headers_are_final_errors_that_never_show_the_key(server, http):
+    with pytest.raises(requests.exceptions.InvalidURL) as err:
+        http.request("GET", _url(server, "/api/files/f1?key=topsecret\nX: y"))
+    assert "topsecret" not in str(err.value) and not is_transient(err.value)
+    with pytest.raises(requests.exceptions.InvalidHeader) as err:
+        http.request("GET", _url(server, "/api/files/f1"), headers={"X-API-KEY": "topsecret\r\nX: y"})
+    assert "topsecret" not in str(err.value) and not is_transient(err.value)
+    assert http.request("GET", _url(server, "/after")).json()["path"] == "/after"  # the client goes on
