@@ -17,7 +17,9 @@ Threads (the Runner's main thread only calls the methods below; none of them blo
     relay's table, not in an open delivery, so RabbitMQ's consumer_timeout never applies and
     `secure()` has nothing to do);
   - status thread: posts status messages in batches (best effort, like pyclowder's).
-  - completion thread: sends completions in batches, so the Runner never waits for one.
+  - completion thread: sends completions in batches, so the Runner never waits for one. When
+    the relay offers it (hello's features: "lease_complete"), the lease thread carries the
+    completions that made room in its next lease call instead: one request per file, not two.
 A failed attempt is handed to the relay at once with its backoff (`retry_later`): the relay's
 table holds the message until it is due, so it takes no prefetch place here. An agent about to
 exit on idle asks the relay (GET /v1/backlog) whether work will be leasable soon (a retry due, a
@@ -54,6 +56,7 @@ from .fd_wait import FdWaiter
 
 log = logging.getLogger("agent.relay")
 STATUS_LINGER = 0.1
+CARRY_WINDOW = 0.05  # a completion waits this long for the lease thread to carry it (one request, not two)
 
 
 class _Gone(SourceError):
@@ -94,6 +97,7 @@ class RelaySource(WorkSource):
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.url = url.rstrip("/")
         self.prefetch = max(1, prefetch)
+        self._refill = max(1, self.prefetch // 2)
         self.agent_id = agent_id
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
@@ -118,6 +122,7 @@ class RelaySource(WorkSource):
         self._done: list[Delivery] = []
         self._done_lock = threading.Lock()
         self._done_ready = threading.Event()
+        self._carry = False  # the relay settles completions sent with a lease call ("lease_complete")
         self._on_delivery: Optional[OnDelivery] = None
         self._threads: list[threading.Thread] = []
         self._waiter = FdWaiter()
@@ -181,6 +186,7 @@ class RelaySource(WorkSource):
         self.lease_ttl = float(hello.get("lease_ttl", 15.0))
         self.lease_wait = min(self.lease_wait, float(hello.get("max_wait", self.lease_wait)))
         self.generation = 1
+        self._carry = "lease_complete" in (hello.get("features") or [])
         log.info("relay %s: queue %s, leases of %.0fs, up to %d held", self.url, self.queue, self.lease_ttl,
                  self.prefetch)
         for target, name in ((self._lease_loop, "relay-lease"), (self._heartbeat_loop, "relay-heartbeat"),
@@ -258,18 +264,23 @@ class RelaySource(WorkSource):
         while not self._stop.is_set():
             with self._held_lock:
                 room = self._room_left()
-            if not self._intake or room <= 0:
+                working = len(self._held) - len(self._completing)
+            # Refill in batches of half the prefetch while as much work is in hand: fewer calls.
+            if not self._intake or room <= 0 or (room < self._refill and working >= self._refill):
                 self._room.wait(1.0)
                 self._room.clear()
                 continue
+            payload: dict[str, Any] = {"agent": self.agent_id, "max": room, "wait": self.lease_wait}
+            carried = self._take_done() if self._carry else []
+            if carried:  # settled first; no long poll, so their confirmation comes back at once
+                payload.update(complete=[d.token for d in carried], wait=0)
             self._polling_since = self._clock()
             try:
-                answer = self._call(http, "POST", "/v1/lease",
-                                    {"agent": self.agent_id, "max": room, "wait": self.lease_wait},
-                                    timeout=self.lease_wait + 15.0)
+                answer = self._call(http, "POST", "/v1/lease", payload, timeout=self.lease_wait + 15.0)
                 delay = 0.5
             except (SourceLost, _Gone, SourceUnavailable) as exc:
                 self._polling_since = None
+                self._put_back_done(carried)
                 if isinstance(exc, SourceUnavailable):
                     self._fatal = str(exc)
                     self.wake()
@@ -278,6 +289,14 @@ class RelaySource(WorkSource):
                 delay = min(delay * 2, 5.0)
                 continue
             self._polling_since = None
+            if carried:
+                if "done" in answer:
+                    self._settled(carried, answer)
+                else:  # the relay did not settle them: the completion thread sends these and all others
+                    self._carry = False
+                    log.warning("the relay at %s did not settle completions sent with a lease call; sending "
+                                "them on their own from now on", self.url)
+                    self._put_back_done(carried)
             for item in answer.get("leases", []):
                 delivery = self._delivery(item)
                 with self._held_lock:
@@ -322,7 +341,8 @@ class RelaySource(WorkSource):
                 answer = self._call(http, "POST", "/v1/extend", {"lease_ids": ids}, timeout=15.0)
             except (SourceLost, _Gone, SourceUnavailable):
                 continue
-            gone = answer.get("gone") or []
+            with self._held_lock:  # a lease completed meanwhile is gone on the relay, rightly
+                gone = [i for i in answer.get("gone") or [] if i not in self._completing]
             if gone:
                 log.warning("%d lease(s) expired on the relay before their work ended; those messages may run "
                             "twice", len(gone))
@@ -394,6 +414,8 @@ class RelaySource(WorkSource):
         while not self._stop.is_set():
             if not self._done_ready.wait(0.5):
                 continue
+            if self._carry and self._intake:
+                self._stop.wait(CARRY_WINDOW)  # the lease thread usually takes them with its next call
             if self._send_completions(http):
                 delay = 0.5
             else:
@@ -401,20 +423,34 @@ class RelaySource(WorkSource):
                 delay = min(delay * 2, 5.0)
         http.close()
 
-    def _send_completions(self, http: _Http) -> bool:
-        """Post every queued completion in one request; False when the relay could not be reached."""
+    def _take_done(self) -> list[Delivery]:
         with self._done_lock:
             batch, self._done = self._done, []
             self._done_ready.clear()
+        return batch
+
+    def _put_back_done(self, batch: list[Delivery]) -> None:
+        """Completions that did not get through: first in line for the next attempt."""
+        if batch:
+            with self._done_lock:
+                self._done[:0] = batch
+                self._done_ready.set()
+
+    def _send_completions(self, http: _Http) -> bool:
+        """Post every queued completion in one request; False when the relay could not be reached."""
+        batch = self._take_done()
         if not batch:
             return True
         try:
             answer = self._call(http, "POST", "/v1/complete", {"lease_ids": [d.token for d in batch]}, timeout=30.0)
         except (SourceLost, SourceUnavailable, _Gone):
-            with self._done_lock:
-                self._done[:0] = batch
-                self._done_ready.set()
+            self._put_back_done(batch)
             return False
+        self._settled(batch, answer)
+        return True
+
+    def _settled(self, batch: list[Delivery], answer: dict[str, Any]) -> None:
+        """The relay's answer to a batch of completions: forget those leases, warn about expired ones."""
         gone = set(answer.get("gone") or [])
         for delivery in batch:
             if delivery.token in gone:
@@ -424,7 +460,6 @@ class RelaySource(WorkSource):
             self._held.difference_update(d.token for d in batch)
             self._completing.difference_update(d.token for d in batch)
         self._room.set()
-        return True
 
     def _flush_completions(self) -> None:
         """At close: send what is queued, trying for a while if the relay is away."""

@@ -19,7 +19,7 @@ import asyncio
 import collections
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from .store import Lease, LeaseStore
 
@@ -80,12 +80,16 @@ class LeaseWaiters:
                 pass
 
     async def lease(self, agent: str, limit: int, wait: float, host_for: Callable[[str], str],
-                    gone: Callable[[], bool]) -> list[Lease]:
-        """Up to limit leases for agent, waiting up to wait seconds for the first one."""
-        if not self._queue:  # nobody ahead: try at once
-            got = await self._run(self.store.lease, agent, limit, self.ttl, host_for)
+                    gone: Callable[[], bool], complete: Sequence[str] = ()) -> tuple[list[Lease], list[str]]:
+        """Settle the `complete` lease ids, then up to limit leases for agent, waiting up to wait
+        seconds for the first one; returns (leases, the lease ids completed)."""
+        done: list[str] = []
+        if not self._queue:  # nobody ahead: try at once (with the completions, one pool hop)
+            done, got = await self._run(self._complete_then_lease, list(complete), agent, limit, host_for)
             if got or wait <= 0 or self._halt.is_set():
-                return got
+                return got, done
+        elif complete:
+            done = await self._run(self.store.complete_many, list(complete))
         assert self._loop is not None and self._kick is not None
         waiter = _Waiter(agent, limit, host_for, gone, self._loop.create_future())
         self._queue.append(waiter)
@@ -93,9 +97,14 @@ class LeaseWaiters:
         self._kick.set()
         await asyncio.wait({waiter.future}, timeout=max(0.0, wait))
         if waiter.future.done():
-            return waiter.future.result()
+            return waiter.future.result(), done
         waiter.future.cancel()  # the serving task skips it (and releases what it took meanwhile)
-        return []
+        return [], done
+
+    def _complete_then_lease(self, complete: list[str], agent: str, limit: int, host_for: Callable[[str], str]
+                             ) -> tuple[list[str], list[Lease]]:
+        done = self.store.complete_many(complete) if complete else []
+        return done, self.store.lease(agent, limit, self.ttl, host_for)
 
     async def _serve(self) -> None:
         assert self._kick is not None

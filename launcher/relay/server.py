@@ -3,7 +3,10 @@
 Work API (JSON in and out, `Authorization: Bearer <token>` on every call):
 
   GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload}
-  POST /v1/lease       {agent, max, wait}  up to max leases, waiting up to wait s for the first
+  POST /v1/lease       {agent, max, wait, complete?}  up to max leases, waiting up to wait s for the
+                                          first; `complete` (lease ids done) is settled first, as
+                                          /v1/complete would, answered in {done, gone} beside `leases`
+                                          (one round trip per file instead of two)
   POST /v1/extend      {lease_ids}         heartbeat: {extended, gone}
   POST /v1/complete    {lease_id} or {lease_ids}   done, results in Clowder: the message is forgotten
   POST /v1/release     {lease_id}          hand back (not a failure): leasable again at once
@@ -178,6 +181,12 @@ def _field(obj: dict[str, Any], name: str, kind: type, required: bool = True, de
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ClientError(400, f"field {name!r} must be {kind.__name__}, not {type(value).__name__}")
     return value
+
+
+def _settled(asked: list[str], done: list[str]) -> dict[str, list[str]]:
+    """The answer to a batch of completions: which were settled, which leases were no longer live."""
+    ok = set(done)
+    return {"done": sorted(ok), "gone": [i for i in asked if i not in ok]}
 
 
 def _gone_peer(request: web.BaseRequest) -> Callable[[], bool]:
@@ -393,7 +402,7 @@ class Relay:
     async def _hello(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return 200, {"queue": self.settings.queue, "lease_ttl": self.settings.lease_ttl,
                      "max_wait": self.settings.max_wait, "max_upload": self.settings.max_upload,
-                     "broker_connected": self.broker.connected.is_set()}
+                     "broker_connected": self.broker.connected.is_set(), "features": ["lease_complete"]}
 
     def _base_url(self, request: web.BaseRequest) -> str:
         if self.settings.public_url:
@@ -412,18 +421,23 @@ class Relay:
             raise ClientError(400, "field 'max' must be between 1 and 100")
         if wait < 0:
             raise ClientError(400, "field 'wait' must not be negative")
+        ids = self._lease_ids(body, "complete") if "complete" in body else None
         if self.stopping.is_set():
-            raise ClientError(503, "the relay is shutting down")
+            if ids is None:
+                raise ClientError(503, "the relay is shutting down")
+            done = await self.run_blocking(self.store.complete_many, ids)
+            return 200, {"leases": [], **_settled(ids, done)}  # the completions count; nothing more goes out
         base = self._base_url(request)
         gone = _gone_peer(request)
         self._long_polls += 1
         try:
-            leases = await self.waiters.lease(agent, limit, min(wait, self.settings.max_wait),
-                                              lambda lease_id: f"{base}/clowder/{lease_id}/", gone)
+            leases, done = await self.waiters.lease(agent, limit, min(wait, self.settings.max_wait),
+                                                    lambda lease_id: f"{base}/clowder/{lease_id}/", gone, ids or ())
         finally:
             self._long_polls -= 1
             self._agent_seen = time.monotonic()
-        resp = json_response(200, {"leases": [self._handed_out(lease) for lease in leases]})
+        settled = _settled(ids, done) if ids is not None else {}
+        resp = json_response(200, {"leases": [self._handed_out(lease) for lease in leases], **settled})
         try:
             if leases and gone():
                 raise ConnectionResetError("the agent hung up during its long poll")
@@ -460,10 +474,10 @@ class Relay:
         return 409, {"error": "lease not live (expired, or already settled)", "gone": True}
 
     @staticmethod
-    def _lease_ids(body: dict[str, Any]) -> list[str]:
-        ids = _field(body, "lease_ids", list)
+    def _lease_ids(body: dict[str, Any], name: str = "lease_ids") -> list[str]:
+        ids = _field(body, name, list)
         if len(ids) > 10000 or not all(isinstance(i, str) and len(i) <= 64 for i in ids):
-            raise ClientError(400, "field 'lease_ids' must be a list of lease ids")
+            raise ClientError(400, f"field {name!r} must be a list of lease ids")
         return ids
 
     async def _extend(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -473,8 +487,7 @@ class Relay:
     async def _complete(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if "lease_ids" in body:  # a batch: {"done": [...], "gone": [...]}
             ids = self._lease_ids(body)
-            done = set(await self.run_blocking(self.store.complete_many, ids))
-            return 200, {"done": sorted(done), "gone": [i for i in ids if i not in done]}
+            return 200, _settled(ids, await self.run_blocking(self.store.complete_many, ids))
         ok = await self.run_blocking(self.store.complete, self._lease_id(body))
         return (200, {"ok": True}) if ok else self._gone()
 

@@ -206,6 +206,28 @@ def test_fail_with_a_delay_holds_the_retry_that_long(harness, local_relay):
     assert r.call("POST", "/v1/lease", {"agent": "test", "max": 1, "wait": 0}).json()["leases"] == []
 
 
+def test_completions_ride_on_a_lease_call_settled_before_it_leases(harness, local_relay):
+    """POST /v1/lease {complete: [...]}: done/gone answered beside the leases, done leases forget their key."""
+    r = local_relay
+    assert "lease_complete" in r.call("GET", "/v1/hello").json()["features"]
+    for _ in range(2):
+        harness.publish_file(b"ok\n")
+    first = _lease_one(r)
+    resp = r.call("POST", "/v1/lease", {"agent": "test", "max": 1, "wait": 5,
+                                       "complete": [first["lease_id"], "no-such-lease"]})
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["done"] == [first["lease_id"]] and answer["gone"] == ["no-such-lease"], answer
+    assert len(answer["leases"]) == 1 and answer["leases"][0]["lease_id"] != first["lease_id"]
+    assert r.call("POST", "/v1/complete", {"lease_id": first["lease_id"]}).status_code == 409  # settled once
+    body = json.loads(base64.b64decode(first["body_b64"]))
+    assert requests.get(f"{body['host']}api/files/{body['id']}?key={body['secretKey']}", timeout=10).status_code == 401
+    bad = r.call("POST", "/v1/lease", {"agent": "test", "max": 1, "complete": "all of them"})
+    assert bad.status_code == 400 and "'complete'" in bad.json()["error"], bad.text
+    plain = r.call("POST", "/v1/lease", {"agent": "test", "max": 1, "wait": 0}).json()
+    assert "done" not in plain and plain["leases"] == []  # not asked: not answered
+
+
 def test_bad_tokens_and_malformed_requests_get_clear_errors(harness, local_relay):
     r = local_relay
     assert r.call("GET", "/v1/hello", token=None).status_code == 401

@@ -55,7 +55,7 @@ def test_waiters_are_served_in_arrival_order_as_messages_arrive(tmp_path):
         await asyncio.get_running_loop().run_in_executor(
             None, store.add, [Message(body=b'{"id": "%d"}' % i, routing_key="q") for i in range(2)])
         done, pending = await asyncio.wait(polls, timeout=5, return_when=asyncio.ALL_COMPLETED)
-        return [p.result() for p in polls[:2]], pending
+        return [p.result()[0] for p in polls[:2]], pending
 
     (first, second), pending = _run_with(store, scenario)
     assert [x.body for x in first] == [b'{"id": "0"}'] and [x.body for x in second] == [b'{"id": "1"}']
@@ -67,12 +67,12 @@ def test_a_waiter_that_timed_out_or_hung_up_gets_nothing_and_holds_nothing(tmp_p
     store = LeaseStore(str(tmp_path / "l.sqlite3"))
 
     async def scenario(waiters):
-        assert await waiters.lease("quick", 1, 0.1, _host, lambda: False) == []  # timed out
+        assert await waiters.lease("quick", 1, 0.1, _host, lambda: False) == ([], [])  # timed out
         hung_up = await asyncio.wait_for(waiters.lease("gone", 1, 10.0, _host, lambda: True), 5)  # answered at once
         live = asyncio.ensure_future(waiters.lease("live", 1, 10.0, _host, lambda: False))
         await _until_waiting(waiters, 1)
         await asyncio.get_running_loop().run_in_executor(None, store.add, [Message(body=b"x", routing_key="q")])
-        return hung_up, await asyncio.wait_for(live, 5)
+        return hung_up[0], (await asyncio.wait_for(live, 5))[0]
 
     hung_up, live = _run_with(store, scenario)
     assert hung_up == [] and len(live) == 1
@@ -88,4 +88,18 @@ def test_stop_answers_every_waiter_with_nothing(tmp_path):
         await waiters.stop()
         return await asyncio.wait_for(asyncio.gather(*polls), 5)
 
-    assert _run_with(store, scenario) == [[]] * 5
+    assert _run_with(store, scenario) == [([], [])] * 5
+
+
+def test_completions_sent_with_a_lease_call_are_settled_before_it_leases(tmp_path):
+    store = LeaseStore(str(tmp_path / "l.sqlite3"))
+    store.add([Message(body=b'{"id": "%d"}' % i, routing_key="q") for i in range(2)])
+    first = store.lease("a", 1, 30.0, _host)[0]
+
+    async def scenario(waiters):
+        return await waiters.lease("a", 1, 0.0, _host, lambda: False, [first.lease_id, "not-a-lease"])
+
+    leases, done = _run_with(store, scenario)
+    assert done == [first.lease_id] and [x.body for x in leases] == [b'{"id": "1"}']
+    assert store.live(first.lease_id) is None
+    assert store.counts() == {"ready": 0, "leased": 1, "dead": 0}

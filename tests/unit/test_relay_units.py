@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -222,3 +223,95 @@ def test_a_lease_being_completed_frees_its_place_within_a_bound():
         assert source._room_left() == 0  # 8 held (4x prefetch): no more until completions get through
     finally:
         source.close()
+
+
+class _FakeRelay:
+    """A relay's work API over real HTTP, recording what agents send (features and answers set per test)."""
+
+    def __init__(self, features: list[str], answer_done: bool) -> None:
+        import base64
+        import http.server
+        import json
+        import threading
+
+        self.calls: list[tuple[str, dict]] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _answer(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._answer(200, {"queue": "q", "lease_ttl": 15, "max_wait": 0.2, "features": features})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                fake.calls.append((self.path, body))
+                if self.path == "/v1/lease":
+                    leases = []
+                    if sum(1 for p, _ in fake.calls if p == "/v1/lease") == 1:
+                        leases = [{"lease_id": "lease-0001", "body_b64": base64.b64encode(b'{"id": "f1"}').decode()}]
+                    else:
+                        time.sleep(min(float(body.get("wait", 0)), 0.2))
+                    answer = {"leases": leases}
+                    if "complete" in body and answer_done:
+                        answer.update(done=list(body["complete"]), gone=[])
+                    self._answer(200, answer)
+                elif self.path == "/v1/complete":
+                    self._answer(200, {"done": body.get("lease_ids", []), "gone": []})
+                else:
+                    self._answer(200, {"extended": [], "gone": []})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self, path: str) -> list[dict]:
+        return [body for p, body in self.calls if p == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("features, answer_done, carried", [
+    (["lease_complete"], True, True),    # the relay settles it in the lease call: no /v1/complete
+    ([], True, False),                   # an older relay: never sent with a lease call
+    (["lease_complete"], False, False),  # sent along, but not settled in the answer: /v1/complete after all
+])
+def test_completions_ride_on_lease_calls_only_where_the_relay_settles_them(features, answer_done, carried):
+    from agent.sources.relay import RelaySource
+
+    fake = _FakeRelay(features, answer_done)
+    source = RelaySource(fake.url, "token", prefetch=1, agent_id="a1", lease_wait=0.2)
+    got: list = []
+    try:
+        source.start(got.append, lambda: None)
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            source.poll(0.1)
+        assert got and got[0].token == "lease-0001"
+        source.complete(got[0])
+        while source._held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not source._held and not source._completing  # settled and forgotten
+        with_lease = [b for b in fake.paths("/v1/lease") if "complete" in b]
+        completes = fake.paths("/v1/complete")
+        if carried:
+            assert with_lease == [{"agent": "a1", "max": 1, "wait": 0, "complete": ["lease-0001"]}] and not completes
+        else:
+            assert completes == [{"lease_ids": ["lease-0001"]}]
+            assert len(with_lease) == (1 if features else 0)
+    finally:
+        source.close()
+        fake.close()
