@@ -23,6 +23,15 @@ from devtools.amqp_queues import companion_queues, delete_queues  # noqa: E402
 AMQP_URL = os.environ.get("RABBITMQ_URI", "amqp://guest:guest@127.0.0.1:5672/%2f")
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Put every thread of a running process on cpus (threads and processes it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, FileNotFoundError):
+            pass  # a thread that just ended
+
+
 class StandinProcess:
     """The Clowder stand-in as a separate process, driven through its control API.
 

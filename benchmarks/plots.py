@@ -115,12 +115,12 @@ def plot_mpi_scaling(md: str, png: str) -> str:
 
 
 def plot_relay_throughput(md: str, png: str) -> str:
-    """Direct AMQP against the relay, files/s per agent layout, ratio on top."""
-    rows = read_table(md, "agents")
-    names = [r["agents"] for r in rows]
+    """Direct AMQP against the relay, files/s per case (layout, agents), ratio on top."""
+    rows = read_table(md, "layout")
+    names = [f"{r['layout']}\n{r['agents']}" for r in rows]
     direct = [number(r["direct AMQP files/s"]) for r in rows]
     relay = [number(r["through the relay files/s"]) for r in rows]
-    fig, ax = _figure("Relay vs direct AMQP: files/s")
+    fig, ax = _figure("Relay vs direct AMQP: files/s", width=10.0)
     xs = range(len(names))
     b1 = ax.bar([x - 0.2 for x in xs], direct, width=0.4, color="#969696", label="direct AMQP")
     b2 = ax.bar([x + 0.2 for x in xs], relay, width=0.4, color="#3182bd", label="through the relay")
@@ -129,9 +129,9 @@ def plot_relay_throughput(md: str, png: str) -> str:
         ax.annotate(f"{bar.get_height():g} ({number(r['ratio']):.2f}x)", (bar.get_x() + bar.get_width() / 2,
                     bar.get_height()), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, fontsize=9)
+    ax.set_xticklabels(names, fontsize=8)
     ax.set_ylabel("files / s")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, png)
 
 

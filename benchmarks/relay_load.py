@@ -4,7 +4,9 @@
 A load generator (aiohttp, its own process) runs `--agents` virtual agents, each on its own kept-
 alive connection to the relay, speaking the agent's protocol for every file: POST /v1/lease (long
 poll), GET the file and POST its metadata through the lease's Clowder path, POST /v1/extend every
-`--extend-every` files, POST /v1/complete. Cases, in this order, each with fresh messages:
+`--extend-every` files, and the completion: carried by its next lease call where the relay offers
+that (hello's features, as the agent does), else POST /v1/complete. Cases, in this order, each
+with fresh messages:
 
   stand-in alone   the same agents GET + POST straight to the Clowder stand-in (its own rate:
                    it must be well above the relays' so that it is not what is measured)
@@ -84,7 +86,10 @@ async def _agent(i: int, args: argparse.Namespace, all_in: asyncio.Event, done: 
     async with aiohttp.ClientSession(connector=connector, headers=auth, timeout=timeout) as s:
         # Open this agent's connection, then wait until every agent holds one: the clock starts then.
         hello = args.url + ("/v1/hello" if args.mode == "relay" else "_standin/ping")
-        if await call(s, "GET", hello) is not None:
+        said = await call(s, "GET", hello)
+        carry = args.mode == "relay" and said is not None and "lease_complete" in json.loads(said).get("features", [])
+        carried: list[tuple[str, float]] = []  # (lease id, when its results were in) for the next lease call
+        if said is not None:
             connected[0] += 1
             if connected[0] == args.agents:
                 print("ready", flush=True)  # every agent of this process holds its connection
@@ -98,11 +103,19 @@ async def _agent(i: int, args: argparse.Namespace, all_in: asyncio.Event, done: 
                 leases = [{"lease_id": None, "body": {"id": fid, "host": host, "secretKey": key}}]
             else:
                 wait = max(0.0, min(20.0, end - time.monotonic()))  # the agent's own lease_wait
-                data = await call(s, "POST", args.url + "/v1/lease", json={"agent": f"load-{i}", "max": 1, "wait": wait})
+                ask: dict[str, Any] = {"agent": f"load-{i}", "max": 1, "wait": wait}
+                if carried:
+                    ask.update(complete=[lease_id for lease_id, _ in carried], wait=0)
+                data = await call(s, "POST", args.url + "/v1/lease", json=ask)
                 if data is None:
                     continue
+                answer = json.loads(data)
+                if carried:
+                    settled = set(answer.get("done", []))
+                    done.extend(t for lease_id, t in carried if lease_id in settled)
+                    carried = []
                 leases = [{"lease_id": x["lease_id"], "body": json.loads(base64.b64decode(x["body_b64"]))}
-                          for x in json.loads(data)["leases"]]
+                          for x in answer["leases"]]
             for lease in leases:
                 body = lease["body"]
                 base, fid, key = body["host"], body["id"], body["secretKey"]
@@ -118,9 +131,17 @@ async def _agent(i: int, args: argparse.Namespace, all_in: asyncio.Event, done: 
                 if lease["lease_id"] is not None:
                     if files % args.extend_every == 0:
                         await call(s, "POST", args.url + "/v1/extend", json={"lease_ids": [lease["lease_id"]]})
+                    if carry:
+                        carried.append((lease["lease_id"], time.monotonic()))
+                        continue
                     if await call(s, "POST", args.url + "/v1/complete", json={"lease_ids": [lease["lease_id"]]}) is None:
                         continue
                 done.append(time.monotonic())
+        if carried:  # the last file's completion: on its own, as the agent's completion thread sends it
+            answer = await call(s, "POST", args.url + "/v1/complete", json={"lease_ids": [x for x, _ in carried]})
+            if answer is not None:
+                settled = set(json.loads(answer).get("done", []))
+                done.extend(t for lease_id, t in carried if lease_id in settled)
 
 
 async def _drive(args: argparse.Namespace) -> dict[str, Any]:
