@@ -337,8 +337,8 @@ def main() -> int:
              f"Machine: {machine()}; load average before the run {load_before[0]:.1f} "
              f"(shared with other engineers).", "",
              f"{args.agents} virtual agents, one kept-alive connection each, for {args.seconds:.0f} s per case: "
-             f"lease (long poll) -> GET the file -> POST metadata through the lease's Clowder path -> complete, "
-             f"an extend every {args.extend_every} files. Clowder stand-in: devtools.bench_clowder. "
+             f"lease (long poll) -> GET the file -> POST metadata through the lease's Clowder path -> complete "
+             f"(carried by the next lease call where the relay offers that, as agents do), an extend every {args.extend_every} files. Clowder stand-in: devtools.bench_clowder. "
              "Broker, stand-in, relay and load generator share this machine.", "",
              "| case | files/s | files | relay CPU ms/file | files/s per relay core | relay connections (max) "
              "| agents connected | errors | load avg at end |",
