@@ -16,7 +16,8 @@ Leases and durability (launcher.relay.store, launcher.relay.broker)
   heartbeat every ttl/4, so a lease outlives a node stall of about 3/4 ttl and a dead agent's
   leases return within ttl (+1 s) of its last heartbeat; an idle agent stays while GET
   /v1/backlog says work will be leasable soon (a retry's backoff, a stale lease):
-    complete     -> the row is deleted (the results are in Clowder);
+    complete     -> the row is deleted (the results are in Clowder); an agent sends it with its
+                    next lease call (one round trip per file), or on its own when idle;
     release      -> leasable again at once (hand back, not a failure);
     fail         -> attempts+1; leasable after a backoff, or past `--max-retries` dead;
     dead-letter  -> dead at once, with the agent's reason and traceback;
