@@ -350,8 +350,9 @@ class Relay:
             return _error(500, "internal error in the relay (see its log)", close=True)
         finally:
             self.metrics.observe(path, status, forwarded=match is not None)
-            log.debug("%s %s -> %d in %.1f ms", request.method, _loggable(path), status,
-                      (time.monotonic() - started) * 1000)
+            if log.isEnabledFor(logging.DEBUG):  # _loggable's regex on every request otherwise
+                log.debug("%s %s -> %d in %.1f ms", request.method, _loggable(path), status,
+                          (time.monotonic() - started) * 1000)
 
     def _authorized(self, request: web.BaseRequest) -> bool:
         header = request.headers.get("Authorization", "")
