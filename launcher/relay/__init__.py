@@ -55,11 +55,13 @@ Serving and scale (launcher.relay.server, launcher.relay.longpoll)
   for big machines: an agent keeps about six open; the relay lifts its open-files limit to fit).
   benchmarks/relay_load.py drives 2,000 agent connections against this relay and the earlier
   thread-per-connection one side by side (benchmarks/results/relay_load.md). On the shared
-  2-core machine (load average 14-52 during the run) this relay held all 2,000 without an error
-  at 3.3x the earlier relay's files/s (166 vs 51) and 6.2x its files per CPU second (4.2 ms of
-  relay CPU per file vs 25.7 ms: about 240 files/s per core), where the earlier one saw 689
-  disconnects; runs under other loads gave 3.2x-5.5x files/s and 4.7x-8.6x per CPU second.
-  Rerun it on a quiet machine for absolute rates.
+  2-core machine (2026-12-02, 05:1x) this relay held all 2,000 without an error at 13.9x the
+  earlier relay's files/s (650 vs 47) and 14.5x its files per CPU second (1.33 ms of relay CPU
+  per file vs 19.3 ms: about 750 files/s per core), where the earlier one saw 9,038 disconnects.
+  With one or two real agents (benchmarks/results/relay_throughput.md) the relay costs 1.4-1.9 ms
+  of CPU per file on a core of its own and adds about 2 ms to each file's time in a slot (three
+  forwarded calls, each through aiohttp's server and client: about half of the relay's CPU per
+  forwarded call is aiohttp's client, a third its server).
   One relay process uses one core at most (the GIL). If that core is the limit, run several relay
   processes on the login node, each on its own port and with its own --state-dir (the lock file
   allows one relay per state folder), all on the same queue (each takes its own small buffer),
