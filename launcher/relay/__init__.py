@@ -59,9 +59,9 @@ Serving and scale (launcher.relay.server, launcher.relay.longpoll)
   earlier relay's files/s (650 vs 47) and 14.5x its files per CPU second (1.33 ms of relay CPU
   per file vs 19.3 ms: about 750 files/s per core), where the earlier one saw 9,038 disconnects.
   With one or two real agents (benchmarks/results/relay_throughput.md) the relay costs 1.4-1.9 ms
-  of CPU per file on a core of its own and adds about 2 ms to each file's time in a slot (three
-  forwarded calls, each through aiohttp's server and client: about half of the relay's CPU per
-  forwarded call is aiohttp's client, a third its server).
+  of CPU per file on a core of its own and adds about 2 ms to each file's time in a slot: three
+  forwarded calls, each 0.46 ms longer than straight to Clowder, 0.32 ms of it relay CPU in
+  aiohttp's server and client (benchmarks/results/relay_forward_cost.md).
   One relay process uses one core at most (the GIL). If that core is the limit, run several relay
   processes on the login node, each on its own port and with its own --state-dir (the lock file
   allows one relay per state folder), all on the same queue (each takes its own small buffer),
