@@ -9,10 +9,11 @@
 3. the request body fits the upload limit (413 otherwise, before anything is sent upstream).
 
 Then the request goes to the lease's own Clowder host (the message's `host`, or the relay's
-`--clowder-url`), with the real key put back the way the agent presented its lease key, over
-aiohttp's client with a bounded pool of kept-alive connections (POOL in all, shared by every
-agent; requests beyond it wait for a free connection). Bodies are streamed in 1 MiB blocks both
-ways (files can be GBs); only JSON request bodies up to JSON_LIMIT are read whole, so that the
+`--clowder-url`), with the real key put back the way the agent presented its lease key, over a
+bounded pool of kept-alive connections (POOL in all, shared by every agent; requests beyond it
+wait for a free connection): a call whose body the relay holds whole (every GET, JSON and small
+bodies) on launcher.relay.upstream's lean client, a streamed upload on aiohttp's client. Bodies
+are streamed in 1 MiB blocks both ways (files can be GBs); only JSON request bodies up to JSON_LIMIT are read whole, so that the
 relay URL the extractor saw as its `host` (pyclowder writes it into metadata's `extractor_id`)
 is replaced by the real host, and only JSON answers of routes that create or list ids are read
 whole, to learn those ids for the lease. Hop-by-hop and `Location` headers are not passed on.
@@ -36,6 +37,7 @@ from hpc_common.routes import Refusal, check, ids_in, lease_scope
 
 from ..errors import RelayError
 from .store import LeaseStore
+from .upstream import Answer, LeanUpstream, Stale, UpstreamError
 
 log = logging.getLogger("launcher.relay.forward")
 BLOCK = 1 << 20
@@ -48,6 +50,9 @@ _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
 _PASS_BACK = {"content-type", "content-disposition", "content-encoding", "last-modified", "etag",
               "cache-control", "content-language"}
 _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+_LEAN_METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH"}  # HEAD and the rest stay on aiohttp
+_CUT_SHORT = (asyncio.IncompleteReadError, aiohttp.ClientError, asyncio.TimeoutError, UpstreamError, OSError)
+Upstream = Union[aiohttp.ClientResponse, Answer]
 
 
 class ClientError(RelayError):
@@ -89,11 +94,15 @@ class Forwarder:
         self.connect_timeout = connect_timeout
         self.pool = pool
         self._session: Optional[aiohttp.ClientSession] = None
+        self._lean: Optional[LeanUpstream] = None
         self._run: Optional[Callable[..., Awaitable[Any]]] = None
 
     async def start(self, run_blocking: Optional[Callable[..., Awaitable[Any]]] = None) -> None:
         """Open the upstream connection pool (on the serving loop); run_blocking runs SQLite work."""
-        connector = aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool, ssl=ssl.create_default_context(),
+        tls = ssl.create_default_context()
+        self._lean = LeanUpstream(limit=self.pool, keepalive=4.0, connect_timeout=self.connect_timeout,
+                                  timeout=self.timeout, tls=tls)
+        connector = aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool, ssl=tls,
                                          keepalive_timeout=4.0, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
@@ -102,6 +111,9 @@ class Forwarder:
         self._run = run_blocking
 
     async def close(self) -> None:
+        if self._lean is not None:
+            await self._lean.close()
+            self._lean = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -177,7 +189,10 @@ class Forwarder:
             payload = b""
         else:
             payload = self._body(request, plan.length, trouble)
-        upstream = await self._send(request.method, plan, payload, trouble)
+        if isinstance(payload, bytes) and request.method in _LEAN_METHODS:
+            upstream: Upstream = await self._send_lean(request.method, plan, payload)
+        else:
+            upstream = await self._send(request.method, plan, payload, trouble)
         try:
             return await self._answer(request, upstream, plan.learn, lease_id)
         finally:
@@ -222,8 +237,25 @@ class Forwarder:
                                        f"{exc.__class__.__name__}") from None
         raise AssertionError("unreachable")
 
+    async def _send_lean(self, method: str, plan: Plan, payload: bytes) -> Answer:
+        assert self._lean is not None, "Forwarder.start() was not called"
+        url = plan.url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        for fresh in (False, True):
+            try:
+                return await self._lean.request(method, url.scheme, url.raw_host or "", port, url.raw_path_qs,
+                                                plan.netloc, plan.headers, payload, fresh=fresh)
+            except Stale:
+                continue  # a kept-alive connection the server had closed: once more, fresh
+            except asyncio.TimeoutError:
+                raise ClientError(504, f"Clowder at {plan.netloc} did not answer in time") from None
+            except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
+                raise ClientError(502, f"Clowder at {plan.netloc} is not reachable: "
+                                       f"{exc.__class__.__name__}") from None
+        raise ClientError(502, f"Clowder at {plan.netloc} closed the connection twice")
+
     # -- response side --------------------------------------------------------------------------------------
-    async def _answer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, learn: Optional[str],
+    async def _answer(self, request: web.BaseRequest, upstream: Upstream, learn: Optional[str],
                       lease_id: str) -> web.StreamResponse:
         length = upstream.content_length
         ctype = upstream.headers.get("Content-Type", "")
@@ -231,11 +263,7 @@ class Forwarder:
         extra.update((k, v) for k, v in upstream.headers.items() if k.lower() in _PASS_BACK)
         status, reason = upstream.status, upstream.reason or None
         if learn and 200 <= status < 300 and "json" in ctype.lower() and (length or 0) <= JSON_LIMIT:
-            try:
-                data = await upstream.content.read(JSON_LIMIT + 1) if length is None else \
-                    await upstream.content.readexactly(length)
-            except (asyncio.IncompleteReadError, aiohttp.ClientError, asyncio.TimeoutError):
-                raise ClientError(502, "Clowder's answer was cut short") from None
+            data = await _whole(upstream, length, JSON_LIMIT + 1)
             try:
                 ids = ids_in(json.loads(data))
             except ValueError:
@@ -244,10 +272,7 @@ class Forwarder:
                 await self._blocking(self.store.learn, lease_id, learn, ids)
             return web.Response(status=status, reason=reason, body=data, headers=extra)
         if length is not None and length <= SMALL:  # one write with its headers, not three
-            try:
-                data = await upstream.content.readexactly(length)
-            except (asyncio.IncompleteReadError, aiohttp.ClientError, asyncio.TimeoutError):
-                raise ClientError(502, "Clowder's answer was cut short") from None
+            data = await _whole(upstream, length, length)
             return web.Response(status=status, reason=reason, body=data, headers=extra)
         resp = web.StreamResponse(status=status, reason=reason, headers=extra)
         if length is not None:
@@ -256,11 +281,13 @@ class Forwarder:
             resp.enable_chunked_encoding()
         await resp.prepare(request)
         sent = 0
+        blocks = upstream.blocks(BLOCK) if isinstance(upstream, Answer) else upstream.content.iter_chunked(BLOCK)
         try:
-            async for block in upstream.content.iter_chunked(BLOCK):
+            async for block in blocks:
                 await resp.write(block)
                 sent += len(block)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError):
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError,
+                asyncio.IncompleteReadError, UpstreamError, OSError):
             resp.force_close()  # upstream cut short: the agent sees a short read
             return resp
         if length is not None and sent < length:
@@ -273,3 +300,15 @@ class Forwarder:
         if self._run is None:
             return fn(*args)
         return await self._run(fn, *args)
+
+
+async def _whole(upstream: Upstream, length: Optional[int], limit: int) -> bytes:
+    """An answer's body read whole: exactly length bytes, or (length unknown) up to limit."""
+    try:
+        if isinstance(upstream, Answer):
+            return await upstream.read_all(limit)
+        if length is None:
+            return await upstream.content.read(limit)
+        return await upstream.content.readexactly(length)
+    except _CUT_SHORT:
+        raise ClientError(502, "Clowder's answer was cut short") from None
