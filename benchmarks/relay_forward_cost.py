@@ -4,13 +4,14 @@
 One client (http.client, one kept-alive connection, one call at a time) sends the extractor's
 three calls for a file -- GET the file info, GET the file, POST metadata -- over and over, first
 through a lease's Clowder path on `python -m launcher relay`, then straight to the Clowder
-stand-in (devtools.bench_clowder), the reference. Reported per call: the client's wall time, the
+stand-in (devtools.bench_clowder), the reference; and through the relay as it was at --old-ref
+(before its lean upstream client: aiohttp's ClientSession for every call). Reported per call: the client's wall time, the
 serving process's CPU (relay, or stand-in alone), and the difference: what the relay adds to
 each of the three calls a file's extractor makes in its slot. The relay runs alone on the last
 CPU (as on a login node); the client and the stand-in on the others. Medians of --runs.
 Writes benchmarks/results/relay_forward_cost.md (and prints it).
 
-  python benchmarks/relay_forward_cost.py [--calls 3000] [--runs 3]
+  python benchmarks/relay_forward_cost.py [--calls 3000] [--runs 3] [--old-ref c9dae6b]
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from urllib.parse import urlsplit
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (REPO, BrokerChannel, StandinProcess, drop_queue, fresh_queue, machine, pin,  # noqa: E402
-                     publish, v1_message, write_report)
+from _common import (REPO, BrokerChannel, StandinProcess, drop_queue, fresh_queue, machine, old_tree,  # noqa: E402
+                     pin, publish, v1_message, write_report)
 from relay_throughput import Relay  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
+BEFORE_LEAN_CLIENT = "c9dae6b"  # the last commit whose relay sent every forwarded call with aiohttp's client
 
 
 def _cpu(pid: int) -> float:
@@ -78,10 +80,19 @@ def measure(host: str, key: str, fid: str, server_pid: int, calls: int) -> dict[
     return {"wall_ms": 1000 * wall / calls, "cpu_ms": 1000 * cpu / calls}
 
 
+def _lease(relay: Relay) -> dict:
+    """Lease the relay's one message; its body as the agent sees it (host and key of the relay)."""
+    token = open(relay.token_file).read().strip()
+    lease = requests.post(relay.url + "/v1/lease", json={"agent": "bench", "max": 1, "wait": 10},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["leases"][0]
+    return json.loads(base64.b64decode(lease["body_b64"]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000, help="calls per case and run (a multiple of 3)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--old-ref", default=BEFORE_LEAN_CLIENT, help="git ref of the relay to compare with")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "relay_forward_cost.md"))
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
@@ -92,25 +103,30 @@ def main() -> int:
     pin(standin.proc.pid, others)
     fid = standin.add_files(1, b"lorem ipsum dolor sit amet\n" * 37)[0]
     workdir = tempfile.mkdtemp(prefix="bench-forward-")
-    with BrokerChannel() as ch:
-        queue = fresh_queue(ch, "bench-forward")
-        publish(ch, queue, [v1_message(fid, standin.url)], reply_to="bench-replies")
-    relay = Relay(queue, workdir, cpus=relay_cpus)
+    old = old_tree(args.old_ref)
+    relays, queues = [], []
     try:
-        token = open(relay.token_file).read().strip()
-        lease = requests.post(relay.url + "/v1/lease", json={"agent": "bench", "max": 1, "wait": 10},
-                              headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["leases"][0]
-        body = json.loads(base64.b64decode(lease["body_b64"]))
-        through, direct = [], []
-        for _ in range(args.runs):  # alternate, so that both see the same host
-            through.append(measure(body["host"], body["secretKey"], fid, relay.proc.pid, args.calls))
+        leased = []
+        for tree in (REPO, old):
+            with BrokerChannel() as ch:
+                queues.append(fresh_queue(ch, "bench-forward"))
+                publish(ch, queues[-1], [v1_message(fid, standin.url)], reply_to="bench-replies")
+            relays.append(Relay(queues[-1], tempfile.mkdtemp(dir=workdir), tree, cpus=relay_cpus))
+            leased.append(_lease(relays[-1]))
+        through, earlier, direct = [], [], []
+        for _ in range(args.runs):  # alternate, so that all see the same host
+            for rows, relay, body in ((through, relays[0], leased[0]), (earlier, relays[1], leased[1])):
+                rows.append(measure(body["host"], body["secretKey"], fid, relay.proc.pid, args.calls))
             direct.append(measure(standin.url, "secret", fid, standin.proc.pid, args.calls))
     finally:
-        relay.close()
+        for relay in relays:
+            relay.close()
         standin.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         with BrokerChannel() as ch:
-            drop_queue(ch, queue)
+            for queue in queues:
+                drop_queue(ch, queue)
 
     def med(rows: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in rows)
@@ -120,15 +136,19 @@ def main() -> int:
              f"Machine: {machine()}.", "",
              "One client, one kept-alive connection, one call at a time, cycling through the three calls an "
              f"extractor makes per file (GET file info, GET file, POST metadata); {args.calls} calls per case, "
-             f"medians of {args.runs} runs, the two cases alternating. The relay alone on CPU "
+             f"medians of {args.runs} runs, the cases alternating. The relay alone on CPU "
              f"{sorted(relay_cpus)}, the client and the stand-in on {sorted(others)}.", "",
              "| case | wall ms per call | server CPU ms per call |",
              "|---|---:|---:|",
              f"| straight to the Clowder stand-in (reference) | {med(direct, 'wall_ms'):.3f} | "
              f"{med(direct, 'cpu_ms'):.3f} (stand-in) |",
-             f"| through the relay (aiohttp server, then its client to the stand-in) | {med(through, 'wall_ms'):.3f} | "
-             f"{med(through, 'cpu_ms'):.3f} (relay) |", "",
-             f"The relay adds {added:.3f} ms to each forwarded call, {3 * added:.2f} ms to a file's three; "
+             f"| through the relay (aiohttp server, lean upstream client) | {med(through, 'wall_ms'):.3f} | "
+             f"{med(through, 'cpu_ms'):.3f} (relay) |",
+             f"| through the relay at {args.old_ref} (aiohttp server, aiohttp's client) | {med(earlier, 'wall_ms'):.3f} | "
+             f"{med(earlier, 'cpu_ms'):.3f} (relay) |", "",
+             f"The relay adds {added:.3f} ms to each forwarded call, {3 * added:.2f} ms to a file's three "
+             f"(at {args.old_ref}: {med(earlier, 'wall_ms') - med(direct, 'wall_ms'):.3f} ms); relay CPU per call "
+             f"{med(through, 'cpu_ms') / med(earlier, 'cpu_ms'):.2f}x of {args.old_ref}'s; "
              f"the stand-in alone answers a call in {med(direct, 'wall_ms'):.3f} ms, "
              f"{med(through, 'wall_ms') / med(direct, 'wall_ms'):.1f}x faster than the path through the relay.", "",
              "Command: `python benchmarks/relay_forward_cost.py`"]

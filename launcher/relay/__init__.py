@@ -55,13 +55,13 @@ Serving and scale (launcher.relay.server, launcher.relay.longpoll)
   for big machines: an agent keeps about six open; the relay lifts its open-files limit to fit).
   benchmarks/relay_load.py drives 2,000 agent connections against this relay and the earlier
   thread-per-connection one side by side (benchmarks/results/relay_load.md). On the shared
-  2-core machine (2026-12-02, 05:1x) this relay held all 2,000 without an error at 13.9x the
-  earlier relay's files/s (650 vs 47) and 14.5x its files per CPU second (1.33 ms of relay CPU
-  per file vs 19.3 ms: about 750 files/s per core), where the earlier one saw 9,038 disconnects.
-  With one or two real agents (benchmarks/results/relay_throughput.md) the relay costs 1.4-1.9 ms
-  of CPU per file on a core of its own and adds about 2 ms to each file's time in a slot: three
-  forwarded calls, each 0.46 ms longer than straight to Clowder, 0.32 ms of it relay CPU in
-  aiohttp's server and client (benchmarks/results/relay_forward_cost.md).
+  2-core machine (2026-12-02 05:37) this relay held all 2,000 without an error at 14.9x the
+  earlier relay's files/s (741 vs 50) and 16.2x its files per CPU second (1.12 ms of relay CPU
+  per file vs 18.1 ms: about 900 files/s per core), where the earlier one saw 14,971 disconnects.
+  With one or two real agents (benchmarks/results/relay_throughput.md) the relay costs 1.2-1.5 ms
+  of CPU per file on a core of its own and adds 1-1.3 ms to each file's time in a slot: three
+  forwarded calls, each 0.31 ms longer than straight to Clowder, 0.19 ms of it relay CPU
+  (benchmarks/results/relay_forward_cost.md; the upstream leg on launcher.relay.upstream).
   One relay process uses one core at most (the GIL). If that core is the limit, run several relay
   processes on the login node, each on its own port and with its own --state-dir (the lock file
   allows one relay per state folder), all on the same queue (each takes its own small buffer),
