@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from helpers import services
+from helpers.certs import self_signed
 from helpers.agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
 from helpers.relay_harness import Netns, RelayProc, start_agent_in, unprocessed, wait_exit, write_token
 
@@ -299,12 +300,7 @@ def test_open_token_files_are_refused_on_both_sides(harness, tmp_path):
 
 
 def test_tls_relay_with_a_self_signed_certificate(harness, tmp_path):
-    if not shutil.which("openssl"):
-        services.unavailable("openssl is needed to make a test certificate")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     r = RelayProc(harness, "127.0.0.1", tmp_path, "--cert", cert, "--key", key).start()
     try:
         with pytest.raises(requests.exceptions.SSLError):

@@ -186,16 +186,11 @@ def test_the_pool_bounds_connections_at_once():
 
 
 def test_https_upstreams_are_verified(tmp_path):
-    import shutil
     import ssl
-    import subprocess
 
-    if not shutil.which("openssl"):
-        pytest.fail("openssl is needed to make a test certificate")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    from helpers.certs import self_signed
+
+    cert, key = self_signed(tmp_path)
 
     async def main() -> None:
         server = ScriptedServer()
