@@ -7,6 +7,7 @@ import pytest
 
 from launcher.relay.upstream import LeanUpstream, Stale
 
+
 class ScriptedServer:
     """HTTP/1.1 on loopback: each request's path names how it is answered; connections are counted."""
 
@@ -75,6 +76,7 @@ class ScriptedServer:
         self.drop_idle()
         self.server.close()
 
+
 def run(scenario) -> None:
     async def main() -> None:
         server = ScriptedServer()
@@ -88,11 +90,22 @@ def run(scenario) -> None:
 
     asyncio.run(main())
 
+
 async def call(client: LeanUpstream, port: int, path: str, body: bytes = b"", method: str = "GET", **kw):
     headers = {"Content-Length": str(len(body))}
     if body:
         headers["Content-Type"] = "application/json"
     return await client.request(method, "http", "127.0.0.1", port, path, f"127.0.0.1:{port}", headers, body, **kw)
+
+
+async def fetch(client: LeanUpstream, port: int, path: str) -> bytes:
+    """GET path, its whole body, connection handed back."""
+    answer = await call(client, port, path)
+    try:
+        return await answer.read_all(1000)
+    finally:
+        answer.release()
+
 
 def test_answers_with_a_length_reuse_one_kept_alive_connection():
     async def scenario(server, client, port):
@@ -105,29 +118,26 @@ def test_answers_with_a_length_reuse_one_kept_alive_connection():
         assert server.requests[0].startswith(b"POST /plain HTTP/1.1\r\nHost: 127.0.0.1:")
     run(scenario)
 
+
 def test_chunked_answers_stream_in_blocks_and_keep_the_connection():
     async def scenario(server, client, port):
         answer = await call(client, port, "/chunked")
         assert answer.content_length is None and answer.chunked
         assert [b async for b in answer.blocks(4)] == [b"hell", b"o", b" wor", b"ld"]
         answer.release()
-        again = await call(client, port, "/plain")
-        assert await again.read_all(100) == b"[]"
-        again.release()
+        assert await fetch(client, port, "/plain") == b"[]"
         assert server.connections == 1
     run(scenario)
 
+
 def test_an_answer_to_the_connections_end_is_read_whole_and_the_connection_not_kept():
     async def scenario(server, client, port):
-        answer = await call(client, port, "/until-close")
-        assert await answer.read_all(100) == b"to the end"
-        answer.release()
-        closing = await call(client, port, "/close-after")
-        assert await closing.read_all(100) == b"bye"
-        closing.release()
-        (await call(client, port, "/plain")).release()
+        assert await fetch(client, port, "/until-close") == b"to the end"
+        assert await fetch(client, port, "/close-after") == b"bye"
+        assert await fetch(client, port, "/plain") == b"[]"
         assert server.connections == 3
     run(scenario)
+
 
 def test_informational_answers_are_skipped():
     async def scenario(server, client, port):
@@ -135,6 +145,7 @@ def test_informational_answers_are_skipped():
         assert answer.status == 201 and await answer.read_all(10) == b"ok"
         answer.release()
     run(scenario)
+
 
 def test_a_body_cut_short_raises_and_a_silent_server_times_out():
     async def scenario(server, client, port):
@@ -146,31 +157,27 @@ def test_a_body_cut_short_raises_and_a_silent_server_times_out():
             await call(client, port, "/silent")
     run(scenario)
 
+
 def test_a_kept_alive_connection_the_server_closed_is_not_reused():
     async def scenario(server, client, port):
-        first = await call(client, port, "/plain")
-        await first.read_all(10)
-        first.release()
+        assert await fetch(client, port, "/plain") == b"[]"
         server.drop_idle()
         await asyncio.sleep(0.1)  # the close reaches our side while the connection idles
-        again = await call(client, port, "/plain")
-        assert await again.read_all(10) == b"[]"
-        again.release()
+        assert await fetch(client, port, "/plain") == b"[]"
         assert server.connections == 2
     run(scenario)
 
 
 def test_a_reused_connection_closed_before_any_answer_byte_is_stale_and_a_fresh_one_is_not():
     async def scenario(server, client, port):
-        first = await call(client, port, "/plain")
-        await first.read_all(10)
-        first.release()
+        assert await fetch(client, port, "/plain") == b"[]"
         with pytest.raises(Stale):
             await call(client, port, "/drop")  # on the kept-alive connection
         with pytest.raises(asyncio.IncompleteReadError):
             await call(client, port, "/drop", fresh=True)  # a new connection: not "stale", a real failure
         assert server.connections == 2
     run(scenario)
+
 
 def test_the_pool_bounds_connections_at_once():
     async def scenario(server, client, port):
