@@ -342,6 +342,61 @@ def test_large_files_stream_both_ways(harness, tmp_path):
         r.stop()
 
 
+def test_chunked_and_close_delimited_answers_from_clowder_reach_the_agent_whole(harness, tmp_path):
+    """Clowder's answer framing is not the relay's to choose: chunked, to-the-end and kept-alive all forward."""
+    import http.server
+    import threading
+
+    blob = os.urandom(3 << 20)
+    seen: list[str] = []
+
+    class Clowder(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(self.path)
+            if "/metadata" in self.path:  # to the connection's end, HTTP/1.0 style
+                self.protocol_version = "HTTP/1.0"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"id": "x", "filename": "big.bin"}')
+                self.close_connection = True
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(blob), 700_000):
+                part = blob[i:i + 700_000]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+
+    clowder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Clowder)
+    threading.Thread(target=clowder.serve_forever, daemon=True).start()
+    r = RelayProc(harness, "127.0.0.1", tmp_path, "--clowder-url",
+                  f"http://127.0.0.1:{clowder.server_address[1]}/").start()
+    try:
+        fid = harness.publish_file(b"the relay asks the scripted Clowder instead\n")
+        lease = _lease_one(r)
+        body = json.loads(base64.b64decode(lease["body_b64"]))
+        base, key = body["host"], body["secretKey"]
+        for _ in range(2):  # the second time on kept-alive connections on both sides
+            info = requests.get(f"{base}api/files/{fid}/metadata", params={"key": key}, timeout=10)
+            assert info.status_code == 200 and info.json()["filename"] == "big.bin"
+            with requests.get(f"{base}api/files/{fid}", params={"key": key}, stream=True, timeout=30) as resp:
+                assert resp.status_code == 200, resp.text
+                assert b"".join(resp.iter_content(1 << 20)) == blob
+        assert len(seen) == 4 and all("key=" + harness.key in p for p in seen)  # the real key went upstream
+    finally:
+        r.stop()
+        clowder.shutdown()
+        clowder.server_close()
+
+
 def test_relay_metrics_behind_the_token(harness, tmp_path):
     """GET /metrics with the bearer token: messages by state, requests, forwarding errors (Clowder down)."""
     from prometheus_client.parser import text_string_to_metric_families
