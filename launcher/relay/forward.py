@@ -13,10 +13,10 @@ Then the request goes to the lease's own Clowder host (the message's `host`, or 
 bounded pool of kept-alive connections (POOL in all, shared by every agent; requests beyond it
 wait for a free connection): a call whose body the relay holds whole (every GET, JSON and small
 bodies) on launcher.relay.upstream's lean client, a streamed upload on aiohttp's client. Bodies
-are streamed in 1 MiB blocks both ways (files can be GBs); only JSON request bodies up to JSON_LIMIT are read whole, so that the
-relay URL the extractor saw as its `host` (pyclowder writes it into metadata's `extractor_id`)
-is replaced by the real host, and only JSON answers of routes that create or list ids are read
-whole, to learn those ids for the lease. Hop-by-hop and `Location` headers are not passed on.
+are streamed in 1 MiB blocks both ways (files can be GBs); only JSON request bodies up to
+JSON_LIMIT are read whole, so that the relay URL the extractor saw as its `host` (pyclowder
+writes it into metadata's `extractor_id`) is replaced by the real host, and only JSON answers of
+routes that create or list ids are read whole, to learn those ids for the lease. Hop-by-hop and `Location` headers are not passed on.
 """
 from __future__ import annotations
 
