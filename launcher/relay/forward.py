@@ -16,7 +16,8 @@ bodies) on launcher.relay.upstream's lean client, a streamed upload on aiohttp's
 are streamed in 1 MiB blocks both ways (files can be GBs); only JSON request bodies up to
 JSON_LIMIT are read whole, so that the relay URL the extractor saw as its `host` (pyclowder
 writes it into metadata's `extractor_id`) is replaced by the real host, and only JSON answers of
-routes that create or list ids are read whole, to learn those ids for the lease. Hop-by-hop and `Location` headers are not passed on.
+routes that create or list ids are read whole, to learn those ids for the lease. Hop-by-hop
+and `Location` headers are not passed on.
 """
 from __future__ import annotations
 
