@@ -180,6 +180,13 @@ def old_tree(ref: str) -> str:
     archive = subprocess.run(["git", "-C", REPO, "archive", ref, "launcher", "agent"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
     return folder
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far, all its threads."""
+    import psutil
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 class CpuSampler:
     """Samples the user+system CPU of one process (and, apart, of its children) every 50 ms.
 

@@ -31,17 +31,10 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (REPO, BrokerChannel, StandinProcess, drop_queue, fresh_queue, machine, old_tree,  # noqa: E402
-                     pin, publish, v1_message, write_report)
+                     pin, process_cpu, publish, v1_message, write_report)
 from relay_throughput import Relay  # noqa: E402
 
-HZ = os.sysconf("SC_CLK_TCK")
 BEFORE_LEAN_CLIENT = "c9dae6b"  # the last commit whose relay sent every forwarded call with aiohttp's client
-
-
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
 
 
 def _calls(host: str, key: str, fid: str) -> list[tuple[str, str, bytes]]:
@@ -72,10 +65,10 @@ def measure(host: str, key: str, fid: str, server_pid: int, calls: int) -> dict[
 
     for i in range(150):  # warm up the connections (ours and the relay's upstream pool)
         one(i)
-    cpu0, t0 = _cpu(server_pid), time.perf_counter()
+    cpu0, t0 = process_cpu(server_pid), time.perf_counter()
     for i in range(calls):
         one(i)
-    wall, cpu = time.perf_counter() - t0, _cpu(server_pid) - cpu0
+    wall, cpu = time.perf_counter() - t0, process_cpu(server_pid) - cpu0
     conn.close()
     return {"wall_ms": 1000 * wall / calls, "cpu_ms": 1000 * cpu / calls}
 

@@ -45,7 +45,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import drop_queue, AMQP_URL, REPO, fresh_queue, machine, publish, v1_message, write_report, BrokerChannel, \
-    StandinProcess, OLD_RELAY_REF, old_tree  # noqa: E402
+    StandinProcess, OLD_RELAY_REF, old_tree, process_cpu  # noqa: E402
 
 FLOOR_RATE = 5.0         # this relay / the earlier one
 FLOOR_CONNECTIONS = 2000
@@ -219,8 +219,7 @@ class RelayUnderTest:
 
     def cpu(self) -> float:
         """CPU seconds (user + system) the relay process has used so far, all its threads."""
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return times.user + times.system
+        return process_cpu(self.proc.pid)
 
     def close(self) -> None:
         self.proc.terminate()
