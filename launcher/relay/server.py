@@ -2,7 +2,8 @@
 
 Work API (JSON in and out, `Authorization: Bearer <token>` on every call):
 
-  GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload}
+  GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload, broker_connected,
+                                          features} (features: "lease_complete")
   POST /v1/lease       {agent, max, wait, complete?}  up to max leases, waiting up to wait s for the
                                           first; `complete` (lease ids done) is settled first, as
                                           /v1/complete would, answered in {done, gone} beside `leases`

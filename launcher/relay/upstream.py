@@ -156,7 +156,7 @@ class LeanUpstream:
     def __init__(self, limit: int = 64, keepalive: float = 4.0, connect_timeout: float = 10.0,
                  timeout: float = 300.0, tls: Optional[ssl.SSLContext] = None) -> None:
         self.keepalive, self.connect_timeout, self.timeout = keepalive, connect_timeout, timeout
-        self._tls = tls
+        self._tls = tls  # made on the first https connection when not given
         self._idle: dict[tuple, list[_Conn]] = {}
         self._slots = asyncio.Semaphore(limit)
 
@@ -193,7 +193,9 @@ class LeanUpstream:
         scheme, host, port = key
         tls = None
         if scheme == "https":
-            tls = self._tls or ssl.create_default_context()
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None, limit=_MAX_HEAD),
             self.connect_timeout)
