@@ -264,7 +264,7 @@ class RelaySource(WorkSource):
         while not self._stop.is_set():
             with self._held_lock:
                 room = self._room_left()
-                working = len(self._held) - len(self._completing)
+                working = self._working()
             # Refill in batches of half the prefetch while as much work is in hand: fewer calls.
             if not self._intake or room <= 0 or (room < self._refill and working >= self._refill):
                 self._room.wait(1.0)
@@ -318,8 +318,11 @@ class RelaySource(WorkSource):
         leasing the next file left slots idle. Held leases stay bounded (4x prefetch) should
         completions stop getting through while leases still do.
         """
-        working = len(self._held) - len(self._completing)
-        return min(self.prefetch - working, 4 * self.prefetch - len(self._held))
+        return min(self.prefetch - self._working(), 4 * self.prefetch - len(self._held))
+
+    def _working(self) -> int:
+        """Leases waiting or running here, their completion not yet on its way (caller holds _held_lock)."""
+        return len(self._held) - len(self._completing)
 
     def _delivery(self, item: dict[str, Any]) -> Delivery:
         return Delivery(body=base64.b64decode(item["body_b64"]), routing_key=item.get("routing_key") or self.queue,
