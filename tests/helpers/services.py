@@ -18,6 +18,8 @@ from typing import Optional
 
 import pytest
 
+from hpc_common.redact import redact_uri
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -62,7 +64,7 @@ def _rabbitmq_problem(url: str) -> Optional[str]:
     try:
         conn = pika.BlockingConnection(params)
     except Exception as exc:  # pika raises many types; any of them means "not usable"
-        return f"RabbitMQ at {url} does not accept an AMQP connection: {exc!r}"
+        return f"RabbitMQ at {redact_uri(url)} does not accept an AMQP connection: {exc!r}"
     try:
         conn.channel().close()
     finally:
