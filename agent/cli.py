@@ -101,6 +101,9 @@ def _journal(cfg: AgentConfig, agent_id: str, wanted: bool) -> Iterator[Any]:
         journal.close()
 
 
+STAGED_DEPTH = 3  # deliveries held per slot when staging ahead (see _staging)
+
+
 def cmd_run(cfg: AgentConfig) -> int:
     """`agent run`: one plugin (or several, agent.runner_group), one work source, on one rank or an MPI group."""
     from . import extractor_launch
@@ -134,18 +137,19 @@ def cmd_run(cfg: AgentConfig) -> int:
         kind = source_kind(cfg.source)
         cfg = dataclasses.replace(cfg, **kind.forced)
         agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
+        cfg, stage_init = _staging(cfg, init, ranks is not None)
         with _journal(cfg, agent_id, kind.uses_journal) as journal:
             source = kind.build(SourceRequest(cfg, queue, agent_id, journal))
 
             def make_slot(index: int, post, on_frame) -> Slot:
                 if ranks is not None:
                     return ranks.make_slot(index, post, on_frame)
-                return Slot(index, init, post, on_frame, redactor, env=env,
-                            watcher=source if source.watches_fds else None)
+                return _slot_class(stage_init)(index, init, post, on_frame, redactor, env=env,
+                                               watcher=source if source.watches_fds else None)
 
             log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
             code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
-                          identity=identity.label()).run()
+                          identity=identity.label(), stage_init=stage_init).run()
             outcome, reason = source.result()
             if code == exitcodes.OK and outcome != "done":
                 log.error("message not processed (%s): %s", outcome, redactor(reason))
@@ -154,6 +158,30 @@ def cmd_run(cfg: AgentConfig) -> int:
         log.error("%s", exc)
         return exitcodes.for_error(exc)
     return ranks.finish(code) if ranks is not None else code
+
+
+def _staging(cfg: AgentConfig, init: dict[str, Any], under_mpi: bool) -> tuple[AgentConfig, Optional[dict[str, Any]]]:
+    """The Runner's settings and the init frame for its stage-ahead (agent.stage_pool; None: it does not stage).
+
+    A staging Runner holds three deliveries per slot unless AGENT_PREFETCH says otherwise: one
+    running, one staged, one being staged (a file's two fetches through a relay take longer
+    than a short file's processing). Under MPI the ranks stage their own files (agent.rank_worker).
+    Files come inline with a relay's leases only for a Runner that stages them.
+    """
+    from .stage_pool import StagePool
+
+    if under_mpi or not cfg.stages_ahead() or not StagePool.wanted(init):
+        return dataclasses.replace(cfg, relay_inline=0), None
+    if cfg.prefetch <= 0:
+        cfg = dataclasses.replace(cfg, prefetch=STAGED_DEPTH * cfg.slots)
+    return cfg, init
+
+
+def _slot_class(stage_init: Optional[dict[str, Any]]) -> type:
+    """StagedSlot when the Runner stages ahead (its extractor takes staged files), else Slot."""
+    from .slots import Slot, StagedSlot
+
+    return StagedSlot if stage_init is not None else Slot
 
 
 def _run_plugins(cfg: AgentConfig, plans: list, identity: Any, redactor: Redactor,
@@ -190,21 +218,22 @@ def _run_plugins(cfg: AgentConfig, plans: list, identity: Any, redactor: Redacto
             own = dataclasses.replace(plan.cfg, idle_exit=0.0)
             if ranks is not None:
                 own = ranks.leader_config(own, number)
+            own, stage_init = _staging(own, init, ranks is not None)
             source = kind.build(SourceRequest(own, plan.queue, agent_id, journal, shared=owner is None,
                                               joins=owner))
             owner = owner or source
 
             def make_slot(index: int, post: Any, on_frame: Any, init: Any = init, env: Any = env,
-                          number: int = number, source: Any = source) -> Any:
+                          number: int = number, source: Any = source, stage_init: Any = stage_init) -> Any:
                 if ranks is not None:
                     return ranks.make_slot(index, post, on_frame, number)
-                return Slot(index, init, post, on_frame, redactor, env=env,
-                            watcher=source if source.watches_fds else None)
+                return _slot_class(stage_init)(index, init, post, on_frame, redactor, env=env,
+                                               watcher=source if source.watches_fds else None)
 
             log.info("agent %s: plugin %s (%s), queue %s, %d slot(s)", agent_id, plan.spec.name, plan.spec.folder,
                      plan.queue, own.slots)
             runners.append(Runner(own, source, make_slot, redactor, end_time=end_time, margin=margin,
-                                  identity=identity.label()))
+                                  identity=identity.label(), stage_init=stage_init))
         code = RunnerGroup(runners, cfg.idle_exit, time.monotonic).run()
     return ranks.finish(code) if ranks is not None else code
 

@@ -179,6 +179,8 @@ SETTINGS: tuple[Setting, ...] = (
             type=_OPT_STR),
     Setting("relay_ca", _to_optional_str, None, "source relay: CA bundle to verify the relay's TLS certificate",
             type=_OPT_STR),
+    Setting("relay_inline", int, 256 << 10, "source relay, staging ahead: files up to this many bytes come with "
+            "their lease, with their file info (0: never)", check=_not_negative, type=int),
     Setting("message_file", _to_optional_str, None,
             "source file: the one message to process (written by python -m launcher dispatch)",
             ("CLOWDER_MESSAGE_FILE",), type=_OPT_STR),
@@ -246,8 +248,9 @@ SETTINGS: tuple[Setting, ...] = (
             "MPI: rank groups sharing one broker connection: node, allocation or N ranks per group", type=str),
     Setting("mpi_rank_timeout", float, 60.0, "MPI: seconds of silence after which a rank (or the leader) is lost",
             check=_positive, type=float),
-    Setting("stage_ahead", _to_bool, False,
-            "MPI: download each rank's next file while its extractor works on the current one", type=bool),
+    Setting("stage_ahead", _to_optional_bool, None,
+            "fetch each waiting file and its file info while the extractor works on the one before: auto (on "
+            "with source relay), 1 or 0; MPI ranks and an agent's own slots", type=Optional[bool]),
     Setting("extraction_func", _to_optional_str, None,
             "function extractors: the function, when the Dockerfile names none", ("EXTRACTION_FUNC",), type=_OPT_STR),
     Setting("extraction_module", _to_optional_str, None,
@@ -273,6 +276,11 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 
 class _ConfigMethods:
     """What AgentConfig does besides holding values (its fields come from SETTINGS)."""
+
+    def stages_ahead(self) -> bool:
+        """Whether waiting files are staged ahead: as set, or by default where every call crosses a relay."""
+        setting = getattr(self, "stage_ahead")
+        return setting if setting is not None else getattr(self, "source") == "relay"
 
     def effective_prefetch(self) -> int:
         """Deliveries held at once: enough to keep every slot busy without hoarding."""

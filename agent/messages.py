@@ -30,6 +30,7 @@ class Delivery(Message):
     secured: bool = False                # no longer needs an open delivery (journaled and acked)
     stale: bool = False                  # its delivery died with a lost connection: cannot be acked
     parsed: Optional[dict[str, Any]] = None
+    inline: Optional[dict[str, Any]] = None  # file info and file that came with it (a relay's lease)
 
     @property
     def file_id(self) -> str:

@@ -98,7 +98,7 @@ class MpiSettings:
     @classmethod
     def from_config(cls, cfg: AgentConfig) -> "MpiSettings":
         """The MPI settings of a resolved (already checked) agent config."""
-        return cls(leader=cfg.mpi_leader, rank_timeout=cfg.mpi_rank_timeout, stage_ahead=cfg.stage_ahead)
+        return cls(leader=cfg.mpi_leader, rank_timeout=cfg.mpi_rank_timeout, stage_ahead=cfg.stages_ahead())
 
     @property
     def heartbeat(self) -> float:

@@ -34,7 +34,7 @@ class _Job:
     number: int
     body: dict[str, Any]
     staging: bool = False              # a download is under way for it
-    staged: Optional[str] = None       # local copy of its file, handed to the extractor
+    staged: Optional[dict[str, Any]] = None  # its staged file and file info (keys for its body)
     cancelled: bool = False
 
 
@@ -157,8 +157,7 @@ class RankWorker:
             self._running[index] = job
             body = job.body
             if job.staged:
-                from .stage_ahead import STAGED_KEY
-                body = dict(body, **{STAGED_KEY: job.staged})
+                body = dict(body, **job.staged)
             self._slots[index].assign(None, body, job.number)
 
     def _on_child_frame(self, slot: Slot, frame: dict[str, Any]) -> None:
@@ -178,32 +177,27 @@ class RankWorker:
 
     @staticmethod
     def _drop(job: _Job) -> None:
+        from .stage_ahead import discard
+
         job.cancelled = True
         if job.staged:
-            try:
-                os.remove(job.staged)
-            except OSError:
-                pass
+            discard(job.staged)
             job.staged = None
 
     def _stager(self) -> None:
-        from .stage_ahead import stage_file
+        from .stage_ahead import discard, stage
 
         while True:
             job = self._stage_q.get()
             if job is None:
                 return
-            path = None
+            extras: dict[str, Any] = {}
             if not job.cancelled:
-                path = stage_file(job.body, self._init, self._stage_dir or tempfile.gettempdir())
+                extras = stage(job.body, self._init, self._stage_dir or tempfile.gettempdir())
             with self._lock:
                 job.staging = False
                 if job.cancelled:
-                    if path:
-                        try:
-                            os.remove(path)
-                        except OSError:
-                            pass
+                    discard(extras)
                     continue
-                job.staged = path
+                job.staged = extras
                 self._feed()

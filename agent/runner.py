@@ -42,6 +42,7 @@ from . import early_signals, exitcodes
 from .config import AgentConfig
 from .messages import BadMessage, Delivery, parse_body, status_payload
 from .slots import Slot
+from .stage_pool import StagePool
 from .sources.base import SourceLost, SourceUnavailable, WorkSource
 from .walltime import DurationEstimate, admit
 
@@ -80,8 +81,13 @@ class Runner:
 
     def __init__(self, cfg: AgentConfig, source: WorkSource, make_slot: Callable[..., Slot],
                  redactor: Redactor, clock: Callable[[], float] = time.monotonic,
-                 end_time: Optional[float] = None, margin: float = 10.0, identity: str = "") -> None:
-        """end_time: epoch seconds when the batch task will be killed (None: no limit)."""
+                 end_time: Optional[float] = None, margin: float = 10.0, identity: str = "",
+                 stage_init: Optional[dict[str, Any]] = None) -> None:
+        """end_time: epoch seconds when the batch task will be killed (None: no limit).
+
+        stage_init: the extractor's init frame when waiting deliveries are staged ahead
+        (agent.stage_pool; make_slot must then give StagedSlots), None for no stage-ahead.
+        """
         self.cfg = cfg
         self.end_time = end_time
         self.margin = margin
@@ -112,6 +118,7 @@ class Runner:
         #: stops that concern the whole agent (this node's scratch is full); agent.runner_group
         #: points it at every plugin's runner
         self.stop_agent: Callable[[str], None] = self.request_stop
+        self.stager = StagePool(stage_init, 2 * cfg.slots, self.post, self._dispatch) if stage_init is not None else None
 
     # -- cross-thread ----------------------------------------------------------------------------
     def post(self, fn: Callable[[], None]) -> None:
@@ -186,6 +193,8 @@ class Runner:
             log.error("%s", exc)
             self._close_slots()
             return exitcodes.BROKER_UNREACHABLE
+        if self.stager is not None:
+            self.stager.start()
         self._last_activity = self._clock()
         return None
 
@@ -226,6 +235,8 @@ class Runner:
     def shutdown(self) -> None:
         """Close the slots, send the last report, close the source, log what was done."""
         self._close_slots()
+        if self.stager is not None:
+            self.stager.close()
         self._publish_report(self._clock())
         self.source.close()
         c = self.counters
@@ -257,7 +268,7 @@ class Runner:
         except SourceLost:
             pass
         while self.pending:
-            delivery, _ = self.pending.popleft()
+            delivery = self._pop_pending()
             self._settle(delivery, "hand back", lambda d=delivery: self.source.release(d))
             self.counters.handed_back += 1
 
@@ -301,6 +312,8 @@ class Runner:
         delivery.parsed = body
         self.redactor.add(body.get("secretKey"))
         self.pending.append((delivery, body))
+        if self.stager is not None:
+            self.stager.take(delivery, body)
         self._dispatch()
 
     def _reject(self, delivery: Delivery, reason: str, traceback: str = "", attempts: Optional[int] = None,
@@ -330,6 +343,9 @@ class Runner:
             if not self.pending:
                 return
             if slot.busy_with is None and self._stop_reason is None:
+                index = self._next_ready()
+                if index is None:
+                    return  # every waiting delivery is being staged: its end dispatches again
                 remaining, estimate = self.remaining(), self.estimate.value()
                 if not admit(remaining, estimate, self.margin):
                     assert remaining is not None
@@ -337,9 +353,25 @@ class Runner:
                                       f"{estimate or 0:.0f}s plus a {self.margin:.0f}s margin",
                                       grace=float("inf"))
                     return
-                delivery, body = self.pending.popleft()
+                delivery, body = self.pending[index]
+                del self.pending[index]
+                if self.stager is not None:
+                    body = self.stager.body_for(delivery, body)
                 self._job_seq += 1
                 slot.assign(delivery, body, self._job_seq)
+
+    def _next_ready(self) -> Optional[int]:
+        """Where the first waiting delivery a slot can take now is in pending (staged, or not staged at all)."""
+        if self.stager is None:
+            return 0
+        return next((i for i, (d, _) in enumerate(self.pending) if self.stager.ready(d)), None)
+
+    def _pop_pending(self) -> Delivery:
+        """The oldest waiting delivery, leaving this runner (its staged file removed)."""
+        delivery, _ = self.pending.popleft()
+        if self.stager is not None:
+            self.stager.forget(delivery)
+        return delivery
 
     def _settle(self, delivery: Delivery, what: str, op: Callable[[], None]) -> None:
         """Carry out a settle operation; if the broker is away, a secured message waits for it."""
@@ -357,7 +389,8 @@ class Runner:
     def _on_lost(self) -> None:
         """The connection is gone: deliveries not yet started are back in the broker's queue."""
         dropped = len(self.pending) + sum(1 for _, d, _, _ in self.backoff if not d.secured)
-        self.pending.clear()
+        while self.pending:
+            self._pop_pending()
         self.backoff = [b for b in self.backoff if b[1].secured]
         if dropped:
             log.info("%d waiting message(s) returned to the queue by the broker", dropped)
@@ -381,6 +414,8 @@ class Runner:
         if kind not in ("done", "died"):
             return
         slot.busy_with = None
+        if delivery is not None and self.stager is not None:
+            self.stager.forget(delivery)
         if delivery is None:
             if kind == "died":
                 log.warning("slot %d: idle %s", slot.index, frame.get("reason"))
@@ -542,7 +577,7 @@ class Runner:
                     delivery.received_at = now  # try again after another journal_after
         while self.pending and now - self.pending[0][0].received_at >= limit:
             # Waiting too long for a slot: let another worker have it.
-            delivery, _ = self.pending.popleft()
+            delivery = self._pop_pending()
             self.counters.handed_back += 1
             self._settle(delivery, "hand back", lambda d=delivery: self.source.release(d))
 

@@ -1,30 +1,40 @@
-"""Stage-ahead: download a rank's next file while its extractor works on the current one.
+"""Stage-ahead: fetch a job's file and its file info while the extractor works on the one before.
 
-Turned on with the stage_ahead setting, AGENT_STAGE_AHEAD=1 (MPI path). The rank's RankWorker then takes two jobs per
-extractor process; a stager thread downloads each job's file (exactly the request pyclowder's
-download would make: v1 `api/files/{intermediateId or id}?key=`, v2 `api/v2/files/{id}` with
-X-API-KEY) into a private folder, and the job reaches the extractor with that path in the body
-under STAGED_KEY. The extractor process is `python -m agent.stage_ahead` instead of
-`python -m agent.worker_process`: the same program with a connector that pops STAGED_KEY and
-hands pyclowder the local copy through its own local-file hook (`_check_for_local_file`), so
-pyclowder skips the download and does not delete the file (the rank does, after the job).
+Turned on with the stage_ahead setting (AGENT_STAGE_AHEAD): on MPI ranks (agent.rank_worker) and
+in an agent's own slots (agent.stage_pool; auto, the default, turns it on where the agent leases
+from a relay, whose every call is a round trip to the login node). A stager thread makes exactly
+the requests pyclowder would make for the job, one file ahead: the file info (v1
+`api/files/{id}/metadata?key=`, v2 `api/v2/files/{id}/metadata` with X-API-KEY) and the download
+(v1 `api/files/{intermediateId or id}?key=`, v2 `api/v2/files/{id}`), the file into a private
+folder. The job reaches the extractor with both under STAGED_KEY and STAGED_INFO_KEY. The
+extractor process is `python -m agent.stage_ahead` instead of `python -m agent.worker_process`:
+the same program with a connector that pops those keys, answers pyclowder's file-info GET for
+that file with the staged answer, and hands pyclowder the local copy through its own local-file
+hook (`_check_for_local_file`), so pyclowder skips the download and does not delete the file (the
+agent does, after the job).
 
-Everything else about the message is unchanged: pyclowder still fetches the file's info, runs
-check_message and process_message, uploads and reports. A staging failure is not an error: the
-job goes to the extractor without a staged file and pyclowder downloads it as usual, so failures
-are reported exactly as without stage-ahead.
+Everything else about the message is unchanged: pyclowder still asks for the file's info (and gets
+Clowder's answer of a moment before), runs check_message and process_message, uploads and
+reports. A staging failure is not an error: the job goes to the extractor without what failed and
+pyclowder fetches it as usual, so failures are reported exactly as without stage-ahead.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import tempfile
 import threading
 from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from hpc_common.file_fetch import api_version, download_path, info_path, is_one_file, suffix
 
 log = logging.getLogger("agent.stage")
 STAGED_KEY = "_agent_staged_path"
+STAGED_INFO_KEY = "_agent_staged_info"
+INFO_LIMIT = 1 << 20  # a file info larger than this is left for pyclowder to fetch
 _local = threading.local()
 
 
@@ -38,14 +48,7 @@ def usable(init: dict[str, Any]) -> bool:
 
 def stageable(body: dict[str, Any], init: dict[str, Any]) -> bool:
     """True for a message pyclowder handles as one file to download (not a dataset, not metadata)."""
-    if not isinstance(body.get("id"), str) or not body.get("host") and not init.get("clowder_url"):
-        return False
-    if body.get("resource_type") == "file":
-        return True
-    key = str(body.get("routing_key") or "")
-    if ".file." in key:
-        return True
-    return key.startswith("extractors.") and body.get("datasetId") != body.get("id")
+    return is_one_file(body, host_known=bool(init.get("clowder_url")))
 
 
 def _http() -> Any:
@@ -56,22 +59,50 @@ def _http() -> Any:
     return http
 
 
-def stage_file(body: dict[str, Any], init: dict[str, Any], folder: str) -> Optional[str]:
-    """Download the message's file into folder; its path, or None (pyclowder will download it)."""
+def _where(body: dict[str, Any], init: dict[str, Any]) -> tuple[str, int, str]:
+    """The Clowder host pyclowder would use for this message (ending in /), its API version, the key."""
     host = init.get("clowder_url") or body.get("host") or ""
     if not host.endswith("/"):
         host += "/"
-    key = body.get("secretKey", "")
-    version = int(body.get("clowderVersion", init.get("clowder_version", 1)))
-    file_id = body.get("intermediateId") or body["id"]
-    ext = os.path.splitext(str(body.get("filename", "")))[1]
-    if version == 2:
-        url, kwargs = f"{host}api/v2/files/{file_id}", {"headers": {"X-API-KEY": key}}
-    else:
-        url, kwargs = f"{host}api/files/{file_id}", {"params": {"key": key}}
-    fd, path = tempfile.mkstemp(suffix=ext, dir=folder)
+    return host, api_version(body, int(init.get("clowder_version", 1))), str(body.get("secretKey", ""))
+
+
+def _auth(version: int, key: str) -> dict[str, Any]:
+    return {"headers": {"X-API-KEY": key}} if version == 2 else {"params": {"key": key}}
+
+
+def usable_info(text: str) -> bool:
+    """A file info worth handing pyclowder: JSON within INFO_LIMIT (anything else it fetches and reports itself)."""
+    if len(text) > INFO_LIMIT:
+        return False
     try:
-        response = _http().request("GET", url, stream=True, verify=init.get("ssl_verify", True), **kwargs)
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def stage_info(body: dict[str, Any], init: dict[str, Any]) -> Optional[dict[str, str]]:
+    """The file info pyclowder would fetch ({"path", "json"}), or None (pyclowder will fetch it)."""
+    host, version, key = _where(body, init)
+    path = info_path(body, version)
+    try:
+        response = _http().request("GET", host + path, verify=init.get("ssl_verify", True), **_auth(version, key))
+        text = response.text
+    except Exception as exc:  # noqa: BLE001 - pyclowder will try again and report it properly
+        log.info("stage-ahead of file %s's info failed (%s); the extractor fetches it itself", body.get("id"),
+                 exc.__class__.__name__)
+        return None
+    return {"path": path, "json": text} if response.status_code == 200 and usable_info(text) else None
+
+
+def stage_file(body: dict[str, Any], init: dict[str, Any], folder: str) -> Optional[str]:
+    """Download the message's file into folder; its path, or None (pyclowder will download it)."""
+    host, version, key = _where(body, init)
+    fd, path = tempfile.mkstemp(suffix=suffix(body), dir=folder)
+    try:
+        response = _http().request("GET", host + download_path(body, version), stream=True,
+                                   verify=init.get("ssl_verify", True), **_auth(version, key))
         with os.fdopen(fd, "wb") as out:
             for chunk in response.iter_content(chunk_size=1 << 16):
                 out.write(chunk)
@@ -86,6 +117,60 @@ def stage_file(body: dict[str, Any], init: dict[str, Any], folder: str) -> Optio
         return None
 
 
+def stage(body: dict[str, Any], init: dict[str, Any], folder: str,
+          have: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Stage what the job lacks of its file info and file: the keys to add to its body (none when both failed).
+
+    have: what is staged already (inline_extras), kept and not fetched again.
+    """
+    extras: dict[str, Any] = dict(have or {})
+    if STAGED_INFO_KEY not in extras:
+        info = stage_info(body, init)
+        if info is not None:
+            extras[STAGED_INFO_KEY] = info
+    if STAGED_KEY not in extras:
+        path = stage_file(body, init, folder)
+        if path is not None:
+            extras[STAGED_KEY] = path
+    return extras
+
+
+def inline_extras(body: dict[str, Any], init: dict[str, Any], inline: dict[str, Any], folder: str) -> dict[str, Any]:
+    """The keys for a job whose file info and file came with it (a relay's lease, launcher.relay.inline).
+
+    inline: {"info_path", "info" (Clowder's answer, text), "file_path", "file" (bytes)}, either
+    part missing. A part fetched from another path than pyclowder would ask is left out: it
+    fetches that itself.
+    """
+    extras: dict[str, Any] = {}
+    version = _where(body, init)[1]
+    info = inline.get("info")
+    if isinstance(info, str) and inline.get("info_path") == info_path(body, version) and usable_info(info):
+        extras[STAGED_INFO_KEY] = {"path": inline["info_path"], "json": info}
+    data = inline.get("file")
+    if isinstance(data, bytes) and inline.get("file_path") == download_path(body, version):
+        fd, path = tempfile.mkstemp(suffix=suffix(body), dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        except OSError as exc:  # this node's scratch is full: pyclowder downloads it (and reports that)
+            log.info("inline file %s not written (%s); the extractor downloads it itself", body.get("id"), exc)
+            discard({STAGED_KEY: path})
+        else:
+            extras[STAGED_KEY] = path
+    return extras
+
+
+def discard(extras: dict[str, Any]) -> None:
+    """Delete a job's staged file, if it has one."""
+    path = extras.get(STAGED_KEY)
+    if path:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def _install_staged_connector() -> None:
     """Make agent.worker_process use a connector that takes staged files.
 
@@ -98,13 +183,23 @@ def _install_staged_connector() -> None:
 
     class StagedConnector(base):  # type: ignore[misc, valid-type]
         _staged: Optional[str] = None
+        _info: Optional[dict[str, str]] = None
 
         def run(self, body: dict[str, Any]) -> dict[str, Any]:
             self._staged = body.pop(STAGED_KEY, None)
+            info = body.pop(STAGED_INFO_KEY, None)
+            self._info = info if isinstance(info, dict) else None
             try:
                 return super().run(body)
             finally:
-                self._staged = None
+                self._staged = self._info = None
+
+        def get(self, url: str, params: Any = None, raise_status: bool = True, **kwargs: Any) -> Any:
+            info = self._info
+            if info is not None and not params and urlsplit(url).path.endswith("/" + info["path"]):
+                self._info = None  # once: a second look at the info goes to Clowder
+                return _answer(url, info["json"])
+            return super().get(url, params=params, raise_status=raise_status, **kwargs)
 
         def _check_for_local_file(self, file_metadata: Any) -> Optional[str]:
             if self._staged and os.path.isfile(self._staged):
@@ -112,6 +207,17 @@ def _install_staged_connector() -> None:
             return super()._check_for_local_file(file_metadata)
 
     connector.AgentConnector = StagedConnector  # type: ignore[misc]
+
+
+def _answer(url: str, text: str) -> Any:
+    """A requests.Response carrying a staged JSON answer, as Clowder gave it."""
+    import requests
+
+    response = requests.Response()
+    response.status_code, response.url, response.encoding = 200, url, "utf-8"
+    response._content = text.encode()
+    response.headers["Content-Type"] = "application/json"
+    return response
 
 
 def main() -> int:

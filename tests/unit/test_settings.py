@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 AGENT_BAD = {
     "source": "carrier-pigeon", "clowder_version": "3", "mounted_paths": "[1]", "ssl_verify": "maybe",
     "max_retries": "-1", "retry_backoff": "soon", "heartbeat": "-5", "slots": "0", "time_limit": "x",
-    "memory_limit": "-1", "recycle_after": "1.5", "prefetch": "-2", "idle_exit": "never", "max_messages": "-1",
+    "memory_limit": "-1", "recycle_after": "1.5", "prefetch": "-2", "relay_inline": "-1", "idle_exit": "never", "max_messages": "-1",
     "stop_grace": "-1", "walltime": "tomorrow", "walltime_margin": "-1", "journal_after": "0",
     "connect_timeout": "-1", "reconnect_timeout": "x", "log_level": "LOUD", "mpi": "sometimes",
     "mpi_leader": "rack", "mpi_rank_timeout": "0", "stage_ahead": "perhaps",
