@@ -41,6 +41,7 @@ import queue
 import threading
 import time
 from typing import Any, Callable, Optional
+from urllib.parse import quote
 
 import requests
 from requests.structures import CaseInsensitiveDict
@@ -94,8 +95,11 @@ class RelaySource(WorkSource):
 
     def __init__(self, url: str, token: str, prefetch: int, agent_id: str, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, verify: Any = True, lease_wait: float = 20.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, inline: int = 0, clowder_version: int = 1) -> None:
+        """inline: ask for files up to this size with their lease (the relay's "inline_files"), 0: never."""
         self.url = url.rstrip("/")
+        self.inline = inline
+        self.clowder_version = clowder_version
         self.prefetch = max(1, prefetch)
         self._refill = max(1, self.prefetch // 2)
         self.agent_id = agent_id
@@ -186,7 +190,10 @@ class RelaySource(WorkSource):
         self.lease_ttl = float(hello.get("lease_ttl", 15.0))
         self.lease_wait = min(self.lease_wait, float(hello.get("max_wait", self.lease_wait)))
         self.generation = 1
-        self._carry = "lease_complete" in (hello.get("features") or [])
+        features = hello.get("features") or []
+        self._carry = "lease_complete" in features
+        if "inline_files" not in features:
+            self.inline = 0  # an earlier relay: each file's calls are forwarded as they come
         log.info("relay %s: queue %s, leases of %.0fs, up to %d held", self.url, self.queue, self.lease_ttl,
                  self.prefetch)
         for target, name in ((self._lease_loop, "relay-lease"), (self._heartbeat_loop, "relay-heartbeat"),
@@ -271,6 +278,8 @@ class RelaySource(WorkSource):
                 self._room.clear()
                 continue
             payload: dict[str, Any] = {"agent": self.agent_id, "max": room, "wait": self.lease_wait}
+            if self.inline:
+                payload.update(inline=self.inline, clowder_version=self.clowder_version)
             carried = self._take_done() if self._carry else []
             if carried:  # settled first; no long poll, so their confirmation comes back at once
                 payload.update(complete=[d.token for d in carried], wait=0)
@@ -329,7 +338,7 @@ class RelaySource(WorkSource):
                         reply_to=item.get("reply_to"), correlation_id=item.get("correlation_id"),
                         headers=dict(item.get("headers") or {}), content_type=item.get("content_type"),
                         redelivered=int(item.get("attempts") or 0) > 0, token=item["lease_id"],
-                        received_at=self._clock(), secured=True)
+                        received_at=self._clock(), secured=True, inline=_inline(item.get("inline")))
 
     def _heartbeat_loop(self) -> None:
         http = self._session()
@@ -490,12 +499,16 @@ class RelaySource(WorkSource):
         self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:2000], "delay": float(delay)})
 
     def work_soon(self) -> Optional[float]:
-        """Ask the relay whether messages will be leasable soon (None when not, or when it is away)."""
+        """Ask the relay whether messages will be leasable soon (None when not, or when it is away).
+
+        Leases the relay granted us whose answer is still on its way (its inline files being
+        fetched, say) count as work now: they are leased, so the table no longer shows them.
+        """
         try:
-            answer = self._call(self._settle_http, "GET", "/v1/backlog", timeout=5.0)
+            answer = self._call(self._settle_http, "GET", f"/v1/backlog?agent={quote(self.agent_id)}", timeout=5.0)
         except (SourceLost, _Gone, SourceUnavailable):
             return None
-        if int(answer.get("ready") or 0) > 0:
+        if int(answer.get("ready") or 0) > 0 or int(answer.get("on_the_way") or 0) > 0 or not self._inbox.empty():
             return 0.0
         if int(answer.get("pending") or 0) > 0:
             after = answer.get("retry_after")
@@ -528,6 +541,24 @@ class RelaySource(WorkSource):
         return 0
 
 
+def _inline(raw: Any) -> Optional[dict[str, Any]]:
+    """A lease's inline file info and file (launcher.relay.inline), decoded; None when absent or malformed.
+
+    Anything malformed is dropped, not an error: the extractor then fetches through the relay.
+    """
+    if not isinstance(raw, dict):
+        return None
+    inline: dict[str, Any] = {}
+    if isinstance(raw.get("info"), str) and isinstance(raw.get("info_path"), str):
+        inline.update(info=raw["info"], info_path=raw["info_path"])
+    if isinstance(raw.get("file_b64"), str) and isinstance(raw.get("file_path"), str):
+        try:
+            inline.update(file=base64.b64decode(raw["file_b64"], validate=True), file_path=raw["file_path"])
+        except ValueError:
+            pass
+    return inline or None
+
+
 def _error_text(resp: requests.Response) -> str:
     try:
         return str(resp.json().get("error", ""))[:300]
@@ -543,7 +574,8 @@ def from_config(cfg: Any, agent_id: str) -> RelaySource:
         raise ConfigError(f"relay_token_file: {exc}") from None
     verify: Any = cfg.relay_ca if getattr(cfg, "relay_ca", None) else True
     return RelaySource(cfg.relay_url, token, cfg.effective_prefetch(), agent_id,
-                       connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout, verify=verify)
+                       connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout, verify=verify,
+                       inline=cfg.relay_inline, clowder_version=cfg.clowder_version)
 
 
 __all__ = ["RelaySource", "from_config"]

@@ -199,6 +199,30 @@ class Forwarder:
         finally:
             upstream.release()
 
+    # -- fetches of the relay's own (launcher.relay.inline) -----------------------------------------------
+    async def fetch(self, lease_id: str, lease_key: str, path: str, version: int, limit: int) -> Optional[bytes]:
+        """GET path for a lease as its extractor would (the same checks), the body if 200 and within limit.
+
+        None for anything else (refused, not 200, encoded, too large, Clowder unreachable): the
+        extractor then makes the call itself and sees what Clowder says.
+        """
+        headers = {"X-API-Key": lease_key} if version == 2 else {}
+        try:
+            plan = self.plan("GET", headers, lease_id, path, "" if version == 2 else urlencode({"key": lease_key}))
+            plan.headers["Accept-Encoding"] = "identity"
+            answer = await self._send_lean("GET", plan, b"")
+        except ClientError:
+            return None
+        try:
+            if answer.status != 200 or answer.headers.get("Content-Encoding", "identity").lower() != "identity" \
+                    or (answer.content_length or 0) > limit:
+                return None
+            return await answer.read_all(limit)
+        except _CUT_SHORT:
+            return None
+        finally:
+            answer.release()
+
     # -- request side -------------------------------------------------------------------------------------
     async def _body(self, request: web.BaseRequest, length: Optional[int],
                     trouble: list[ClientError]) -> AsyncIterator[bytes]:

@@ -26,6 +26,7 @@ class RelayMetrics(Collector):
         self._lock = threading.Lock()
         self._requests: dict = {}
         self._forward_errors = 0
+        self._inlined = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -37,6 +38,12 @@ class RelayMetrics(Collector):
             self._requests[key] = self._requests.get(key, 0) + 1
             if forwarded and status >= 500:
                 self._forward_errors += 1
+
+    def inlined(self, files: int) -> None:
+        """Count files sent inline with their lease (launcher.relay.inline)."""
+        if files:
+            with self._lock:
+                self._inlined += files
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything above."""
@@ -55,7 +62,7 @@ class RelayMetrics(Collector):
         up.add_metric(q, 1 if self.broker.connected.is_set() else 0)
         yield up
         with self._lock:
-            requests, errors = dict(self._requests), self._forward_errors
+            requests, errors, inlined = dict(self._requests), self._forward_errors, self._inlined
         req = CounterMetricFamily("clowder_hpc_relay_requests", "HTTP requests answered, by endpoint and status",
                                   labels=["queue", "endpoint", "code"])
         for (endpoint, code), n in sorted(requests.items()):
@@ -66,3 +73,7 @@ class RelayMetrics(Collector):
                                   labels=["queue"])
         fwd.add_metric(q, errors)
         yield fwd
+        inl = CounterMetricFamily("clowder_hpc_relay_inline_files",
+                                  "Files sent inline with their lease (no forwarded download for them)", labels=["queue"])
+        inl.add_metric(q, inlined)
+        yield inl

@@ -3,18 +3,22 @@
 Work API (JSON in and out, `Authorization: Bearer <token>` on every call):
 
   GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload, broker_connected,
-                                          features} (features: "lease_complete")
-  POST /v1/lease       {agent, max, wait, complete?}  up to max leases, waiting up to wait s for the
-                                          first; `complete` (lease ids done) is settled first, as
-                                          /v1/complete would, answered in {done, gone} beside `leases`
-                                          (one round trip per file instead of two)
+                                          features} (features: "lease_complete", "inline_files")
+  POST /v1/lease       {agent, max, wait, complete?, inline?, clowder_version?}  up to max leases,
+                                          waiting up to wait s for the first; `complete` (lease ids
+                                          done) is settled first, as /v1/complete would, answered in
+                                          {done, gone} beside `leases` (one round trip per file
+                                          instead of two); with `inline` (bytes), file messages'
+                                          file info and files up to that size come in each lease's
+                                          `inline` (launcher.relay.inline)
   POST /v1/extend      {lease_ids}         heartbeat: {extended, gone}
   POST /v1/complete    {lease_id} or {lease_ids}   done, results in Clowder: the message is forgotten
   POST /v1/release     {lease_id}          hand back (not a failure): leasable again at once
   POST /v1/fail        {lease_id, attempts, reason, delay?}  {outcome: retry | dead}; leasable again
                                           after delay s (default: the relay's --retry-backoff)
-  GET  /v1/backlog                       what the table holds: {ready, backoff, stale, leased, dead,
-                                          pending, retry_after} (launcher.backlog, idle agents)
+  GET  /v1/backlog[?agent=ID]            what the table holds: {ready, backoff, stale, leased, dead,
+                                          pending, retry_after} (launcher.backlog, idle agents); with
+                                          agent, `on_the_way`: leases granted to it, answer not yet sent
   POST /v1/dead-letter {lease_id, reason, traceback, attempts, agent}
   POST /v1/status      {items: [{lease_id, payload}]}        best effort, to the lease's reply_to
   POST /v1/register    {agent, extractor_info, owner}        best effort, `extractors` exchange
@@ -52,6 +56,7 @@ import base64
 import concurrent.futures
 import functools
 import hmac
+import itertools
 import json
 import logging
 import re
@@ -68,6 +73,7 @@ from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
 
 from .broker import BrokerLink
 from .forward import ClientError, Forwarder, continue_if_asked
+from .inline import inline_parts
 from .longpoll import LeaseWaiters
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
 from .store import Lease, LeaseStore
@@ -225,6 +231,7 @@ class Relay:
         self.metrics = RelayMetrics(store, broker, settings.queue)
         self._agent_seen = 0.0            # monotonic time of the last call by an agent
         self._long_polls = 0              # agents waiting in /v1/lease right now (alive too; event loop only)
+        self._on_the_way: dict[str, int] = {}  # agent -> leases granted, its answer not yet written (event loop)
         self._registration: Optional[dict[str, Any]] = None
         self._next_register = 0.0
 
@@ -404,7 +411,8 @@ class Relay:
     async def _hello(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return 200, {"queue": self.settings.queue, "lease_ttl": self.settings.lease_ttl,
                      "max_wait": self.settings.max_wait, "max_upload": self.settings.max_upload,
-                     "broker_connected": self.broker.connected.is_set(), "features": ["lease_complete"]}
+                     "broker_connected": self.broker.connected.is_set(),
+                     "features": ["lease_complete", "inline_files"]}
 
     def _base_url(self, request: web.BaseRequest) -> str:
         if self.settings.public_url:
@@ -423,6 +431,10 @@ class Relay:
             raise ClientError(400, "field 'max' must be between 1 and 100")
         if wait < 0:
             raise ClientError(400, "field 'wait' must not be negative")
+        inline = _field(body, "inline", int, required=False, default=0)
+        version = _field(body, "clowder_version", int, required=False, default=1)
+        if inline < 0 or version not in (1, 2):
+            raise ClientError(400, "field 'inline' must not be negative, 'clowder_version' must be 1 or 2")
         ids = self._lease_ids(body, "complete") if "complete" in body else None
         if self.stopping.is_set():
             if ids is None:
@@ -439,18 +451,38 @@ class Relay:
             self._long_polls -= 1
             self._agent_seen = time.monotonic()
         settled = _settled(ids, done) if ids is not None else {}
-        resp = json_response(200, {"leases": [self._handed_out(lease) for lease in leases], **settled})
+        self._on_the_way[agent] = self._on_the_way.get(agent, 0) + len(leases)
         try:
+            return 200, await self._hand_out(request, leases, settled, inline, version, gone)
+        finally:
+            left = self._on_the_way.pop(agent, 0) - len(leases)
+            if left > 0:
+                self._on_the_way[agent] = left
+
+    async def _hand_out(self, request: web.BaseRequest, leases: list[Lease], settled: dict[str, Any], inline: int,
+                        version: int, gone: Callable[[], bool]) -> web.Response:
+        """Write the lease answer (with inline files if asked); leases it did not reach go back at once."""
+        delivered = False
+        resp = json_response(200, {"leases": [], **settled})  # what is left to say should the lease answer fail
+        try:
+            parts = await inline_parts(self.forwarder, leases, inline, version) if inline and leases else []
+            self.metrics.inlined(sum(1 for part in parts if part and "file_b64" in part))
+            handed = [self._handed_out(lease, part) for lease, part in itertools.zip_longest(leases, parts)]
+            resp = json_response(200, {"leases": handed, **settled})
             if leases and gone():
                 raise ConnectionResetError("the agent hung up during its long poll")
             await resp.prepare(request)
             await resp.write_eof()
+            delivered = True
         except (ConnectionError, RuntimeError):
-            for lease in leases:  # never delivered: leasable again at once
-                await self.run_blocking(self.store.release, lease.lease_id)
-        return 200, resp
+            pass
+        finally:
+            if not delivered:
+                for lease in leases:  # never delivered: leasable again at once
+                    await self.run_blocking(self.store.release, lease.lease_id)
+        return resp
 
-    def _handed_out(self, lease: Lease) -> dict[str, Any]:
+    def _handed_out(self, lease: Lease, inline: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         body = lease.body
         original = lease.original()
         if isinstance(original.get("host"), str) and isinstance(original.get("secretKey"), str):
@@ -463,7 +495,8 @@ class Relay:
         return {"lease_id": lease.lease_id, "body_b64": base64.b64encode(body).decode("ascii"),
                 "routing_key": lease.routing_key, "reply_to": lease.reply_to,
                 "correlation_id": lease.correlation_id, "headers": headers, "content_type": lease.content_type,
-                "attempts": lease.attempts, "expires_in": lease.expires_at - time.time()}
+                "attempts": lease.attempts, "expires_in": lease.expires_at - time.time(),
+                **({"inline": inline} if inline else {})}
 
     def _lease_id(self, body: dict[str, Any]) -> str:
         value = _field(body, "lease_id", str)
@@ -557,6 +590,9 @@ class Relay:
     async def _backlog(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         counts = await self.run_blocking(self.store.backlog, self.settings.lease_ttl)
         counts.update(queue=self.settings.queue, lease_ttl=self.settings.lease_ttl)
+        agent = request.query.get("agent")
+        if agent:  # leases granted to that agent whose answer is still being written: work it is about to get
+            counts["on_the_way"] = self._on_the_way.get(agent[:200], 0)
         return 200, counts
 
     async def _metrics(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, web.Response]:
