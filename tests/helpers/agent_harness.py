@@ -65,9 +65,9 @@ class AgentHarness:
         body.update(extra)
         return body
 
-    def v2_body(self, file_id: str, name: str = "input.txt") -> dict[str, Any]:
+    def v2_body(self, file_id: str, name: str = "input.txt", size: int = 10) -> dict[str, Any]:
         return {"host": self.standin.url, "secretKey": self.key, "retry_count": 0, "resource_type": "file",
-                "flags": "", "filename": name, "fileSize": 10, "id": file_id, "datasetId": "ds-" + self.queue,
+                "flags": "", "filename": name, "fileSize": size, "id": file_id, "datasetId": "ds-" + self.queue,
                 "job_id": "job-" + file_id, "parameters": {}}
 
     def publish(self, body: Any, v2: bool = False, raw: Optional[bytes] = None, headers: Optional[dict] = None) -> None:
@@ -82,7 +82,8 @@ class AgentHarness:
 
     def publish_file(self, content: bytes, name: str = "input.txt", v2: bool = False) -> str:
         file_id = self.add_file(content, name)
-        self.publish(self.v2_body(file_id, name) if v2 else self.v1_body(file_id, name), v2=v2)
+        size = len(content)  # as Clowder sends it: v1 a string, v2 a number
+        self.publish(self.v2_body(file_id, name, size) if v2 else self.v1_body(file_id, name, fileSize=str(size)), v2=v2)
         return file_id
 
     # -- agents ----------------------------------------------------------------------------------

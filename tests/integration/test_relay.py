@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,90 @@ def test_completions_ride_on_a_lease_call_settled_before_it_leases(harness, loca
     assert bad.status_code == 400 and "'complete'" in bad.json()["error"], bad.text
     plain = r.call("POST", "/v1/lease", {"agent": "test", "max": 1, "wait": 0}).json()
     assert "done" not in plain and plain["leases"] == []  # not asked: not answered
+
+
+def test_small_files_come_inline_with_their_lease_within_the_limits(harness, local_relay):
+    """POST /v1/lease {inline}: each file message's file info and (small) file ride in its lease item."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = local_relay
+    assert "inline_files" in r.call("GET", "/v1/hello").json()["features"]
+    small = {harness.publish_file(b"small %d\n" % i, name=f"s{i}.txt"): b"small %d\n" % i for i in range(2)}
+    large = harness.publish_file(b"L" * 5000, name="large.bin")
+    v2 = harness.publish_file(b"version two\n", v2=True)
+    unsized = harness.add_file(b"U" * 5000)
+    harness.publish(harness.v1_body(unsized, fileSize=""))  # no size stated: fetched, abandoned at its headers
+    bad = r.call("POST", "/v1/lease", {"agent": "test", "max": 1, "inline": -1})
+    assert bad.status_code == 400 and "'inline'" in bad.json()["error"], bad.text
+    leases: list = []
+    deadline = time.monotonic() + 20
+    while len(leases) < 5 and time.monotonic() < deadline:
+        leases += r.call("POST", "/v1/lease", {"agent": "test", "max": 5, "wait": 2, "inline": 1000}).json()["leases"]
+    by_id = {json.loads(base64.b64decode(x["body_b64"]))["id"]: x for x in leases}
+    assert set(by_id) == set(small) | {large, v2, unsized}
+    for fid, content in small.items():
+        inline = by_id[fid]["inline"]
+        assert inline["file_path"] == f"api/files/{fid}" and base64.b64decode(inline["file_b64"]) == content
+        assert inline["info_path"] == f"api/files/{fid}/metadata"
+        assert json.loads(inline["info"])["id"] == fid  # Clowder's answer, as pyclowder would get it
+    for fid in (large, unsized):
+        assert "file_b64" not in by_id[fid]["inline"] and "info" in by_id[fid]["inline"]  # over 1000 bytes
+    # a v2 message leased by a v1 agent: fetched the v1 way (what that extractor would ask)
+    assert by_id[v2]["inline"]["info_path"] == f"api/files/{v2}/metadata"
+    samples = {s.name: s.value for fam in text_string_to_metric_families(r.call("GET", "/metrics").text)
+               for s in fam.samples}
+    assert samples["clowder_hpc_relay_inline_files_total"] == 3
+    harness.publish_file(b"not asked\n")
+    plain = _lease_one(r)
+    assert "inline" not in plain  # not asked: not sent
+
+
+def test_a_silent_clowder_holds_a_lease_answer_only_to_the_inline_deadline(harness, tmp_path):
+    """Inline fetches that get no answer are given up; meanwhile the backlog tells that agent its lease is coming."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts, never answers
+    r = RelayProc(harness, "127.0.0.1", tmp_path, "--clowder-url", f"http://127.0.0.1:{silent.getsockname()[1]}/")
+    r.start()
+    try:
+        harness.publish_file(b"x\n")
+        got: dict[str, Any] = {}
+        asking = threading.Thread(target=lambda: got.update(resp=r.call(
+            "POST", "/v1/lease", {"agent": "slow-one", "max": 1, "wait": 10, "inline": 1000})))
+        asking.start()
+        seen = []
+        deadline = time.monotonic() + 10
+        while asking.is_alive() and time.monotonic() < deadline:
+            seen.append(r.call("GET", "/v1/backlog?agent=slow-one").json().get("on_the_way"))
+            time.sleep(0.05)
+        asking.join(20)
+        assert 1 in seen, seen  # leased to it, its answer not yet written: an idle agent waits for it
+        assert r.call("GET", "/v1/backlog?agent=another").json()["on_the_way"] == 0
+        assert r.call("GET", "/v1/backlog?agent=slow-one").json()["on_the_way"] == 0
+        leases = got["resp"].json()["leases"]
+        assert len(leases) == 1 and "inline" not in leases[0]  # nothing arrived in time: the extractor asks itself
+    finally:
+        r.stop()
+        silent.close()
+
+
+def test_agent_through_the_relay_stages_ahead_and_downloads_each_file_once(harness, local_relay, tmp_path):
+    """Source relay stages ahead by default: small files come inline, large ones are fetched ahead; each once."""
+    contents = [b"line %d\n" % i * (1 + i) for i in range(8)] + [b"B" * 400_000]
+    ids = [harness.publish_file(c, name=f"f{i}.txt") for i, c in enumerate(contents)]
+    work = tmp_path / "work"
+    proc = start_agent_in(harness, None, "--idle-exit", "2", AGENT_PLUGIN="ncsa.wordcount.hpc",
+                          AGENT_WORK_DIR=str(work), **local_relay.agent_env())
+    assert wait_exit(harness, proc) == 0, harness.log_text()
+    for fid, content in zip(ids, contents):
+        md = harness.standin.metadata_for(fid)
+        assert len(md) == 1 and md[0]["content"]["characters"] == len(content), (fid, md)
+    counts = harness.standin.request_counts()
+    blob_gets = sum(n for route, n in counts.items() if route.startswith("GET api/files/{") and route.endswith("}"))
+    info_gets = sum(n for route, n in counts.items() if route.startswith("GET api/files/{") and route.endswith("metadata"))
+    assert blob_gets == len(ids) and info_gets == len(ids), counts  # once each: ahead of pyclowder, not again
+    assert "stage-ahead on" in harness.log_text()
+    assert [p for p in work.iterdir() if p.name.startswith("agent-stage-")] == []  # staged copies removed
 
 
 def test_bad_tokens_and_malformed_requests_get_clear_errors(harness, local_relay):
@@ -546,7 +631,8 @@ def test_retries_wait_in_the_relay_not_in_the_agent(harness, plain_relay):
     assert wait_exit(harness, proc, timeout=120) == 0, harness.log_text()
     runs = [r[0] for r in harness.runs()]
     second_attempts = [i for i, f in enumerate(runs) if f in failing and runs[:i].count(f) == 1]
-    assert len(second_attempts) == 2 and max(runs.index(f) for f in good) < min(second_attempts), runs
+    assert len(second_attempts) == 2 and max(runs.index(f) for f in good) < min(second_attempts), \
+        (runs, failing, harness.log_text())
     assert "source holds work deliverable" in harness.log_text()  # it stayed for the retries
     errors = {json.loads(body)["id"]: props for props, body in _wait_errors(harness, 2)}
     assert set(errors) == set(failing)
