@@ -118,7 +118,8 @@ class Runner:
         #: stops that concern the whole agent (this node's scratch is full); agent.runner_group
         #: points it at every plugin's runner
         self.stop_agent: Callable[[str], None] = self.request_stop
-        self.stager = StagePool(stage_init, 2 * cfg.slots, self.post, self._dispatch) if stage_init is not None else None
+        self.stager = StagePool(stage_init, 2 * cfg.slots, self.post, self._dispatch,
+                                on_off=source.inline_off) if stage_init is not None else None
 
     # -- cross-thread ----------------------------------------------------------------------------
     def post(self, fn: Callable[[], None]) -> None:
@@ -416,6 +417,8 @@ class Runner:
         slot.busy_with = None
         if delivery is not None and self.stager is not None:
             self.stager.forget(delivery)
+            if "staged_used" in frame:
+                self.stager.note_use(bool(frame["staged_used"]))
         if delivery is None:
             if kind == "died":
                 log.warning("slot %d: idle %s", slot.index, frame.get("reason"))

@@ -184,25 +184,31 @@ def _install_staged_connector() -> None:
     class StagedConnector(base):  # type: ignore[misc, valid-type]
         _staged: Optional[str] = None
         _info: Optional[dict[str, str]] = None
+        _used = False
 
         def run(self, body: dict[str, Any]) -> dict[str, Any]:
             self._staged = body.pop(STAGED_KEY, None)
             info = body.pop(STAGED_INFO_KEY, None)
             self._info = info if isinstance(info, dict) else None
+            offered, self._used = bool(self._staged or self._info), False
             try:
-                return super().run(body)
+                outcome = super().run(body)
             finally:
                 self._staged = self._info = None
+            # Whether pyclowder took what was fetched for it (not when check_message skipped the
+            # download): the agent stops staging for an extractor that never does (agent.stage_pool).
+            return dict(outcome, staged_used=self._used) if offered else outcome
 
         def get(self, url: str, params: Any = None, raise_status: bool = True, **kwargs: Any) -> Any:
             info = self._info
             if info is not None and not params and urlsplit(url).path.endswith("/" + info["path"]):
-                self._info = None  # once: a second look at the info goes to Clowder
+                self._info, self._used = None, True  # once: a second look at the info goes to Clowder
                 return _answer(url, info["json"])
             return super().get(url, params=params, raise_status=raise_status, **kwargs)
 
         def _check_for_local_file(self, file_metadata: Any) -> Optional[str]:
             if self._staged and os.path.isfile(self._staged):
+                self._used = True
                 return self._staged
             return super()._check_for_local_file(file_metadata)
 

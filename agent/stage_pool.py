@@ -9,6 +9,11 @@ them. A staging that fails hands the extractor nothing: pyclowder fetches what i
 
 Threads only fetch; every change of state happens on the Runner's main thread (`post`), so the
 Runner needs no lock. Staged files live in a private folder removed at close.
+
+An extractor whose check_message skips the download (bypass, or files it ignores) never uses what
+was fetched for it: after UNUSED_LIMIT such files in a row the pool stops staging for good (and
+`on_off` tells the source, so a relay stops sending files inline), rather than double the
+Clowder requests of every file.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from .messages import Delivery
 from .stage_ahead import STAGED_INFO_KEY, STAGED_KEY, discard, inline_extras, stage, stageable, usable
 
 log = logging.getLogger("agent.stage")
+UNUSED_LIMIT = 8  # files in a row whose staged copy the extractor did not take: then staging stops
 
 
 class _Entry:
@@ -40,14 +46,17 @@ class StagePool:
     """Stage waiting deliveries on `threads` threads; `on_staged` runs (main thread) after each."""
 
     def __init__(self, init: dict[str, Any], threads: int, post: Callable[[Callable[[], None]], None],
-                 on_staged: Callable[[], None]) -> None:
+                 on_staged: Callable[[], None], on_off: Callable[[], None] = lambda: None) -> None:
         self._init = init
+        self._on_off = on_off
+        self._unused = 0
         self._threads = max(1, threads)  # the Runner gives two per slot: two files can be on their way
         self._post = post
         self._on_staged = on_staged
         self._entries: dict[int, _Entry] = {}    # id(delivery) -> entry (main thread only)
         self._todo: "queue.SimpleQueue[Optional[_Entry]]" = queue.SimpleQueue()
         self._folder: Optional[str] = None
+        self._staging_on = True
 
     @staticmethod
     def wanted(init: dict[str, Any]) -> bool:
@@ -69,7 +78,7 @@ class StagePool:
         What came inline with it (delivery.inline) is written out at once; a thread fetches the rest.
         """
         inline, delivery.inline = delivery.inline, None
-        if self._folder is None or not stageable(body, self._init):
+        if self._folder is None or not self._staging_on or not stageable(body, self._init):
             return
         entry = _Entry(delivery, body)
         self._entries[id(delivery)] = entry
@@ -97,6 +106,15 @@ class StagePool:
             entry.forgotten = True
             discard(entry.extras)
             entry.extras = {}
+
+    def note_use(self, used: bool) -> None:
+        """The extractor took (or left) what was staged for a job; UNUSED_LIMIT left in a row stop staging."""
+        self._unused = 0 if used else self._unused + 1
+        if self._unused == UNUSED_LIMIT and self._folder is not None:
+            log.info("stage-ahead off: the extractor used none of the last %d files fetched for it "
+                     "(its check_message skips the download)", UNUSED_LIMIT)
+            self._staging_on = False
+            self._on_off()
 
     def close(self) -> None:
         """Stop the threads and remove every staged file."""

@@ -94,6 +94,9 @@ class WorkSource(abc.ABC):
         """
         return None
 
+    def inline_off(self) -> None:
+        """Stop sending file contents with deliveries (the agent stopped staging ahead); optional."""
+
     @abc.abstractmethod
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None: ...
 

@@ -515,6 +515,10 @@ class RelaySource(WorkSource):
             return float(after) if isinstance(after, (int, float)) else 1.0
         return None
 
+    def inline_off(self) -> None:
+        """Lease without inline files from now on (read by the lease thread at its next call)."""
+        self.inline = 0
+
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         self._settle("/v1/dead-letter", delivery, {"reason": reason[:REASON_LIMIT], "traceback": traceback[-TRACEBACK_LIMIT:],
                                                    "attempts": attempts, "agent": self.agent_id})

@@ -314,6 +314,21 @@ def test_agent_through_the_relay_stages_ahead_and_downloads_each_file_once(harne
     assert [p for p in work.iterdir() if p.name.startswith("agent-stage-")] == []  # staged copies removed
 
 
+def test_staging_stops_for_an_extractor_that_bypasses_the_download(harness, local_relay):
+    """check_message says bypass: after UNUSED_LIMIT files whose fetched copy went unused, nothing is fetched ahead."""
+    from agent.stage_pool import UNUSED_LIMIT
+
+    ids = [harness.publish_file(b"ok\n", name=f"f{i}.bypass") for i in range(30)]
+    proc = start_agent_in(harness, None, "--idle-exit", "2", **local_relay.agent_env())
+    assert wait_exit(harness, proc) == 0, harness.log_text()
+    assert all(harness.standin.metadata_for(fid)[0]["content"]["directive"] == "bypass" for fid in ids)
+    counts = harness.standin.request_counts()
+    blob_gets = sum(n for route, n in counts.items() if route.startswith("GET api/files/{") and route.endswith("}"))
+    # the files staged before the switch: UNUSED_LIMIT, those already waiting (3) and a lease answer on its way (3)
+    assert UNUSED_LIMIT <= blob_gets <= UNUSED_LIMIT + 6, counts
+    assert "stage-ahead off: the extractor used none of the last" in harness.log_text()
+
+
 def test_bad_tokens_and_malformed_requests_get_clear_errors(harness, local_relay):
     r = local_relay
     assert r.call("GET", "/v1/hello", token=None).status_code == 401

@@ -95,3 +95,25 @@ def test_a_delivery_with_its_file_inline_is_ready_at_once_and_its_copy_removed(t
     finally:
         pool.close()
     assert [p for p in os.listdir(tmp_path) if p.startswith("agent-stage-")] == []
+
+
+def test_staging_stops_after_a_run_of_unused_files(tmp_path):
+    from agent.stage_pool import UNUSED_LIMIT
+
+    offs = []
+    pool = StagePool({"work_dir": str(tmp_path)}, 1, lambda fn: None, lambda: None, on_off=lambda: offs.append(1))
+    pool.start()
+    try:
+        for used in [False] * (UNUSED_LIMIT - 1) + [True] + [False] * (UNUSED_LIMIT - 1):
+            pool.note_use(used)  # a used file in the run starts the count again
+        assert offs == []
+        pool.note_use(False)
+        assert offs == [1]
+        inline = {"info_path": "api/files/f1/metadata", "info": "{}", "file_path": "api/files/f1i", "file": b"x"}
+        delivery = Delivery(body=b"", routing_key="q", token="t", inline=inline)
+        pool.take(delivery, dict(V1))
+        assert pool.body_for(delivery, dict(V1)) == V1 and delivery.inline is None  # not written, not staged
+        pool.note_use(False)
+        assert offs == [1]  # said once
+    finally:
+        pool.close()

@@ -13,6 +13,8 @@
   tags               upload tags and metadata
   outputs            upload tags, a preview and a new file to the file's dataset, then as ok
   leak MB            hold MB megabytes, then sleep 30 s (a memory hog)
+A file whose name ends in ".bypass" is not downloaded at all (check_message says bypass) and
+gets metadata {directive: "bypass"}.
 Every run appends "<file id> <pid>" to $DIRECTIVE_LOG when that is set, so tests count runs.
 """
 import os
@@ -21,6 +23,7 @@ import sys
 import time
 
 from pyclowder.connectors import PyClowderExtractionAbort
+from pyclowder.utils import CheckMessage
 from pyclowder.extractors import Extractor
 import pyclowder.files
 
@@ -30,7 +33,17 @@ class Directive(Extractor):
         Extractor.__init__(self)
         self.setup()
 
+    def check_message(self, connector, host, secret_key, resource, parameters):
+        if str(resource.get("name", "")).endswith(".bypass"):
+            return CheckMessage.bypass
+        return CheckMessage.download
+
     def process_message(self, connector, host, secret_key, resource, parameters):
+        if not resource.get("local_paths"):  # bypassed: nothing was downloaded
+            content = {"directive": "bypass", "pid": os.getpid()}
+            metadata = self.get_metadata(content, "file", resource["id"], host)
+            pyclowder.files.upload_metadata(connector, host, secret_key, resource["id"], metadata)
+            return
         path = resource["local_paths"][0]
         with open(path, "rb") as fh:
             data = fh.read()
