@@ -5,17 +5,13 @@ at a time per extractor process through agent.slots.Slot, and reports every fram
 lane. It knows nothing about MPI or the broker: the leader rank drives it directly for its own
 extractor and over MPI for the other ranks (agent.mpi_ranks).
 
-With stage-ahead, a rank holds one more job per extractor than it runs: that job's file is
-downloaded (agent.stage_ahead) while the current one is processed, and the extractor is handed
-the local copy, so download and compute overlap.
+With stage-ahead, a rank holds one more job per extractor than it runs: that job's file and file
+info are fetched (agent.stage_pool, under this worker's lock) while the current one is
+processed, and the extractor is handed the local copy, so download and compute overlap.
 """
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -23,6 +19,7 @@ from typing import Any, Callable, Optional
 from hpc_common.redact import Redactor
 
 from .slots import Slot, StagedSlot
+from .stage_pool import StagePool
 
 log = logging.getLogger("agent.rank")
 Emit = Callable[[int, dict[str, Any]], None]
@@ -33,9 +30,6 @@ class _Job:
     lane: int
     number: int
     body: dict[str, Any]
-    staging: bool = False              # a download is under way for it
-    staged: Optional[dict[str, Any]] = None  # its staged file and file info (keys for its body)
-    cancelled: bool = False
 
 
 class RankWorker:
@@ -44,22 +38,18 @@ class RankWorker:
     def __init__(self, init: dict[str, Any], env: dict[str, str], redactor: Redactor, emit: Emit,
                  extractors: int = 1, stage_ahead: bool = False,
                  on_ready: Optional[Callable[[Optional[dict[str, Any]], str], None]] = None) -> None:
-        from . import stage_ahead as staging
-
         self._emit = emit
         self._on_ready = on_ready
         self._lock = threading.RLock()
         self._waiting: list[_Job] = []
         self._running: dict[int, _Job] = {}      # slot index -> job
-        self.stage_ahead = stage_ahead and staging.usable(init)
+        self.stage_ahead = stage_ahead and StagePool.wanted(init)
         self.extractors = extractors
         self.info: Optional[dict[str, Any]] = None
         self.fatal: Optional[str] = None
         self.ready = threading.Event()
         self._closed = False
-        self._stage_dir: Optional[str] = None
-        self._stage_q: "queue.Queue[Optional[_Job]]" = queue.Queue()
-        self._init = init
+        self._stager = StagePool(init, extractors, self._locked, self._feed) if self.stage_ahead else None
         slot_cls = StagedSlot if self.stage_ahead else Slot
         self._slots = [slot_cls(i, init, self._now, self._on_child_frame, redactor, env=env)
                        for i in range(extractors)]
@@ -73,13 +63,8 @@ class RankWorker:
     def start(self) -> None:
         for slot in self._slots:
             slot.start()
-        if self.stage_ahead:
-            base = self._init.get("work_dir") or None
-            if base:
-                os.makedirs(base, exist_ok=True)
-            self._stage_dir = tempfile.mkdtemp(prefix="agent-stage-", dir=base)
-            for i in range(self.extractors):
-                threading.Thread(target=self._stager, name=f"stage-{i}", daemon=True).start()
+        if self._stager is not None:
+            self._stager.start()
         threading.Thread(target=self._await_ready, name="rank-ready", daemon=True).start()
 
     def _await_ready(self) -> None:
@@ -94,11 +79,8 @@ class RankWorker:
     def submit(self, lane: int, number: int, body: dict[str, Any]) -> None:
         job = _Job(lane, number, body)
         with self._lock:
-            if self.stage_ahead:
-                from .stage_ahead import stageable
-                if stageable(body, self._init):
-                    job.staging = True
-                    self._stage_q.put(job)
+            if self._stager is not None:
+                self._stager.take(job, body)
             self._waiting.append(job)
             self._feed()
 
@@ -128,20 +110,24 @@ class RankWorker:
             self._waiting.clear()
         for slot in self._slots:
             slot.close()
-        for _ in range(self.extractors):
-            self._stage_q.put(None)
 
     def join(self, timeout: float) -> None:
         """Wait (up to timeout) for the extractor processes to exit after close()."""
         for slot in self._slots:
             slot._thread.join(timeout)
-        if self._stage_dir:
-            shutil.rmtree(self._stage_dir, ignore_errors=True)
+        if self._stager is not None:
+            with self._lock:
+                self._stager.close()  # its threads stop and its folder goes, with any file left in it
 
     # -- internals ---------------------------------------------------------------------------------
     @staticmethod
     def _now(fn: Callable[[], None]) -> None:
         fn()
+
+    def _locked(self, fn: Callable[[], None]) -> None:
+        """The stage pool's `post`: its changes of state happen under this worker's lock."""
+        with self._lock:
+            fn()
 
     def _feed(self) -> None:
         """Give each idle extractor the oldest job whose file is ready (lock held)."""
@@ -150,14 +136,13 @@ class RankWorker:
         for index in range(len(self._slots)):
             if index in self._running:
                 continue
-            job = next((j for j in self._waiting if not j.staging), None)
+            stager = self._stager
+            job = next((j for j in self._waiting if stager is None or stager.ready(j)), None)
             if job is None:
                 return
             self._waiting.remove(job)
             self._running[index] = job
-            body = job.body
-            if job.staged:
-                body = dict(body, **job.staged)
+            body = job.body if stager is None else stager.body_for(job, job.body)
             self._slots[index].assign(None, body, job.number)
 
     def _on_child_frame(self, slot: Slot, frame: dict[str, Any]) -> None:
@@ -171,33 +156,13 @@ class RankWorker:
             if kind in ("done", "died"):
                 del self._running[slot.index]
                 self._drop(job)
+                if self._stager is not None and "staged_used" in frame:
+                    self._stager.note_use(bool(frame["staged_used"]))
             self._emit(job.lane, frame)
             if kind in ("done", "died"):
                 self._feed()
 
-    @staticmethod
-    def _drop(job: _Job) -> None:
-        from .stage_ahead import discard
-
-        job.cancelled = True
-        if job.staged:
-            discard(job.staged)
-            job.staged = None
-
-    def _stager(self) -> None:
-        from .stage_ahead import discard, stage
-
-        while True:
-            job = self._stage_q.get()
-            if job is None:
-                return
-            extras: dict[str, Any] = {}
-            if not job.cancelled:
-                extras = stage(job.body, self._init, self._stage_dir or tempfile.gettempdir())
-            with self._lock:
-                job.staging = False
-                if job.cancelled:
-                    discard(extras)
-                    continue
-                job.staged = extras
-                self._feed()
+    def _drop(self, job: _Job) -> None:
+        """The job ended or will not run: its staged file goes (lock held)."""
+        if self._stager is not None:
+            self._stager.forget(job)

@@ -48,6 +48,7 @@ from .walltime import DurationEstimate, admit
 
 log = logging.getLogger("agent")
 RECOVERY_INTERVAL = 30.0
+STAGE_PATIENCE = 2.0  # seconds a waiting job waits for its stage-ahead before an idle slot takes it without
 
 
 class _Post:
@@ -118,8 +119,8 @@ class Runner:
         #: stops that concern the whole agent (this node's scratch is full); agent.runner_group
         #: points it at every plugin's runner
         self.stop_agent: Callable[[str], None] = self.request_stop
-        self.stager = StagePool(stage_init, 2 * cfg.slots, self.post, self._dispatch,
-                                on_off=source.inline_off) if stage_init is not None else None
+        self.stager = StagePool(stage_init, 2 * cfg.slots, self.post, self._dispatch, on_off=source.inline_off,
+                                patience=STAGE_PATIENCE, clock=clock) if stage_init is not None else None
 
     # -- cross-thread ----------------------------------------------------------------------------
     def post(self, fn: Callable[[], None]) -> None:
@@ -314,7 +315,8 @@ class Runner:
         self.redactor.add(body.get("secretKey"))
         self.pending.append((delivery, body))
         if self.stager is not None:
-            self.stager.take(delivery, body)
+            inline, delivery.inline = delivery.inline, None  # written out now, not held twice
+            self.stager.take(delivery, body, inline)
         self._dispatch()
 
     def _reject(self, delivery: Delivery, reason: str, traceback: str = "", attempts: Optional[int] = None,
@@ -491,6 +493,8 @@ class Runner:
 
     # -- time-driven duties ----------------------------------------------------------------------
     def _tick(self, now: float) -> None:
+        if self.stager is not None and self.pending:
+            self._dispatch()  # a job out of patience with its staging goes to an idle slot (StagePool.ready)
         if self._signal is not None:
             signum, self._signal = self._signal, None
             name = signal.Signals(signum).name

@@ -55,7 +55,10 @@ def _http() -> Any:
     http = getattr(_local, "http", None)
     if http is None:
         from .clowder_http import ClowderHTTP
-        http = _local.http = ClowderHTTP(attempts=2)
+        # One attempt, short connect timeout: staging is only a head start, and pyclowder fetches
+        # (with its own retries) whatever staging did not get. Retrying here held every job back
+        # while Clowder was away.
+        http = _local.http = ClowderHTTP(attempts=1, timeout=(5.0, 60.0))
     return http
 
 

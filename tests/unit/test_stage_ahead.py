@@ -77,11 +77,9 @@ def test_a_delivery_with_its_file_inline_is_ready_at_once_and_its_copy_removed(t
     pool, posted, staged = _pool(tmp_path)
     pool.start()
     try:
-        delivery = Delivery(body=b"", routing_key="q", token="t1",
-                            inline={"info_path": "api/files/f1/metadata", "info": "{}",
-                                    "file_path": "api/files/f1i", "file": b"data"})
-        pool.take(delivery, dict(V1))
-        assert delivery.inline is None  # the bytes are on disk now, not held twice
+        delivery = Delivery(body=b"", routing_key="q", token="t1")
+        pool.take(delivery, dict(V1), {"info_path": "api/files/f1/metadata", "info": "{}",
+                                       "file_path": "api/files/f1i", "file": b"data"})
         assert pool.ready(delivery) and posted == []  # no thread, no round trip
         body = pool.body_for(delivery, dict(V1))
         path = body[STAGED_KEY]
@@ -110,10 +108,24 @@ def test_staging_stops_after_a_run_of_unused_files(tmp_path):
         pool.note_use(False)
         assert offs == [1]
         inline = {"info_path": "api/files/f1/metadata", "info": "{}", "file_path": "api/files/f1i", "file": b"x"}
-        delivery = Delivery(body=b"", routing_key="q", token="t", inline=inline)
-        pool.take(delivery, dict(V1))
-        assert pool.body_for(delivery, dict(V1)) == V1 and delivery.inline is None  # not written, not staged
+        delivery = Delivery(body=b"", routing_key="q", token="t")
+        pool.take(delivery, dict(V1), inline)
+        assert pool.body_for(delivery, dict(V1)) == V1
+        assert [f for d in tmp_path.iterdir() for f in d.iterdir()] == []  # not written, not staged
         pool.note_use(False)
         assert offs == [1]  # said once
     finally:
         pool.close()
+
+
+def test_a_job_waits_for_its_staging_only_as_long_as_the_pools_patience(tmp_path):
+    now = [100.0]
+    pool = StagePool({"work_dir": str(tmp_path)}, 1, lambda fn: None, lambda: None, patience=2.0,
+                     clock=lambda: now[0])  # never started: its staging never ends
+    pool._folder = str(tmp_path)  # take() without threads
+    delivery = Delivery(body=b"", routing_key="q", token="t")
+    pool.take(delivery, dict(V1))
+    assert not pool.ready(delivery)
+    now[0] += 2.0
+    assert pool.ready(delivery)
+    assert pool.body_for(delivery, dict(V1)) == V1  # goes without: pyclowder fetches it itself
