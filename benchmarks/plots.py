@@ -120,13 +120,14 @@ def plot_relay_throughput(md: str, png: str) -> str:
     names = [f"{r['layout']}\n{r['agents']}" for r in rows]
     direct = [number(r["direct AMQP files/s"]) for r in rows]
     relay = [number(r["through the relay files/s"]) for r in rows]
+    ratio = next(k for k in rows[0] if k.startswith("ratio"))  # "ratio" or "ratio (runs' range)"
     fig, ax = _figure("Relay vs direct AMQP: files/s", width=10.0)
     xs = range(len(names))
     b1 = ax.bar([x - 0.2 for x in xs], direct, width=0.4, color="#969696", label="direct AMQP")
     b2 = ax.bar([x + 0.2 for x in xs], relay, width=0.4, color="#3182bd", label="through the relay")
     _label_bars(ax, b1)
     for bar, r in zip(b2, rows):
-        ax.annotate(f"{bar.get_height():g} ({number(r['ratio']):.2f}x)", (bar.get_x() + bar.get_width() / 2,
+        ax.annotate(f"{bar.get_height():g} ({number(r[ratio]):.2f}x)", (bar.get_x() + bar.get_width() / 2,
                     bar.get_height()), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, fontsize=8)

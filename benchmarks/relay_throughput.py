@@ -5,8 +5,11 @@ Each case publishes the same number of v1 messages for 1 KB files held by one Cl
 process, runs agents with the unchanged wordcount extractor until every file has its metadata,
 and reports steady-state files/s (first result to last). "direct" agents consume RabbitMQ and
 call the stand-in themselves; "relay" agents lease from `python -m launcher relay` (its own
-process, on loopback) and every Clowder call of theirs is forwarded by the relay; the same agents
-through the earlier relay (stdlib, thread per connection, from git ref --old-ref) are the reference.
+process, on loopback), staging ahead as they do by default there (small files inline with their
+lease, the rest fetched ahead through the relay) and every other Clowder call of theirs is
+forwarded by the relay; the same agents with AGENT_STAGE_AHEAD=0 (each call forwarded as pyclowder
+makes it), and through the earlier relay (stdlib, thread per connection, from git ref --old-ref,
+which offers no inline files) are the references.
 The stand-in's own rate for the agents' two calls per file is measured and printed first.
 
 Two layouts, every case in both, in the same run:
@@ -18,7 +21,11 @@ Two layouts, every case in both, in the same run:
   agents' node, which is what a site pays for it.
 Writes benchmarks/results/relay_throughput.md (and prints it).
 
-  python benchmarks/relay_throughput.py [--files 1000] [--old-ref 5710b70]
+Each case runs --runs times (default 3), the runs interleaved (direct, relay, earlier relay, then
+the next case) so the host's drift reaches all three alike; the table gives medians and the range
+of the run-by-run ratios.
+
+  python benchmarks/relay_throughput.py [--files 1000] [--runs 3] [--old-ref 5710b70]
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import sys
 import tempfile
 import time
 import functools
+import statistics
 from typing import Optional
 
 
@@ -129,17 +137,27 @@ def added_ms(direct: dict, relayed: dict, slots: int) -> float:
     return 1000.0 * slots * (1.0 / relayed["rate"] - 1.0 / direct["rate"])
 
 
+def _median_of(results: list[dict]) -> dict:
+    """Each numeric field's median over the runs of one case."""
+    out = dict(results[0])
+    for key in ("rate", "first", "relay_ms"):
+        values = [r[key] for r in results if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "relay_throughput.md"))
     parser.add_argument("--old-ref", default=OLD_RELAY_REF, help="git ref of the earlier relay, run as a reference")
+    parser.add_argument("--runs", type=int, default=3, help="runs of every case; the table gives medians")
     args = parser.parse_args()
     env = agent_env()
     with BrokerChannel() as ch:
         ch.queue_declare("bench-replies", durable=False, auto_delete=False)
     standin = StandinProcess(lean=True)  # devtools.bench_clowder: far faster than what is measured through it
-    pairs = []
+    runs: dict[tuple[str, str], list[tuple[dict, dict, dict]]] = {}
     load_before = os.getloadavg()[0]
     old = old_tree(args.old_ref)
     cpus = sorted(os.sched_getaffinity(0))
@@ -148,15 +166,18 @@ def main() -> int:
         layouts.append(("login node", (set(cpus[:-1]), {cpus[-1]})))
     try:
         alone = standin.capacity()
-        for layout_name, layout in layouts:
-            pin(standin.proc.pid, layout[0] if layout else set(cpus))
-            for label, agents, slots in CASES:
-                one = functools.partial(run_case, standin=standin, n=args.files, agents=agents, slots=slots, env=env,
-                                        layout=layout)
-                direct = one(f"direct AMQP, {label}", via_relay=None)
-                relayed = one(f"through the relay, {label}", via_relay=REPO)
-                earlier = one(f"through the earlier relay, {label}", via_relay=old)
-                pairs.append((layout_name, label, direct, relayed, earlier))
+        for _ in range(max(1, args.runs)):
+            for layout_name, layout in layouts:
+                pin(standin.proc.pid, layout[0] if layout else set(cpus))
+                for label, agents, slots in CASES:
+                    one = functools.partial(run_case, standin=standin, n=args.files, agents=agents, slots=slots,
+                                            env=env, layout=layout)
+                    direct = one(f"direct AMQP, {label}", via_relay=None)
+                    relayed = one(f"through the relay, {label}", via_relay=REPO)
+                    unstaged = one(f"through the relay, no stage-ahead, {label}", via_relay=REPO,
+                                   env=dict(env, AGENT_STAGE_AHEAD="0"))
+                    earlier = one(f"through the earlier relay, {label}", via_relay=old)
+                    runs.setdefault((layout_name, label), []).append((direct, relayed, earlier, unstaged))
     finally:
         shutil.rmtree(old, ignore_errors=True)
         standin.close()
@@ -171,21 +192,26 @@ def main() -> int:
              "shares both cores with the agents, the broker and the stand-in; **login node** = the relay alone on "
              "core {}, the agents and the stand-in on the other core in every case (direct too), RabbitMQ "
              "unpinned.".format(FLOOR, cpus[-1]), "",
-             f"| layout | agents | direct AMQP files/s | through the relay files/s | ratio | earlier relay "
-             f"({args.old_ref}) files/s | its ratio | first result, direct / relay (s) | "
+             f"| layout | agents | direct AMQP files/s | through the relay files/s | ratio (runs' range) | "
+             "relay, no stage-ahead files/s | its ratio | earlier "
+             f"relay ({args.old_ref}) files/s | its ratio | first result, direct / relay (s) | "
              "relay CPU ms/file (this / earlier) | time the relay adds per file and slot (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     worst: dict[str, float] = {}
     agents_slots = {label: agents * slots for label, agents, slots in CASES}
-    for layout_name, label, d, r, e in pairs:
+    for (layout_name, label), results in runs.items():
+        d, r, e, u = (_median_of([res[i] for res in results]) for i in range(4))
         ratio = r["rate"] / d["rate"]
+        each = sorted(rr["rate"] / dd["rate"] for dd, rr, _, _ in results)
         worst[layout_name] = min(worst.get(layout_name, float("inf")), ratio)
-        lines.append(f"| {layout_name} | {label} | {d['rate']:.1f} | {r['rate']:.1f} | {ratio:.2f} | {e['rate']:.1f} | "
+        lines.append(f"| {layout_name} | {label} | {d['rate']:.1f} | {r['rate']:.1f} | {ratio:.2f} "
+                     f"({each[0]:.2f}-{each[-1]:.2f}) | {u['rate']:.1f} | {u['rate'] / d['rate']:.2f} | {e['rate']:.1f} | "
                      f"{e['rate'] / d['rate']:.2f} | {d['first']:.2f} / {r['first']:.2f} | "
                      f"{r['relay_ms']:.2f} / {e['relay_ms']:.2f} | {added_ms(d, r, agents_slots[label]):.2f} |")
     verdicts = "; ".join(f"{name}: {w:.2f} ({'meets' if w >= FLOOR else 'BELOW'} the {FLOOR} floor)"
                          for name, w in worst.items())
-    lines += ["", f"{args.files} files per case. Lowest ratio by layout: {verdicts}. The time added per file and "
+    lines += ["", f"{args.files} files per case and run, {max(1, args.runs)} runs; medians (the ratio is of the "
+              f"median rates). Lowest ratio by layout: {verdicts}. The time added per file and "
               "slot is slots x (1/relay rate - 1/direct rate): a file that takes T ms in a slot runs at about "
               "T / (T + that) of direct AMQP's rate through the relay. The Clowder stand-in alone "
               f"(devtools.bench_clowder; GET + POST per file over 4 kept-alive connections, benchmarks/standin_load.py, "

@@ -43,6 +43,10 @@ Forwarding without an open proxy (launcher.relay.forward, hpc_common.routes)
   ids its own calls created or listed, and only to the lease's own Clowder host, with the real
   key put back (v1 `?key=`, v2 `X-API-KEY`). Bodies stream both ways (`--max-upload` bounds
   uploads); the relay URL pyclowder writes into metadata is replaced by the real host.
+  Small files inline (launcher.relay.inline): an agent that stages ahead asks for files up to a
+  size with its leases; the relay then makes the file-info and download requests pyclowder would
+  make for each file message, through the same checks, and sends the answers in the lease item,
+  so the extractor's first two calls never cross the relay while it waits.
   Status messages the agent POSTs go to the lease's reply_to with its correlation_id; the
   relay registers the extractor on the `extractors` exchange for the agent, and on its own
   every `--heartbeat` seconds (default 60) while agents call it.
@@ -55,13 +59,15 @@ Serving and scale (launcher.relay.server, launcher.relay.longpoll)
   for big machines: an agent keeps about six open; the relay lifts its open-files limit to fit).
   benchmarks/relay_load.py drives 2,000 agent connections against this relay and the earlier
   thread-per-connection one side by side (benchmarks/results/relay_load.md). On the shared
-  2-core machine (2026-12-02 05:37) this relay held all 2,000 without an error at 14.9x the
-  earlier relay's files/s (741 vs 50) and 16.2x its files per CPU second (1.12 ms of relay CPU
-  per file vs 18.1 ms: about 900 files/s per core), where the earlier one saw 14,971 disconnects.
-  With one or two real agents (benchmarks/results/relay_throughput.md) the relay costs 1.2-1.5 ms
-  of CPU per file on a core of its own and adds 1-1.3 ms to each file's time in a slot: three
-  forwarded calls, each 0.31 ms longer than straight to Clowder, 0.19 ms of it relay CPU
-  (benchmarks/results/relay_forward_cost.md; the upstream leg on launcher.relay.upstream).
+  2-core machine (2026-12-02 15:42) this relay held all 2,000 without an error at 11.0x the
+  earlier relay's files/s (646 vs 59) and 13.6x its files per CPU second (1.32 ms of relay CPU
+  per file vs 17.95 ms: about 750 files/s per core), where the earlier one saw 4,538 disconnects.
+  With one or two real agents (benchmarks/results/relay_throughput.md, 2026-12-02 15:50) the relay
+  costs 0.97-1.15 ms of CPU per file on a core of its own and the relay path runs at 0.93-1.16x
+  direct AMQP (0.51-0.84x without stage-ahead): with the file info and small file inline, only the
+  metadata POST is forwarded while the extractor waits, 0.31 ms longer than straight to Clowder,
+  0.19 ms of it relay CPU (benchmarks/results/relay_forward_cost.md; the upstream leg on
+  launcher.relay.upstream).
   One relay process uses one core at most (the GIL). If that core is the limit, run several relay
   processes on the login node, each on its own port and with its own --state-dir (the lock file
   allows one relay per state folder), all on the same queue (each takes its own small buffer),
