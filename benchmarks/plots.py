@@ -121,18 +121,28 @@ def plot_relay_throughput(md: str, png: str) -> str:
     direct = [number(r["direct AMQP files/s"]) for r in rows]
     relay = [number(r["through the relay files/s"]) for r in rows]
     ratio = next(k for k in rows[0] if k.startswith("ratio"))  # "ratio" or "ratio (runs' range)"
+    unstaged_col = "relay, no stage-ahead files/s"
+    unstaged = [number(r[unstaged_col]) for r in rows] if unstaged_col in rows[0] else None
     fig, ax = _figure("Relay vs direct AMQP: files/s", width=10.0)
     xs = range(len(names))
-    b1 = ax.bar([x - 0.2 for x in xs], direct, width=0.4, color="#969696", label="direct AMQP")
-    b2 = ax.bar([x + 0.2 for x in xs], relay, width=0.4, color="#3182bd", label="through the relay")
+    width = 0.27 if unstaged else 0.4
+    b1 = ax.bar([x - width for x in xs] if unstaged else [x - 0.2 for x in xs], direct, width=width,
+                color="#969696", label="direct AMQP")
+    if unstaged:
+        b3 = ax.bar([x + width for x in xs], unstaged, width=width, color="#9ecae1",
+                    label="through the relay, no stage-ahead")
+        _label_bars(ax, b3)
+    b2 = ax.bar([x for x in xs] if unstaged else [x + 0.2 for x in xs], relay, width=width, color="#3182bd",
+                label="through the relay")
     _label_bars(ax, b1)
     for bar, r in zip(b2, rows):
-        ax.annotate(f"{bar.get_height():g} ({number(r[ratio]):.2f}x)", (bar.get_x() + bar.get_width() / 2,
-                    bar.get_height()), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(f"{bar.get_height():g}\n({number(r[ratio]):.2f}x)", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylabel("files / s")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, 1.3 * max(direct + relay + (unstaged or [])))  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     return _save(fig, png)
 
 
