@@ -44,9 +44,14 @@ def info_path(body: Mapping[str, Any], version: int) -> str:
     return f"api/v2/files/{body['id']}/metadata" if version == 2 else f"api/files/{body['id']}/metadata"
 
 
+def download_id(body: Mapping[str, Any]) -> Any:
+    """The file pyclowder downloads for this message: its intermediate file where it names one (v1 and v2)."""
+    return body.get("intermediateId") or body["id"]
+
+
 def download_path(body: Mapping[str, Any], version: int) -> str:
-    """The download pyclowder makes for this file message (its intermediate file where it names one)."""
-    file_id = body.get("intermediateId") or body["id"]
+    """The download pyclowder makes for this file message."""
+    file_id = download_id(body)
     return f"api/v2/files/{file_id}" if version == 2 else f"api/files/{file_id}"
 
 

@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 import requests
 
+from hpc_common.file_fetch import download_id, download_path
 from hpc_common.messages import LAST_ERROR, attempts_of, dead_letter_headers
 from hpc_common.redact import redact_uri
 from launcher.broker import connect, properties, translated
@@ -295,13 +296,13 @@ class Spooler:
             return None
         host = self.clowder_url or body["host"]
         host = host if host.endswith("/") else host + "/"
-        file_id = body.get("intermediateId") or body["id"] if self.clowder_version == 1 else body["id"]
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", file_id):
+        if not isinstance(download_id(body), str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", download_id(body)):
             return None
+        url = host + download_path(body, self.clowder_version)  # what pyclowder would fetch (v2 too)
         if self.clowder_version == 1:
-            url, params, headers = f"{host}api/files/{file_id}", {"key": body["secretKey"]}, {}
+            params, headers = {"key": body["secretKey"]}, {}
         else:
-            url, params, headers = f"{host}api/v2/files/{file_id}", {}, {"X-API-KEY": body["secretKey"]}
+            params, headers = {}, {"X-API-KEY": body["secretKey"]}
         name = re.sub(r"[^A-Za-z0-9_.\-]", "_", os.path.basename(str(body.get("filename") or "input"))) or "input"
         self.fs.makedirs(f"files/{msg}")
         target = f"files/{msg}/{name}"
