@@ -5,7 +5,7 @@ in an agent's own slots (agent.stage_pool; auto, the default, turns it on where 
 from a relay, whose every call is a round trip to the login node). A stager thread makes exactly
 the requests pyclowder would make for the job, one file ahead: the file info (v1
 `api/files/{id}/metadata?key=`, v2 `api/v2/files/{id}/metadata` with X-API-KEY) and the download
-(v1 `api/files/{intermediateId or id}?key=`, v2 `api/v2/files/{id}`), the file into a private
+(v1 `api/files/{intermediateId or id}?key=`, v2 `api/v2/files/{intermediateId or id}`), the file into a private
 folder. The job reaches the extractor with both under STAGED_KEY and STAGED_INFO_KEY. The
 extractor process is `python -m agent.stage_ahead` instead of `python -m agent.worker_process`:
 the same program with a connector that pops those keys, answers pyclowder's file-info GET for
@@ -26,15 +26,14 @@ import os
 import sys
 import tempfile
 import threading
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
-from hpc_common.file_fetch import api_version, download_path, info_path, is_one_file, suffix
+from hpc_common.file_fetch import INFO_LIMIT, api_version, download_path, info_path, is_one_file, suffix
 
 log = logging.getLogger("agent.stage")
 STAGED_KEY = "_agent_staged_path"
 STAGED_INFO_KEY = "_agent_staged_info"
-INFO_LIMIT = 1 << 20  # a file info larger than this is left for pyclowder to fetch
 _local = threading.local()
 
 
@@ -102,22 +101,27 @@ def stage_info(body: dict[str, Any], init: dict[str, Any]) -> Optional[dict[str,
 def stage_file(body: dict[str, Any], init: dict[str, Any], folder: str) -> Optional[str]:
     """Download the message's file into folder; its path, or None (pyclowder will download it)."""
     host, version, key = _where(body, init)
-    fd, path = tempfile.mkstemp(suffix=suffix(body), dir=folder)
     try:
         response = _http().request("GET", host + download_path(body, version), stream=True,
                                    verify=init.get("ssl_verify", True), **_auth(version, key))
-        with os.fdopen(fd, "wb") as out:
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                out.write(chunk)
-        return path
+        return _new_copy(body, folder, response.iter_content(chunk_size=1 << 16))
     except Exception as exc:  # noqa: BLE001 - pyclowder will try again and report it properly
         log.info("stage-ahead of file %s failed (%s); the extractor downloads it itself", body.get("id"),
                  exc.__class__.__name__)
-        try:
-            os.remove(path)
-        except OSError:
-            pass
         return None
+
+
+def _new_copy(body: dict[str, Any], folder: str, chunks: Iterable[bytes]) -> str:
+    """A new file in folder holding chunks, with the extension pyclowder gives its copy; nothing is left on failure."""
+    fd, path = tempfile.mkstemp(suffix=suffix(body), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+    except BaseException:
+        _remove(path)
+        raise
+    return path
 
 
 def stage(body: dict[str, Any], init: dict[str, Any], folder: str,
@@ -152,15 +156,10 @@ def inline_extras(body: dict[str, Any], init: dict[str, Any], inline: dict[str, 
         extras[STAGED_INFO_KEY] = {"path": inline["info_path"], "json": info}
     data = inline.get("file")
     if isinstance(data, bytes) and inline.get("file_path") == download_path(body, version):
-        fd, path = tempfile.mkstemp(suffix=suffix(body), dir=folder)
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
+            extras[STAGED_KEY] = _new_copy(body, folder, (data,))
         except OSError as exc:  # this node's scratch is full: pyclowder downloads it (and reports that)
             log.info("inline file %s not written (%s); the extractor downloads it itself", body.get("id"), exc)
-            discard({STAGED_KEY: path})
-        else:
-            extras[STAGED_KEY] = path
     return extras
 
 
@@ -168,10 +167,14 @@ def discard(extras: dict[str, Any]) -> None:
     """Delete a job's staged file, if it has one."""
     path = extras.get(STAGED_KEY)
     if path:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+        _remove(path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _install_staged_connector() -> None:

@@ -121,7 +121,7 @@ class StagePool:
     def note_use(self, used: bool) -> None:
         """The extractor took (or left) what was staged for a job; UNUSED_LIMIT left in a row stop staging."""
         self._unused = 0 if used else self._unused + 1
-        if self._unused == UNUSED_LIMIT and self._folder is not None:
+        if self._staging_on and self._unused >= UNUSED_LIMIT and self._folder is not None:
             log.info("stage-ahead off: the extractor used none of the last %d files fetched for it "
                      "(its check_message skips the download, or they could not be fetched)", UNUSED_LIMIT)
             self._staging_on = False

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional
 
+INFO_LIMIT = 1 << 20  # a file info larger than this is not fetched ahead: pyclowder fetches it itself
+
 
 def is_one_file(body: Mapping[str, Any], host_known: bool = False) -> bool:
     """True for a message pyclowder handles as one file to download (not a dataset, not metadata).

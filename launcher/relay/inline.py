@@ -26,14 +26,13 @@ import asyncio
 import base64
 from typing import Any, Optional, Sequence
 
-from hpc_common.file_fetch import api_version, download_path, info_path, is_one_file, size_hint
+from hpc_common.file_fetch import INFO_LIMIT, api_version, download_path, info_path, is_one_file, size_hint
 
 from .forward import Forwarder
 from .store import Lease
 
 INLINE_MAX = 1 << 20     # bytes per file, whatever the agent asks
 INLINE_TOTAL = 8 << 20   # bytes of files per lease answer
-INFO_MAX = 1 << 20       # a file info larger than this is left to the extractor
 DEADLINE = 2.0           # seconds for one lease answer's fetches
 
 
@@ -41,7 +40,7 @@ def per_file_limit(asked: int, leases: int) -> int:
     """The largest file to carry inline in an answer of this many leases (0: none)."""
     if asked <= 0 or leases <= 0:
         return 0
-    return max(0, min(asked, INLINE_MAX, INLINE_TOTAL // leases))
+    return min(asked, INLINE_MAX, INLINE_TOTAL // leases)
 
 
 async def inline_parts(forwarder: Forwarder, leases: Sequence[Lease], asked: int,
@@ -56,7 +55,7 @@ async def inline_parts(forwarder: Forwarder, leases: Sequence[Lease], asked: int
         fetches: list[tuple[str, str, asyncio.Task]] = []
         if is_one_file(body, host_known=bool(forwarder.clowder_url)):
             version = api_version(body, default_version)
-            wanted = [("info", info_path(body, version), INFO_MAX)]
+            wanted = [("info", info_path(body, version), INFO_LIMIT)]
             stated = size_hint(body)
             if stated is None or stated <= limit:  # a file the message says is larger is not fetched at all
                 wanted.append(("file", download_path(body, version), limit))

@@ -296,7 +296,8 @@ class Spooler:
             return None
         host = self.clowder_url or body["host"]
         host = host if host.endswith("/") else host + "/"
-        if not isinstance(download_id(body), str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", download_id(body)):
+        file_id = download_id(body)
+        if not isinstance(file_id, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", file_id):
             return None
         url = host + download_path(body, self.clowder_version)  # what pyclowder would fetch (v2 too)
         if self.clowder_version == 1:
