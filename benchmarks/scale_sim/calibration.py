@@ -30,7 +30,7 @@ class Costs:
     clowder_service_s: float = 0.689e-3
     clowder_rtt_s: float = 0.0
     # -- relay ----------------------------------------------------------------------------------
-    relay_files_per_s: float = 990.0
+    relay_files_per_s: float = 1030.0
     # -- start-up and scheduler -----------------------------------------------------------------
     agent_start_s: float = 0.31
     rank_start_cpu_s: float = 0.63
@@ -71,10 +71,10 @@ SOURCES: dict[str, str] = {
                          "--set clowder_service_s=",
     "clowder_rtt_s": "`scale_model.py calibrate`: one client's median request time (idle-corrected) minus the "
                      "service time; 0 here: one client is faster than the 4-client rate (GIL contention)",
-    "relay_files_per_s": "benchmarks/results/relay_throughput.md (2026-12-02 15:50, login-node layout: the relay alone on "
+    "relay_files_per_s": "benchmarks/results/relay_throughput.md (2026-12-02 16:16, login-node layout: the relay alone on "
                          "a core, as on a cluster; agents staging ahead, small files inline with their lease): the relay's "
-                         "CPU per file with real agents, median of the three cases 1.01 ms = 990 files/s per relay core "
-                         "(co-located with the agents it spends 1.05-1.46 ms; under 2,000 virtual agents, which fetch "
+                         "CPU per file with real agents, median of the three cases 0.97 ms = 1,030 files/s per relay core "
+                         "(co-located with the agents it spends 0.97-1.33 ms; under 2,000 virtual agents, which fetch "
                          "every file through the relay, 1.32 ms = 755 files/s per core the same session: relay_load.md)",
     "agent_start_s": "benchmarks/results/agent_throughput.md (2026-12-02 01:07): first result 0.30-0.31 s after the agent starts",
     "rank_start_cpu_s": "benchmarks/results/mpi_scaling.md (2026-12-02 01:18): 64 ranks ready after 20.3 s on 2 cores "

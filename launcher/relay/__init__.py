@@ -62,9 +62,9 @@ Serving and scale (launcher.relay.server, launcher.relay.longpoll)
   2-core machine (2026-12-02 15:42) this relay held all 2,000 without an error at 11.0x the
   earlier relay's files/s (646 vs 59) and 13.6x its files per CPU second (1.32 ms of relay CPU
   per file vs 17.95 ms: about 750 files/s per core), where the earlier one saw 4,538 disconnects.
-  With one or two real agents (benchmarks/results/relay_throughput.md, 2026-12-02 15:50) the relay
-  costs 0.97-1.15 ms of CPU per file on a core of its own and the relay path runs at 0.93-1.16x
-  direct AMQP (0.51-0.84x without stage-ahead): with the file info and small file inline, only the
+  With one or two real agents (benchmarks/results/relay_throughput.md, 2026-12-02 16:16) the relay
+  costs 0.74-1.17 ms of CPU per file on a core of its own and the relay path runs at 0.91-1.20x
+  direct AMQP (0.58-0.78x without stage-ahead): with the file info and small file inline, only the
   metadata POST is forwarded while the extractor waits, 0.31 ms longer than straight to Clowder,
   0.19 ms of it relay CPU (benchmarks/results/relay_forward_cost.md; the upstream leg on
   launcher.relay.upstream).
