@@ -48,7 +48,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from hpc_common.redact import Redactor
@@ -227,6 +227,36 @@ class LaneSlot:
         self._leader.close_lane(self.index)
 
 
+@dataclass
+class RankRecord:
+    """What the leader knows of one rank of its group (rank 0 is the leader itself).
+
+    One record per rank, so a rank's state is read and changed in one place; the leader's lock
+    guards load, ready, failed and lost (the main thread and the comm thread both change them).
+    """
+
+    load: list[int]                 # per plugin: jobs out on this rank
+    last_seen: float                # when it last sent anything (comm thread)
+    last_sent: float                # when we last sent it anything (comm thread)
+    ready: set[int] = field(default_factory=set)         # plugins whose extractor is ready there
+    failed: dict[int, str] = field(default_factory=dict)  # plugins it could not start, with the reason
+    lost: Optional[str] = None      # why it was given up on (silent, send or receive failed)
+    closed: bool = False            # it acknowledged the close
+    jobs_sent: int = 0
+
+    @classmethod
+    def new(cls, plugins: int, now: float) -> "RankRecord":
+        return cls(load=[0] * plugins, last_seen=now, last_sent=now)
+
+    def usable(self, plugin: int) -> bool:
+        """Its extractor for plugin is ready and it has not been lost."""
+        return plugin in self.ready and plugin not in self.failed and self.lost is None
+
+    def answered(self, plugin: int) -> bool:
+        """It said whether it can run plugin's extractor (or can no longer say anything)."""
+        return plugin in self.ready or plugin in self.failed or self.lost is not None
+
+
 class Leader:
     """Group rank 0: the Runner's lanes, its own extractor(s), and the comm thread for the others."""
 
@@ -248,24 +278,28 @@ class Leader:
         self._calls: dict[int, tuple[Callable[[Callable[[], None]], None], Callable[[Any, dict[str, Any]], None]]] = {}
         self._where: dict[int, int] = {}          # lane -> rank running its job
         n = len(plugins)
-        self._load = [[0] * self.size for _ in range(n)]        # per plugin: jobs per rank
-        self._ready: list[set[int]] = [set() for _ in range(n)]  # per plugin: ranks whose extractor is ready
-        self._failed: list[dict[int, str]] = [{} for _ in range(n)]  # per plugin: ranks that could not start it
-        self.lost: dict[int, str] = {}            # ranks that stopped answering
-        self._acks: set[int] = set()              # ranks that closed
+        now = time.monotonic()
+        self.ranks = [RankRecord.new(n, now) for _ in range(self.size)]
         self._closed_lanes: set[int] = set()
         self._closing = False
         self._answered = [threading.Event() for _ in range(n)]
         self._out: "queue.SimpleQueue[tuple[int, tuple]]" = queue.SimpleQueue()
-        now = time.monotonic()
-        self._last_seen = [now] * self.size
-        self._last_sent = [now] * self.size
         self._relay: Optional[int] = None
         self._stop = threading.Event()
         self._finished = False
         self._thread = threading.Thread(target=self._comm_main, name="mpi-comm", daemon=True)
         self.infos: list[Optional[dict[str, Any]]] = [None] * n
-        self.sent_jobs = [0] * self.size
+
+    def _others(self) -> list[tuple[int, RankRecord]]:
+        """The group's other ranks with their records."""
+        return list(enumerate(self.ranks))[1:]
+
+    def _lost_ranks(self) -> list[int]:
+        return [rank for rank, rec in self._others() if rec.lost is not None]
+
+    def _still_open(self) -> list[int]:
+        """Ranks neither lost nor closed: those the leader still waits for at the end."""
+        return [rank for rank, rec in self._others() if rec.lost is None and not rec.closed]
 
     # -- set-up -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -303,11 +337,12 @@ class Leader:
         if worker.fatal:
             raise RuntimeError(worker.fatal)
         with self._lock:
-            self._ready[plugin].add(0)
+            self.ranks[0].ready.add(plugin)
         self._check_answered()
         self._answered[plugin].wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            ready, failed = sorted(self._ready[plugin]), dict(self._failed[plugin])
+            ready = [rank for rank, rec in enumerate(self.ranks) if plugin in rec.ready]
+            failed = {rank: rec.failed[plugin] for rank, rec in enumerate(self.ranks) if plugin in rec.failed}
         for rank, reason in sorted(failed.items()):
             log.error("rank %d cannot run the extractor: %s; the other ranks carry on", rank, reason)
         silent = self.size - len(ready) - len(failed)
@@ -321,18 +356,18 @@ class Leader:
 
     # -- lanes (main thread) --------------------------------------------------------------------
     def _pick(self, plugin: int) -> int:
-        live = [r for r in self._ready[plugin] if r not in self.lost and r not in self._failed[plugin]]
+        live = [rank for rank, rec in enumerate(self.ranks) if rec.usable(plugin)]
         if not live:
             return 0
-        return min(live, key=lambda r: (self._load[plugin][r], r))
+        return min(live, key=lambda rank: (self.ranks[rank].load[plugin], rank))
 
     def assign(self, lane: int, body: dict[str, Any], number: int) -> None:
         plugin = lane // LANE_STRIDE
         with self._lock:
             rank = self._pick(plugin)
             self._where[lane] = rank
-            self._load[plugin][rank] += 1
-            self.sent_jobs[rank] += 1
+            self.ranks[rank].load[plugin] += 1
+            self.ranks[rank].jobs_sent += 1
         if rank == 0:
             self.workers[plugin].submit(lane, number, body)
         else:
@@ -367,7 +402,7 @@ class Leader:
                 return  # a late frame from a rank already given up on
             if kind in ("done", "died"):
                 del self._where[lane]
-                self._load[lane // LANE_STRIDE][rank] -= 1
+                self.ranks[rank].load[lane // LANE_STRIDE] -= 1
         slot = self._lanes[lane]
         post, on_frame = self._calls[lane]
         if kind == "status":
@@ -376,14 +411,14 @@ class Leader:
 
     def _lose(self, rank: int, reason: str) -> None:
         with self._lock:
-            if rank in self.lost:
+            rec = self.ranks[rank]
+            if rec.lost is not None:
                 return
-            self.lost[rank] = reason
+            rec.lost = reason
             lanes = [lane for lane, r in self._where.items() if r == rank]
             for lane in lanes:
                 del self._where[lane]
-            for load in self._load:
-                load[rank] = 0
+            rec.load = [0] * len(rec.load)
         log.error("MPI rank %d lost (%s): %d file(s) it held go back for another attempt; the other ranks "
                   "carry on", rank, reason, len(lanes))
         self._check_answered()
@@ -436,17 +471,17 @@ class Leader:
                     self._lose(src, f"receive failed: {exc}")
                     continue
                 busy = True
-                self._last_seen[src] = time.monotonic()
+                self.ranks[src].last_seen = time.monotonic()
                 self._handle(src, msg)
             now = time.monotonic()
             if now >= next_scan:
                 next_scan = now + SCAN_EVERY
-                for rank in range(1, self.size):
-                    if rank in self.lost or rank in self._acks:
+                for rank, rec in self._others():
+                    if rec.lost is not None or rec.closed:
                         continue
-                    if now - self._last_seen[rank] > self.settings.rank_timeout:
+                    if now - rec.last_seen > self.settings.rank_timeout:
                         self._lose(rank, f"no word from it for {self.settings.rank_timeout:g}s")
-                    elif now - self._last_sent[rank] >= hb:
+                    elif now - rec.last_sent >= hb:
                         self._send(rank, ("hb",), sends)
                 self._relay_signal()
             remote_jobs = any(rank != 0 for rank in self._where.values())
@@ -458,18 +493,18 @@ class Leader:
                 pass
 
     def _send(self, dest: int, msg: tuple, sends: list[tuple[int, Any]]) -> None:
-        if dest in self.lost:
+        if self.ranks[dest].lost is not None:
             return  # its jobs were already reported died by _lose
         try:
             sends.append((dest, self.comm.isend(msg, dest=dest, tag=TAG)))
-            self._last_sent[dest] = time.monotonic()
+            self.ranks[dest].last_sent = time.monotonic()
         except self._MPI.Exception as exc:
             self._lose(dest, f"send failed: {exc}")
 
     def _completed(self, sends: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
         left = []
         for dest, req in sends:
-            if dest in self.lost:
+            if self.ranks[dest].lost is not None:
                 continue  # abandoned; the job ends with MPI_Abort
             try:
                 if not req.Test():
@@ -489,20 +524,20 @@ class Leader:
             plugin = msg[2] if len(msg) > 2 else 0
             with self._lock:
                 if kind == "ready":
-                    self._ready[plugin].add(src)
+                    self.ranks[src].ready.add(plugin)
                 else:
-                    self._failed[plugin][src] = msg[1]
+                    self.ranks[src].failed[plugin] = msg[1]
             self._check_answered()
         elif kind == "signal":
             log.info("rank %d received %s: stopping the group", src, signal.Signals(msg[1]).name)
             self._relay = msg[1]
         elif kind == "closed":
-            self._acks.add(src)
+            self.ranks[src].closed = True
 
     def _check_answered(self) -> None:
         with self._lock:
-            for ready, failed, answered in zip(self._ready, self._failed, self._answered):
-                if len(ready | set(failed) | set(self.lost) | {0}) >= self.size:
+            for plugin, answered in enumerate(self._answered):
+                if all(rec.answered(plugin) for _, rec in self._others()):
                     answered.set()
 
     def _relay_signal(self) -> None:
@@ -524,23 +559,20 @@ class Leader:
             for rank in range(1, self.size):
                 self._out.put((rank, ("close",)))
         deadline = time.monotonic() + CLOSE_WAIT
-        while time.monotonic() < deadline:
-            expected = set(range(1, self.size)) - set(self.lost)
-            if expected <= self._acks:
-                break
+        while time.monotonic() < deadline and self._still_open():
             time.sleep(0.05)
         self._stop.set()
         self._thread.join(10)
         for worker in self.workers:
             worker.join(10)
-        missing = sorted(set(range(1, self.size)) - set(self.lost) - self._acks)
+        missing, lost = self._still_open(), self._lost_ranks()
         if self.size > 1:
-            shares = self.sent_jobs
+            shares = [rec.jobs_sent for rec in self.ranks]
             log.info("files handed out: %d to this rank, %d to %d other rank(s) (%d to %d each)", shares[0],
                      sum(shares[1:]), self.size - 1, min(shares[1:]), max(shares[1:]))
-        if self.lost or missing:
+        if lost or missing:
             log.error("ending the MPI job with MPI_Abort (lost rank(s): %s; not closing: %s); every file was "
-                      "settled or handed back first", sorted(self.lost) or "none", missing or "none")
+                      "settled or handed back first", lost or "none", missing or "none")
             logging.shutdown()
             self.world.Abort(code)
         return code
