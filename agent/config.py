@@ -248,6 +248,10 @@ SETTINGS: tuple[Setting, ...] = (
             "MPI: rank groups sharing one broker connection: node, allocation or N ranks per group", type=str),
     Setting("mpi_rank_timeout", float, 60.0, "MPI: seconds of silence after which a rank (or the leader) is lost",
             check=_positive, type=float),
+    Setting("amqp_internals", _to_bool, True,
+            "source amqp: use pika's internals on the hot path (one socket send per loop turn, status frames "
+            "marshalled once, the extractors' pipes read in pika's event loop); 0: pika's public API only "
+            "(benchmarks/noop_overhead.py measures both)", type=bool),
     Setting("stage_ahead", _to_optional_bool, None,
             "fetch each waiting file and its file info while the extractor works on the one before: auto (on "
             "with source relay), 1 or 0; MPI ranks and an agent's own slots", type=Optional[bool]),

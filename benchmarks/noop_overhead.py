@@ -8,7 +8,8 @@ DONE statuses, the IPC with the extractor process, the ack. Cases, in one run:
 
 - reference loop: one process that consumes (prefetch 20), publishes the two statuses to the
   message's reply_to and acks: the broker work any worker must do, with nothing else;
-- the agent on direct AMQP with 1 and 2 slots;
+- the agent on direct AMQP with 1 and 2 slots, and with 1 slot on pika's public API only
+  (AGENT_AMQP_INTERNALS=0): what the agent's private pika fast paths are worth;
 - the agent through the relay (`python -m launcher relay` on loopback), 1 slot;
 - the agent under MPI (`mpiexec -n 2`: the leader, rank 0, owns the broker connection).
 
@@ -127,6 +128,9 @@ def run_case(kind: str, ch, n: int, slots: int = 1, timeout: float = 600) -> dic
         argv = agent
     elif kind == "mpi":
         argv = ["mpiexec", "-n", "2"] + agent[:-2]
+    elif kind == "public":
+        env.update(AGENT_AMQP_INTERNALS="0")
+        argv = agent
     else:
         argv = agent
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -154,6 +158,7 @@ def run_case(kind: str, ch, n: int, slots: int = 1, timeout: float = 600) -> dic
 CASES = [("reference loop (consume, 2 statuses, ack)", "reference", 1),
          ("agent, direct AMQP, 1 slot", "direct", 1),
          ("agent, direct AMQP, 2 slots", "direct", 2),
+         ("agent, direct AMQP, 1 slot, pika public API only", "public", 1),
          ("agent through the relay, 1 slot", "relay", 1),
          ("agent under MPI, 2 ranks (leader CPU)", "mpi", 1)]
 

@@ -178,8 +178,14 @@ class AmqpSource(WorkSource):
 
     def __init__(self, uri: str, queue: str, prefetch: int, journal: Journal, agent_id: str,
                  connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic, retry_buckets: Sequence[int] = ()) -> None:
+                 clock: Callable[[], float] = time.monotonic, retry_buckets: Sequence[int] = (),
+                 internals: bool = True) -> None:
+        """internals: take pika's private fast paths (see _send_later, _coalesce_sends, _StatusFrames and
+        watch); False keeps to pika's public API: acks and statuses through the BlockingChannel, and
+        slots read their extractors' pipes on threads that wake this connection thread-safely."""
         self.uri = uri
+        self.internals = internals
+        self.watches_fds = internals
         self.queue = queue
         self.error_queue = "error." + queue
         self.prefetch = prefetch
@@ -238,7 +244,8 @@ class AmqpSource(WorkSource):
             params.heartbeat = 60
         params.client_properties = {"connection_name": f"clowder-hpc-agent {self.agent_id}"}
         conn = pika.BlockingConnection(params)
-        _coalesce_sends(conn)
+        if self.internals:
+            _coalesce_sends(conn)
         try:
             ch = conn.channel()
             self._declare(conn, ch)
@@ -253,7 +260,7 @@ class AmqpSource(WorkSource):
                 pass
             raise
         self._conn, self._ch, self._pub, self._decl = conn, ch, pub, None
-        self._loop_watches = _ioloop(conn) is not None
+        self._loop_watches = self.internals and _ioloop(conn) is not None
         self._tick_due = None  # the old connection's timer died with it
         for fd, callback in self._watched.items():
             self._add_handler(fd, callback)
@@ -435,7 +442,7 @@ class AmqpSource(WorkSource):
         if tag is None:
             raise SourceLost("delivery from a lost connection")
         try:
-            _send_later(self._ch).basic_ack(tag)
+            (_send_later(self._ch) if self.internals else self._ch).basic_ack(tag)
         except _PIKA_ERRORS as exc:
             self._lose(exc, "ack")
 
@@ -581,9 +588,12 @@ class AmqpSource(WorkSource):
                 self._status_props.clear()
             props = self._status_props[delivery.correlation_id] = pika.BasicProperties(
                 delivery_mode=2, correlation_id=delivery.correlation_id, content_type="application/json")
+        body = json.dumps(payload).encode("utf-8")
         try:
-            self._status_frames.publish(self._ch, delivery.reply_to, delivery.correlation_id,
-                                        json.dumps(payload).encode("utf-8"), props)
+            if self.internals:
+                self._status_frames.publish(self._ch, delivery.reply_to, delivery.correlation_id, body, props)
+            else:
+                self._ch.basic_publish("", delivery.reply_to, body, props)
         except _PIKA_ERRORS as exc:
             try:
                 self._lose(exc, "status")

@@ -77,7 +77,7 @@ class AmqpQueue(AmqpSource):
     def __init__(self, owner: SharedAmqpSource, queue: str, prefetch: int) -> None:
         super().__init__(owner.uri, queue, prefetch, owner.journal, owner.agent_id,
                          connect_timeout=owner.connect_timeout, reconnect_timeout=owner.reconnect_timeout,
-                         clock=owner._clock, retry_buckets=owner.retry_buckets)
+                         clock=owner._clock, retry_buckets=owner.retry_buckets, internals=owner.internals)
         self.owner = owner
 
     def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:

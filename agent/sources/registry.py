@@ -78,7 +78,8 @@ def _amqp(req: SourceRequest) -> WorkSource:
     kind = SharedAmqpSource if req.shared else AmqpSource
     return kind(cfg.rabbitmq_uri, req.queue, cfg.effective_prefetch(), req.journal, req.agent_id,
                 connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout,
-                retry_buckets=retry_queues.buckets(cfg.retry_backoff, cfg.max_retries))
+                retry_buckets=retry_queues.buckets(cfg.retry_backoff, cfg.max_retries),
+                internals=cfg.amqp_internals)
 
 
 def _relay(req: SourceRequest) -> WorkSource:

@@ -21,9 +21,12 @@ def _by_file(statuses):
     return out
 
 
-def test_v1_messages_with_unchanged_wordcount(harness):
+@pytest.mark.parametrize("internals", ["1", "0"])
+def test_v1_messages_with_unchanged_wordcount(harness, internals):
+    # AGENT_AMQP_INTERNALS=0: pika's public API only (slots on threads), the path the benchmark compares.
     ids = [harness.publish_file(b"one two three\nfour\n", name=f"w{i}.txt") for i in range(5)]
-    code = harness.run_agent("--plugin", "ncsa.wordcount.hpc", "--idle-exit", "2")
+    code = harness.run_agent("--plugin", "ncsa.wordcount.hpc", "--idle-exit", "2", "--slots", "2",
+                             AGENT_AMQP_INTERNALS=internals)
     assert code == 0, harness.log_text()
     for fid in ids:
         md = harness.standin.metadata_for(fid)
