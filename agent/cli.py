@@ -10,13 +10,11 @@ Settings come from flags, the environment and a YAML file (see agent.config).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import logging
 import sys
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hpc_common.redact import Redactor
 
@@ -26,8 +24,6 @@ from .errors import AgentError
 from .logs import setup_logging
 from .plugin_loader import discover, find_plugin, search_dirs
 from .plugin_settings import entry_defaults
-from .sources.registry import SourceRequest, source_kind
-from .worker_settings import worker_env, worker_init
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,37 +78,12 @@ def _task_end(cfg: AgentConfig, identity: Any, log: logging.Logger) -> tuple[Opt
     return end_time, margin
 
 
-@contextlib.contextmanager
-def _journal(cfg: AgentConfig, agent_id: str, wanted: bool) -> Iterator[Any]:
-    """The open in-flight journal when the source uses one (else None); closed on the way out."""
-    if not wanted:
-        yield None
-        return
-    from .journal import Journal
-
-    journal = Journal(cfg.journal_dir, agent_id)
-    try:
-        journal.open()
-    except OSError as exc:
-        raise ConfigError(f"journal_dir: cannot use journal folder {journal.root}: {exc.strerror}") from None
-    try:
-        yield journal
-    finally:
-        journal.close()
-
-
-STAGED_DEPTH = 3  # deliveries held per slot when staging ahead (see _staging)
-
-
 def cmd_run(cfg: AgentConfig) -> int:
-    """`agent run`: one plugin (or several, agent.runner_group), one work source, on one rank or an MPI group."""
-    from . import extractor_launch
+    """`agent run`: one plugin or several, one work source, on one rank or an MPI group (agent.assemble)."""
+    from . import assemble
     from .jobenv import detect
     from .mpi_ranks import launched_by_mpi  # does not import mpi4py
     from .plugin_set import plan_plugins
-    from .runner import Runner
-    from .slots import Slot
-    from .sources.amqp import new_agent_id
 
     identity = detect()
     redactor = Redactor()
@@ -120,122 +91,15 @@ def cmd_run(cfg: AgentConfig) -> int:
                   log_file=cfg.log_file)
     log = logging.getLogger("agent")
     end_time, margin = _task_end(cfg, identity, log)
-    ranks = None
     try:
         plans = plan_plugins(cfg, lambda name: find_plugin(name, cfg.plugin_path, entry_defaults(cfg)),
                              parse_setting)
-        if len(plans) > 1:
-            return _run_plugins(cfg, plans, identity, redactor, end_time, margin, launched_by_mpi(forced=cfg.mpi))
-        spec, cfg, queue = plans[0].spec, plans[0].cfg, plans[0].queue
-        init, env = extractor_launch.apply(cfg, spec, worker_init(cfg, spec, queue), worker_env(cfg))
-        if launched_by_mpi(forced=cfg.mpi):  # started by mpiexec: one extractor per rank, one connection per group
-            from .mpi_ranks import join_allocation
-            ranks = join_allocation(cfg, init, env, redactor)
-            if not ranks.leader:
-                return ranks.serve()  # this rank gets its files over MPI from its group's leader
-            cfg = ranks.leader_config(cfg)
-        kind = source_kind(cfg.source)
-        cfg = dataclasses.replace(cfg, **kind.forced)
-        agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
-        cfg, stage_init = _staging(cfg, init, ranks is not None)
-        with _journal(cfg, agent_id, kind.uses_journal) as journal:
-            source = kind.build(SourceRequest(cfg, queue, agent_id, journal))
-
-            def make_slot(index: int, post, on_frame) -> Slot:
-                if ranks is not None:
-                    return ranks.make_slot(index, post, on_frame)
-                return _slot_class(stage_init)(index, init, post, on_frame, redactor, env=env,
-                                               watcher=source if source.watches_fds else None)
-
-            log.info("agent %s: plugin %s (%s), queue %s", agent_id, spec.name, spec.folder, queue)
-            code = Runner(cfg, source, make_slot, redactor, end_time=end_time, margin=margin,
-                          identity=identity.label(), stage_init=stage_init).run()
-            outcome, reason = source.result()
-            if code == exitcodes.OK and outcome != "done":
-                log.error("message not processed (%s): %s", outcome, redactor(reason))
-                code = exitcodes.MESSAGE_NOT_DONE
+        ctx = assemble.TaskContext(redactor, identity.label(), identity.file_tag() if identity.scheduler else "",
+                                   end_time, margin)
+        return assemble.run(cfg, plans, ctx, launched_by_mpi(forced=cfg.mpi))
     except AgentError as exc:  # setup failed: one line, the exit code of its kind
         log.error("%s", exc)
         return exitcodes.for_error(exc)
-    return ranks.finish(code) if ranks is not None else code
-
-
-def _staging(cfg: AgentConfig, init: dict[str, Any], under_mpi: bool) -> tuple[AgentConfig, Optional[dict[str, Any]]]:
-    """The Runner's settings and the init frame for its stage-ahead (agent.stage_pool; None: it does not stage).
-
-    A staging Runner holds three deliveries per slot unless AGENT_PREFETCH says otherwise: one
-    running, one staged, one being staged (a file's two fetches through a relay take longer
-    than a short file's processing). Under MPI the ranks stage their own files (agent.rank_worker).
-    Files come inline with a relay's leases only for a Runner that stages them.
-    """
-    from .stage_pool import StagePool
-
-    if under_mpi or not cfg.stages_ahead() or not StagePool.wanted(init):
-        return dataclasses.replace(cfg, relay_inline=0), None
-    if cfg.prefetch <= 0:
-        cfg = dataclasses.replace(cfg, prefetch=STAGED_DEPTH * cfg.slots)
-    return cfg, init
-
-
-def _slot_class(stage_init: Optional[dict[str, Any]]) -> type:
-    """StagedSlot when the Runner stages ahead (its extractor takes staged files), else Slot."""
-    from .slots import Slot, StagedSlot
-
-    return StagedSlot if stage_init is not None else Slot
-
-
-def _run_plugins(cfg: AgentConfig, plans: list, identity: Any, redactor: Redactor,
-                 end_time: Optional[float], margin: float, mpi: bool) -> int:
-    """Several plugins in this process: a Runner each, their queues on one broker connection.
-
-    Under MPI every rank runs each plugin's extractors; the group's leader runs the Runners.
-    """
-    from . import extractor_launch
-    from .runner import Runner
-    from .runner_group import RunnerGroup
-    from .slots import Slot
-    from .sources.amqp import new_agent_id
-
-    log = logging.getLogger("agent")
-    launches = []
-    for plan in plans:
-        own = dataclasses.replace(plan.cfg, idle_exit=0.0)  # idle exit is the group's: every queue idle
-        launches.append(extractor_launch.apply(own, plan.spec, worker_init(own, plan.spec, plan.queue),
-                                               worker_env(own)))
-    ranks = None
-    if mpi:
-        from .mpi_ranks import RankPlugin, join_allocation_plugins
-        ranks = join_allocation_plugins(cfg, [RankPlugin(init, env, plan.cfg.slots)
-                                              for plan, (init, env) in zip(plans, launches)], redactor)
-        if not ranks.leader:
-            return ranks.serve()  # this rank gets its files over MPI from its group's leader
-    kind = source_kind(cfg.source)
-    agent_id = new_agent_id(identity.file_tag() if identity.scheduler else "")
-    with _journal(cfg, agent_id, kind.uses_journal) as journal:
-        runners: list[Runner] = []
-        owner = None
-        for number, (plan, (init, env)) in enumerate(zip(plans, launches)):
-            own = dataclasses.replace(plan.cfg, idle_exit=0.0)
-            if ranks is not None:
-                own = ranks.leader_config(own, number)
-            own, stage_init = _staging(own, init, ranks is not None)
-            source = kind.build(SourceRequest(own, plan.queue, agent_id, journal, shared=owner is None,
-                                              joins=owner))
-            owner = owner or source
-
-            def make_slot(index: int, post: Any, on_frame: Any, init: Any = init, env: Any = env,
-                          number: int = number, source: Any = source, stage_init: Any = stage_init) -> Any:
-                if ranks is not None:
-                    return ranks.make_slot(index, post, on_frame, number)
-                return _slot_class(stage_init)(index, init, post, on_frame, redactor, env=env,
-                                               watcher=source if source.watches_fds else None)
-
-            log.info("agent %s: plugin %s (%s), queue %s, %d slot(s)", agent_id, plan.spec.name, plan.spec.folder,
-                     plan.queue, own.slots)
-            runners.append(Runner(own, source, make_slot, redactor, end_time=end_time, margin=margin,
-                                  identity=identity.label(), stage_init=stage_init))
-        code = RunnerGroup(runners, cfg.idle_exit, time.monotonic).run()
-    return ranks.finish(code) if ranks is not None else code
 
 
 def cmd_plugins(cfg: AgentConfig, as_json: bool) -> int:

@@ -151,12 +151,6 @@ class _RankTag(logging.Filter):
         return True
 
 
-def join_allocation(cfg: AgentConfig, init: dict[str, Any], env: dict[str, str],
-                    redactor: Redactor) -> "Leader | Follower":
-    """Initialize MPI, find this rank's group and role, start its extractor(s)."""
-    return join_allocation_plugins(cfg, [RankPlugin(init, env, cfg.slots)], redactor)
-
-
 @dataclass(frozen=True)
 class RankPlugin:
     """One plugin every rank of the group runs: its extractor's init frame, environment and slots per rank."""
@@ -170,8 +164,8 @@ class RankPlugin:
 LANE_STRIDE = 1 << 20
 
 
-def join_allocation_plugins(cfg: AgentConfig, plugins: list[RankPlugin], redactor: Redactor) -> "Leader | Follower":
-    """join_allocation for several plugins (agent.runner_group): every rank runs each one's extractors."""
+def join_allocation(cfg: AgentConfig, plugins: list[RankPlugin], redactor: Redactor) -> "Leader | Follower":
+    """Initialize MPI, find this rank's group and role, start every plugin's extractor(s) on this rank."""
     settings = MpiSettings.from_config(cfg)
     MPI = load_mpi()
     world = MPI.COMM_WORLD

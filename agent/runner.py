@@ -1,5 +1,6 @@
-"""The agent's main loop: deliveries in, extractor slots busy, every message settled once.
+"""One plugin's share of the agent: deliveries in, extractor slots busy, every message settled once.
 
+agent.runner_group runs the loop (one plugin is a group of one) and calls each Runner's step().
 All message state lives on the main thread, which also drives the work source (the broker
 client is not thread-safe). Slots hand frames back through `post` (from their threads, or from
 the source's event loop when it reads the extractors' pipes itself). The rules, in one place:
@@ -11,7 +12,7 @@ the source's event loop when it reads the extractors' pipes itself). The rules, 
   the backoff themselves, so a message waiting for its retry takes no slot and no prefetch place.
   Past max_retries, or for failures that cannot change (bad message, 4xx from Clowder,
   pyclowder's own "abort"), it goes to error.<queue> with the reason and an ERROR status.
-- An agent idle for idle_exit stays while its source says held work is deliverable soon.
+- Idle exit is the group's decision (agent.runner_group): every plugin idle, nothing due soon.
 - Deliveries still in flight after journal_after are secured (see agent.journal) so that
   RabbitMQ's consumer_timeout never hands them to a second worker while one still works on them;
   deliveries still waiting for a slot by then are handed back for other workers instead.
@@ -28,7 +29,6 @@ import collections
 import logging
 import queue
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -38,7 +38,7 @@ import pyclowder.utils
 from hpc_common import reports, retry_queues
 from hpc_common.redact import Redactor
 
-from . import early_signals, exitcodes
+from . import exitcodes
 from .config import AgentConfig
 from .messages import BadMessage, Delivery, parse_body, status_payload
 from .slots import Slot
@@ -149,27 +149,7 @@ class Runner:
                 return
             fn()
 
-    # -- lifecycle -------------------------------------------------------------------------------
-    def run(self) -> int:
-        """Run until idle, the message budget, a signal or an unrecoverable error; return the exit code."""
-        self.start_slots()
-        code = self.wait_ready()
-        if code is None:
-            code = self.open_source()
-        if code is not None:
-            return code
-        self._install_signals()
-        try:
-            while not self._finished():
-                self.source.poll(0.0 if not self._calls.empty() else 0.25)
-                self.step(self._clock())
-        except SourceUnavailable as exc:
-            self.source_gone(exc)
-        finally:
-            self.shutdown()
-        return self.exit_code
-
-    # The phases of run(), also driven one by one for several plugins in one agent (agent.runner_group).
+    # -- lifecycle: the phases agent.runner_group drives (one plugin is a group of one) ----------------
     def start_slots(self) -> None:
         """Start the extractor processes (they load in parallel with other plugins' ones)."""
         for slot in self.slots:
@@ -244,19 +224,6 @@ class Runner:
         c = self.counters
         log.info("stopped (%s): %d received, %d succeeded, %d retried, %d dead-lettered, %d handed back",
                  self._stop_reason or "error", c.received, c.succeeded, c.retried, c.dead_lettered, c.handed_back)
-
-    def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, _frame: Any) -> None:
-            self._signal = signum  # acted on by the main loop: the broker client must not be re-entered here
-            self.source.wake()
-
-        for signum in early_signals.SIGNALS:
-            signal.signal(signum, handler)
-        for signum in early_signals.take():  # came while the agent was starting
-            handler(signum, None)
 
     def request_stop(self, reason: str, grace: Optional[float] = None) -> None:
         """Take no new work; let in-flight work finish for grace seconds (default stop_grace)."""
@@ -525,17 +492,6 @@ class Runner:
             # Without the broker the agent cannot know whether the queue is empty: time spent
             # reconnecting is not idleness (reconnect_timeout bounds it, with exit code 4).
             self._last_activity = now
-        since = self.idle_since()
-        if self._stop_reason is None and self.cfg.idle_exit and since is not None \
-                and now - since >= self.cfg.idle_exit:
-            soon = self.source.work_soon() if self.source.connected else None
-            if soon is None:
-                self.request_stop(f"idle for {self.cfg.idle_exit:g}s")
-            else:
-                # Work held for us will be deliverable soon (a retry's backoff, a dead agent's lease):
-                # leaving now would strand it until another agent happens to start.
-                log.info("idle, but the source holds work deliverable in about %.0fs: staying", soon)
-                self._last_activity = now - self.cfg.idle_exit + min(max(soon, 1.0), self.cfg.idle_exit)
         if self._stop_reason is not None and self._stop_deadline is not None and now >= self._stop_deadline:
             self._end_grace()
 

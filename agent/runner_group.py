@@ -1,5 +1,6 @@
-"""Several plugins in one agent process: one Runner per plugin, one main loop, one broker connection
-(under MPI: in the group's leader, each Runner's slots being lanes to the ranks, agent.mpi_ranks).
+"""The agent's one driver: one Runner per plugin, one main loop, one broker connection (one plugin is a
+group of one; under MPI: in the group's leader, each Runner's slots being lanes to the ranks,
+agent.mpi_ranks). agent.assemble builds it.
 
 Each plugin keeps everything a one-plugin agent has (its queue, slots, retries, time limits,
 registration, error queue, walltime estimate): its Runner does exactly what it does alone. What
@@ -89,7 +90,7 @@ class RunnerGroup:
             return
         soon = [t for t in (r.source.work_soon() for r in running if r.source.connected) if t is not None]
         if not soon:
-            self._stop_all(f"idle for {self.idle_exit:g}s (every queue)")
+            self._stop_all(f"idle for {self.idle_exit:g}s" + (" (every queue)" if len(self.runners) > 1 else ""))
             return
         log.info("idle, but a source holds work deliverable in about %.0fs: staying", min(soon))
         self._hold_until = now + min(max(min(soon), 1.0), self.idle_exit)

@@ -152,22 +152,27 @@ def test_time_without_the_broker_is_not_idleness():
     from agent.config import AgentConfig
     from hpc_common.redact import Redactor
     from agent.runner import Runner
+    from agent.runner_group import RunnerGroup
 
     now = [0.0]
     # Just enough of a WorkSource for Runner._tick: a broker that is away until told otherwise.
     source = mock.MagicMock(connected=False, agent_id="agent-x", queue="q")
     source.recover_orphans.return_value = 0
     source.work_soon.return_value = None  # nothing held for later
-    runner = Runner(AgentConfig(idle_exit=5), source, lambda *a: _IdleSlot(), Redactor(), clock=lambda: now[0])
+    runner = Runner(AgentConfig(), source, lambda *a: _IdleSlot(), Redactor(), clock=lambda: now[0])
     runner.info = {"name": "x"}
+    group = RunnerGroup([runner], idle_exit=5, clock=lambda: now[0])
+
+    def tick(t: float) -> None:  # one turn of the group's loop without I/O
+        now[0] = t
+        runner._tick(t)
+        group._check_idle(t)
+
     for t in range(1, 60):        # a minute without the broker
-        now[0] = float(t)
-        runner._tick(now[0])
+        tick(float(t))
     assert runner._stop_reason is None
     source.connected = True       # back, and a delivery may arrive any moment
-    now[0] = 61.0
-    runner._tick(now[0])
+    tick(61.0)
     assert runner._stop_reason is None
-    now[0] = 66.0                 # really idle now
-    runner._tick(now[0])
+    tick(66.0)                    # really idle now
     assert runner._stop_reason and "idle" in runner._stop_reason

@@ -203,28 +203,38 @@ def _runner(source, now):
     from hpc_common.redact import Redactor
     from agent.runner import Runner
 
-    runner = Runner(AgentConfig(idle_exit=5), source, lambda *a: _IdleSlot(), Redactor(), clock=lambda: now[0])
+    runner = Runner(AgentConfig(), source, lambda *a: _IdleSlot(), Redactor(), clock=lambda: now[0])
     runner.info = {"name": "x"}
     return runner
 
 
+def _group_tick(group, now):
+    """One turn of the group's loop without I/O: each runner's duties, then the idle check."""
+    for runner in group.runners:
+        runner._tick(now)
+    group._check_idle(now)
+
+
 def test_idle_agent_stays_while_its_source_holds_work_for_soon():
     from unittest import mock
+
+    from agent.runner_group import RunnerGroup
 
     now = [0.0]
     source = mock.MagicMock(connected=True, agent_id="a", queue="q")
     source.recover_orphans.return_value = 0
     source.work_soon.return_value = 3.0      # e.g. a dead agent's lease expires in 3 s
     runner = _runner(source, now)
+    group = RunnerGroup([runner], idle_exit=5, clock=lambda: now[0])
     now[0] = 5.0
-    runner._tick(now[0])
+    _group_tick(group, now[0])
     assert runner._stop_reason is None
     now[0] = 7.0                              # asked again only when that time has come
-    runner._tick(now[0])
+    _group_tick(group, now[0])
     assert source.work_soon.call_count == 1
     source.work_soon.return_value = None      # nothing more is coming
     now[0] = 8.0
-    runner._tick(now[0])
+    _group_tick(group, now[0])
     assert source.work_soon.call_count == 2 and "idle" in (runner._stop_reason or "")
 
 

@@ -24,7 +24,7 @@ AGENT_BAD = {
     "memory_limit": "-1", "recycle_after": "1.5", "prefetch": "-2", "relay_inline": "-1", "idle_exit": "never", "max_messages": "-1",
     "stop_grace": "-1", "walltime": "tomorrow", "walltime_margin": "-1", "journal_after": "0",
     "connect_timeout": "-1", "reconnect_timeout": "x", "log_level": "LOUD", "mpi": "sometimes",
-    "mpi_leader": "rack", "mpi_rank_timeout": "0", "stage_ahead": "perhaps",
+    "mpi_leader": "rack", "mpi_rank_timeout": "0", "stage_ahead": "perhaps", "amqp_internals": "somewhat",
     "env_build": "sometimes", "plugins": "{\"x\": {\"colour\": 1}}",
 }
 FREE_TEXT = {s.name for s in AGENT_SETTINGS if s.name not in AGENT_BAD}
