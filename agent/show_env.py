@@ -26,13 +26,21 @@ from .worker_settings import worker_env
 _SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL", re.I)
 
 
-def _masker(cfg: AgentConfig) -> Any:
-    """name, value -> the value as shown: masked whole for secret-looking names, else secrets inside masked."""
+def _masker(cfg: AgentConfig, entries: dict[str, extractor_env.EnvValue]) -> Any:
+    """name, value -> the value as shown: masked whole for secret-looking names, else secrets inside masked.
+
+    The values of secret-looking names are masked wherever else they turn up too (AGENT_PLUGINS holds
+    the plugins table's).
+    """
     redactor = Redactor([cfg.extractor_key or ""])
     try:
         redactor.add(urlsplit(cfg.rabbitmq_uri or "").password)
     except ValueError:
         pass
+    for key, entry in entries.items():
+        if _SECRET_NAME.search(key):
+            for value in (entry.value, *(v for _, v in entry.overrides)):
+                redactor.add(value)
 
     def shown(name: str, value: str) -> str:
         if value and _SECRET_NAME.search(name):
@@ -68,7 +76,7 @@ def collect(cfg: AgentConfig, name: str) -> dict[str, Any]:
     venv = _venv(own, spec)
     if venv and venv["path"]:
         entries = extractor_env.in_venv(entries, venv["path"])
-    shown = _masker(own)
+    shown = _masker(own, entries)
     env = {key: {"value": shown(key, e.value), "source": e.source,
                  "overrides": [{"source": s, "value": shown(key, v)} for s, v in e.overrides]}
            for key, e in sorted(entries.items())}
