@@ -51,7 +51,12 @@ def may_build(cfg: AgentConfig, spec: PluginSpec) -> bool:
 
 def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
           env: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The init frame and environment for this plugin's extractor processes (EnvError: cannot run it)."""
+    """The init frame and environment for this plugin's extractor processes (EnvError: cannot run it).
+
+    env is what the agent gives every extractor process (agent.worker_settings.worker_env); the
+    plugin's own values are put in by agent.extractor_env.resolve (ConfigError: a plugins table
+    env the agent refuses).
+    """
     docker_env_for_process(spec)  # says which Dockerfile ENV names are not applied
     entries = extractor_env.resolve(cfg, spec, env)
     env = extractor_env.values(entries)

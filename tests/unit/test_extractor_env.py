@@ -142,3 +142,14 @@ def test_show_env_of_an_unknown_plugin_is_exit_3_and_one_line(tmp_path):
     done = _show("--show-env", "no.such", AGENT_PLUGIN_PATH=_plugin(tmp_path))
     assert done.returncode == 3 and done.stdout == ""
     assert done.stderr.startswith("agent plugins: plugin 'no.such' not found") and done.stderr.count("\n") == 1
+
+
+def test_run_refuses_a_broker_secret_in_a_plugins_table_env_before_connecting(tmp_path):
+    table = {"site.preview": {"env": {"MIRROR": "amqp://u:s3cret-9@elsewhere/"}}}
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "RABBITMQ_"))}
+    full.update(PYTHONPATH=REPO, AGENT_PLUGIN_PATH=_plugin(tmp_path), AGENT_PLUGINS=json.dumps(table),
+                RABBITMQ_URI="amqp://u:s3cret-9@127.0.0.1:1/")  # port 1: nothing listens
+    done = subprocess.run([sys.executable, "-m", "agent", "run", "--plugin", "site.preview"], env=full, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "env MIRROR holds a broker secret" in done.stderr and "s3cret-9" not in done.stderr + done.stdout
