@@ -11,7 +11,7 @@ import dataclasses
 import json
 import re
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from hpc_common.redact import MASK, Redactor
@@ -26,7 +26,7 @@ from .worker_settings import worker_env
 _SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL", re.I)
 
 
-def _masker(cfg: AgentConfig, entries: dict[str, extractor_env.EnvValue]) -> Any:
+def _masker(cfg: AgentConfig, entries: dict[str, extractor_env.EnvValue]) -> Callable[[str, str], str]:
     """name, value -> the value as shown: masked whole for secret-looking names, else secrets inside masked.
 
     The values of secret-looking names are masked wherever else they turn up too (AGENT_PLUGINS holds
