@@ -1,7 +1,7 @@
 """Command line of the agent.
 
   python -m agent run [--plugin NAME[,NAME...]] [--idle-exit S] [--max-messages N] [...]
-  python -m agent plugins
+  python -m agent plugins [--json] [--show-env NAME]
   python -m agent prepare [--plugin NAME ...]
   python -m agent local --plugin NAME --out DIR FILE...
 
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list the plugins found")
     add_setting_flags(plugins, ["plugin_path"])
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--show-env", dest="show_env", metavar="NAME",
+                         help="what NAME's extractor processes get in their environment, and from where")
     prepare = sub.add_parser("prepare", help="build the environments of plugins with a requirements.txt "
                              "(on a machine with network access)")
     add_setting_flags(prepare, ["plugin_path", "env_dir", "env_python", "log_level"])
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> AgentConfig:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "config_sub", "json",
-                                                              "out", "files", "prepare_plugins")}
+                                                              "out", "files", "prepare_plugins", "show_env")}
     return load_config(flags, config_file=args.config_sub or args.config)
 
 
@@ -132,6 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"agent: configuration error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG_ERROR
     if args.command == "plugins":
+        if args.show_env:
+            from .show_env import show_env
+            return show_env(cfg, args.show_env, args.json)
         return cmd_plugins(cfg, args.json)
     if args.command == "prepare":
         from .plugin_env import prepare_plugins

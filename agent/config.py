@@ -73,6 +73,15 @@ def _slots_check(v: Any) -> Optional[str]:
     return None if all(c >= 1 for c in counts) else "must be at least 1"
 
 
+def _plugins_check(table: Any) -> Optional[str]:
+    """A plugins table whose `env:` entries an extractor may get (agent.extractor_env says which)."""
+    from .extractor_env import plugin_env_problem  # it builds on this module's SETTINGS
+
+    problems = (plugin_env_problem(name, entry["env"]) for name, entry in (table or {}).items()
+                if entry.get("env") is not None)
+    return next((p for p in problems if p), None)
+
+
 def _to_source(value: Any) -> str:
     text = str(value).strip()
     if text not in SOURCES:
@@ -271,8 +280,8 @@ SETTINGS: tuple[Setting, ...] = (
             "command put before the extractor process's, e.g. 'apptainer exec x.sif'", type=_OPT_STR),
     Setting("plugins", parse_plugin_table, {},
             "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module, "
-            "slots, time_limit, max_retries, rabbitmq_queue}}",
-            type=dict[str, dict[str, Any]]),
+            "slots, time_limit, max_retries, rabbitmq_queue, env}}",
+            check=_plugins_check, type=dict[str, dict[str, Any]]),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -1,9 +1,10 @@
 """Reading the ENV lines of a plugin's Dockerfile, and nothing else of it.
 
 An extractor packaged for Docker names its settings in `ENV` lines (pyclowder's simple extractors
-name their entry point there: EXTRACTION_FUNC, EXTRACTION_MODULE). The agent sets those variables
-for the extractor process as the image would; no other instruction runs (no RUN, COPY, USER,
-WORKDIR, ENTRYPOINT or CMD).
+name their entry point there: EXTRACTION_FUNC, EXTRACTION_MODULE). Those variables are defaults for
+the extractor process, as an image's ENV is under Docker: the agent's environment and the plugins
+table override them (agent.extractor_env). No other instruction runs (no RUN, COPY, USER, WORKDIR,
+ENTRYPOINT or CMD).
 
 What is read, from the last build stage (after the last FROM):
 - `ENV KEY=VALUE [KEY2=VALUE2 ...]`, values quoted with "..." or '...' or backslash-escaped;

@@ -11,8 +11,8 @@ and runs the extractor module, so it works with neither PYTHONPATH nor the agent
 under a prefix that clears the environment (`env -i`, `apptainer exec --cleanenv`). A plugin
 with neither requirements nor a prefix keeps the agent's plain `python -m` start.
 
-The Dockerfile's ENV lines are added to the process's environment, except PROTECTED names and
-prefixes: the agent's settings and secrets, and what ties the process to this host's Python.
+The process's environment comes from agent.extractor_env (plugins table env > the agent's
+environment > the Dockerfile's ENV, a default only; PROTECTED names never from the Dockerfile).
 """
 from __future__ import annotations
 
@@ -21,28 +21,19 @@ import os
 import sys
 from typing import Any
 
-from . import plugin_env
-from .config import SETTINGS, AgentConfig
+from . import extractor_env, plugin_env
+from .config import AgentConfig
 from .plugin_loader import PluginSpec
 from .plugin_settings import command_prefix, plugin_value
 
 log = logging.getLogger("agent.launch")
 BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); module = sys.argv[2]; del sys.argv[1:3]; "
         "runpy.run_module(module, run_name='__main__', alter_sys=True)")
-PROTECTED = frozenset(({env for s in SETTINGS for env in s.env} - {"EXTRACTION_FUNC", "EXTRACTION_MODULE"}) | {
-    "RABBITMQ_URI", "RABBITMQ_QUEUE", "RABBITMQ_EXCHANGE", "EXTRACTOR_KEY", "REGISTRATION_ENDPOINTS",
-    "MOUNTED_PATHS", "HEARTBEAT", "MAX_RETRY", "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
-    "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "TMPDIR",
-    "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy",
-    "HTTPS_PROXY", "https_proxy"})
-PROTECTED_PREFIXES = ("AGENT_", "CLOWDER_", "RABBITMQ_", "SLURM_", "PBS_", "PMI_", "OMPI_", "HYDRA_")
 
 
 def docker_env_for_process(spec: PluginSpec) -> dict[str, str]:
-    """The Dockerfile ENV values the extractor process gets (the protected names left out, and said)."""
-    kept = {k: v for k, v in spec.docker_env.items()
-            if k not in PROTECTED and not k.startswith(PROTECTED_PREFIXES)}
-    skipped = sorted(set(spec.docker_env) - set(kept))
+    """The Dockerfile ENV values the extractor process may get (the protected names left out, and said)."""
+    kept, skipped = extractor_env.dockerfile_env(spec)
     if skipped:
         log.info("%s: Dockerfile ENV %s not applied (the agent's own settings or this host's)", spec.name,
                  ", ".join(skipped))
@@ -60,9 +51,15 @@ def may_build(cfg: AgentConfig, spec: PluginSpec) -> bool:
 
 def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
           env: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The init frame and environment for this plugin's extractor processes (EnvError: cannot run it)."""
-    env = dict(env)
-    env.update(docker_env_for_process(spec))
+    """The init frame and environment for this plugin's extractor processes (EnvError: cannot run it).
+
+    env is what the agent gives every extractor process (agent.worker_settings.worker_env); the
+    plugin's own values are put in by agent.extractor_env.resolve (ConfigError: a plugins table
+    env the agent refuses).
+    """
+    docker_env_for_process(spec)  # says which Dockerfile ENV names are not applied
+    entries = extractor_env.resolve(cfg, spec, env)
+    env = extractor_env.values(entries)
     # The values reach the process through its environment; the frame need not carry them
     # (a Dockerfile may hold a broker password in an ENV line the agent does not apply).
     init = dict(init, plugin=dict(init["plugin"], docker_env={}))
@@ -73,10 +70,7 @@ def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
         env_python = plugin_value(cfg, "env_python", spec.name, spec.folder_name)
         penv = plugin_env.ensure(spec, cfg.env_dir, env_python, may_build(cfg, spec))
         python, code_dir = penv.python, plugin_env.agent_code_dir(cfg.env_dir)
-        for name in ("PYTHONPATH", "PYTHONHOME"):
-            env.pop(name, None)
-        env["VIRTUAL_ENV"] = penv.path
-        env["PATH"] = os.pathsep.join(filter(None, [os.path.join(penv.path, "bin"), env.get("PATH")]))
+        env = extractor_env.values(extractor_env.in_venv(entries, penv.path))
         log.info("%s: extractor processes run in %s", spec.name, penv.path)
     else:
         python, code_dir = sys.executable, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from hpc_common.redact import Redactor
 
 from . import exitcodes, extractor_launch
-from .config import AgentConfig
+from .config import AgentConfig, ConfigError
 from .local_clowder import LocalClowder
 from .logs import setup_logging
 from .plugin_env import EnvError
@@ -53,9 +53,9 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
     try:
         spec = find_plugin(cfg.plugin, cfg.plugin_path, entry_defaults(cfg))
         init, env = extractor_launch.apply(cfg, spec, worker_init(cfg, spec, spec.name), worker_env(cfg))
-    except (PluginError, EnvError) as exc:
+    except (PluginError, EnvError, ConfigError) as exc:  # ConfigError: a plugins table env refused
         log.error("%s", exc)
-        return exitcodes.PLUGIN_ERROR
+        return exitcodes.for_error(exc)
     os.makedirs(out_dir, exist_ok=True)
     key = secrets.token_hex(16)
     redactor.add(key)

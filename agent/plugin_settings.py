@@ -7,10 +7,14 @@ that apply to that plugin only, so several plugins in one agent can each have th
       ncsa.wordcount:
         command_prefix: apptainer exec --bind /scratch wordcount.sif
         env_python: /opt/python/3.11/bin/python3
+        env: {WORDCOUNT_LANG: en}
 
-Keys: command_prefix, env_python, env_build, extraction_func, extraction_module, and for an
-agent serving several plugins (agent.plugin_set) slots, time_limit, max_retries, rabbitmq_queue.
-A key missing there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...).
+Keys: command_prefix, env_python, env_build, extraction_func, extraction_module, env (variables for
+the plugin's extractor processes, over the agent's environment and the Dockerfile's ENV:
+agent.extractor_env), and for an agent serving several plugins (agent.plugin_set) slots,
+time_limit, max_retries, rabbitmq_queue.
+A key missing there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...);
+env has no agent-wide setting: the agent's own environment is that.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import shlex
 from typing import Any, Mapping, Optional
 
 PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module",
-                   "slots", "time_limit", "max_retries", "rabbitmq_queue")
+                   "slots", "time_limit", "max_retries", "rabbitmq_queue", "env")
 
 
 def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:

@@ -33,7 +33,7 @@ quiet() {
 }
 
 APT_PACKAGES=(rabbitmq-server slurm-wlm slurm-wlm-torque munge openssh-server openssh-client openssl
-              iproute2 procps chromium)
+              iproute2 procps chromium imagemagick)
 
 # ---------------------------------------------------------------- Debian packages
 missing=()

@@ -178,3 +178,25 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0) -> bool:
         except OSError:
             time.sleep(0.2)
     return False
+
+
+IMAGEMAGICK_CONVERT = "/usr/bin/convert"  # Debian's imagemagick (scripts/install.sh), not another on PATH
+
+
+@functools.lru_cache(maxsize=None)
+def _imagemagick_problem() -> Optional[str]:
+    try:
+        out = _run([IMAGEMAGICK_CONVERT, "-version"])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{IMAGEMAGICK_CONVERT} does not run ({exc}): apt-get install imagemagick"
+    if "ImageMagick" not in out.stdout:
+        return f"{IMAGEMAGICK_CONVERT} is not ImageMagick's convert: apt-get install imagemagick"
+    return None
+
+
+def require_imagemagick() -> str:
+    """ImageMagick's convert runs; returns its path."""
+    problem = _imagemagick_problem()
+    if problem:
+        unavailable(problem)
+    return IMAGEMAGICK_CONVERT
