@@ -1,7 +1,8 @@
 """A production extractor configured as sites configure it, against a real RabbitMQ and the Clowder stand-in.
 
-pyclowder's binary-preview extractor (tests/data/extractors/binary-preview, unchanged: its
-Dockerfile says `ENV IMAGE_BINARY="" IMAGE_TYPE="" ...`) gets its binary and commands from the
+A preview extractor packaged as Clowder's production binary-preview extractors are
+(tests/data/extractors/site-image-preview: its Dockerfile says `ENV IMAGE_BINARY="" IMAGE_TYPE="" ...`,
+written for these tests in the same configuration shape) gets its binary and commands from the
 agent's environment, as docker-compose's `environment:` gives them, and must make every image's
 thumbnail and preview as it does under pyclowder. Two plugins in one agent get their own values
 of one variable from the `plugins:` table's `env:`.
@@ -21,7 +22,7 @@ from helpers.services import require_imagemagick
 
 pytestmark = pytest.mark.integration
 EXTRACTORS = os.path.join(REPO, "tests", "data", "extractors")
-PREVIEW = "ncsa.image.preview"
+PREVIEW = "site.image.preview"
 
 
 def _site_settings(convert: str, **extra: str) -> dict[str, str]:
@@ -83,17 +84,17 @@ def test_binary_preview_takes_its_binary_and_commands_from_the_agents_environmen
             assert upload["filename"].endswith(".png") and upload["size"] > 0, upload
         assert thumb["sha256"] != preview["sha256"]  # two commands: 225^ and 800x600
         assert statuses[fid][-1] == "StatusMessage.done: Done processing.", statuses[fid]
-        assert "StatusMessage.processing: Uploaded thumbnail of type png" in statuses[fid]
-        assert "StatusMessage.processing: Uploaded preview of type png" in statuses[fid]
+        assert "StatusMessage.processing: made the thumbnail as png" in statuses[fid]
+        assert "StatusMessage.processing: made the preview as png" in statuses[fid]
     assert harness.depth() == 0 and harness.errors() == []
     # The Dockerfile's RABBITMQ_QUEUE="" is the agent's, never applied over the queue it consumes.
     assert "Dockerfile ENV RABBITMQ_QUEUE not applied" in harness.log_text()
 
 
 def _named_copy(tmp_path, name: str) -> str:
-    """The binary-preview folder under another extractor name (two plugins in one agent need two names)."""
+    """The preview extractor's folder under another extractor name (two plugins in one agent need two names)."""
     folder = tmp_path / "plugins" / name
-    shutil.copytree(os.path.join(EXTRACTORS, "binary-preview"), folder)
+    shutil.copytree(os.path.join(EXTRACTORS, "site-image-preview"), folder)
     info = json.loads((folder / "extractor_info.json").read_text())
     (folder / "extractor_info.json").write_text(json.dumps(dict(info, name=name)))
     return str(tmp_path / "plugins")
@@ -118,7 +119,7 @@ def test_two_plugins_in_one_agent_each_with_its_own_value(harness, second_harnes
         for fid in ids:
             uploads = _uploads(h, fid, "thumbnail") + _uploads(h, fid, "preview")
             assert len(uploads) == 2 and all(u["filename"].endswith("." + kind) for u in uploads), uploads
-            assert f"StatusMessage.processing: Uploaded thumbnail of type {kind}" in statuses[fid]
+            assert f"StatusMessage.processing: made the thumbnail as {kind}" in statuses[fid]
             assert statuses[fid][-1] == "StatusMessage.done: Done processing."
     assert harness.depth() == 0 and second_harness.depth() == 0
 
@@ -130,7 +131,8 @@ def test_two_plugins_in_one_agent_each_with_its_own_value(harness, second_harnes
     assert report["IMAGE_TYPE"] == {"value": "jpg", "source": "plugins table env", "overrides": [
         {"source": "Dockerfile ENV", "value": ""}, {"source": "agent environment", "value": "gif"}]}
     assert report["IMAGE_BINARY"]["source"] == "agent environment"
-    assert report["PREVIEW_BINARY"] == {"value": "", "source": "Dockerfile ENV", "overrides": []}
+    assert report["IMAGE_PREVIEW_COMMAND"]["source"] == "agent environment"
+    assert report["MAIN_SCRIPT"] == {"value": "command_previews.py", "source": "Dockerfile ENV", "overrides": []}
     assert report["RABBITMQ_QUEUE"] == {"value": second_harness.queue, "source": "set by the agent",
                                         "overrides": []}
     assert "RABBITMQ_URI" not in report

@@ -1,6 +1,6 @@
 """README's "Deploying Clowder's own extractors", step 5, on the real single-node Slurm.
 
-pyclowder's unchanged binary-preview extractor, its compose settings in agent.yaml's `plugins:`
+The binary-preview-shaped extractor of tests/data/extractors/site-image-preview, its compose settings in agent.yaml's `plugins:`
 table, submitted with `AGENT_CONFIG=... sbatch pbs/agent_array.slurm` (the broker URI only in the
 private env file): every image gets its thumbnail and preview.
 """
@@ -19,9 +19,9 @@ from helpers.slurm_jobs import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.xdist_group("slurm-cpus"),
               pytest.mark.usefixtures("slurm")]
 EXTRACTORS = os.path.join(REPO, "tests", "data", "extractors")
-CONFIG = """plugin: ncsa.image.preview
+CONFIG = """plugin: site.image.preview
 plugins:
-  ncsa.image.preview:
+  site.image.preview:
     env:
       IMAGE_BINARY: {convert}
       IMAGE_TYPE: png
@@ -72,4 +72,4 @@ def test_sbatch_runs_the_image_preview_configured_in_the_plugins_table(harness, 
         assert len(thumbs) == 1 and len(previews) == 1, logs
         assert thumbs[0]["body"]["filename"].endswith(".png") and previews[0]["body"]["size"] > 0
     assert harness.depth() == 0 and harness.errors() == []
-    assert "plugin ncsa.image.preview" in logs and harness.url not in logs
+    assert "plugin site.image.preview" in logs and harness.url not in logs
