@@ -5,12 +5,38 @@ The relay (launcher.relay.server) answers these calls and the agent's relay sour
 `Authorization: Bearer <token>`; the paths, keys and features below are a contract with relays and
 agents of other versions: keep their spelling.
 
+  GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload, broker_connected,
+                                          features} (features: "lease_complete", "inline_files")
+  POST /v1/lease       {agent, max, wait, complete?, inline?, clowder_version?}  up to max leases,
+                                          waiting up to wait s for the first; `complete` (lease ids
+                                          done) is settled first, as /v1/complete would, answered in
+                                          {done, gone} beside `leases` (one round trip per file
+                                          instead of two); with `inline` (bytes), file messages'
+                                          file info and files up to that size come in each lease's
+                                          `inline` (launcher.relay.inline)
+  POST /v1/extend      {lease_ids}         heartbeat: {extended, gone}
+  POST /v1/complete    {lease_id} or {lease_ids}   done, results in Clowder: the message is forgotten
+  POST /v1/release     {lease_id}          hand back (not a failure): leasable again at once
+  POST /v1/fail        {lease_id, attempts, reason, delay?}  {outcome: retry | dead}; leasable again
+                                          after delay s (default: the relay's --retry-backoff)
+  GET  /v1/backlog[?agent=ID]            what the table holds: {ready, backoff, stale, leased, dead,
+                                          pending, retry_after} (launcher.backlog, idle agents); with
+                                          agent, `on_the_way`: leases granted to it, answer not yet sent
+  POST /v1/dead-letter {lease_id, reason, traceback, attempts, agent}
+  POST /v1/status      {items: [{lease_id, payload}]}        best effort, to the lease's reply_to
+  POST /v1/register    {agent, extractor_info, owner}        best effort, `extractors` exchange
+  GET  /metrics                          Prometheus text (launcher.relay.metrics), same token
+
+A settle call on a lease that is no longer live answers GONE (409) with {"gone": true}: the message
+is already back in the relay's hands (expired) and the agent must not retry the call.
+
 Records are plain dataclasses with `to_json()` (what goes on the wire) and `from_json(obj)`
 (what came off it). Requests are read strictly (`BadRequest`, answered 400, on a missing or
 mistyped field: the relay's checks); answers are read leniently (a missing key takes its default:
 an agent may talk to an older relay). A leased message carries the six message fields exactly as
-`Message.fields_json` writes them, plus the lease's own keys. Standard library only, and no more
-work per call than the hand-written dicts it replaces: the relay's hot path is /v1/lease.
+`Message.fields_json` writes them, plus the lease's own keys. Standard library only and no
+validation library: the relay's hot path is /v1/lease, and a record costs about a microsecond
+per lease item over the hand-written dicts it replaced.
 """
 from __future__ import annotations
 

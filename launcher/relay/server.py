@@ -1,36 +1,11 @@
 """The relay's HTTP side: authenticated work API for agents plus the Clowder forwarding path.
 
-Work API (JSON in and out, `Authorization: Bearer <token>` on every call; paths, records, limits and
-features are defined once in hpc_common.relay_api, which the agent's relay source uses too):
-
-  GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload, broker_connected,
-                                          features} (features: "lease_complete", "inline_files")
-  POST /v1/lease       {agent, max, wait, complete?, inline?, clowder_version?}  up to max leases,
-                                          waiting up to wait s for the first; `complete` (lease ids
-                                          done) is settled first, as /v1/complete would, answered in
-                                          {done, gone} beside `leases` (one round trip per file
-                                          instead of two); with `inline` (bytes), file messages'
-                                          file info and files up to that size come in each lease's
-                                          `inline` (launcher.relay.inline)
-  POST /v1/extend      {lease_ids}         heartbeat: {extended, gone}
-  POST /v1/complete    {lease_id} or {lease_ids}   done, results in Clowder: the message is forgotten
-  POST /v1/release     {lease_id}          hand back (not a failure): leasable again at once
-  POST /v1/fail        {lease_id, attempts, reason, delay?}  {outcome: retry | dead}; leasable again
-                                          after delay s (default: the relay's --retry-backoff)
-  GET  /v1/backlog[?agent=ID]            what the table holds: {ready, backoff, stale, leased, dead,
-                                          pending, retry_after} (launcher.backlog, idle agents); with
-                                          agent, `on_the_way`: leases granted to it, answer not yet sent
-  POST /v1/dead-letter {lease_id, reason, traceback, attempts, agent}
-  POST /v1/status      {items: [{lease_id, payload}]}        best effort, to the lease's reply_to
-  POST /v1/register    {agent, extractor_info, owner}        best effort, `extractors` exchange
-  GET  /metrics                          Prometheus text (launcher.relay.metrics), same token
+The work API for agents (paths, request and answer records, limits, hello features) is defined
+once, in hpc_common.relay_api; its docstring lists every call.
 
 Registration for agents that cannot reach the broker: the relay remembers the last extractor_info
 an agent registered and publishes it itself every `heartbeat` seconds (default 60, well inside
 Clowder v2's 300 s window) while agents have called it within the last interval.
-
-A settle call on a lease that is no longer live answers 409 with {"gone": true}: the message is
-already back in the relay's hands (expired) and the agent must not retry the call.
 
 `/clowder/<lease id>/api/...` is the Clowder path (launcher.relay.forward); it is authenticated
 by the per-lease key instead, because unchanged extractors send Clowder's key, not ours.

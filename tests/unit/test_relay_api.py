@@ -95,3 +95,17 @@ def test_status_items_are_checked_and_register_requests_round_trip():
     reg = api.RegisterRequest("a", {"name": "x"}, "")
     assert api.RegisterRequest.from_json(_wire(reg.to_json())) == reg
     assert api.clowder_base("http://relay:1", "abc") == "http://relay:1/clowder/abc/"
+
+
+def test_the_relay_serves_every_path_of_the_api_and_its_metrics_name_them(tmp_path):
+    from launcher.relay.metrics import ENDPOINTS
+    from launcher.relay.server import Relay, RelaySettings
+    from launcher.relay.store import LeaseStore
+
+    store = LeaseStore(str(tmp_path / "leases.sqlite3"))
+    try:
+        relay = Relay(RelaySettings("127.0.0.1", 0, "t" * 32, "q"), store, broker=None, forwarder=None)
+        assert set(relay.routes) == set(api.PATHS)
+        assert ENDPOINTS == set(api.PATHS) - {api.BACKLOG}  # backlog polls are counted under "other"
+    finally:
+        store.close()
