@@ -38,6 +38,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from hpc_common import relay_api
 from hpc_common.owned_folders import try_lock
 
 log = logging.getLogger("launcher.backlog")
@@ -96,13 +97,13 @@ def _earliest(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def from_relay_counts(counts: dict[str, Any]) -> Backlog:
     """A relay's /v1/backlog answer (or launcher.relay.store.backlog_counts) as backlog parts."""
+    read = relay_api.BacklogCounts.from_json(counts)
     b = Backlog()
-    b.add("relay_ready", counts.get("ready") or 0)
-    b.add("relay_backoff", counts.get("backoff") or 0)
-    b.add("relay_stale", counts.get("stale") or 0)
-    b.in_flight["relay_leased"] = int(counts.get("leased") or 0)
-    after = counts.get("retry_after")
-    b.retry_after = float(after) if isinstance(after, (int, float)) else None
+    b.add("relay_ready", read.ready)
+    b.add("relay_backoff", read.backoff)
+    b.add("relay_stale", read.stale)
+    b.in_flight["relay_leased"] = read.leased
+    b.retry_after = read.retry_after
     return b
 
 
@@ -148,16 +149,16 @@ def remote_relay(url: str, token_file: str, ca: Optional[str] = None, timeout: f
     try:
         with requests.Session() as s:
             s.trust_env = False
-            resp = s.get(url.rstrip("/") + "/v1/backlog", headers={"Authorization": f"Bearer {token}"},
+            resp = s.get(url.rstrip("/") + relay_api.BACKLOG, headers={"Authorization": f"Bearer {token}"},
                          timeout=timeout, verify=ca or True)
     except requests.RequestException as exc:
         return Backlog(errors=[f"relay {url}: not reachable ({exc.__class__.__name__})"])
     if resp.status_code != 200:
-        return Backlog(errors=[f"relay {url}: answered {resp.status_code} to GET /v1/backlog"])
+        return Backlog(errors=[f"relay {url}: answered {resp.status_code} to GET {relay_api.BACKLOG}"])
     try:
         counts = resp.json()
     except ValueError:
-        return Backlog(errors=[f"relay {url}: GET /v1/backlog did not answer JSON"])
+        return Backlog(errors=[f"relay {url}: GET {relay_api.BACKLOG} did not answer JSON"])
     return from_relay_counts(counts if isinstance(counts, dict) else {})
 
 

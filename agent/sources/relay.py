@@ -33,7 +33,6 @@ The source raises SourceUnavailable once the relay has been unreachable for reco
 """
 from __future__ import annotations
 
-import base64
 import json as jsonlib
 import logging
 import os
@@ -46,7 +45,7 @@ from urllib.parse import quote
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from hpc_common.messages import REASON_LIMIT, TRACEBACK_LIMIT
+from hpc_common import relay_api as api
 from hpc_common.tokens import TokenFileError, read_token_file
 
 from ..errors import ConfigError, SourceError
@@ -179,20 +178,20 @@ class RelaySource(WorkSource):
         delay = 1.0
         while True:
             try:
-                hello = self._call(self._settle_http, "GET", "/v1/hello", timeout=10.0)
+                hello = api.Hello.from_json(self._call(self._settle_http, "GET", api.HELLO, timeout=10.0))
                 break
             except SourceLost as exc:
                 if self._clock() >= deadline:
                     raise SourceUnavailable(f"cannot use the relay at {self.url}: {exc}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        self.queue = str(hello.get("queue", ""))
-        self.lease_ttl = float(hello.get("lease_ttl", 15.0))
-        self.lease_wait = min(self.lease_wait, float(hello.get("max_wait", self.lease_wait)))
+        self.queue = hello.queue
+        self.lease_ttl = hello.lease_ttl
+        if hello.max_wait is not None:
+            self.lease_wait = min(self.lease_wait, hello.max_wait)
         self.generation = 1
-        features = hello.get("features") or []
-        self._carry = "lease_complete" in features
-        if "inline_files" not in features:
+        self._carry = api.LEASE_COMPLETE in hello.features
+        if api.INLINE_FILES not in hello.features:
             self.inline = 0  # an earlier relay: each file's calls are forwarded as they come
         log.info("relay %s: queue %s, leases of %.0fs, up to %d held", self.url, self.queue, self.lease_ttl,
                  self.prefetch)
@@ -277,15 +276,15 @@ class RelaySource(WorkSource):
                 self._room.wait(1.0)
                 self._room.clear()
                 continue
-            payload: dict[str, Any] = {"agent": self.agent_id, "max": room, "wait": self.lease_wait}
-            if self.inline:
-                payload.update(inline=self.inline, clowder_version=self.clowder_version)
+            asked = api.LeaseRequest(self.agent_id, room, self.lease_wait, inline=self.inline,
+                                     clowder_version=self.clowder_version)
             carried = self._take_done() if self._carry else []
             if carried:  # settled first; no long poll, so their confirmation comes back at once
-                payload.update(complete=[d.token for d in carried], wait=0)
+                asked.complete, asked.wait = [d.token for d in carried], 0
             self._polling_since = self._clock()
             try:
-                answer = self._call(http, "POST", "/v1/lease", payload, timeout=self.lease_wait + 15.0)
+                answer = api.LeaseAnswer.from_json(
+                    self._call(http, "POST", api.LEASE, asked.to_json(), timeout=self.lease_wait + 15.0), self.queue)
                 delay = 0.5
             except (SourceLost, _Gone, SourceUnavailable) as exc:
                 self._polling_since = None
@@ -299,20 +298,20 @@ class RelaySource(WorkSource):
                 continue
             self._polling_since = None
             if carried:
-                if "done" in answer:
-                    self._settled(carried, answer)
+                if answer.settled is not None:
+                    self._settled(carried, answer.settled)
                 else:  # the relay did not settle them: the completion thread sends these and all others
                     self._carry = False
                     log.warning("the relay at %s did not settle completions sent with a lease call; sending "
                                 "them on their own from now on", self.url)
                     self._put_back_done(carried)
-            for item in answer.get("leases", []):
+            for item in answer.leases:
                 delivery = self._delivery(item)
                 with self._held_lock:
                     self._held.add(delivery.token)
                 if not self._intake or self._stop.is_set():
                     try:
-                        self._settle("/v1/release", delivery, {}, http)
+                        self._settle(api.RELEASE, delivery, {}, http)
                     except SourceLost:
                         pass
                     continue
@@ -333,12 +332,11 @@ class RelaySource(WorkSource):
         """Leases waiting or running here, their completion not yet on its way (caller holds _held_lock)."""
         return len(self._held) - len(self._completing)
 
-    def _delivery(self, item: dict[str, Any]) -> Delivery:
-        return Delivery(body=base64.b64decode(item["body_b64"]), routing_key=item.get("routing_key") or self.queue,
-                        reply_to=item.get("reply_to"), correlation_id=item.get("correlation_id"),
-                        headers=dict(item.get("headers") or {}), content_type=item.get("content_type"),
-                        redelivered=int(item.get("attempts") or 0) > 0, token=item["lease_id"],
-                        received_at=self._clock(), secured=True, inline=_inline(item.get("inline")))
+    def _delivery(self, item: api.LeaseItem) -> Delivery:
+        m = item.message
+        return Delivery(body=m.body, routing_key=m.routing_key, reply_to=m.reply_to, correlation_id=m.correlation_id,
+                        headers=m.headers, content_type=m.content_type, redelivered=item.attempts > 0,
+                        token=item.lease_id, received_at=self._clock(), secured=True, inline=api.inline_of(item.inline))
 
     def _heartbeat_loop(self) -> None:
         http = self._session()
@@ -350,11 +348,12 @@ class RelaySource(WorkSource):
             if not ids:
                 continue
             try:
-                answer = self._call(http, "POST", "/v1/extend", {"lease_ids": ids}, timeout=15.0)
+                answer = api.ExtendAnswer.from_json(
+                    self._call(http, "POST", api.EXTEND, {"lease_ids": ids}, timeout=15.0))
             except (SourceLost, _Gone, SourceUnavailable):
                 continue
             with self._held_lock:  # a lease completed meanwhile is gone on the relay, rightly
-                gone = [i for i in answer.get("gone") or [] if i not in self._completing]
+                gone = [i for i in answer.gone if i not in self._completing]
             if gone:
                 log.warning("%d lease(s) expired on the relay before their work ended; those messages may run "
                             "twice", len(gone))
@@ -373,7 +372,7 @@ class RelaySource(WorkSource):
 
     def _post_statuses(self, http: _Http, first: Optional[dict[str, Any]]) -> None:
         items = [first] if first is not None else []
-        while len(items) < 200:
+        while len(items) < api.STATUS_BATCH:
             try:
                 items.append(self._statuses.get_nowait())
             except queue.Empty:
@@ -381,7 +380,7 @@ class RelaySource(WorkSource):
         if not items:
             return
         try:
-            self._call(http, "POST", "/v1/status", {"items": items}, timeout=15.0)
+            self._call(http, "POST", api.STATUS, {"items": items}, timeout=15.0)
         except (SourceLost, _Gone, SourceUnavailable):
             log.debug("dropped %d status message(s): relay not reachable", len(items))
 
@@ -454,16 +453,16 @@ class RelaySource(WorkSource):
         if not batch:
             return True
         try:
-            answer = self._call(http, "POST", "/v1/complete", {"lease_ids": [d.token for d in batch]}, timeout=30.0)
+            answer = self._call(http, "POST", api.COMPLETE, {"lease_ids": [d.token for d in batch]}, timeout=30.0)
         except (SourceLost, SourceUnavailable, _Gone):
             self._put_back_done(batch)
             return False
-        self._settled(batch, answer)
+        self._settled(batch, api.Settled.from_json(answer) or api.Settled())
         return True
 
-    def _settled(self, batch: list[Delivery], answer: dict[str, Any]) -> None:
+    def _settled(self, batch: list[Delivery], answer: api.Settled) -> None:
         """The relay's answer to a batch of completions: forget those leases, warn about expired ones."""
-        gone = set(answer.get("gone") or [])
+        gone = set(answer.gone)
         for delivery in batch:
             if delivery.token in gone:
                 log.warning("lease of message %s had expired on the relay before its completion; the relay has "
@@ -489,14 +488,14 @@ class RelaySource(WorkSource):
             time.sleep(1.0)
 
     def release(self, delivery: Delivery) -> None:
-        self._settle("/v1/release", delivery, {})
+        self._settle(api.RELEASE, delivery, {})
 
     def retry(self, delivery: Delivery, attempts: int, reason: str) -> None:
-        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:REASON_LIMIT]})
+        self._settle(api.FAIL, delivery, api.FailRequest(delivery.token, attempts, reason).to_json())
 
     def retry_later(self, delivery: Delivery, attempts: int, reason: str, delay: float) -> None:
         """The relay keeps the message unleasable for delay seconds (its table's not-before time)."""
-        self._settle("/v1/fail", delivery, {"attempts": attempts, "reason": reason[:2000], "delay": float(delay)})
+        self._settle(api.FAIL, delivery, api.FailRequest(delivery.token, attempts, reason, delay).to_json())
 
     def work_soon(self) -> Optional[float]:
         """Ask the relay whether messages will be leasable soon (None when not, or when it is away).
@@ -505,14 +504,14 @@ class RelaySource(WorkSource):
         fetched, say) count as work now: they are leased, so the table no longer shows them.
         """
         try:
-            answer = self._call(self._settle_http, "GET", f"/v1/backlog?agent={quote(self.agent_id)}", timeout=5.0)
+            counts = api.BacklogCounts.from_json(
+                self._call(self._settle_http, "GET", f"{api.BACKLOG}?agent={quote(self.agent_id)}", timeout=5.0))
         except (SourceLost, _Gone, SourceUnavailable):
             return None
-        if int(answer.get("ready") or 0) > 0 or int(answer.get("on_the_way") or 0) > 0 or not self._inbox.empty():
+        if counts.ready > 0 or (counts.on_the_way or 0) > 0 or not self._inbox.empty():
             return 0.0
-        if int(answer.get("pending") or 0) > 0:
-            after = answer.get("retry_after")
-            return float(after) if isinstance(after, (int, float)) else 1.0
+        if counts.pending > 0:
+            return 1.0 if counts.retry_after is None else counts.retry_after
         return None
 
     def inline_off(self) -> None:
@@ -520,8 +519,8 @@ class RelaySource(WorkSource):
         self.inline = 0
 
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
-        self._settle("/v1/dead-letter", delivery, {"reason": reason[:REASON_LIMIT], "traceback": traceback[-TRACEBACK_LIMIT:],
-                                                   "attempts": attempts, "agent": self.agent_id})
+        self._settle(api.DEAD_LETTER, delivery,
+                     api.DeadLetterRequest(delivery.token, reason, traceback, attempts, self.agent_id).to_json())
 
     def secure(self, delivery: Delivery) -> None:
         """Nothing to do: a lease is durable in the relay's table from the start."""
@@ -529,38 +528,20 @@ class RelaySource(WorkSource):
     # -- replies and registration ---------------------------------------------------------------
     def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
         try:
-            self._statuses.put_nowait({"lease_id": delivery.token, "payload": payload})
+            self._statuses.put_nowait(api.status_item(delivery.token, payload))
         except queue.Full:
             pass
 
     def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
         try:
-            self._call(self._settle_http, "POST", "/v1/register",
-                       {"agent": self.agent_id, "extractor_info": extractor_info, "owner": owner or ""}, timeout=10.0)
+            self._call(self._settle_http, "POST", api.REGISTER,
+                       api.RegisterRequest(self.agent_id, extractor_info, owner or "").to_json(), timeout=10.0)
         except (SourceLost, _Gone, SourceUnavailable) as exc:
             log.debug("registration through the relay failed: %s", exc)
 
     def recover_orphans(self) -> int:
         """Nothing to do: the relay returns the leases of dead agents when they expire."""
         return 0
-
-
-def _inline(raw: Any) -> Optional[dict[str, Any]]:
-    """A lease's inline file info and file (launcher.relay.inline), decoded; None when absent or malformed.
-
-    Anything malformed is dropped, not an error: the extractor then fetches through the relay.
-    """
-    if not isinstance(raw, dict):
-        return None
-    inline: dict[str, Any] = {}
-    if isinstance(raw.get("info"), str) and isinstance(raw.get("info_path"), str):
-        inline.update(info=raw["info"], info_path=raw["info_path"])
-    if isinstance(raw.get("file_b64"), str) and isinstance(raw.get("file_path"), str):
-        try:
-            inline.update(file=base64.b64decode(raw["file_b64"], validate=True), file_path=raw["file_path"])
-        except ValueError:
-            pass
-    return inline or None
 
 
 def _error_text(resp: requests.Response) -> str:

@@ -29,7 +29,6 @@ loopback of the node whose agent holds the messages: under MPI keep one group pe
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qsl, urlsplit
 
-from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
+from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT, Message
 from hpc_common.owned_folders import OwnedFolder, fsync_dir
 from hpc_common.routes import Refusal, check, lease_scope
 from hpc_common.spool_layout import SpoolLayout, bump_attempts, reclaim
@@ -160,24 +159,19 @@ class SpoolSource(WorkSource):
 
     def _deliver(self, msg: str, path: str) -> None:
         staged = SpoolLayout.read_json(path)
-        raw = base64.b64decode(staged["body_b64"])
+        fields = Message.fields_from_json(staged, self.queue)
         try:
-            body = json.loads(raw)
+            body = json.loads(fields["body"])
         except ValueError:
             body = None
-        handed = raw
         if isinstance(body, dict) and isinstance(body.get("host"), str) and isinstance(body.get("secretKey"), str):
             shown = dict(body, host=f"{self.url}m/{msg}/", secretKey=self._key)
-            handed = json.dumps(shown).encode()
+            fields["body"] = json.dumps(shown).encode()
         self._held[msg] = _Held(msg, staged, body if isinstance(body, dict) else {})
         shutil.rmtree(self.layout.result_dir(msg, partial=True), ignore_errors=True)
         os.makedirs(self.layout.result_dir(msg, partial=True), mode=0o700)
-        headers = dict(staged.get("headers") or {})
-        delivery = Delivery(body=handed, routing_key=staged.get("routing_key") or self.queue,
-                            reply_to=staged.get("reply_to"), correlation_id=staged.get("correlation_id"),
-                            headers=headers, content_type=staged.get("content_type"),
-                            redelivered=bool(headers.get(ATTEMPTS)), token=msg, received_at=self._clock(),
-                            secured=True)
+        delivery = Delivery(**fields, redelivered=bool(fields["headers"].get(ATTEMPTS)), token=msg,
+                            received_at=self._clock(), secured=True)
         assert self._on_delivery is not None
         self._on_delivery(delivery)
 

@@ -5,7 +5,8 @@
 
 An HTTP service that takes messages from RabbitMQ and leases them to agents running with
 `source: relay`, and forwards the Clowder API calls their extractors make. An agent then needs
-to reach the relay and nothing else.
+to reach the relay and nothing else. The work API both sides speak (paths, request and answer
+records, limits, features) is defined once, in hpc_common.relay_api.
 
 Leases and durability (launcher.relay.store, launcher.relay.broker)
   The relay `basic_get`s a batch from the queue, records it in a SQLite lease table (WAL, fsync'd

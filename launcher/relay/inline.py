@@ -6,7 +6,7 @@ that stages ahead (agent.stage_pool) asks for files up to `inline` bytes with it
 each leased file message the relay then makes the two requests pyclowder would make first (the
 file info and the download, hpc_common.file_fetch), through the same checks as a forwarded call
 (Forwarder.fetch: the lease's own file, its own Clowder host and key), and puts the answers in the
-lease item:
+lease item (hpc_common.relay_api.inline_json):
 
   "inline": {"info_path": ..., "info": <Clowder's JSON answer, as text>,
              "file_path": ..., "file_b64": <the file's bytes>}
@@ -18,22 +18,23 @@ large is abandoned at its headers. The
 agent hands pyclowder the file info and a local copy of the file exactly as if it had fetched
 them a moment before. Bounds: at most INLINE_MAX bytes per file whatever the agent asks, at most
 INLINE_TOTAL per lease answer (the per-file limit shrinks with the batch), and the fetches of one
-answer get DEADLINE seconds: what has not arrived by then is left out.
+answer get DEADLINE seconds: what has not arrived by then is left out. The limits are part of the
+relay's API (hpc_common.relay_api).
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Any, Optional, Sequence
 
 from hpc_common.file_fetch import INFO_LIMIT, api_version, download_path, info_path, is_one_file, size_hint
+from hpc_common.relay_api import INLINE_MAX, INLINE_TOTAL, inline_json
 
 from .forward import Forwarder
 from .store import Lease
 
-INLINE_MAX = 1 << 20     # bytes per file, whatever the agent asks
-INLINE_TOTAL = 8 << 20   # bytes of files per lease answer
 DEADLINE = 2.0           # seconds for one lease answer's fetches
+
+__all__ = ["DEADLINE", "INLINE_MAX", "INLINE_TOTAL", "inline_parts", "per_file_limit"]
 
 
 def per_file_limit(asked: int, leases: int) -> int:
@@ -72,7 +73,8 @@ async def inline_parts(forwarder: Forwarder, leases: Sequence[Lease], asked: int
 
 
 def _item(fetches: list[tuple[str, str, asyncio.Task]]) -> Optional[dict[str, Any]]:
-    item: dict[str, Any] = {}
+    info: Optional[tuple[str, str]] = None
+    file: Optional[tuple[str, bytes]] = None
     for kind, path, task in fetches:
         if not task.done() or task.cancelled() or task.exception() is not None:
             continue
@@ -81,9 +83,9 @@ def _item(fetches: list[tuple[str, str, asyncio.Task]]) -> Optional[dict[str, An
             continue
         if kind == "info":
             try:
-                item.update(info_path=path, info=data.decode("utf-8"))
+                info = (path, data.decode("utf-8"))
             except UnicodeDecodeError:
                 continue  # not the JSON pyclowder expects: it asks Clowder itself
         else:
-            item.update(file_path=path, file_b64=base64.b64encode(data).decode("ascii"))
-    return item or None
+            file = (path, data)
+    return inline_json(info, file)

@@ -13,8 +13,11 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-ENDPOINTS = frozenset({"/v1/hello", "/v1/lease", "/v1/extend", "/v1/complete", "/v1/release", "/v1/fail",
-                       "/v1/dead-letter", "/v1/status", "/v1/register", "/metrics"})
+from hpc_common import relay_api
+
+# The relay's paths (hpc_common.relay_api) but /v1/backlog: the launcher's and idle agents' polls have
+# always been counted under "other", and a label's values are part of the metric.
+ENDPOINTS = frozenset(path for path in relay_api.PATHS if path != relay_api.BACKLOG)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

@@ -1,35 +1,11 @@
 """The relay's HTTP side: authenticated work API for agents plus the Clowder forwarding path.
 
-Work API (JSON in and out, `Authorization: Bearer <token>` on every call):
-
-  GET  /v1/hello                         {queue, lease_ttl, max_wait, max_upload, broker_connected,
-                                          features} (features: "lease_complete", "inline_files")
-  POST /v1/lease       {agent, max, wait, complete?, inline?, clowder_version?}  up to max leases,
-                                          waiting up to wait s for the first; `complete` (lease ids
-                                          done) is settled first, as /v1/complete would, answered in
-                                          {done, gone} beside `leases` (one round trip per file
-                                          instead of two); with `inline` (bytes), file messages'
-                                          file info and files up to that size come in each lease's
-                                          `inline` (launcher.relay.inline)
-  POST /v1/extend      {lease_ids}         heartbeat: {extended, gone}
-  POST /v1/complete    {lease_id} or {lease_ids}   done, results in Clowder: the message is forgotten
-  POST /v1/release     {lease_id}          hand back (not a failure): leasable again at once
-  POST /v1/fail        {lease_id, attempts, reason, delay?}  {outcome: retry | dead}; leasable again
-                                          after delay s (default: the relay's --retry-backoff)
-  GET  /v1/backlog[?agent=ID]            what the table holds: {ready, backoff, stale, leased, dead,
-                                          pending, retry_after} (launcher.backlog, idle agents); with
-                                          agent, `on_the_way`: leases granted to it, answer not yet sent
-  POST /v1/dead-letter {lease_id, reason, traceback, attempts, agent}
-  POST /v1/status      {items: [{lease_id, payload}]}        best effort, to the lease's reply_to
-  POST /v1/register    {agent, extractor_info, owner}        best effort, `extractors` exchange
-  GET  /metrics                          Prometheus text (launcher.relay.metrics), same token
+The work API for agents (paths, request and answer records, limits, hello features) is defined
+once, in hpc_common.relay_api; its docstring lists every call.
 
 Registration for agents that cannot reach the broker: the relay remembers the last extractor_info
 an agent registered and publishes it itself every `heartbeat` seconds (default 60, well inside
 Clowder v2's 300 s window) while agents have called it within the last interval.
-
-A settle call on a lease that is no longer live answers 409 with {"gone": true}: the message is
-already back in the relay's hands (expired) and the agent must not retry the call.
 
 `/clowder/<lease id>/api/...` is the Clowder path (launcher.relay.forward); it is authenticated
 by the per-lease key instead, because unchanged extractors send Clowder's key, not ours.
@@ -52,7 +28,6 @@ never logs query strings (no access log) and logs only the first characters of l
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import functools
 import hmac
@@ -69,7 +44,8 @@ from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from hpc_common.messages import ATTEMPTS, REASON_LIMIT, TRACEBACK_LIMIT
+from hpc_common import relay_api as api
+from hpc_common.messages import ATTEMPTS, Message
 
 from .broker import BrokerLink
 from .forward import ClientError, Forwarder, continue_if_asked
@@ -80,7 +56,6 @@ from .store import Lease, LeaseStore
 
 log = logging.getLogger("launcher.relay")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
-MAX_DELAY_S = 24 * 3600.0
 _LEASE_PATH = re.compile(r"^/clowder/([A-Za-z0-9_\-]{10,64})/(.*)$")
 _CLOSE_AFTER = (400, 411, 413)      # the request body may be unread: this connection cannot go on
 IDLE_TIMEOUT = 120.0                # an idle kept-alive connection is closed after this
@@ -177,25 +152,6 @@ def _loggable(path: str) -> str:
     return f"/clowder/{match.group(1)[:6]}…/{match.group(2)}" if match else path
 
 
-def _field(obj: dict[str, Any], name: str, kind: type, required: bool = True, default: Any = None) -> Any:
-    value = obj.get(name, default)
-    if value is None:
-        if required:
-            raise ClientError(400, f"missing field {name!r}")
-        return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ClientError(400, f"field {name!r} must be {kind.__name__}, not {type(value).__name__}")
-    return value
-
-
-def _settled(asked: list[str], done: list[str]) -> dict[str, list[str]]:
-    """The answer to a batch of completions: which were settled, which leases were no longer live."""
-    ok = set(done)
-    return {"done": sorted(ok), "gone": [i for i in asked if i not in ok]}
-
-
 def _gone_peer(request: web.BaseRequest) -> Callable[[], bool]:
     """True once the agent has hung up (checked by the long poll)."""
     def gone() -> bool:
@@ -215,12 +171,12 @@ class Relay:
         self.forwarder = forwarder
         self.stopping = threading.Event()
         self.routes: dict[str, tuple[str, Route]] = {
-            "/v1/hello": ("GET", self._hello), "/v1/lease": ("POST", self._lease),
-            "/v1/extend": ("POST", self._extend), "/v1/complete": ("POST", self._complete),
-            "/v1/release": ("POST", self._release), "/v1/fail": ("POST", self._fail),
-            "/v1/dead-letter": ("POST", self._dead_letter), "/v1/status": ("POST", self._status),
-            "/v1/register": ("POST", self._register), "/v1/backlog": ("GET", self._backlog),
-            "/metrics": ("GET", self._metrics)}
+            api.HELLO: ("GET", self._hello), api.LEASE: ("POST", self._lease),
+            api.EXTEND: ("POST", self._extend), api.COMPLETE: ("POST", self._complete),
+            api.RELEASE: ("POST", self._release), api.FAIL: ("POST", self._fail),
+            api.DEAD_LETTER: ("POST", self._dead_letter), api.STATUS: ("POST", self._status),
+            api.REGISTER: ("POST", self._register), api.BACKLOG: ("GET", self._backlog),
+            api.METRICS: ("GET", self._metrics)}
         self._sock: Optional[socket.socket] = None
         self._pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="relay-db")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -348,7 +304,7 @@ class Relay:
                 resp = await self.api(request, path)
             status = resp.status
             return resp
-        except ClientError as exc:
+        except (ClientError, api.BadRequest) as exc:
             status = exc.status
             return _error(exc.status, exc.text, close=exc.status in _CLOSE_AFTER or exc.status >= 500)
         except (ConnectionError, asyncio.CancelledError):
@@ -400,7 +356,7 @@ class Relay:
         method, fn = self.routes[path]
         if request.method != method:
             raise ClientError(405, f"{path} takes {method}, not {request.method}")
-        if path not in ("/v1/backlog", "/metrics"):  # the launcher and Prometheus ask too: only agents count
+        if path not in (api.BACKLOG, api.METRICS):  # the launcher and Prometheus ask too: only agents count
             self._agent_seen = time.monotonic()
         body = await self._json_body(request) if method == "POST" else {}
         status, answer = await fn(request, body)
@@ -409,10 +365,8 @@ class Relay:
         return json_response(status, answer)
 
     async def _hello(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        return 200, {"queue": self.settings.queue, "lease_ttl": self.settings.lease_ttl,
-                     "max_wait": self.settings.max_wait, "max_upload": self.settings.max_upload,
-                     "broker_connected": self.broker.connected.is_set(),
-                     "features": ["lease_complete", "inline_files"]}
+        return 200, api.Hello(self.settings.queue, self.settings.lease_ttl, self.settings.max_wait,
+                              self.settings.max_upload, self.broker.connected.is_set(), api.FEATURES).to_json()
 
     def _base_url(self, request: web.BaseRequest) -> str:
         if self.settings.public_url:
@@ -424,51 +378,44 @@ class Relay:
         return f"{scheme}://{host}"
 
     async def _lease(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, Any]:
-        agent = _field(body, "agent", str)[:200]
-        limit = _field(body, "max", int, required=False, default=1)
-        wait = _field(body, "wait", float, required=False, default=0.0)
-        if not 1 <= limit <= 100:
-            raise ClientError(400, "field 'max' must be between 1 and 100")
-        if wait < 0:
-            raise ClientError(400, "field 'wait' must not be negative")
-        inline = _field(body, "inline", int, required=False, default=0)
-        version = _field(body, "clowder_version", int, required=False, default=1)
-        if inline < 0 or version not in (1, 2):
-            raise ClientError(400, "field 'inline' must not be negative, 'clowder_version' must be 1 or 2")
-        ids = self._lease_ids(body, "complete") if "complete" in body else None
+        asked = api.LeaseRequest.from_json(body)
+        agent, ids = asked.agent, asked.complete
         if self.stopping.is_set():
             if ids is None:
                 raise ClientError(503, "the relay is shutting down")
             done = await self.run_blocking(self.store.complete_many, ids)
-            return 200, {"leases": [], **_settled(ids, done)}  # the completions count; nothing more goes out
+            # the completions count; nothing more goes out
+            return 200, api.LeaseAnswer([], api.Settled.of(ids, done)).to_json()
         base = self._base_url(request)
         gone = _gone_peer(request)
         self._long_polls += 1
         try:
-            leases, done = await self.waiters.lease(agent, limit, min(wait, self.settings.max_wait),
-                                                    lambda lease_id: f"{base}/clowder/{lease_id}/", gone, ids or ())
+            leases, done = await self.waiters.lease(agent, asked.max, min(asked.wait, self.settings.max_wait),
+                                                    lambda lease_id: api.clowder_base(base, lease_id), gone,
+                                                    ids or ())
         finally:
             self._long_polls -= 1
             self._agent_seen = time.monotonic()
-        settled = _settled(ids, done) if ids is not None else {}
+        settled = api.Settled.of(ids, done) if ids is not None else None
         self._on_the_way[agent] = self._on_the_way.get(agent, 0) + len(leases)
         try:
-            return 200, await self._hand_out(request, leases, settled, inline, version, gone)
+            return 200, await self._hand_out(request, leases, settled, asked.inline, asked.clowder_version, gone)
         finally:
             left = self._on_the_way.pop(agent, 0) - len(leases)
             if left > 0:
                 self._on_the_way[agent] = left
 
-    async def _hand_out(self, request: web.BaseRequest, leases: list[Lease], settled: dict[str, Any], inline: int,
-                        version: int, gone: Callable[[], bool]) -> web.Response:
+    async def _hand_out(self, request: web.BaseRequest, leases: list[Lease], settled: Optional[api.Settled],
+                        inline: int, version: int, gone: Callable[[], bool]) -> web.Response:
         """Write the lease answer (with inline files if asked); leases it did not reach go back at once."""
         delivered = False
-        resp = json_response(200, {"leases": [], **settled})  # what is left to say should the lease answer fail
+        # what is left to say should the lease answer fail
+        resp = json_response(200, api.LeaseAnswer([], settled).to_json())
         try:
             parts = await inline_parts(self.forwarder, leases, inline, version) if inline and leases else []
-            self.metrics.inlined(sum(1 for part in parts if part and "file_b64" in part))
+            self.metrics.inlined(sum(1 for part in parts if api.inline_has_file(part)))
             handed = [self._handed_out(lease, part) for lease, part in itertools.zip_longest(leases, parts)]
-            resp = json_response(200, {"leases": handed, **settled})
+            resp = json_response(200, api.LeaseAnswer(handed, settled).to_json())
             if leases and gone():
                 raise ConnectionResetError("the agent hung up during its long poll")
             await resp.prepare(request)
@@ -482,7 +429,7 @@ class Relay:
                     await self.run_blocking(self.store.release, lease.lease_id)
         return resp
 
-    def _handed_out(self, lease: Lease, inline: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def _handed_out(self, lease: Lease, inline: Optional[dict[str, Any]] = None) -> api.LeaseItem:
         body = lease.body
         original = lease.original()
         if isinstance(original.get("host"), str) and isinstance(original.get("secretKey"), str):
@@ -492,64 +439,41 @@ class Relay:
             body = json.dumps(original).encode()
         headers = dict(lease.headers)
         headers[ATTEMPTS] = lease.attempts
-        return {"lease_id": lease.lease_id, "body_b64": base64.b64encode(body).decode("ascii"),
-                "routing_key": lease.routing_key, "reply_to": lease.reply_to,
-                "correlation_id": lease.correlation_id, "headers": headers, "content_type": lease.content_type,
-                "attempts": lease.attempts, "expires_in": lease.expires_at - time.time(),
-                **({"inline": inline} if inline else {})}
-
-    def _lease_id(self, body: dict[str, Any]) -> str:
-        value = _field(body, "lease_id", str)
-        if len(value) > 64:
-            raise ClientError(400, "field 'lease_id' is too long")
-        return value
+        shown = Message(body, lease.routing_key, lease.reply_to, lease.correlation_id, headers, lease.content_type)
+        return api.LeaseItem(lease.lease_id, shown, lease.attempts, lease.expires_at - time.time(), inline)
 
     @staticmethod
     def _gone() -> tuple[int, dict[str, Any]]:
-        return 409, {"error": "lease not live (expired, or already settled)", "gone": True}
-
-    @staticmethod
-    def _lease_ids(body: dict[str, Any], name: str = "lease_ids") -> list[str]:
-        ids = _field(body, name, list)
-        if len(ids) > 10000 or not all(isinstance(i, str) and len(i) <= 64 for i in ids):
-            raise ClientError(400, f"field {name!r} must be a list of lease ids")
-        return ids
+        return api.GONE, api.gone_answer()
 
     async def _extend(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        ok, gone = await self.run_blocking(self.store.extend, self._lease_ids(body), self.settings.lease_ttl)
-        return 200, {"extended": ok, "gone": gone, "lease_ttl": self.settings.lease_ttl}
+        ok, gone = await self.run_blocking(self.store.extend, api.lease_ids_of(body), self.settings.lease_ttl)
+        return 200, api.ExtendAnswer(ok, gone, self.settings.lease_ttl).to_json()
 
     async def _complete(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if "lease_ids" in body:  # a batch: {"done": [...], "gone": [...]}
-            ids = self._lease_ids(body)
-            return 200, _settled(ids, await self.run_blocking(self.store.complete_many, ids))
-        ok = await self.run_blocking(self.store.complete, self._lease_id(body))
+            ids = api.lease_ids_of(body)
+            return 200, api.Settled.of(ids, await self.run_blocking(self.store.complete_many, ids)).to_json()
+        ok = await self.run_blocking(self.store.complete, api.lease_id_of(body))
         return (200, {"ok": True}) if ok else self._gone()
 
     async def _release(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        ok = await self.run_blocking(self.store.release, self._lease_id(body))
+        ok = await self.run_blocking(self.store.release, api.lease_id_of(body))
         return (200, {"ok": True}) if ok else self._gone()
 
     async def _fail(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        lease_id = self._lease_id(body)
-        attempts = _field(body, "attempts", int, required=False, default=0)
-        reason = _field(body, "reason", str, required=False, default="")[:REASON_LIMIT]
-        delay = _field(body, "delay", float, required=False, default=None)
-        if delay is not None and not 0 <= delay <= MAX_DELAY_S:
-            raise ClientError(400, f"field 'delay' must be between 0 and {MAX_DELAY_S}")
+        failed = api.FailRequest.from_json(body)
+        delay = failed.delay
         backoff = self.backoff if delay is None else (lambda _attempts: delay)
-        outcome = await self.run_blocking(self.store.fail, lease_id, attempts, self._scrub(lease_id, reason),
-                                          self.settings.max_retries, backoff)
+        outcome = await self.run_blocking(self.store.fail, failed.lease_id, failed.attempts,
+                                          self._scrub(failed.lease_id, failed.reason), self.settings.max_retries,
+                                          backoff)
         return (200, {"outcome": outcome}) if outcome else self._gone()
 
     async def _dead_letter(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        lease_id = self._lease_id(body)
-        reason = self._scrub(lease_id, _field(body, "reason", str, required=False, default="")[:REASON_LIMIT])
-        tb = self._scrub(lease_id, _field(body, "traceback", str, required=False, default="")[-TRACEBACK_LIMIT:])
-        attempts = _field(body, "attempts", int, required=False, default=0)
-        agent = _field(body, "agent", str, required=False, default=None)
-        ok = await self.run_blocking(self.store.dead_letter, lease_id, reason, tb, attempts,
-                                     agent[:200] if agent else None)
+        dead = api.DeadLetterRequest.from_json(body)
+        ok = await self.run_blocking(self.store.dead_letter, dead.lease_id, self._scrub(dead.lease_id, dead.reason),
+                                     self._scrub(dead.lease_id, dead.traceback), dead.attempts, dead.agent)
         return (200, {"ok": True}) if ok else self._gone()
 
     def _scrub(self, lease_id: str, text: str) -> str:
@@ -563,25 +487,20 @@ class Relay:
         return text
 
     async def _status(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        items = _field(body, "items", list)
-        for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("lease_id"), str) \
-                    or not isinstance(item.get("payload"), dict):
-                raise ClientError(400, "each status item needs a 'lease_id' string and a 'payload' object")
-        routes = await self.run_blocking(lambda: [self.store.route(item["lease_id"]) for item in items])
+        items = api.status_items_of(body)
+        routes = await self.run_blocking(lambda: [self.store.route(lease_id) for lease_id, _ in items])
         accepted = 0
-        for item, route in zip(items, routes):
+        for (_, payload), route in zip(items, routes):
             if route is None or not route[0]:
                 continue
-            if self.broker.publish_status(route[0], route[1], item["payload"]):
+            if self.broker.publish_status(route[0], route[1], payload):
                 accepted += 1
         return 202, {"accepted": accepted}
 
     async def _register(self, request: web.BaseRequest, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        agent = _field(body, "agent", str)[:200]
-        info = _field(body, "extractor_info", dict)
-        owner = _field(body, "owner", str, required=False, default="")
-        message = {"id": agent, "queue": self.settings.queue, "owner": owner, "extractor_info": info}
+        asked = api.RegisterRequest.from_json(body)
+        message = {"id": asked.agent, "queue": self.settings.queue, "owner": asked.owner,
+                   "extractor_info": asked.extractor_info}
         self._registration = message
         self._next_register = time.monotonic() + self.settings.heartbeat
         queued = self.broker.publish_registration(dict(message))
@@ -592,7 +511,7 @@ class Relay:
         counts.update(queue=self.settings.queue, lease_ttl=self.settings.lease_ttl)
         agent = request.query.get("agent")
         if agent:  # leases granted to that agent whose answer is still being written: work it is about to get
-            counts["on_the_way"] = self._on_the_way.get(agent[:200], 0)
+            counts["on_the_way"] = self._on_the_way.get(agent[:api.AGENT_LIMIT], 0)
         return 200, counts
 
     async def _metrics(self, request: web.BaseRequest, _body: dict[str, Any]) -> tuple[int, web.Response]:

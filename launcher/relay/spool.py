@@ -42,7 +42,7 @@ from typing import Any, Optional
 import requests
 
 from hpc_common.file_fetch import download_id, download_path
-from hpc_common.messages import LAST_ERROR, attempts_of, dead_letter_headers
+from hpc_common.messages import LAST_ERROR, Message, attempts_of, dead_letter_headers
 from hpc_common.redact import redact_uri
 from launcher.broker import connect, properties, translated
 from launcher.errors import BrokerError, RelayError
@@ -262,10 +262,9 @@ class Spooler:
             if method is None:
                 return
             msg = uuid.uuid4().hex
-            staged = {"msg": msg, "body_b64": base64.b64encode(body).decode("ascii"),
-                      "routing_key": method.routing_key or self.queue, "reply_to": props.reply_to,
-                      "correlation_id": props.correlation_id, "headers": dict(props.headers or {}),
-                      "content_type": props.content_type, "staged_at": time.time()}
+            message = Message(body, method.routing_key or self.queue, props.reply_to, props.correlation_id,
+                              dict(props.headers or {}), props.content_type)
+            staged = {"msg": msg, **message.fields_json(), "staged_at": time.time()}
             try:
                 staged["file"] = self._download(msg, body, method.routing_key or "")
             except _ReplayLater as exc:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from hpc_common.messages import Message
+from hpc_common.relay_api import BacklogCounts
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -73,7 +74,7 @@ class Lease(Message):
     lease_key: str = ""     # the per-lease Clowder key handed to the agent instead of the real one
     attempts: int = 0       # type: ignore[assignment]
     expires_at: float = 0.0
-    lease_host: str = ""    # the host URL handed to the agent (relay URL + /clowder/<lease id>/)
+    lease_host: str = ""    # the host URL handed to the agent (relay_api.clowder_base)
     learned: dict[str, list[str]] = field(default_factory=dict)
 
     def original(self) -> dict[str, Any]:
@@ -488,9 +489,8 @@ def backlog_counts(db: sqlite3.Connection, now: float, lease_ttl: float) -> dict
         "FROM messages", (now, now, heard_before, heard_before, now, heard_before)).fetchone()
     ready, backoff, stale, leased, dead, next_retry, next_expiry = row
     due = [t for t in (next_retry, None if next_expiry is None else next_expiry + 1.0) if t is not None]
-    return {"ready": int(ready), "backoff": int(backoff), "stale": int(stale), "leased": int(leased),
-            "dead": int(dead), "pending": int(backoff) + int(stale),
-            "retry_after": round(max(0.0, min(due) - now), 1) if due else None}
+    return BacklogCounts(int(ready), int(backoff), int(stale), int(leased), int(dead),
+                         round(max(0.0, min(due) - now), 1) if due else None).to_json()
 
 
 def read_backlog(path: str, now: Optional[float] = None, default_ttl: float = 15.0) -> dict[str, Any]:

@@ -125,9 +125,11 @@ def test_idle_exit_waits_for_every_queue(harness, second):
     slow = harness.publish_file(b"sleep 6\n")
     proc = harness.start_agent("--plugin", f"{A},{B}", "--idle-exit", "2", **_env(harness, second))
     harness.wait_for(lambda: len(harness.runs()) == 1, 90, "plugin a to start its file")
-    time.sleep(3)  # b has now been idle for longer than idle_exit
+    # a's file takes 6 s: by its results, b has been idle for three times idle_exit. An agent that
+    # left on b's idleness would have killed a's extraction and these results would never come.
+    harness.wait_for(lambda: harness.standin.metadata_for(slow), 90, "plugin a's results")
     assert proc.poll() is None, harness.log_text()
-    late = second.publish_file(b"late words here\n")
+    late = second.publish_file(b"late words here\n")  # a's own idle_exit has just begun: b takes this
     assert proc.wait(timeout=120) == 0, harness.log_text()
     assert harness.standin.metadata_for(slow) and harness.standin.metadata_for(late)[0]["content"]["words"] == "3"
 

@@ -629,8 +629,9 @@ def test_idle_agent_waits_for_a_dead_agents_lease(harness, plain_relay):
     _relay_holds(harness, plain_relay, 1)
     ghost = plain_relay.call("POST", "/v1/lease", {"agent": "ghost", "max": 1, "wait": 5}).json()["leases"]
     assert len(ghost) == 1  # leased, and never extended: as if its agent died at once
-    time.sleep(5.0)  # one missed heartbeat (ttl/4 + 1 s): the relay calls it stale
-    assert plain_relay.call("GET", "/v1/backlog").json()["stale"] == 1
+    # one missed heartbeat (ttl/4 + 1 s): the relay calls it stale
+    harness.wait_for(lambda: plain_relay.call("GET", "/v1/backlog").json()["stale"] == 1, 30,
+                     "the relay to count the silent lease as stale")
     proc = start_agent_in(harness, None, "--idle-exit", "2", **plain_relay.agent_env())
     assert wait_exit(harness, proc) == 0, harness.log_text()
     assert unprocessed(harness, [fid]) == [], harness.log_text() + plain_relay.log()
@@ -669,18 +670,26 @@ def test_relay_registers_for_its_agents_while_they_live(harness, tmp_path):
     relay = RelayProc(harness, "127.0.0.1", tmp_path, "--heartbeat", "1").start()
     listen = harness.registrations()
     try:
+        seen: list[float] = []  # when registrations were seen (listen() gives only the new ones)
+
         def ours() -> int:
-            return len(listen())
+            seen.extend(listen())
+            return len(seen)
 
         proc = start_agent_in(harness, None, "--idle-exit", "6", AGENT_HEARTBEAT="600", **relay.agent_env())
         harness.wait_for(lambda: ours() > 0, 60, "the agent's own registration")
-        time.sleep(5.0)
-        assert ours() >= 3  # the relay, every second, while the agent long-polls
+        first = len(seen)
+        # the relay, every second, while the agent long-polls (the agent itself only every 600 s)
+        harness.wait_for(lambda: ours() >= first + 3, 30, "three registrations by the relay")
         assert wait_exit(harness, proc) == 0, harness.log_text()
-        time.sleep(4.0)  # one interval after the agent's last call (its long poll noticed gone), the relay stops
-        ours()
-        time.sleep(3.0)
-        assert ours() == 0, relay.log()
+
+        def quiet_for(seconds: float) -> bool:
+            ours()
+            return time.monotonic() - seen[-1] >= seconds
+
+        # One interval after the agent's last call (its long poll noticed gone) the relay stops:
+        # three heartbeat intervals without one says it has.
+        harness.wait_for(lambda: quiet_for(3.0), 30, "the relay to stop registering for the gone agent")
     finally:
         relay.stop()
 
@@ -702,8 +711,9 @@ def test_connections_over_the_cap_get_503_and_the_cap_frees_up(harness, tmp_path
         over = r.call("GET", "/v1/hello")
         assert over.status_code == 503 and "too many connections" in over.json()["error"]
         held.pop().close()
-        time.sleep(0.5)  # the relay sees the close
-        assert r.call("GET", "/v1/hello").status_code == 200
+        # once the relay has seen the close, the freed place takes a new connection
+        harness.wait_for(lambda: r.call("GET", "/v1/hello").status_code == 200, 10,
+                         "the relay to free the closed connection's place")
     finally:
         for sock in held:
             sock.close()

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from typing import Any
 
@@ -139,8 +138,10 @@ def test_a_crashed_agents_claim_is_reclaimed(harness, spool):
     assert staged["headers"]["x-agent-attempts"] == 1
     second = spool.start_agent("--idle-exit", "2")
     assert spool.wait(second) == 0, harness.log_text()
-    harness.wait_for(lambda: harness.standin.metadata_for(slow), 15, "the results to be uploaded")
-    time.sleep(0.5)
+    outbox = os.path.join(spool.dir, "outbox")
+    # Collected: uploaded, and nothing left in the outbox that could upload more.
+    harness.wait_for(lambda: harness.standin.metadata_for(slow) and os.listdir(outbox) == [], 15,
+                     "the launcher to collect the results")
     assert len(harness.standin.metadata_for(slow)) == 1  # the dead attempt's partial results were dropped
     assert len([r for r in harness.runs() if r[0] == slow]) == 2
     assert "put back" in spool.log() or "reclaimed 1" in spool.log()

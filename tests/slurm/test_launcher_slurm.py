@@ -6,11 +6,11 @@ finally block.
 """
 import json
 import os
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -208,10 +208,13 @@ def test_second_instance_is_refused(env):
                             env=dict(env, RABBITMQ_URI="amqp://guest:secret@127.0.0.1:1/%2f",
                                      RABBITMQ_QUEUE="nothing"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = ""
     try:
-        lock = Path(env["LAUNCHER_STATE_DIR"]) / "launcher.lock"
-        assert wait_for(lambda: lock.exists(), timeout=20)
-        time.sleep(1.0)
+        # Its first decision is printed once it holds the lock and handles SIGTERM (-v: every pass).
+        assert select.select([proc.stdout], [], [], 30)[0], "the first launcher printed no decision"
+        first = proc.stdout.readline()
+        assert first.startswith("broker_unavailable"), first
+        assert (Path(env["LAUNCHER_STATE_DIR"]) / "launcher.lock").exists()
         second = launcher(env, "submit", "--tasks", "1", check=False)
         assert second.returncode == 4 and "another launcher is running" in second.stderr
         # status still works (read-only view of the ledger)
@@ -219,6 +222,7 @@ def test_second_instance_is_refused(env):
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)
+    out = first + out
     assert proc.returncode == 0, err
     assert "secret" not in err and "secret" not in out
     assert "broker_unavailable" in out and "amqp://guest:***@127.0.0.1:1" in out + err

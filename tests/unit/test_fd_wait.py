@@ -38,14 +38,24 @@ def test_a_readable_pipe_is_called_back_and_wake_ends_the_wait():
         os.close(w)
 
 
-def test_a_closed_pipe_is_dropped_not_raised():
+def test_a_closed_pipe_is_dropped_not_raised_and_the_others_are_still_served():
     waiter = FdWaiter()
     r, w = os.pipe()
-    waiter.watch(r, lambda: None)
+    live_r, live_w = os.pipe()  # opened before r closes: it cannot take r's number
+    closed_calls: list[int] = []
+    got: list[bytes] = []
+    waiter.watch(r, lambda: closed_calls.append(r))
+    waiter.watch(live_r, lambda: got.append(os.read(live_r, 100)))
     os.close(r)
     os.close(w)
+    os.write(live_w, b"frame")
     try:
-        waiter.wait(0.05)
-        waiter.wait(0.05)
+        deadline = time.monotonic() + 10.0
+        while not got and time.monotonic() < deadline:
+            waiter.wait(0.5)  # the first wait meets the closed fd (select fails): it must drop it, not raise
+        assert got == [b"frame"], "a closed watched pipe stopped the live one from being served"
+        assert closed_calls == []
     finally:
         waiter.close()
+        os.close(live_r)
+        os.close(live_w)

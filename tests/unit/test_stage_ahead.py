@@ -4,10 +4,10 @@ import json
 import os
 
 from agent.messages import Delivery
-from agent.sources.relay import _inline
 from agent.stage_ahead import STAGED_INFO_KEY, STAGED_KEY, discard, inline_extras, stageable
 from agent.stage_pool import StagePool
 from hpc_common.file_fetch import api_version, download_path, info_path, is_one_file, size_hint
+from hpc_common.relay_api import inline_json, inline_of
 from launcher.relay.inline import INLINE_MAX, INLINE_TOTAL, per_file_limit
 
 V1 = {"id": "f1", "intermediateId": "f1i", "host": "http://c/", "routing_key": "clowder.file.text.plain",
@@ -52,11 +52,18 @@ def test_inline_parts_become_the_staged_keys_only_for_the_paths_pyclowder_asks(t
 
 
 def test_malformed_inline_items_are_dropped_not_errors():
-    assert _inline(None) is None and _inline("x") is None and _inline({}) is None
-    assert _inline({"file_b64": "%%%", "file_path": "api/files/a"}) is None
-    assert _inline({"info": 3, "info_path": "p"}) is None
-    good = _inline({"info": "{}", "info_path": "p", "file_b64": base64.b64encode(b"ab").decode(), "file_path": "q"})
+    assert inline_of(None) is None and inline_of("x") is None and inline_of({}) is None
+    assert inline_of({"file_b64": "%%%", "file_path": "api/files/a"}) is None
+    assert inline_of({"info": 3, "info_path": "p"}) is None
+    good = inline_of({"info": "{}", "info_path": "p", "file_b64": base64.b64encode(b"ab").decode(), "file_path": "q"})
     assert good == {"info": "{}", "info_path": "p", "file": b"ab", "file_path": "q"}
+
+
+def test_inline_items_round_trip_from_the_relay_to_the_agent():
+    assert inline_json(None, None) is None
+    sent = inline_json(("p", "{}"), ("q", b"\x00ab"))
+    assert inline_of(sent) == {"info": "{}", "info_path": "p", "file": b"\x00ab", "file_path": "q"}
+    assert inline_of(inline_json(None, ("q", b"x"))) == {"file": b"x", "file_path": "q"}
 
 
 def test_the_relay_bounds_what_one_lease_answer_carries():
