@@ -6,19 +6,17 @@ on one file: the file's info (with its on-disk path, so pyclowder reads it in pl
 and the writes (metadata, tags, previews, thumbnails, visualizations, new files in the file's
 dataset, dataset info and file list). Every write is kept in memory for the run's JSON report.
 
-It is not a Clowder for other programs: one API key, no fault injection, no control API, no
-command line. The full stand-in with those lives in ``devtools/clowder_standin.py`` (tests,
+Its routes are hpc_common.routes' table (the one the stand-ins serve), each action mapped to a
+handler here; requests are read with hpc_common.clowder_serving. It is not a Clowder for other
+programs: one API key, no fault injection, no control API, no command line. The full stand-in with those lives in ``devtools/clowder_standin.py`` (tests,
 benchmarks, demo).
 """
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import hashlib
 import json
 import mimetypes
 import os
-import re
 import threading
 import time
 import uuid
@@ -26,51 +24,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
+from hpc_common.clowder_serving import ClowderError, ClowderRequest, error_body, lookup
+from hpc_common.routes import CLOWDER
+
 __all__ = ["LocalClowder"]
-
-_ID = r"(?P<id>[^/]+)"
-_SUB = r"(?P<sub>[^/]+)"
-
-
-class _Refused(Exception):
-    """A request the loopback Clowder answers with an error status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Call:
-    """One parsed request as the route functions see it."""
-
-    def __init__(self, api: str, query: dict[str, list[str]], headers: Any, body: bytes,
-                 ids: dict[str, str]) -> None:
-        self.api, self.query, self.headers, self.body, self.ids = api, query, headers, body, ids
-
-    def arg(self, name: str) -> Optional[str]:
-        values = self.query.get(name)
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body or b"null")
-        except ValueError:
-            raise _Refused(400, "malformed JSON body") from None
-
-    def file_part(self) -> tuple[str, str, bytes]:
-        """(file name, content type, bytes) of the first file in a multipart/form-data body."""
-        ctype = self.headers.get("Content-Type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
-            raise _Refused(400, "multipart/form-data body expected")
-        raw = b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + self.body
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
-        for part in message.iter_parts():
-            name = part.get_filename()
-            if name:
-                data = part.get_payload(decode=True) or b""
-                return name.replace("\\", "/").rsplit("/", 1)[-1], part.get_content_type(), data
-        raise _Refused(400, "no file in the multipart body")
-
 
 def _mime(name: str) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
@@ -95,9 +52,7 @@ class LocalClowder:
         self._uploads: dict[str, dict[str, Any]] = {}  # previews, thumbnails, visualization configs
         self._records: list[dict[str, Any]] = []
         self._server: Optional[ThreadingHTTPServer] = None
-        self._routes: list[tuple[str, re.Pattern[str], Callable[[_Call], Any]]] = []
-        for method, pattern, fn in self._route_table():
-            self._routes.append((method, re.compile(pattern), fn))
+        self._handlers = self._handler_table()
 
     # -- what local mode calls --------------------------------------------------------------------
     def __enter__(self) -> "LocalClowder":
@@ -152,61 +107,37 @@ class LocalClowder:
         return [r["body"] for r in self.records("metadata", file_id=file_id)]
 
     # -- routes -----------------------------------------------------------------------------------
-    def _route_table(self) -> list[tuple[str, str, Callable[[_Call], Any]]]:
-        v1, v2 = "api/", "api/v2/"
-        return [
-            ("GET", v1 + "files/" + _ID, self._blob),
-            ("GET", v2 + "files/" + _ID, self._blob),
-            ("GET", v1 + "files/" + _ID + "/metadata", self._file_info),
-            ("GET", v2 + "files/" + _ID + "/summary", self._file_info),
-            ("GET", v1 + "files/" + _ID + r"/metadata\.jsonld", self._metadata_list),
-            ("GET", v2 + "files/" + _ID + "/metadata", self._metadata_list),
-            ("POST", v1 + "files/" + _ID + r"/metadata\.jsonld", self._write("metadata")),
-            ("POST", v2 + "files/" + _ID + "/metadata", self._write("metadata")),
-            ("POST", v1 + "files/" + _ID + "/tags", self._write("tags")),
-            ("POST", v1 + "previews", self._store("preview_upload")),
-            ("POST", v1 + "files/" + _ID + "/previews/" + _SUB, self._link("preview")),
-            ("POST", v1 + "previews/" + _ID + "/metadata", self._preview_metadata),
-            ("POST", v1 + "fileThumbnail", self._store("thumbnail_upload")),
-            ("POST", v2 + "thumbnails", self._store("thumbnail_upload")),
-            ("POST", v1 + "files/" + _ID + "/thumbnails/" + _SUB, self._link("thumbnail")),
-            ("PATCH", v2 + "files/" + _ID + "/thumbnail/" + _SUB, self._link("thumbnail")),
-            ("POST", v2 + "visualizations/config", self._vis_config),
-            ("POST", v2 + "visualizations", self._store("preview_upload")),
-            ("GET", v1 + "datasets/" + _ID, self._dataset_info),
-            ("GET", v2 + "datasets/" + _ID, self._dataset_info),
-            ("GET", v1 + "datasets/" + _ID + "/files", self._dataset_files),
-            ("GET", v2 + "datasets/" + _ID + "/files", self._dataset_files),
-            ("POST", v1 + "uploadToDataset/" + _ID, self._new_file),
-            ("POST", v2 + "datasets/" + _ID + "/files", self._new_file),
-        ]
+    def _handler_table(self) -> dict[str, Callable[[ClowderRequest], Any]]:
+        """The actions of hpc_common.routes' table that local mode serves (v1 and v2 spellings alike)."""
+        return {
+            "file_blob": self._blob, "file_info": self._file_info, "file_md_get": self._metadata_list,
+            "file_md_post": self._write("metadata"), "file_tags": self._write("tags"),
+            "preview_upload": self._store("preview_upload"), "preview_link": self._link("preview"),
+            "preview_metadata": self._preview_metadata, "thumb_upload": self._store("thumbnail_upload"),
+            "file_thumb_link": self._link("thumbnail"), "vis_config": self._vis_config,
+            "vis_upload": self._store("preview_upload"), "ds_info": self._dataset_info,
+            "ds_files": self._dataset_files, "ds_upload": self._new_file,
+        }
 
-    def answer(self, method: str, path: str, call: _Call) -> Any:
-        """The JSON-able answer (or ``bytes`` for a blob) to one request; raises ``_Refused``."""
-        key = call.headers.get("X-API-Key") or (call.arg("key") if call.api == "v1" else None)
-        if key != self._key:
-            raise _Refused(401, "missing or invalid API key")
-        for route_method, pattern, fn in self._routes:
-            match = pattern.fullmatch(path)
-            if match and route_method == method:
-                call.ids = match.groupdict()
-                return fn(call)
-        raise _Refused(404, "local mode does not serve %s /%s" % (method, path))
+    def answer(self, call: ClowderRequest) -> Any:
+        """The JSON-able answer (or ``bytes`` for a blob) to one request; raises ``ClowderError``."""
+        if call.api_key() != self._key:
+            raise ClowderError(401, "missing or invalid API key")
+        found = CLOWDER.find(call.method, call.path)
+        handler = self._handlers.get(found[0].action) if found else None
+        if found is None or handler is None:
+            raise ClowderError(404, "local mode does not serve %s /%s" % (call.method, call.path))
+        call.ids = found[1]
+        return handler(call)
 
-    def _file(self, call: _Call) -> dict[str, Any]:
-        with self._lock:
-            found = self._files.get(call.ids["id"])
-        if found is None:
-            raise _Refused(404, "no file %s" % call.ids["id"])
-        return found
+    def _file(self, call: ClowderRequest) -> dict[str, Any]:
+        return lookup(self._files, call.ids["file"], "file", self._lock)
 
-    def _dataset(self, call: _Call) -> str:
-        with self._lock:
-            if call.ids["id"] not in self._datasets:
-                raise _Refused(404, "no dataset %s" % call.ids["id"])
-        return call.ids["id"]
+    def _dataset(self, call: ClowderRequest) -> str:
+        lookup(self._datasets, call.ids["dataset"], "dataset", self._lock)
+        return call.ids["dataset"]
 
-    def _keep(self, kind: str, call: _Call, body: Any, file_id: Optional[str] = None,
+    def _keep(self, kind: str, call: ClowderRequest, body: Any, file_id: Optional[str] = None,
               dataset_id: Optional[str] = None, **extra: Any) -> None:
         with self._lock:
             self._records.append({"kind": kind, "api": call.api, "file_id": file_id, "dataset_id": dataset_id,
@@ -231,26 +162,26 @@ class LocalClowder:
                 "dataset_id": entry["dataset_id"], "storage_type": "local" if entry["path"] else "minio",
                 "storage_path": entry["path"], "content_type": {"content_type": _mime(entry["name"])}}
 
-    def _blob(self, call: _Call) -> bytes:
+    def _blob(self, call: ClowderRequest) -> bytes:
         return self._bytes(self._file(call))
 
-    def _file_info(self, call: _Call) -> Any:
+    def _file_info(self, call: ClowderRequest) -> Any:
         return self._info(self._file(call), call.api)
 
-    def _metadata_list(self, call: _Call) -> Any:
+    def _metadata_list(self, call: ClowderRequest) -> Any:
         return self.metadata_for(self._file(call)["id"])
 
-    def _write(self, kind: str) -> Callable[[_Call], Any]:
-        def route(call: _Call) -> Any:
+    def _write(self, kind: str) -> Callable[[ClowderRequest], Any]:
+        def route(call: ClowderRequest) -> Any:
             entry = self._file(call)
             body = call.json()
             self._keep(kind, call, body, entry["id"], entry["dataset_id"])
             return body if call.api == "v2" and isinstance(body, dict) else {"status": "success"}
         return route
 
-    def _store(self, kind: str) -> Callable[[_Call], Any]:
-        def route(call: _Call) -> Any:
-            name, ctype, data = call.file_part()
+    def _store(self, kind: str) -> Callable[[ClowderRequest], Any]:
+        def route(call: ClowderRequest) -> Any:
+            name, ctype, data = call.upload()
             upload_id = uuid.uuid4().hex
             summary = _summary(data, name, ctype)
             with self._lock:
@@ -259,22 +190,19 @@ class LocalClowder:
             return {"id": upload_id}
         return route
 
-    def _link(self, kind: str) -> Callable[[_Call], Any]:
-        def route(call: _Call) -> Any:
+    def _link(self, kind: str) -> Callable[[ClowderRequest], Any]:
+        def route(call: ClowderRequest) -> Any:
             entry = self._file(call)
-            with self._lock:
-                summary = self._uploads.get(call.ids["sub"])
-            if summary is None:
-                raise _Refused(404, "no upload %s" % call.ids["sub"])
-            self._keep(kind, call, summary, entry["id"], entry["dataset_id"], **{kind + "_id": call.ids["sub"]})
+            summary = lookup(self._uploads, call.ids[kind], "upload", self._lock)
+            self._keep(kind, call, summary, entry["id"], entry["dataset_id"], **{kind + "_id": call.ids[kind]})
             return {}
         return route
 
-    def _preview_metadata(self, call: _Call) -> Any:
-        self._keep("preview_metadata", call, call.json(), preview_id=call.ids["id"])
+    def _preview_metadata(self, call: ClowderRequest) -> Any:
+        self._keep("preview_metadata", call, call.json(), preview_id=call.ids["preview"])
         return {"status": "success"}
 
-    def _vis_config(self, call: _Call) -> Any:
+    def _vis_config(self, call: ClowderRequest) -> Any:
         body = call.json()
         resource = (body.get("resource") or {}) if isinstance(body, dict) else {}
         file_id = resource.get("resource_id") if resource.get("collection") == "files" else None
@@ -282,11 +210,11 @@ class LocalClowder:
         self._keep("visualization_config", call, body, file_id=file_id, preview_id=config_id)
         return dict(body, id=config_id) if isinstance(body, dict) else {"id": config_id}
 
-    def _dataset_info(self, call: _Call) -> Any:
+    def _dataset_info(self, call: ClowderRequest) -> Any:
         dataset_id = self._dataset(call)
         return {"id": dataset_id, "name": self._datasets[dataset_id], "description": ""}
 
-    def _dataset_files(self, call: _Call) -> Any:
+    def _dataset_files(self, call: ClowderRequest) -> Any:
         dataset_id = self._dataset(call)
         with self._lock:
             entries = [e for e in self._files.values() if e["dataset_id"] == dataset_id]
@@ -295,9 +223,9 @@ class LocalClowder:
             return infos
         return {"metadata": {"total_count": len(infos), "skip": 0, "limit": len(infos)}, "data": infos}
 
-    def _new_file(self, call: _Call) -> Any:
+    def _new_file(self, call: ClowderRequest) -> Any:
         dataset_id = self._dataset(call)
-        name, ctype, data = call.file_part()
+        name, ctype, data = call.upload()
         file_id = self.add_file(name, None, dataset_id, content=data)
         self._keep("upload", call, _summary(data, name, ctype), file_id, dataset_id)
         return {"id": file_id}
@@ -314,16 +242,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         split = urlsplit(self.path)
-        path = split.path.strip("/")
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        call = _Call("v2" if path.startswith("api/v2/") else "v1", parse_qs(split.query), self.headers, body, {})
+        call = ClowderRequest(self.command, split.path.strip("/"), parse_qs(split.query), self.headers, body)
         try:
-            result = self.clowder.answer(self.command, path, call)
+            result = self.clowder.answer(call)
             status = 200
-        except _Refused as exc:
-            status, result = exc.status, {"detail" if call.api == "v2" else "error": str(exc)}
+        except ClowderError as exc:
+            status, result = exc.status, error_body(call.api, exc.message)
         except Exception as exc:  # noqa: BLE001 - answer the extractor rather than drop it
-            status, result = 500, {"error": "%s: %s" % (type(exc).__name__, exc)}
+            status, result = 500, error_body(call.api, "%s: %s" % (type(exc).__name__, exc))
         data = result if isinstance(result, bytes) else json.dumps(result).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if isinstance(result, bytes)

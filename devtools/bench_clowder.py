@@ -5,8 +5,9 @@ and inspection; at a few hundred files/s it becomes the bottleneck and hides the
 cost. This one is a single asyncio event loop (uvloop when installed) with a hand-written
 HTTP/1.1 keep-alive parser, no logging, and responses written in one segment (no Nagle stall).
 
-It answers exactly what the wordcount extractor and pyclowder 3.0.8 call per file, with the
-same bodies as the full stand-in:
+It answers exactly what the wordcount extractor and pyclowder 3.0.8 call per file (those routes of
+hpc_common.routes' table, which every Clowder in this tree serves from), with the same bodies as
+the full stand-in:
 
 - v1: ``GET api/files/{id}/metadata`` (file info), ``GET api/files/{id}`` (blob),
   ``POST api/files/{id}/metadata.jsonld``;
@@ -33,8 +34,14 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
+from hpc_common.clowder_serving import error_body
+from hpc_common.routes import CLOWDER, CLOWDER_ROUTES, api_version
+
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 64 * 1024 * 1024
+# The per-file calls, from hpc_common.routes' table (v1 metadata is listed on a route no per-file call reads).
+_SERVED = frozenset(r for r in CLOWDER_ROUTES if r.action in ("file_blob", "file_info", "file_md_post")
+                    or (r.action, r.api) == ("file_md_get", "v2"))
 _PHRASES = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large"}
 
 
@@ -56,26 +63,27 @@ class BenchClowder:
         path = path.lstrip("/")
         if path.startswith("_standin/"):
             return self._control(method, path, query, body)
-        api = "v2" if path.startswith("api/v2/") else "v1"
-        parts = path.split("/")
-        route, fid = self._route(method, parts, api)
-        self.counts[route] = self.counts.get(route, 0) + 1
-        if fid is None:
-            return self._error(404, "no such route: %s /%s" % (method, path), api)
+        found = CLOWDER.find(method, path)
+        route = found[0] if found is not None and found[0] in _SERVED else None
+        counted = route.counted if route is not None else method + " <unknown>"
+        self.counts[counted] = self.counts.get(counted, 0) + 1
+        if route is None:
+            return self._error(404, "no such route: %s /%s" % (method, path), api_version(path))
+        api = route.api
         key = headers.get("x-api-key")
         if key is None and api == "v1" and "key=" in query:
             key = (parse_qs(query).get("key") or [None])[0]
         if key not in self.keys:
             return self._error(401, "missing or invalid API key", api)
+        fid = found[1]["file"]  # type: ignore[index]
         f = self.files.get(fid)
         if f is None:
             return self._error(404, "file %s not found" % fid, api)
-        kind = route.rsplit(" ", 1)[1]
-        if method == "GET" and (kind.endswith("/summary") or api == "v1" and kind.endswith("/metadata")):
+        if route.action == "file_info":
             return 200, json.dumps(self._info(f, api)).encode(), "application/json", ""
-        if method == "GET" and kind.endswith("/metadata"):  # v2: the metadata list (pyclowder's download_info)
+        if route.action == "file_md_get":  # v2: the metadata list (pyclowder's download_info)
             return 200, json.dumps(f["metadata"]).encode(), "application/json", ""
-        if method == "GET":
+        if route.action == "file_blob":
             return 200, f["content"], f["content_type"], f["disposition"]
         try:
             posted = json.loads(body) if body else None
@@ -91,21 +99,6 @@ class BenchClowder:
         return 200, json.dumps(answer).encode(), "application/json", ""
 
     @staticmethod
-    def _route(method: str, parts: List[str], api: str) -> Tuple[str, Optional[str]]:
-        """("METHOD template" as the full stand-in counts it, file id or None when unknown)."""
-        base = 3 if api == "v2" else 2  # api/[v2/]files/{id}
-        if len(parts) < base + 1 or parts[base - 1] != "files" or not parts[base]:
-            return "%s <unknown>" % method, None
-        prefix, fid, rest = "/".join(parts[:base]), parts[base], parts[base + 1:]
-        tail = "/".join(rest)
-        allowed = {("GET", ""), ("GET", "metadata"), ("POST", "metadata" if api == "v2" else "metadata.jsonld")}
-        if api == "v2":
-            allowed.add(("GET", "summary"))
-        if (method, tail) not in allowed:
-            return "%s <unknown>" % method, None
-        return "%s %s/{id}%s" % (method, prefix, "/" + tail if tail else ""), fid
-
-    @staticmethod
     def _info(f: Dict[str, Any], api: str) -> Dict[str, Any]:
         if api == "v2":
             return {"id": f["id"], "name": f["name"], "bytes": len(f["content"]), "dataset_id": f["dataset_id"],
@@ -116,8 +109,7 @@ class BenchClowder:
 
     @staticmethod
     def _error(status: int, message: str, api: str = "v1") -> Tuple[int, bytes, str, str]:
-        body = {"detail": message} if api == "v2" else {"error": message}
-        return status, json.dumps(body).encode(), "application/json", ""
+        return status, json.dumps(error_body(api, message)).encode(), "application/json", ""
 
     def add_file(self, name: str, content: bytes, dataset_id: Optional[str] = None) -> str:
         fid = uuid.uuid4().hex[:24]

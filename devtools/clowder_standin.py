@@ -4,7 +4,8 @@
 parts of the Clowder v1 (``api/...``) and v2 (``api/v2/...``) REST APIs that pyclowder 3.0.8's
 helpers call: file blob, info and metadata; JSON-LD metadata; previews, visualizations and
 thumbnails; tags; uploads to datasets; dataset info, file lists, metadata, tags, zip download,
-creation and deletion. Every write is recorded so tests can inspect what an extractor sent, and
+creation and deletion: the routes of hpc_common.routes' table, each answered by the handler named
+``_<action>``. Every write is recorded so tests can inspect what an extractor sent, and
 faults (error statuses, dropped connections, latency) can be injected per route.
 
 Authentication mirrors Clowder: v1 takes ``?key=`` or an ``X-API-Key`` header, v2 the
@@ -35,7 +36,6 @@ import io
 import json
 import mimetypes
 import os
-import re
 import signal
 import socket
 import socketserver
@@ -49,17 +49,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, quote, urlsplit
 
+from hpc_common.clowder_serving import ClowderError, ClowderRequest, error_body, lookup
+from hpc_common.routes import CLOWDER, api_version
+
 __all__ = ["ClowderStandin", "main"]
 
 _CHUNK = 1 << 20  # blob streaming block
 _SMALL = 64 * 1024  # responses up to this size go out in one write with their headers
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class _Blob:
@@ -68,51 +64,6 @@ class _Blob:
     def __init__(self, name: str, content_type: str, content: Optional[bytes] = None,
                  path: Optional[str] = None) -> None:
         self.name, self.content_type, self.content, self.path = name, content_type, content, path
-
-
-class _Request:
-    __slots__ = ("method", "path", "query", "headers", "body", "params", "api")
-
-    def __init__(self, method, path, query, headers, body, params, api):
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.body, self.params, self.api = body, params, api
-
-    def arg(self, name: str) -> Optional[str]:
-        values = self.query.get(name)
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        if not self.body.strip():
-            raise _HTTPError(400, "empty body, JSON expected")
-        try:
-            return json.loads(self.body)
-        except ValueError as exc:
-            raise _HTTPError(400, "malformed JSON body: %s" % exc) from None
-
-    def upload(self) -> Tuple[str, Optional[str], bytes]:
-        """The first file part of a multipart/form-data body: (filename, content type, bytes)."""
-        ctype = self.headers.get("Content-Type", "")
-        match = re.search(r'boundary="?([^";]+)"?', ctype)
-        if not ctype.lower().startswith("multipart/form-data") or not match:
-            raise _HTTPError(400, "multipart/form-data body expected")
-        delimiter = b"--" + match.group(1).encode("latin-1")
-        # Clowder accepts the file under any field name (pyclowder uses both "File" and "file").
-        for part in self.body.split(delimiter)[1:]:
-            if part.startswith(b"--"):
-                break
-            head, sep, data = part.partition(b"\r\n\r\n")
-            if not sep:
-                continue
-            if data.endswith(b"\r\n"):
-                data = data[:-2]
-            head_text = head.decode("utf-8", "replace")
-            fname = re.search(r'filename="([^"]*)"', head_text) or re.search(r"filename=([^;\r\n]+)", head_text)
-            if fname is None:
-                continue
-            part_type = re.search(r"(?im)^content-type:\s*([^\r\n]+)", head_text)
-            name = os.path.basename(fname.group(1).replace("\\", "/")) or "upload"
-            return name, part_type.group(1).strip() if part_type else None, data
-        raise _HTTPError(400, "no file part in multipart body")
 
 
 if not mimetypes.inited:
@@ -138,62 +89,7 @@ def _digest(data: bytes) -> Dict[str, Any]:
 
 _AUTHOR = {"id": "0" * 24, "email": "standin@example.org", "first_name": "Clowder", "last_name": "Standin"}
 
-# (method, path regex, handler method name); request_counts() keys are "METHOD template".
-_ROUTES: List[Tuple[str, str, str]] = [
-    ("GET", r"api/files/(?P<fid>[^/]+)", "_file_blob"),
-    ("DELETE", r"api/files/(?P<fid>[^/]+)", "_file_delete"),
-    ("GET", r"api/files/(?P<fid>[^/]+)/metadata", "_file_info"),
-    ("GET", r"api/files/(?P<fid>[^/]+)/metadata\.jsonld", "_file_md_get"),
-    ("POST", r"api/files/(?P<fid>[^/]+)/metadata\.jsonld", "_file_md_post"),
-    ("POST", r"api/files/(?P<fid>[^/]+)/tags", "_file_tags"),
-    ("POST", r"api/files/(?P<fid>[^/]+)/extractions", "_file_extraction"),
-    ("POST", r"api/previews", "_preview_upload"),
-    ("POST", r"api/files/(?P<fid>[^/]+)/previews/(?P<pid>[^/]+)", "_preview_link"),
-    ("POST", r"api/previews/(?P<pid>[^/]+)/metadata", "_preview_metadata"),
-    ("POST", r"api/fileThumbnail", "_thumb_upload"),
-    ("POST", r"api/files/(?P<fid>[^/]+)/thumbnails/(?P<tid>[^/]+)", "_file_thumb_link"),
-    ("POST", r"api/uploadToDataset/(?P<did>[^/]+)", "_ds_upload"),
-    ("POST", r"api/datasets/createempty", "_ds_create"),
-    ("GET", r"api/datasets/(?P<did>[^/]+)", "_ds_info"),
-    ("DELETE", r"api/datasets/(?P<did>[^/]+)", "_ds_delete"),
-    ("GET", r"api/datasets/(?P<did>[^/]+)/files", "_ds_files"),
-    ("GET", r"api/datasets/(?P<did>[^/]+)/metadata\.jsonld", "_ds_md_get"),
-    ("POST", r"api/datasets/(?P<did>[^/]+)/metadata\.jsonld", "_ds_md_post"),
-    ("DELETE", r"api/datasets/(?P<did>[^/]+)/metadata\.jsonld", "_ds_md_delete"),
-    ("POST", r"api/datasets/(?P<did>[^/]+)/tags", "_ds_tags"),
-    ("GET", r"api/datasets/(?P<did>[^/]+)/download", "_ds_zip"),
-    ("POST", r"api/datasets/(?P<did>[^/]+)/extractions", "_ds_extraction"),
-    ("GET", r"api/v2/files/(?P<fid>[^/]+)", "_file_blob"),
-    ("DELETE", r"api/v2/files/(?P<fid>[^/]+)", "_file_delete"),
-    ("GET", r"api/v2/files/(?P<fid>[^/]+)/summary", "_file_info"),
-    ("GET", r"api/v2/files/(?P<fid>[^/]+)/metadata", "_file_md_get"),
-    ("POST", r"api/v2/files/(?P<fid>[^/]+)/metadata", "_file_md_post"),
-    ("POST", r"api/v2/files/(?P<fid>[^/]+)/extractions", "_file_extraction"),
-    ("PATCH", r"api/v2/files/(?P<fid>[^/]+)/thumbnail/(?P<tid>[^/]+)", "_file_thumb_link"),
-    ("POST", r"api/v2/thumbnails", "_thumb_upload"),
-    ("POST", r"api/v2/visualizations/config", "_vis_config"),
-    ("POST", r"api/v2/visualizations", "_vis_upload"),
-    ("POST", r"api/v2/datasets", "_ds_create"),
-    ("GET", r"api/v2/datasets/(?P<did>[^/]+)", "_ds_info"),
-    ("DELETE", r"api/v2/datasets/(?P<did>[^/]+)", "_ds_delete"),
-    ("GET", r"api/v2/datasets/(?P<did>[^/]+)/files", "_ds_files"),
-    ("POST", r"api/v2/datasets/(?P<did>[^/]+)/files", "_ds_upload"),
-    ("GET", r"api/v2/datasets/(?P<did>[^/]+)/metadata", "_ds_md_get"),
-    ("POST", r"api/v2/datasets/(?P<did>[^/]+)/metadata", "_ds_md_post"),
-    ("DELETE", r"api/v2/datasets/(?P<did>[^/]+)/metadata", "_ds_md_delete"),
-    ("GET", r"api/v2/datasets/(?P<did>[^/]+)/download", "_ds_zip"),
-    ("POST", r"api/v2/datasets/(?P<did>[^/]+)/extractions", "_ds_extraction"),
-    ("PATCH", r"api/v2/datasets/(?P<did>[^/]+)/thumbnail/(?P<tid>[^/]+)", "_ds_thumb_link"),
-]
-
-
-def _template(regex: str) -> str:
-    return re.sub(r"\(\?P<(\w)id>[^)]*\)", lambda m: "{%sid}" % ("" if m.group(1) == "f" else m.group(1)),
-                  regex).replace("\\", "")
-
-
-_BLOB_HANDLERS = ("_file_blob", "_ds_zip")  # a drop fault sends these half their body
-_COMPILED = [(m, re.compile(rx), "%s %s" % (m, _template(rx)), h) for m, rx, h in _ROUTES]
+_BLOB_ACTIONS = ("file_blob", "ds_zip")  # a drop fault sends these half their body
 
 
 class _Server(ThreadingHTTPServer):
@@ -280,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode("utf-8"))
 
     def _send_error(self, status: int, message: str, api: str = "v1") -> None:
-        self._send_json(status, {"detail": message} if api == "v2" else {"error": message})
+        self._send_json(status, error_body(api, message))
 
     def _send_blob(self, blob: _Blob, partial: bool) -> None:
         name = blob.name.replace('"', "")
@@ -343,47 +239,43 @@ class _Handler(BaseHTTPRequestHandler):
             return
         query = parse_qs(split.query, keep_blank_values=True)
         if path == "_standin" or path.startswith("_standin/"):
-            req = _Request(self.command, path, query, self.headers, body, {}, "control")
+            req = ClowderRequest(self.command, path, query, self.headers, body, {}, "control")
             try:
                 self._send_json(200, standin._control(req))
-            except _HTTPError as exc:
+            except ClowderError as exc:
                 self._send_error(exc.status, exc.message)
             return
 
-        route_key, handler, params, name = "%s <unknown>" % self.command, None, {}, ""
-        for method, regex, key, hname in _COMPILED:
-            if method == self.command:
-                match = regex.fullmatch(path)
-                if match:
-                    route_key, handler, params, name = key, getattr(standin, hname), match.groupdict(), hname
-                    break
-        api = "v2" if path.startswith("api/v2/") else "v1"
+        found = CLOWDER.find(self.command, path)
+        route_key = found[0].counted if found else "%s <unknown>" % self.command
+        action = found[0].action if found else ""
+        api = api_version(path)
         standin._count(route_key)
         fault = standin._before_request(path)
         if fault and fault[0] == "fail":
             self._send_error(fault[1], "injected fault", api)
             return
-        if fault and fault[0] == "drop" and not fault[1] and name not in _BLOB_HANDLERS:
+        if fault and fault[0] == "drop" and not fault[1] and action not in _BLOB_ACTIONS:
             self._hang_up()
             return
-        if handler is None:
+        if found is None:
             self._send_error(404, "no such route: %s %s" % (self.command, split.path), api)
             return
-        req = _Request(self.command, path, query, self.headers, body, params, api)
+        req = ClowderRequest(self.command, path, query, self.headers, body, found[1], api)
         if not standin._authorized(req):
             self._send_error(401, "missing or invalid API key", api)
             return
         try:
-            result = handler(req)
-        except _HTTPError as exc:
+            result = getattr(standin, "_" + action)(req)
+        except ClowderError as exc:
             result = exc
         except Exception as exc:  # noqa: BLE001 - a stand-in must answer, not die
-            result = _HTTPError(500, "stand-in error: %s: %s" % (type(exc).__name__, exc))
+            result = ClowderError(500, "stand-in error: %s: %s" % (type(exc).__name__, exc))
         if isinstance(result, _Blob):
             self._send_blob(result, partial=bool(fault))
         elif fault:
             self._hang_up()  # processed, but the response is lost
-        elif isinstance(result, _HTTPError):
+        elif isinstance(result, ClowderError):
             self._send_error(result.status, result.message, api)
         else:
             self._send_json(200, result)
@@ -612,13 +504,11 @@ class ClowderStandin:
             time.sleep(delay)
         return fault
 
-    def _authorized(self, req: _Request) -> bool:
-        key = req.headers.get("X-API-Key")  # headers are case-insensitive (X-API-KEY too)
-        if key is None and req.api == "v1":
-            key = req.arg("key")
+    def _authorized(self, req: ClowderRequest) -> bool:
+        key = req.api_key()
         return key is not None and key in self._keys
 
-    def _record(self, kind: str, req: _Request, body: Any, file_id: Optional[str] = None,
+    def _record(self, kind: str, req: ClowderRequest, body: Any, file_id: Optional[str] = None,
                 dataset_id: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
         rec = {"kind": kind, "api": req.api, "file_id": file_id, "dataset_id": dataset_id, "body": body,
                "time": time.time(), **extra}
@@ -626,19 +516,11 @@ class ClowderStandin:
             self._records.append(rec)
         return rec
 
-    def _file(self, req: _Request) -> Dict[str, Any]:
-        with self._lock:
-            f = self._files.get(req.params["fid"])
-        if f is None:
-            raise _HTTPError(404, "file %s not found" % req.params["fid"])
-        return f
+    def _file(self, req: ClowderRequest) -> Dict[str, Any]:
+        return lookup(self._files, req.ids["file"], "file", self._lock)
 
-    def _dataset(self, req: _Request) -> Dict[str, Any]:
-        with self._lock:
-            d = self._datasets.get(req.params["did"])
-        if d is None:
-            raise _HTTPError(404, "dataset %s not found" % req.params["did"])
-        return d
+    def _dataset(self, req: ClowderRequest) -> Dict[str, Any]:
+        return lookup(self._datasets, req.ids["dataset"], "dataset", self._lock)
 
     @staticmethod
     def _size(f: Dict[str, Any]) -> int:
@@ -679,7 +561,7 @@ class ClowderStandin:
         with self._lock:
             return [f for f in self._files.values() if f["dataset_id"] == dataset_id]
 
-    def _store_upload(self, req: _Request, kind: str, **extra: Any) -> Tuple[str, Dict[str, Any]]:
+    def _store_upload(self, req: ClowderRequest, kind: str, **extra: Any) -> Tuple[str, Dict[str, Any]]:
         name, ctype, data = req.upload()
         upload_id = uuid.uuid4().hex
         info = {"filename": name, **_digest(data), "content_type": ctype or _content_type(name)}
@@ -689,14 +571,10 @@ class ClowderStandin:
         return upload_id, info
 
     def _upload_info(self, upload_id: str) -> Dict[str, Any]:
-        with self._lock:
-            info = self._previews.get(upload_id)
-        if info is None:
-            raise _HTTPError(404, "preview/thumbnail %s not found" % upload_id)
-        return info
+        return lookup(self._previews, upload_id, "preview/thumbnail", self._lock)
 
     # metadata views: the posted body plus what the server adds
-    def _md_view(self, body: Any, collection: str, rid: str, req: _Request) -> Dict[str, Any]:
+    def _md_view(self, body: Any, collection: str, rid: str, req: ClowderRequest) -> Dict[str, Any]:
         view = dict(body) if isinstance(body, dict) else {"content": body}
         now = time.time()
         if req.api == "v2":
@@ -721,28 +599,28 @@ class ClowderStandin:
         return out
 
     # -- route handlers -------------------------------------------------------------------------
-    def _file_blob(self, req: _Request) -> _Blob:
+    def _file_blob(self, req: ClowderRequest) -> _Blob:
         f = self._file(req)
         return _Blob(f["name"], f["content_type"], content=f["content"], path=f["path"])
 
-    def _file_info(self, req: _Request) -> Dict[str, Any]:
+    def _file_info(self, req: ClowderRequest) -> Dict[str, Any]:
         f = self._file(req)
         return self._info_v2(f) if req.api == "v2" else self._info_v1(f)
 
-    def _file_delete(self, req: _Request) -> Any:
+    def _file_delete(self, req: ClowderRequest) -> Any:
         f = self._file(req)
         with self._lock:
             self._files.pop(f["id"], None)
         self._record("delete", req, None, file_id=f["id"], dataset_id=f["dataset_id"])
         return {"status": "success"} if req.api == "v1" else {"deleted": f["id"]}
 
-    def _file_md_get(self, req: _Request) -> List[Dict[str, Any]]:
+    def _file_md_get(self, req: ClowderRequest) -> List[Dict[str, Any]]:
         f = self._file(req)
         with self._lock:
             views = list(self._file_md.get(f["id"], []))
         return self._md_filter(views, req.arg("extractor"))
 
-    def _file_md_post(self, req: _Request) -> Any:
+    def _file_md_post(self, req: ClowderRequest) -> Any:
         f = self._file(req)
         body = req.json()
         view = self._md_view(body, "files", f["id"], req)
@@ -751,55 +629,55 @@ class ClowderStandin:
         self._record("metadata", req, body, file_id=f["id"], dataset_id=f["dataset_id"])
         return view if req.api == "v2" else "Metadata successfully added to db"
 
-    def _file_tags(self, req: _Request) -> Any:
+    def _file_tags(self, req: ClowderRequest) -> Any:
         f = self._file(req)
         self._record("tags", req, req.json(), file_id=f["id"], dataset_id=f["dataset_id"])
         return {"status": "success"}
 
-    def _file_extraction(self, req: _Request) -> Any:
+    def _file_extraction(self, req: ClowderRequest) -> Any:
         f = self._file(req)
         self._record("extraction", req, req.json(), file_id=f["id"], dataset_id=f["dataset_id"])
         return {"status": "OK", "job_id": uuid.uuid4().hex}
 
-    def _preview_upload(self, req: _Request) -> Any:
+    def _preview_upload(self, req: ClowderRequest) -> Any:
         return {"id": self._store_upload(req, "preview_upload")[0]}
 
-    def _preview_link(self, req: _Request) -> Any:
+    def _preview_link(self, req: ClowderRequest) -> Any:
         f = self._file(req)
-        info = self._upload_info(req.params["pid"])
+        info = self._upload_info(req.ids["preview"])
         with self._lock:
             info["file_id"] = f["id"]
         body = {k: v for k, v in info.items() if k != "file_id"}
-        self._record("preview", req, body, file_id=f["id"], dataset_id=f["dataset_id"], preview_id=req.params["pid"])
+        self._record("preview", req, body, file_id=f["id"], dataset_id=f["dataset_id"], preview_id=req.ids["preview"])
         return {}
 
-    def _preview_metadata(self, req: _Request) -> Any:
-        info = self._upload_info(req.params["pid"])
-        self._record("preview_metadata", req, req.json(), file_id=info.get("file_id"), preview_id=req.params["pid"])
+    def _preview_metadata(self, req: ClowderRequest) -> Any:
+        info = self._upload_info(req.ids["preview"])
+        self._record("preview_metadata", req, req.json(), file_id=info.get("file_id"), preview_id=req.ids["preview"])
         return {"status": "success"}
 
-    def _thumb_upload(self, req: _Request) -> Any:
+    def _thumb_upload(self, req: ClowderRequest) -> Any:
         return {"id": self._store_upload(req, "thumbnail_upload")[0]}
 
-    def _file_thumb_link(self, req: _Request) -> Any:
+    def _file_thumb_link(self, req: ClowderRequest) -> Any:
         f = self._file(req)
-        info = self._upload_info(req.params["tid"])
+        info = self._upload_info(req.ids["thumbnail"])
         with self._lock:
-            f["thumbnail_id"] = req.params["tid"]
+            f["thumbnail_id"] = req.ids["thumbnail"]
         body = {k: v for k, v in info.items() if k != "file_id"}
-        self._record("thumbnail", req, body, file_id=f["id"], dataset_id=f["dataset_id"], thumbnail_id=req.params["tid"])
-        return dict(self._info_v2(f), thumbnail_id=req.params["tid"]) if req.api == "v2" else {}
+        self._record("thumbnail", req, body, file_id=f["id"], dataset_id=f["dataset_id"], thumbnail_id=req.ids["thumbnail"])
+        return dict(self._info_v2(f), thumbnail_id=req.ids["thumbnail"]) if req.api == "v2" else {}
 
-    def _ds_thumb_link(self, req: _Request) -> Any:
+    def _ds_thumb_link(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
-        info = self._upload_info(req.params["tid"])
+        info = self._upload_info(req.ids["thumbnail"])
         with self._lock:
-            d["thumbnail_id"] = req.params["tid"]
+            d["thumbnail_id"] = req.ids["thumbnail"]
         body = {k: v for k, v in info.items() if k != "file_id"}
-        self._record("dataset_thumbnail", req, body, dataset_id=d["id"], thumbnail_id=req.params["tid"])
+        self._record("dataset_thumbnail", req, body, dataset_id=d["id"], thumbnail_id=req.ids["thumbnail"])
         return self._ds_view(d, "v2")
 
-    def _vis_config(self, req: _Request) -> Any:
+    def _vis_config(self, req: ClowderRequest) -> Any:
         body = req.json()
         resource = body.get("resource") or {} if isinstance(body, dict) else {}
         rid, coll = resource.get("resource_id"), resource.get("collection")
@@ -810,7 +688,7 @@ class ClowderStandin:
                      dataset_id=rid if coll == "datasets" else None, preview_id=config_id)
         return dict(body, id=config_id) if isinstance(body, dict) else {"id": config_id}
 
-    def _vis_upload(self, req: _Request) -> Any:
+    def _vis_upload(self, req: ClowderRequest) -> Any:
         config_id = req.arg("config")
         config = self._upload_info(config_id or "").get("config") or {}
         resource = config.get("resource") or {}
@@ -822,19 +700,19 @@ class ClowderStandin:
         return {"id": vis_id, "name": req.arg("name"), "description": req.arg("description"),
                 "visualization_config_id": config_id, "bytes": info["size"], "content_type": info["content_type"]}
 
-    def _ds_create(self, req: _Request) -> Any:
+    def _ds_create(self, req: ClowderRequest) -> Any:
         body = req.json()
         if not isinstance(body, dict) or "name" not in body:
-            raise _HTTPError(400, "dataset name required")
+            raise ClowderError(400, "dataset name required")
         did = self.add_dataset(name=str(body["name"]), description=str(body.get("description") or ""))
         self._record("dataset_create", req, body, dataset_id=did)
         with self._lock:
             return self._ds_view(self._datasets[did], req.api) if req.api == "v2" else {"id": did}
 
-    def _ds_info(self, req: _Request) -> Any:
+    def _ds_info(self, req: ClowderRequest) -> Any:
         return self._ds_view(self._dataset(req), req.api)
 
-    def _ds_delete(self, req: _Request) -> Any:
+    def _ds_delete(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         with self._lock:
             self._datasets.pop(d["id"], None)
@@ -843,7 +721,7 @@ class ClowderStandin:
         self._record("dataset_delete", req, None, dataset_id=d["id"])
         return {"status": "success"} if req.api == "v1" else {"deleted": d["id"]}
 
-    def _ds_files(self, req: _Request) -> Any:
+    def _ds_files(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         files = self._ds_file_list(d["id"])
         if req.api == "v1":
@@ -852,12 +730,12 @@ class ClowderStandin:
         try:
             skip, limit = int(req.arg("skip") or 0), int(req.arg("limit") or 10)
         except ValueError:
-            raise _HTTPError(422, "skip and limit must be integers") from None
+            raise ClowderError(422, "skip and limit must be integers") from None
         files = sorted(files, key=lambda f: f["created"], reverse=True)
         return {"metadata": {"total_count": len(files), "skip": skip, "limit": limit},
                 "data": [self._info_v2(f) for f in files[skip: skip + limit]]}
 
-    def _ds_upload(self, req: _Request) -> Any:
+    def _ds_upload(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         name, ctype, data = req.upload()
         fid = self.add_file(name=name, content=data, dataset_id=d["id"])
@@ -867,13 +745,13 @@ class ClowderStandin:
                 return self._info_v2(self._files[fid])
         return {"id": fid}
 
-    def _ds_md_get(self, req: _Request) -> Any:
+    def _ds_md_get(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         with self._lock:
             views = list(self._ds_md.get(d["id"], []))
         return self._md_filter(views, req.arg("extractor"))
 
-    def _ds_md_post(self, req: _Request) -> Any:
+    def _ds_md_post(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         body = req.json()
         view = self._md_view(body, "datasets", d["id"], req)
@@ -882,7 +760,7 @@ class ClowderStandin:
         self._record("dataset_metadata", req, body, dataset_id=d["id"])
         return view if req.api == "v2" else "Metadata successfully added to db"
 
-    def _ds_md_delete(self, req: _Request) -> Any:
+    def _ds_md_delete(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         extractor = req.arg("extractor")
         with self._lock:
@@ -892,12 +770,12 @@ class ClowderStandin:
         self._record("dataset_metadata_delete", req, {"extractor": extractor, "removed": len(gone)}, dataset_id=d["id"])
         return {"status": "success"}
 
-    def _ds_tags(self, req: _Request) -> Any:
+    def _ds_tags(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         self._record("dataset_tags", req, req.json(), dataset_id=d["id"])
         return {"status": "success"}
 
-    def _ds_zip(self, req: _Request) -> _Blob:
+    def _ds_zip(self, req: ClowderRequest) -> _Blob:
         d = self._dataset(req)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -905,13 +783,13 @@ class ClowderStandin:
                 zf.writestr("%s/data/%s" % (d["name"], f["name"]), self.file_content(f["id"]))
         return _Blob(d["name"] + ".zip", "application/zip", content=buf.getvalue())
 
-    def _ds_extraction(self, req: _Request) -> Any:
+    def _ds_extraction(self, req: ClowderRequest) -> Any:
         d = self._dataset(req)
         self._record("dataset_extraction", req, req.json(), dataset_id=d["id"])
         return {"status": "OK", "job_id": uuid.uuid4().hex}
 
     # -- control API ----------------------------------------------------------------------------
-    def _control(self, req: _Request) -> Any:
+    def _control(self, req: ClowderRequest) -> Any:
         route = "%s %s" % (req.method, req.path.rstrip("/"))
         if route == "GET _standin/ping":
             return {"ok": True, "url": self.url}
@@ -927,7 +805,7 @@ class ClowderStandin:
                 fid = self.add_file(body.get("id"), name=name, content=content,
                                     dataset_id=body.get("dataset_id"), path=path)
             except FileNotFoundError:
-                raise _HTTPError(400, "no such file: %s" % path) from None
+                raise ClowderError(400, "no such file: %s" % path) from None
             return {"id": fid}
         if route == "POST _standin/datasets":
             body = self._control_body(req)
@@ -949,18 +827,18 @@ class ClowderStandin:
                 if "delay" in body:
                     self.set_delay(float(body["delay"]), body.get("route"))
             except (TypeError, ValueError) as exc:
-                raise _HTTPError(400, "bad fault spec: %s" % exc) from None
+                raise ClowderError(400, "bad fault spec: %s" % exc) from None
             return {"ok": True}
         if route == "POST _standin/clear":
             self.clear()
             return {"ok": True}
-        raise _HTTPError(404, "no such control route: %s /%s" % (req.method, req.path))
+        raise ClowderError(404, "no such control route: %s /%s" % (req.method, req.path))
 
     @staticmethod
-    def _control_body(req: _Request) -> Dict[str, Any]:
+    def _control_body(req: ClowderRequest) -> Dict[str, Any]:
         body = req.json() if req.body.strip() else {}
         if not isinstance(body, dict):
-            raise _HTTPError(400, "JSON object expected")
+            raise ClowderError(400, "JSON object expected")
         return body
 
 

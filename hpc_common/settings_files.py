@@ -54,5 +54,7 @@ def parse_value(name: str, parse: Callable[[Any], Any], raw: Any, origin: str, s
     try:
         return parse(raw)
     except (TypeError, ValueError) as exc:
-        shown = "(hidden)" if secret else repr(raw)
-        raise error(f"{name} from {origin}: cannot use {shown}: {exc}") from None
+        if secret:  # the parser's own message may quote the value (int() does): say only what kind failed
+            raise error(f"{name} from {origin}: cannot use (hidden): not a valid value "
+                        f"({exc.__class__.__name__})") from None
+        raise error(f"{name} from {origin}: cannot use {raw!r}: {exc}") from None
