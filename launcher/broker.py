@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
 from hpc_common.retry_queues import retry_queue
@@ -81,34 +81,152 @@ def connect(uri: str, connection_name: Optional[str] = None, socket_timeout: flo
             raise BrokerError(f"{where}: {redact_text(_describe(exc))}") from None
 
 
-def properties(**fields: Any) -> Any:
-    """AMQP message properties (delivery_mode, reply_to, correlation_id, headers, content_type...)."""
-    import pika
-
-    return pika.BasicProperties(**fields)
-
-
-def publish_batch(channel: Any, items: Sequence[tuple[str, str, bytes, Any]]) -> None:
-    """Publish (exchange, routing key, body, properties) items on a channel without confirms, one flush.
-
-    BlockingChannel.basic_publish writes each message to the socket before it returns; a batch of
-    status replies queued on the connection goes out in one write instead (pika's own channel
-    beneath the blocking adapter; the plain per-message path when it is not there).
-    """
-    impl = getattr(channel, "_impl", None)
-    flush = getattr(channel, "_flush_output", None)
-    if impl is None or flush is None or getattr(channel, "_delivery_confirmation", False):
-        for exchange, key, body, props in items:
-            channel.basic_publish(exchange, key, body, props)
-        return
-    for exchange, key, body, props in items:
-        impl.basic_publish(exchange=exchange, routing_key=key, body=body, properties=props)
-    flush()
-
-
 def closed(reason: str) -> BrokerError:
     """The error for a channel found closed between operations."""
     return BrokerError(f"channel closed by the broker: {reason}")
+
+
+def _props(fields: Optional[dict[str, Any]]) -> Any:
+    """pika's message properties from plain fields (delivery_mode, reply_to, correlation_id, headers...)."""
+    import pika
+
+    return pika.BasicProperties(**fields) if fields else None
+
+
+class Link:
+    """One connection for a long-running link (the relay's, the spool's): every channel operation they make.
+
+    Two channels: ``plain`` for basic.get/ack/nack and best-effort publishes (status replies,
+    registrations), ``confirmed`` (publisher confirms) for copies that must not be lost (error
+    queue, hand-backs). Every method raises BrokerError (or a subclass) for pika's errors; the
+    connection is not thread-safe, so one thread owns a Link.
+    """
+
+    def __init__(self, uri: str, connection_name: Optional[str] = None, heartbeat: Optional[int] = 60) -> None:
+        self._conn = connect(uri, connection_name, heartbeat=heartbeat)
+        try:
+            with translated("open channels"):
+                self._plain = self._conn.channel()
+                self._confirmed = self._conn.channel()
+                self._confirmed.confirm_delivery()
+        except BrokerError:
+            self.close()
+            raise
+        self._exchanges: set[str] = set()
+
+    @property
+    def is_open(self) -> bool:
+        """The connection and both channels are open."""
+        return bool(self._conn.is_open and self._plain.is_open and self._confirmed.is_open)
+
+    def declare_queues(self, names: Sequence[str], keep_existing: bool = False) -> None:
+        """Declare durable queues (no arguments), as pyclowder does for ``<queue>`` and ``error.<queue>``.
+
+        keep_existing: a queue that exists with other arguments (406) is used as it is.
+        """
+        for name in names:
+            try:
+                with translated(f"declare {name}"):
+                    self._plain.queue_declare(name, durable=True)
+            except BrokerRefused as exc:
+                if not keep_existing or exc.reply_code != 406:
+                    raise
+                with translated("reopen channel"):
+                    self._plain = self._conn.channel()  # the refusal closed the channel it happened on
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in queue (passive declare: BrokerRefused 404 when it does not exist)."""
+        with translated(f"depth of {queue}"):
+            return self._plain.queue_declare(queue, durable=True, passive=True).method.message_count
+
+    def get(self, queue: str) -> Optional[Delivery]:
+        """Take one message unacknowledged (basic.get), or None when the queue is empty."""
+        with translated(f"basic.get on {queue}"):
+            method, props, body = self._plain.basic_get(queue, auto_ack=False)
+        if method is None:
+            return None
+        return Delivery(method.delivery_tag, body, bool(method.redelivered), {
+            "headers": dict(props.headers or {}), "content_type": props.content_type,
+            "correlation_id": props.correlation_id, "reply_to": props.reply_to,
+            "delivery_mode": props.delivery_mode}, routing_key=method.routing_key or "")
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        """Acknowledge a message taken with get (with multiple: every one up to tag)."""
+        with translated("ack"):
+            self._plain.basic_ack(tag, multiple=multiple)
+
+    def nack(self, tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        """Hand a message taken with get back (requeue) or drop it."""
+        with translated("nack"):
+            self._plain.basic_nack(tag, multiple=multiple, requeue=requeue)
+
+    def declare_exchange(self, name: str, kind: str) -> None:
+        """Declare a durable exchange once per link (the `extractors` fanout, as pyclowder declares it)."""
+        if name in self._exchanges:
+            return
+        with translated(f"declare exchange {name}"):
+            self._plain.exchange_declare(name, exchange_type=kind, durable=True)
+        self._exchanges.add(name)
+
+    def publish(self, exchange: str, key: str, body: bytes, props: Optional[dict[str, Any]] = None) -> None:
+        """Best effort (no confirm): the message is written to the socket before this returns."""
+        with translated(f"publish to {exchange or key}"):
+            self._plain.basic_publish(exchange, key, body, _props(props))
+
+    def publish_many(self, items: Iterable[tuple[str, str, bytes, Optional[dict[str, Any]]]]) -> None:
+        """publish() each (exchange, routing key, body, properties) item."""
+        with translated("publish"):
+            for exchange, key, body, props in items:
+                self._plain.basic_publish(exchange, key, body, _props(props))
+
+    def publish_confirmed(self, queue: str, body: bytes, props: dict[str, Any]) -> None:
+        """Publish to queue (default exchange, mandatory) and wait for the broker's confirm.
+
+        BrokerUnroutable when the queue does not exist or the broker nacks.
+        """
+        with translated(f"publish for {queue}"):
+            self._confirmed.basic_publish("", queue, body, _props(props), mandatory=True)
+
+    def pump(self, time_limit: float = 0) -> None:
+        """Let the connection do its I/O (heartbeats, confirms) for up to time_limit seconds.
+
+        A channel the broker closed without an error reaching us (consumer_timeout, FACTS.md) is
+        raised here as BrokerError.
+        """
+        with translated("connection"):
+            self._conn.process_data_events(time_limit=time_limit)
+        if not self._plain.is_open or not self._confirmed.is_open:
+            raise closed("consume or confirm channel")
+
+    def close(self) -> None:
+        """Close the connection; a broken one is only dropped."""
+        try:
+            with translated("close"):
+                if self._conn.is_open:
+                    self._conn.close()
+        except (BrokerError, OSError):
+            pass  # closing a broken connection: nothing left to release
+
+
+def announce(uri: str, exchange: str, kind: str, messages: Sequence[bytes], connection_name: Optional[str] = None,
+             timeout: float = 10.0) -> None:
+    """Publish messages to a durable exchange it declares, on a short connection (registrations).
+
+    Best effort as pyclowder's heartbeat is (no confirm); BrokerError when the broker cannot be reached.
+    """
+    conn = connect(uri, connection_name, socket_timeout=timeout)
+    try:
+        with translated(f"publish to {exchange}"):
+            channel = conn.channel()
+            channel.exchange_declare(exchange, exchange_type=kind, durable=True)
+            for body in messages:
+                channel.basic_publish(exchange, "", body)
+    finally:
+        try:
+            with translated("close"):
+                conn.close()
+        except (BrokerError, OSError):
+            pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +379,7 @@ class Delivery:
     body: bytes
     redelivered: bool
     properties: dict  # headers, content_type, correlation_id, reply_to, delivery_mode
+    routing_key: str = ""  # the key it was published with ("" when unknown)
 
 
 class QueueClient:
