@@ -56,10 +56,11 @@ def translated(what: str) -> Iterator[None]:
 
 
 def connect(uri: str, connection_name: Optional[str] = None, socket_timeout: float = 10.0,
-            heartbeat: Optional[int] = 60) -> Any:
+            heartbeat: Optional[int] = 60, blocked_timeout: Optional[float] = None) -> Any:
     """A blocking connection to uri (one attempt); BrokerError when it cannot be made.
 
-    heartbeat applies only when the URI does not set one (None: the broker's proposal).
+    heartbeat applies only when the URI does not set one (None: the broker's proposal);
+    blocked_timeout: give up on a connection the broker blocks (resource alarm) after that long.
     """
     import pika
 
@@ -71,6 +72,8 @@ def connect(uri: str, connection_name: Optional[str] = None, socket_timeout: flo
             raise BrokerError(f"bad broker URI {redact_uri(uri)}: {redact_text(str(exc))}") from None
         params.connection_attempts = 1
         params.socket_timeout = socket_timeout
+        if blocked_timeout is not None:
+            params.blocked_connection_timeout = blocked_timeout
         if params.heartbeat is None and heartbeat is not None:
             params.heartbeat = heartbeat
         if connection_name:
@@ -102,8 +105,9 @@ class Link:
     connection is not thread-safe, so one thread owns a Link.
     """
 
-    def __init__(self, uri: str, connection_name: Optional[str] = None, heartbeat: Optional[int] = 60) -> None:
-        self._conn = connect(uri, connection_name, heartbeat=heartbeat)
+    def __init__(self, uri: str, connection_name: Optional[str] = None, heartbeat: Optional[int] = 60,
+                 socket_timeout: float = 10.0, blocked_timeout: Optional[float] = None) -> None:
+        self._conn = connect(uri, connection_name, socket_timeout, heartbeat, blocked_timeout)
         try:
             with translated("open channels"):
                 self._plain = self._conn.channel()
@@ -247,18 +251,9 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
                 timeout: float = 10.0, retry_buckets: Sequence[int] = ()) -> QueueStats:
     """Depth and consumers of ``queue`` and what its retry queues of ``retry_buckets`` (seconds,
     hpc_common.retry_queues.buckets) hold; raises BrokerError (redacted) on any failure."""
-    import pika
     import pika.exceptions
 
-    try:
-        params = pika.URLParameters(uri)
-        params.socket_timeout = timeout
-        params.blocked_connection_timeout = timeout
-        params.connection_attempts = 1
-        conn = pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
-        raise BrokerError(f"cannot connect to {redact_uri(uri)}: "
-                          f"{redact_text(_describe(exc))}") from None
+    conn = connect(uri, "clowder-launcher status", socket_timeout=timeout, heartbeat=None, blocked_timeout=timeout)
     try:
         channel = conn.channel()
         ok = channel.queue_declare(queue=queue, passive=True)
@@ -382,7 +377,7 @@ class Delivery:
     routing_key: str = ""  # the key it was published with ("" when unknown)
 
 
-class QueueClient:
+class QueueClient(Link):
     """A short-lived AMQP session for ``dispatch``: get, ack, and publish with confirms.
 
     A message is held unacknowledged only for the moment between basic.get and the ledger
@@ -390,64 +385,20 @@ class QueueClient:
     """
 
     def __init__(self, uri: str, timeout: float = 10.0) -> None:
-        import pika
-        import pika.exceptions
+        super().__init__(uri, "clowder-launcher dispatch", socket_timeout=timeout, blocked_timeout=timeout)
 
-        self._pika = pika
-        self.uri = uri
-        try:
-            params = pika.URLParameters(uri)
-            params.socket_timeout = timeout
-            params.blocked_connection_timeout = timeout
-            params.connection_attempts = 1
-            self.conn = pika.BlockingConnection(params)
-            self.channel = self.conn.channel()
-            self.channel.confirm_delivery()
-        except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
-            raise BrokerError(f"cannot connect to {redact_uri(uri)}: "
-                              f"{redact_text(_describe(exc))}") from None
-
-    def get(self, queue: str) -> Optional[Delivery]:
-        """Take one message (unacknowledged), or None when the queue is empty."""
-        try:
-            method, props, body = self.channel.basic_get(queue, auto_ack=False)
-        except self._pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"basic.get on {queue!r} failed: {_describe(exc)}") from None
-        if method is None:
-            return None
-        return Delivery(method.delivery_tag, body, bool(method.redelivered), {
-            "headers": dict(props.headers or {}), "content_type": props.content_type,
-            "correlation_id": props.correlation_id, "reply_to": props.reply_to,
-            "delivery_mode": props.delivery_mode})
-
-    def ack(self, tag: int) -> None:
-        try:
-            self.channel.basic_ack(tag)
-        except self._pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"ack failed: {_describe(exc)}") from None
-
-    def publish(self, queue: str, body: bytes, properties: dict, headers: dict,
+    def publish(self, queue: str, body: bytes, properties: dict, headers: dict,  # type: ignore[override]
                 declare: bool = False) -> None:
         """Publish durably to ``queue`` (default exchange) and wait for the broker's confirm.
 
         ``declare``: create the queue (durable, no arguments) if missing, as pyclowder does for
-        ``error.<queue>``; otherwise it must exist (an unroutable message raises).
+        ``error.<queue>``; otherwise it must exist (an unroutable message raises BrokerUnroutable).
         """
         merged = dict(properties.get("headers") or {})
         merged.update(headers)
-        props = self._pika.BasicProperties(
-            headers=merged, content_type=properties.get("content_type"),
-            correlation_id=properties.get("correlation_id"),
-            reply_to=properties.get("reply_to"), delivery_mode=2)
-        try:
-            if declare:
-                self.channel.queue_declare(queue, durable=True)
-            self.channel.basic_publish("", queue, body, props, mandatory=True)
-        except self._pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"publish to {queue!r} failed: {_describe(exc)}") from None
-
-    def close(self) -> None:
-        try:
-            self.conn.close()
-        except Exception:  # already closed or broken: nothing to release
-            pass
+        if declare:
+            self.declare_queues([queue])
+        self.publish_confirmed(queue, body, {
+            "headers": merged, "content_type": properties.get("content_type"),
+            "correlation_id": properties.get("correlation_id"), "reply_to": properties.get("reply_to"),
+            "delivery_mode": 2})

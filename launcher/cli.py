@@ -286,8 +286,10 @@ def cmd_scale(args) -> int:
     registrar = None
     try:
         registrar = _registrar(args)  # after the metrics address: that is the first line on stderr
-        if registrar is not None:  # Clowder keeps listing the extractors while no agent runs
-            registrar.send() if args.once else registrar.start()
+        if registrar is not None and args.once:  # Clowder keeps listing the extractors while no agent runs
+            registrar.send()
+        elif registrar is not None:
+            registrar.start()
         return _scale_loop(args, launcher, policy, stop)
     finally:
         if registrar is not None:
