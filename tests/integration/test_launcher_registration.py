@@ -6,14 +6,17 @@ messages for its own queue names (other tests' agents register there too).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pika
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 CAPS = """\
@@ -94,12 +97,17 @@ def test_scale_loop_registers_every_heartbeat_while_no_agent_runs(env, listener,
     info = plugin(tmp_path / "plugins", "ext", extractor_info(name))
     env = dict(env, RABBITMQ_QUEUE=amqp_queue, AGENT_PLUGIN=name, CLOWDER_EMAIL="owner@example.org",
                HEARTBEAT="0.5")
-    proc = launcher(env, "scale", "--interval", "30")
+    proc = launcher(env, "scale", "--interval", "30", "--metrics-bind", "127.0.0.1:0")
     try:
+        address = re.search(r"http://127\.0\.0\.1:\d+/metrics", proc.stderr.readline())
+        assert address, "scale announced no metrics address"
         ours = lambda seen: [m for m in seen if m.get("queue") == amqp_queue]  # noqa: E731
         listener.wait_for(lambda seen: len(ours(seen)) >= 3, "three registrations of the queue")
         status = subprocess.run([sys.executable, "-m", "launcher", "status", "--json"], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=120)
+        with urllib.request.urlopen(address.group(0), timeout=30) as resp:
+            scraped = {(s.name, tuple(s.labels.items())): s.value
+                       for fam in text_string_to_metric_families(resp.read().decode()) for s in fam.samples}
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=60)
@@ -116,6 +124,8 @@ def test_scale_loop_registers_every_heartbeat_while_no_agent_runs(env, listener,
     assert registration["last_at"] is not None and registration["last_error"] is None
     assert registration["interval_s"] == 0.5
     assert not registration["problems"]
+    registered_at = scraped[("clowder_hpc_registration_timestamp_seconds", (("queue", amqp_queue),))]
+    assert registered_at >= registration["last_at"]  # the gauge is read later than status was
 
 
 def test_scale_once_registers_each_of_several_private_queues(env, listener, rabbitmq, tmp_path):
