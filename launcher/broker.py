@@ -1,9 +1,10 @@
 """The launcher's RabbitMQ client: the only launcher module that imports pika.
 
-Queue depth and consumers for `status` and scaling, a short-lived session for `dispatch`, and
-for the relay and spool links: connect(), properties() and translated(), which turns pika's
-exceptions into this module's BrokerError family (messages redacted), so no other launcher module
-needs pika's names.
+Every channel operation of the launcher is here, on pika's public API only: queue depth and
+consumers for `status` and scaling (queue_stats), `Link` (one connection, a plain and a confirmed
+channel) for the relay's and the spool's long-running links, `QueueClient` (a Link) for `dispatch`,
+and `announce` for `scale`'s registrations. translated() turns pika's exceptions into this module's
+BrokerError family (messages redacted), so no other launcher module needs pika's names.
 
 Depth and consumer count come from a passive ``queue.declare`` (works for any user allowed to
 read the queue). Unacknowledged messages and the ack rate are not visible over AMQP; when a
