@@ -136,8 +136,8 @@ def test_scale_once_registers_each_of_several_private_queues(env, listener, rabb
     plugin(tmp_path / "plugins", "other", extractor_info(f"test.reg.unused{uuid.uuid4().hex[:6]}"))
     queues = [f"private.{key}.{n}" for n in names]
     conn = pika.BlockingConnection(pika.URLParameters(rabbitmq))
+    ch = conn.channel()
     try:
-        ch = conn.channel()
         for q in queues:
             ch.queue_declare(q, durable=True)
         env = dict(env, RABBITMQ_QUEUE=",".join(queues), AGENT_PLUGIN=f"{names[1]} folder0", EXTRACTOR_KEY=key)

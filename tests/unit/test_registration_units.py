@@ -3,6 +3,7 @@ import json
 
 from launcher.errors import BrokerError
 from launcher.registration import Registrar, Registration, find_registrations, read_record
+from launcher.status import render_registration
 
 
 def plugin(root, folder, name, extra=None):
@@ -66,3 +67,14 @@ def test_failed_send_is_recorded_and_a_later_one_clears_it(tmp_path):
     assert record["queues"] == {"q": {"extractor": "x", "version": None, "folder": "/p"}}
     assert calls[1] == ("extractors", "fanout", [{"id": "id-1", "queue": "q", "owner": "", "extractor_info": {"name": "x"}}])
     assert "secret" not in (tmp_path / "registration.json").read_text()
+
+
+def test_status_line_says_when_and_what_and_why_not():
+    record = {"interval_s": 60.0, "last_at": 940.0, "last_error": "cannot connect to amqp://u:***@h",
+              "queues": {"words": {"extractor": "ncsa.wordcount", "version": "1", "folder": "/p"}},
+              "problems": ["queue 'b': no plugin's extractor_info names it"]}
+    assert render_registration(record, 1000.0).splitlines() == [
+        "registered 60 s ago (ncsa.wordcount on words; every 60 s)",
+        "           last attempt failed: cannot connect to amqp://u:***@h",
+        "           queue 'b': no plugin's extractor_info names it"]
+    assert render_registration({}, 1000.0) == "registered never (no scale loop has registered the extractors)"
