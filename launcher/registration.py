@@ -67,8 +67,10 @@ def find_registrations(queues: Sequence[str], plugins: Sequence[str], plugin_pat
     for folder in plugin_folders(plugin_path):
         try:
             info = read_info(folder)
-        except PluginInfoError as exc:
-            if not plugins or any(folder_matches(p, folder) for p in plugins):
+        except PluginInfoError as exc:  # said only when it is a plugin the agents serve, or a queue's
+            prefix = private_queue("", extractor_key)
+            wanted = list(plugins) or [q[len(prefix):] if q.startswith(prefix) else q for q in queues]
+            if any(folder_matches(name, folder) for name in wanted):
                 problems.append(str(exc))
             continue
         found.append((folder, info))

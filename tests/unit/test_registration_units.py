@@ -78,3 +78,13 @@ def test_status_line_says_when_and_what_and_why_not():
         "           last attempt failed: cannot connect to amqp://u:***@h",
         "           queue 'b': no plugin's extractor_info names it"]
     assert render_registration({}, 1000.0) == "registered never (no scale loop has registered the extractors)"
+
+
+def test_broken_folder_is_said_only_when_a_queue_or_plugin_names_it(tmp_path):
+    plugin(tmp_path, "wc", "ncsa.wordcount")
+    for name in ("unrelated", "mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "extractor_info.json").write_text("[]")
+    found, problems = find_registrations(["ncsa.wordcount", "private.k.mine"], [], [str(tmp_path)], extractor_key="k")
+    assert [r.queue for r in found] == []  # with a key, ncsa.wordcount is not its queue name
+    assert [p for p in problems if "needs a" in p] == [f"{tmp_path / 'mine' / 'extractor_info.json'}: needs a \"name\""]
