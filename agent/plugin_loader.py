@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from .dockerfile import DockerfileError, base_image, read_env
+# search_dirs, BUILTIN_DIR and INFO_FILE stay importable from here (agent.cli, tests)
+from hpc_common.plugin_folders import (BUILTIN_DIR, INFO_FILE, PluginInfoError, folder_matches, info_name,
+                                       plugin_folders, read_info, search_dirs)
 
+from .dockerfile import DockerfileError, base_image, read_env
 from .errors import PluginError
 
-BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
-INFO_FILE = "extractor_info.json"
 DOCKERFILE = "Dockerfile"
 REQUIREMENTS = "requirements.txt"
 ENTRY_VARS = ("EXTRACTION_FUNC", "EXTRACTION_MODULE")
@@ -64,15 +64,6 @@ class PluginSpec:
     def folder_name(self) -> str:
         return os.path.basename(self.folder.rstrip("/"))
 
-
-def search_dirs(plugin_path: Iterable[str]) -> list[str]:
-    """The folders searched for plugins, in order: built-in first, then AGENT_PLUGIN_PATH."""
-    dirs = [BUILTIN_DIR]
-    for entry in plugin_path:
-        full = os.path.abspath(os.path.expanduser(entry))
-        if full not in dirs:
-            dirs.append(full)
-    return dirs
 
 
 def _extractor_classes(tree: ast.Module) -> list[str]:
@@ -151,16 +142,10 @@ def _function_spec(folder: str, info: dict[str, Any], func: Optional[str], modul
 
 def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None) -> PluginSpec:
     """Read a plugin folder's extractor_info.json and find its extractor without running code."""
-    info_path = os.path.join(folder, INFO_FILE)
     try:
-        with open(info_path, encoding="utf-8") as fh:
-            info = json.load(fh)
-    except OSError as exc:
-        raise PluginError(f"{folder}: cannot read {INFO_FILE}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise PluginError(f"{info_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"]:
-        raise PluginError(f"{info_path}: needs a \"name\"")
+        info = read_info(folder)
+    except PluginInfoError as exc:
+        raise PluginError(str(exc)) from None
     dockerfile = os.path.join(folder, DOCKERFILE)
     docker_env: dict[str, str] = {}
     if os.path.isfile(dockerfile):
@@ -206,32 +191,17 @@ def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None) 
                       requirements=requirements_or_none)
 
 
-def _info_name(folder: str) -> str:
-    """The extractor_info name of a (possibly broken) plugin folder, or ""."""
-    try:
-        with open(os.path.join(folder, INFO_FILE), encoding="utf-8") as fh:
-            info = json.load(fh)
-        return str(info.get("name", "")) if isinstance(info, dict) else ""
-    except (OSError, ValueError):
-        return ""
-
 
 def _scan(plugin_path: Iterable[str], entry_defaults: Optional[EntryDefaults]
           ) -> tuple[list[PluginSpec], list[tuple[str, str, str]]]:
     """Plugins found, and (folder, extractor_info name, problem) per broken plugin folder."""
     found: list[PluginSpec] = []
     broken: list[tuple[str, str, str]] = []
-    for base in search_dirs(plugin_path):
-        if not os.path.isdir(base):
-            continue
-        folders = [base] if os.path.isfile(os.path.join(base, INFO_FILE)) else [
-            os.path.join(base, d) for d in sorted(os.listdir(base))
-            if os.path.isfile(os.path.join(base, d, INFO_FILE))]
-        for folder in folders:
-            try:
-                found.append(inspect_folder(folder, entry_defaults))
-            except PluginError as exc:
-                broken.append((folder, _info_name(folder), str(exc)))
+    for folder in plugin_folders(plugin_path):
+        try:
+            found.append(inspect_folder(folder, entry_defaults))
+        except PluginError as exc:
+            broken.append((folder, info_name(folder), str(exc)))
     return found, broken
 
 
@@ -253,10 +223,10 @@ def find_plugin(name: Optional[str], plugin_path: Iterable[str],
         known = ", ".join(p.name for p in found) or "none"
         raise PluginError(f"no plugin chosen (use --plugin or AGENT_PLUGIN); found: {known}")
     for spec in found:
-        if name in (spec.name, spec.folder_name):
+        if folder_matches(name, spec.folder, spec.info):
             return spec
-    for folder, info_name, problem in broken:  # the plugin asked for is there but broken: say why
-        if name in (info_name, os.path.basename(folder.rstrip("/"))):
+    for folder, _, problem in broken:  # the plugin asked for is there but broken: say why
+        if folder_matches(name, folder):
             raise PluginError(f"plugin {name}: {problem}")
     known = ", ".join(sorted({p.name for p in found})) or "none"
     detail = ("; broken plugin folders: " + "; ".join(problems)) if problems else ""

@@ -1,9 +1,10 @@
 """The launcher's RabbitMQ client: the only launcher module that imports pika.
 
-Queue depth and consumers for `status` and scaling, a short-lived session for `dispatch`, and
-for the relay and spool links: connect(), properties() and translated(), which turns pika's
-exceptions into this module's BrokerError family (messages redacted), so no other launcher module
-needs pika's names.
+Every channel operation of the launcher is here, on pika's public API only: queue depth and
+consumers for `status` and scaling (queue_stats), `Link` (one connection, a plain and a confirmed
+channel) for the relay's and the spool's long-running links, `QueueClient` (a Link) for `dispatch`,
+and `announce` for `scale`'s registrations. translated() turns pika's exceptions into this module's
+BrokerError family (messages redacted), so no other launcher module needs pika's names.
 
 Depth and consumer count come from a passive ``queue.declare`` (works for any user allowed to
 read the queue). Unacknowledged messages and the ack rate are not visible over AMQP; when a
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
 from hpc_common.retry_queues import retry_queue
@@ -56,10 +57,11 @@ def translated(what: str) -> Iterator[None]:
 
 
 def connect(uri: str, connection_name: Optional[str] = None, socket_timeout: float = 10.0,
-            heartbeat: Optional[int] = 60) -> Any:
+            heartbeat: Optional[int] = 60, blocked_timeout: Optional[float] = None) -> Any:
     """A blocking connection to uri (one attempt); BrokerError when it cannot be made.
 
-    heartbeat applies only when the URI does not set one (None: the broker's proposal).
+    heartbeat applies only when the URI does not set one (None: the broker's proposal);
+    blocked_timeout: give up on a connection the broker blocks (resource alarm) after that long.
     """
     import pika
 
@@ -71,6 +73,8 @@ def connect(uri: str, connection_name: Optional[str] = None, socket_timeout: flo
             raise BrokerError(f"bad broker URI {redact_uri(uri)}: {redact_text(str(exc))}") from None
         params.connection_attempts = 1
         params.socket_timeout = socket_timeout
+        if blocked_timeout is not None:
+            params.blocked_connection_timeout = blocked_timeout
         if params.heartbeat is None and heartbeat is not None:
             params.heartbeat = heartbeat
         if connection_name:
@@ -81,34 +85,153 @@ def connect(uri: str, connection_name: Optional[str] = None, socket_timeout: flo
             raise BrokerError(f"{where}: {redact_text(_describe(exc))}") from None
 
 
-def properties(**fields: Any) -> Any:
-    """AMQP message properties (delivery_mode, reply_to, correlation_id, headers, content_type...)."""
-    import pika
-
-    return pika.BasicProperties(**fields)
-
-
-def publish_batch(channel: Any, items: Sequence[tuple[str, str, bytes, Any]]) -> None:
-    """Publish (exchange, routing key, body, properties) items on a channel without confirms, one flush.
-
-    BlockingChannel.basic_publish writes each message to the socket before it returns; a batch of
-    status replies queued on the connection goes out in one write instead (pika's own channel
-    beneath the blocking adapter; the plain per-message path when it is not there).
-    """
-    impl = getattr(channel, "_impl", None)
-    flush = getattr(channel, "_flush_output", None)
-    if impl is None or flush is None or getattr(channel, "_delivery_confirmation", False):
-        for exchange, key, body, props in items:
-            channel.basic_publish(exchange, key, body, props)
-        return
-    for exchange, key, body, props in items:
-        impl.basic_publish(exchange=exchange, routing_key=key, body=body, properties=props)
-    flush()
-
-
 def closed(reason: str) -> BrokerError:
     """The error for a channel found closed between operations."""
     return BrokerError(f"channel closed by the broker: {reason}")
+
+
+def _props(fields: Optional[dict[str, Any]]) -> Any:
+    """pika's message properties from plain fields (delivery_mode, reply_to, correlation_id, headers...)."""
+    import pika
+
+    return pika.BasicProperties(**fields) if fields else None
+
+
+class Link:
+    """One connection for a long-running link (the relay's, the spool's): every channel operation they make.
+
+    Two channels: ``plain`` for basic.get/ack/nack and best-effort publishes (status replies,
+    registrations), ``confirmed`` (publisher confirms) for copies that must not be lost (error
+    queue, hand-backs). Every method raises BrokerError (or a subclass) for pika's errors; the
+    connection is not thread-safe, so one thread owns a Link.
+    """
+
+    def __init__(self, uri: str, connection_name: Optional[str] = None, heartbeat: Optional[int] = 60,
+                 socket_timeout: float = 10.0, blocked_timeout: Optional[float] = None) -> None:
+        self._conn = connect(uri, connection_name, socket_timeout, heartbeat, blocked_timeout)
+        try:
+            with translated("open channels"):
+                self._plain = self._conn.channel()
+                self._confirmed = self._conn.channel()
+                self._confirmed.confirm_delivery()
+        except BrokerError:
+            self.close()
+            raise
+        self._exchanges: set[str] = set()
+
+    @property
+    def is_open(self) -> bool:
+        """The connection and both channels are open."""
+        return bool(self._conn.is_open and self._plain.is_open and self._confirmed.is_open)
+
+    def declare_queues(self, names: Sequence[str], keep_existing: bool = False) -> None:
+        """Declare durable queues (no arguments), as pyclowder does for ``<queue>`` and ``error.<queue>``.
+
+        keep_existing: a queue that exists with other arguments (406) is used as it is.
+        """
+        for name in names:
+            try:
+                with translated(f"declare {name}"):
+                    self._plain.queue_declare(name, durable=True)
+            except BrokerRefused as exc:
+                if not keep_existing or exc.reply_code != 406:
+                    raise
+                with translated("reopen channel"):
+                    self._plain = self._conn.channel()  # the refusal closed the channel it happened on
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in queue (passive declare: BrokerRefused 404 when it does not exist)."""
+        with translated(f"depth of {queue}"):
+            return self._plain.queue_declare(queue, durable=True, passive=True).method.message_count
+
+    def get(self, queue: str) -> Optional[Delivery]:
+        """Take one message unacknowledged (basic.get), or None when the queue is empty."""
+        with translated(f"basic.get on {queue}"):
+            method, props, body = self._plain.basic_get(queue, auto_ack=False)
+        if method is None:
+            return None
+        return Delivery(method.delivery_tag, body, bool(method.redelivered), {
+            "headers": dict(props.headers or {}), "content_type": props.content_type,
+            "correlation_id": props.correlation_id, "reply_to": props.reply_to,
+            "delivery_mode": props.delivery_mode}, routing_key=method.routing_key or "")
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        """Acknowledge a message taken with get (with multiple: every one up to tag)."""
+        with translated("ack"):
+            self._plain.basic_ack(tag, multiple=multiple)
+
+    def nack(self, tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        """Hand a message taken with get back (requeue) or drop it."""
+        with translated("nack"):
+            self._plain.basic_nack(tag, multiple=multiple, requeue=requeue)
+
+    def declare_exchange(self, name: str, kind: str) -> None:
+        """Declare a durable exchange once per link (the `extractors` fanout, as pyclowder declares it)."""
+        if name in self._exchanges:
+            return
+        with translated(f"declare exchange {name}"):
+            self._plain.exchange_declare(name, exchange_type=kind, durable=True)
+        self._exchanges.add(name)
+
+    def publish(self, exchange: str, key: str, body: bytes, props: Optional[dict[str, Any]] = None) -> None:
+        """Best effort (no confirm): the message is written to the socket before this returns."""
+        with translated(f"publish to {exchange or key}"):
+            self._plain.basic_publish(exchange, key, body, _props(props))
+
+    def publish_many(self, items: Iterable[tuple[str, str, bytes, Optional[dict[str, Any]]]]) -> None:
+        """publish() each (exchange, routing key, body, properties) item."""
+        with translated("publish"):
+            for exchange, key, body, props in items:
+                self._plain.basic_publish(exchange, key, body, _props(props))
+
+    def publish_confirmed(self, queue: str, body: bytes, props: dict[str, Any]) -> None:
+        """Publish to queue (default exchange, mandatory) and wait for the broker's confirm.
+
+        BrokerUnroutable when the queue does not exist or the broker nacks.
+        """
+        with translated(f"publish for {queue}"):
+            self._confirmed.basic_publish("", queue, body, _props(props), mandatory=True)
+
+    def pump(self, time_limit: float = 0) -> None:
+        """Let the connection do its I/O (heartbeats, confirms) for up to time_limit seconds.
+
+        A channel the broker closed without an error reaching us (consumer_timeout, FACTS.md) is
+        raised here as BrokerError.
+        """
+        with translated("connection"):
+            self._conn.process_data_events(time_limit=time_limit)
+        if not self._plain.is_open or not self._confirmed.is_open:
+            raise closed("consume or confirm channel")
+
+    def close(self) -> None:
+        """Close the connection; a broken one is only dropped."""
+        try:
+            with translated("close"):
+                if self._conn.is_open:
+                    self._conn.close()
+        except (BrokerError, OSError):
+            pass  # closing a broken connection: nothing left to release
+
+
+def announce(uri: str, exchange: str, kind: str, messages: Sequence[bytes], connection_name: Optional[str] = None,
+             timeout: float = 10.0) -> None:
+    """Publish messages to a durable exchange it declares, on a short connection (registrations).
+
+    Best effort as pyclowder's heartbeat is (no confirm); BrokerError when the broker cannot be reached.
+    """
+    conn = connect(uri, connection_name, socket_timeout=timeout)
+    try:
+        with translated(f"publish to {exchange}"):
+            channel = conn.channel()
+            channel.exchange_declare(exchange, exchange_type=kind, durable=True)
+            for body in messages:
+                channel.basic_publish(exchange, "", body)
+    finally:
+        try:
+            with translated("close"):
+                conn.close()
+        except (BrokerError, OSError):
+            pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +252,9 @@ def queue_stats(uri: str, queue: str, management_url: Optional[str] = None,
                 timeout: float = 10.0, retry_buckets: Sequence[int] = ()) -> QueueStats:
     """Depth and consumers of ``queue`` and what its retry queues of ``retry_buckets`` (seconds,
     hpc_common.retry_queues.buckets) hold; raises BrokerError (redacted) on any failure."""
-    import pika
     import pika.exceptions
 
-    try:
-        params = pika.URLParameters(uri)
-        params.socket_timeout = timeout
-        params.blocked_connection_timeout = timeout
-        params.connection_attempts = 1
-        conn = pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
-        raise BrokerError(f"cannot connect to {redact_uri(uri)}: "
-                          f"{redact_text(_describe(exc))}") from None
+    conn = connect(uri, "clowder-launcher status", socket_timeout=timeout, heartbeat=None, blocked_timeout=timeout)
     try:
         channel = conn.channel()
         ok = channel.queue_declare(queue=queue, passive=True)
@@ -261,9 +375,10 @@ class Delivery:
     body: bytes
     redelivered: bool
     properties: dict  # headers, content_type, correlation_id, reply_to, delivery_mode
+    routing_key: str = ""  # the key it was published with ("" when unknown)
 
 
-class QueueClient:
+class QueueClient(Link):
     """A short-lived AMQP session for ``dispatch``: get, ack, and publish with confirms.
 
     A message is held unacknowledged only for the moment between basic.get and the ledger
@@ -271,64 +386,20 @@ class QueueClient:
     """
 
     def __init__(self, uri: str, timeout: float = 10.0) -> None:
-        import pika
-        import pika.exceptions
+        super().__init__(uri, "clowder-launcher dispatch", socket_timeout=timeout, blocked_timeout=timeout)
 
-        self._pika = pika
-        self.uri = uri
-        try:
-            params = pika.URLParameters(uri)
-            params.socket_timeout = timeout
-            params.blocked_connection_timeout = timeout
-            params.connection_attempts = 1
-            self.conn = pika.BlockingConnection(params)
-            self.channel = self.conn.channel()
-            self.channel.confirm_delivery()
-        except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
-            raise BrokerError(f"cannot connect to {redact_uri(uri)}: "
-                              f"{redact_text(_describe(exc))}") from None
-
-    def get(self, queue: str) -> Optional[Delivery]:
-        """Take one message (unacknowledged), or None when the queue is empty."""
-        try:
-            method, props, body = self.channel.basic_get(queue, auto_ack=False)
-        except self._pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"basic.get on {queue!r} failed: {_describe(exc)}") from None
-        if method is None:
-            return None
-        return Delivery(method.delivery_tag, body, bool(method.redelivered), {
-            "headers": dict(props.headers or {}), "content_type": props.content_type,
-            "correlation_id": props.correlation_id, "reply_to": props.reply_to,
-            "delivery_mode": props.delivery_mode})
-
-    def ack(self, tag: int) -> None:
-        try:
-            self.channel.basic_ack(tag)
-        except self._pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"ack failed: {_describe(exc)}") from None
-
-    def publish(self, queue: str, body: bytes, properties: dict, headers: dict,
+    def publish(self, queue: str, body: bytes, properties: dict, headers: dict,  # type: ignore[override]
                 declare: bool = False) -> None:
         """Publish durably to ``queue`` (default exchange) and wait for the broker's confirm.
 
         ``declare``: create the queue (durable, no arguments) if missing, as pyclowder does for
-        ``error.<queue>``; otherwise it must exist (an unroutable message raises).
+        ``error.<queue>``; otherwise it must exist (an unroutable message raises BrokerUnroutable).
         """
         merged = dict(properties.get("headers") or {})
         merged.update(headers)
-        props = self._pika.BasicProperties(
-            headers=merged, content_type=properties.get("content_type"),
-            correlation_id=properties.get("correlation_id"),
-            reply_to=properties.get("reply_to"), delivery_mode=2)
-        try:
-            if declare:
-                self.channel.queue_declare(queue, durable=True)
-            self.channel.basic_publish("", queue, body, props, mandatory=True)
-        except self._pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"publish to {queue!r} failed: {_describe(exc)}") from None
-
-    def close(self) -> None:
-        try:
-            self.conn.close()
-        except Exception:  # already closed or broken: nothing to release
-            pass
+        if declare:
+            self.declare_queues([queue])
+        self.publish_confirmed(queue, body, {
+            "headers": merged, "content_type": properties.get("content_type"),
+            "correlation_id": properties.get("correlation_id"), "reply_to": properties.get("reply_to"),
+            "delivery_mode": 2})

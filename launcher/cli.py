@@ -211,7 +211,11 @@ def status_snapshot(args, refresh: bool = True):
             refreshed = launcher.reconcile()
         finally:
             lock.release()
-    return launcher, collect(launcher, queue, label, refreshed)
+    from launcher.registration import read_record
+
+    data = collect(launcher, queue, label, refreshed)
+    data["registration"] = read_record(str(_state_dir(args)))  # written by the scale loop
+    return launcher, data
 
 
 def cmd_status(args) -> int:
@@ -279,12 +283,35 @@ def cmd_scale(args) -> int:
             signal.signal(sig, lambda *_: stop.set())
     # scale holds the lock: its metrics show the ledger it keeps fresh (no second scheduler query)
     server = _start_metrics(args, args.metrics_bind, refresh=False) if args.metrics_bind else None
+    registrar = None
     try:
+        registrar = _registrar(args)  # after the metrics address: that is the first line on stderr
+        if registrar is not None and args.once:  # Clowder keeps listing the extractors while no agent runs
+            registrar.send()
+        elif registrar is not None:
+            registrar.start()
         return _scale_loop(args, launcher, policy, stop)
     finally:
+        if registrar is not None:
+            registrar.stop()
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+def _registrar(args):
+    """The scale loop's registrations on the `extractors` exchange (None with --heartbeat 0)."""
+    from launcher.registration import Registrar, find_registrations
+
+    s = _settings(args)
+    if not s.heartbeat:
+        return None
+    path = [p for p in (s.plugin_path or "").split(":") if p]
+    found, problems = find_registrations(queue_names(s.rabbitmq_queue), queue_names(s.plugin), path,
+                                         s.extractor_key, s.clowder_email)
+    for problem in problems:
+        print(f"registration: {problem}", file=sys.stderr)
+    return Registrar(s.rabbitmq_uri, found, s.heartbeat, str(_state_dir(args)), problems)
 
 
 def _scale_loop(args, launcher: Launcher, policy: Policy, stop: threading.Event) -> int:
@@ -427,6 +454,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-file-seconds", type=float, default=None)
     p.add_argument("--metrics-bind", metavar="HOST:PORT",
                    help="also serve Prometheus /metrics here while scaling (see `metrics`)")
+    p.add_argument("--heartbeat", type=float, default=None, metavar="SECONDS",
+                   help="register the extractors on the 'extractors' exchange this often (env HEARTBEAT;"
+                        " default 60, inside Clowder v2's 300 s window; 0: never)")
     _job_options(p)
     _common(p, suppress=True)
     p.set_defaults(func=cmd_scale, locked=True)

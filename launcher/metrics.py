@@ -86,6 +86,15 @@ def families(data: dict, ledger) -> Iterator:
             g.add_metric(q, broker[key])
             yield g
 
+    registered = (data.get("registration") or {})
+    if registered.get("last_at") is not None:
+        g = GaugeMetricFamily("clowder_hpc_registration_timestamp_seconds",
+                              "Unix time the scale loop last registered the extractor on the 'extractors' exchange",
+                              labels=["queue"])
+        for name in registered.get("queues") or {}:
+            g.add_metric([name], registered["last_at"])
+        yield g
+
     tasks = GaugeMetricFamily(
         "clowder_hpc_tasks", "Array tasks per normalized state: open tasks for queued/running/missing,"
         " tasks seen in the current budget period for terminal states", labels=["state"])

@@ -124,6 +124,19 @@ _TABLE: tuple[Setting, ...] = (
              "backlog: the agents' first retry backoff in seconds (their retry queues are counted)"),
     _setting("max_retries", ("AGENT_MAX_RETRIES", "MAX_RETRY"), _non_negative(int), 3,
              "backlog: the agents' retries per file"),
+    # scale registers the extractors on Clowder's `extractors` exchange (launcher.registration),
+    # finding them in the plugin folders as the agents do: the agents' own settings' names
+    _setting("heartbeat", ("LAUNCHER_HEARTBEAT", "HEARTBEAT"), _non_negative(float), 60.0,
+             "scale: seconds between registrations of the extractors on the 'extractors' exchange (0: none)",
+             "--heartbeat"),
+    _setting("plugin", ("AGENT_PLUGIN",), _queues, None,
+             "scale: the agents' plugin(s) (extractor_info or folder names), whose extractor_info is registered"),
+    _setting("plugin_path", ("AGENT_PLUGIN_PATH",), _text, None,
+             "scale: the agents' extra plugin folders (colon-separated), searched after agent/plugins/"),
+    _setting("extractor_key", ("AGENT_EXTRACTOR_KEY", "EXTRACTOR_KEY"), _text, None,
+             "scale: the agents' private extractor key (queues private.<key>.<name>)", secret=True),
+    _setting("clowder_email", ("AGENT_CLOWDER_EMAIL", "CLOWDER_EMAIL"), _text, None,
+             "scale: owner announced at registration, as pyclowder's CLOWDER_EMAIL"),
 )
 
 TABLE = SettingsTable(_TABLE, ConfigError, "settings file", "LAUNCHER_CONFIG", yaml.safe_load, (yaml.YAMLError,))

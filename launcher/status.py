@@ -141,6 +141,21 @@ def render_backlog(backlog: dict) -> str:
     return text
 
 
+def render_registration(reg: dict, now: float) -> str:
+    """One line: when the scale loop last registered the extractors on Clowder's `extractors` exchange."""
+    if not reg:
+        return "registered never (no scale loop has registered the extractors)"
+    names = ", ".join(f"{q['extractor']} on {name}" for name, q in (reg.get("queues") or {}).items()) or "none"
+    when = reg.get("last_at")
+    text = "registered " + ("never" if when is None else f"{max(0.0, now - when):.0f} s ago") + \
+        f" ({names}; every {reg.get('interval_s', 0):g} s)"
+    if reg.get("last_error"):
+        text += f"\n           last attempt failed: {reg['last_error']}"
+    for problem in reg.get("problems") or []:
+        text += f"\n           {problem}"
+    return text
+
+
 def render(data: dict) -> str:
     """The status screen as text (about 15 lines)."""
     b = data["broker"]
@@ -162,6 +177,7 @@ def render(data: dict) -> str:
             lines.append(f"  {name}  ready {_n(q.get('ready'))}  unacked {_n(q.get('unacked'))}  consumers"
                          f" {_n(q.get('consumers'))}  backlog {q['backlog'].get('total', 0)}")
     lines.append(render_backlog(data.get("backlog") or {}))
+    lines.append(render_registration(data.get("registration") or {}, data["at"]))
     lines.append(f"tasks now  queued {t['queued']}  running {t['running']}  missing {t['missing']}")
     lines.append(f"period     completed {p['completed']}  timeout {p['timeout']}  failed"
                  f" {p['failed']}  cancelled {p['cancelled']}  (since the {nh['period']} began)")

@@ -1,6 +1,7 @@
 """The relay's only RabbitMQ connection: intake into the lease table, and everything it publishes.
 
-One thread owns the broker connection (made by launcher.broker; it is not thread-safe). Its loop:
+One thread owns the broker connection (a launcher.broker.Link, which holds every channel operation;
+it is not thread-safe). Its loop:
 
 - intake: when fewer than half of `buffer` rows are ready in the lease table (or none, and an
   agent is waiting), `basic_get` a batch to fill it
@@ -28,7 +29,7 @@ from typing import Any, Optional
 
 from hpc_common.messages import ATTEMPTS, Message, dead_letter_headers
 from hpc_common.redact import redact_uri
-from launcher.broker import BrokerError, BrokerRefused, closed, connect, properties, publish_batch, translated
+from launcher.broker import BrokerError, Link
 
 from .store import DeadRow, LeaseStore
 
@@ -52,24 +53,22 @@ class BrokerLink(threading.Thread):
         self.connected = threading.Event()
         self.intake = True
         self._halt = threading.Event()
-        self._outbox: "queue.Queue[tuple[str, str, bytes, Any]]" = queue.Queue(maxsize=10000)
-        self._conn: Any = None
-        self._ch: Any = None
-        self._confirmed: Any = None
+        self._outbox: "queue.Queue[tuple[str, str, bytes, Optional[dict[str, Any]]]]" = queue.Queue(maxsize=10000)
+        self._link: Optional[Link] = None
         self._where = redact_uri(uri)
         self.fetched = 0
 
     # -- called from other threads -------------------------------------------------------------------
     def publish_status(self, reply_to: str, correlation_id: Optional[str], payload: dict[str, Any]) -> bool:
         """Queue a status message for reply_to (best effort: False when the queue is full)."""
-        props = properties(delivery_mode=2, correlation_id=correlation_id, content_type="application/json")
+        props = {"delivery_mode": 2, "correlation_id": correlation_id, "content_type": "application/json"}
         return self._offer(("", reply_to, json.dumps(payload).encode(), props))
 
     def publish_registration(self, message: dict[str, Any]) -> bool:
         """Queue an extractor registration for the `extractors` fanout exchange."""
-        return self._offer(("extractors", "", json.dumps(message).encode(), properties()))
+        return self._offer(("extractors", "", json.dumps(message).encode(), None))
 
-    def _offer(self, item: tuple[str, str, bytes, Any]) -> bool:
+    def _offer(self, item: tuple[str, str, bytes, Optional[dict[str, Any]]]) -> bool:
         try:
             self._outbox.put_nowait(item)
             return True
@@ -84,10 +83,9 @@ class BrokerLink(threading.Thread):
         delay = 1.0
         while not self._halt.is_set():
             try:
-                with translated("broker link"):
-                    self._connect()
-                    delay = 1.0
-                    self._loop()
+                self._connect()
+                delay = 1.0
+                self._loop()
             except Exception as exc:  # noqa: BLE001 - broker or disk trouble must not end the link
                 if self._halt.is_set():
                     break
@@ -99,32 +97,23 @@ class BrokerLink(threading.Thread):
             delay = min(delay * 2, 15.0)
 
     def _connect(self) -> None:
-        self._conn = connect(self.uri, f"clowder-relay {self.relay_id}")
-        ch = self._conn.channel()
-        for name in (self.queue, self.error_queue):
-            try:
-                with translated(f"declare {name}"):
-                    ch.queue_declare(name, durable=True)
-            except BrokerRefused as exc:
-                if exc.reply_code != 406:
-                    raise
-                ch = self._conn.channel()  # exists with other arguments: use it as it is
-        confirmed = self._conn.channel()
-        confirmed.confirm_delivery()
-        self._ch = ch              # basic_get/ack, status messages and registrations (no confirms)
-        self._confirmed = confirmed  # error-queue copies and hand-backs: each waits for its confirm
+        # plain channel: basic_get/ack, status messages and registrations (no confirms);
+        # confirmed channel: error-queue copies and hand-backs, each waiting for its confirm
+        link = Link(self.uri, f"clowder-relay {self.relay_id}")
+        try:
+            link.declare_queues((self.queue, self.error_queue), keep_existing=True)
+        except BrokerError:
+            link.close()
+            raise
+        self._link = link
         self.connected.set()
         log.info("connected to %s, taking messages from %s", self._where, self.queue)
 
     def _close(self) -> None:
         self.connected.clear()
-        conn, self._conn, self._ch, self._confirmed = self._conn, None, None, None
-        if conn is not None:
-            try:
-                with translated("close"):
-                    conn.close()
-            except _ERRORS:
-                pass
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
 
     def _loop(self) -> None:
         idle_until = 0.0
@@ -139,9 +128,12 @@ class BrokerLink(threading.Thread):
                 got = self._fetch()
                 # an empty queue is asked again soon, or at once when a lessee finds nothing
                 idle_until = now + (0.0 if got > 0 else 0.02 if got < 0 else 0.25)
-            self._conn.process_data_events(time_limit=0 if got > 0 else 0.02)
-            if not self._ch.is_open or not self._confirmed.is_open:
-                raise closed("consume or confirm channel")
+            self._require().pump(time_limit=0 if got > 0 else 0.02)
+
+    def _require(self) -> Link:
+        if self._link is None:
+            raise BrokerError("not connected")
+        return self._link
 
     def _fetch(self) -> int:
         """Fill the buffer from the queue; return how many were taken (-1: buffer full enough)."""
@@ -149,48 +141,48 @@ class BrokerLink(threading.Thread):
         room = self.buffer - ready
         if room <= 0 or (ready > 0 and room < max(1, self.buffer // 2)):
             return -1  # refill in batches: one fsync'd commit for many messages
+        link = self._require()
         batch: list[Message] = []
-        last_tag = None
+        last_tag = 0
         for _ in range(min(room, BATCH)):
-            method, props, body = self._ch.basic_get(self.queue, auto_ack=False)
-            if method is None:
+            taken = link.get(self.queue)
+            if taken is None:
                 break
-            batch.append(Message(body=body, routing_key=method.routing_key or self.queue, reply_to=props.reply_to,
-                                  correlation_id=props.correlation_id, headers=dict(props.headers or {}),
-                                  content_type=props.content_type))
-            last_tag = method.delivery_tag
+            props = taken.properties
+            batch.append(Message(body=taken.body, routing_key=taken.routing_key or self.queue,
+                                 reply_to=props["reply_to"], correlation_id=props["correlation_id"],
+                                 headers=props["headers"], content_type=props["content_type"]))
+            last_tag = taken.tag
         if not batch:
             return 0
         try:
             self.store.add(batch)
         except Exception:
             # Not recorded: hand the batch back rather than acknowledge what we do not hold.
-            self._ch.basic_nack(last_tag, multiple=True, requeue=True)
+            link.nack(last_tag, multiple=True, requeue=True)
             raise
-        self._ch.basic_ack(last_tag, multiple=True)
+        link.ack(last_tag, multiple=True)
         self.fetched += len(batch)
         return len(batch)
 
     def _drain_outbox(self) -> None:
-        batch: list[tuple[str, str, bytes, Any]] = []
+        link = self._require()
+        batch: list[tuple[str, str, bytes, Optional[dict[str, Any]]]] = []
         for _ in range(500):
             try:
                 item = self._outbox.get_nowait()
             except queue.Empty:
                 break
             if item[0] == "extractors":
-                self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
+                link.declare_exchange("extractors", "fanout")
             batch.append(item)
         if batch:
-            publish_batch(self._ch, batch)  # the status replies of several files in one socket write
-
-    def _props(self, row: DeadRow, headers: dict[str, Any]) -> Any:
-        return properties(delivery_mode=2, reply_to=row.reply_to, correlation_id=row.correlation_id,
-                                    headers=headers, content_type=row.content_type or "application/json")
+            link.publish_many(batch)
 
     def _publish_confirmed(self, queue_name: str, row: DeadRow, headers: dict[str, Any]) -> None:
-        with translated(f"publish for {queue_name}"):
-            self._confirmed.basic_publish("", queue_name, row.body, self._props(row, headers), mandatory=True)
+        props = {"delivery_mode": 2, "reply_to": row.reply_to, "correlation_id": row.correlation_id,
+                 "headers": headers, "content_type": row.content_type or "application/json"}
+        self._require().publish_confirmed(queue_name, row.body, props)
 
     def _publish_dead(self) -> None:
         for row in self.store.dead_rows():
@@ -205,21 +197,21 @@ class BrokerLink(threading.Thread):
         deadline = time.monotonic() + timeout
         done = 0
         try:
-            with translated("hand back"):
-                if self._conn is None or not self._conn.is_open:
-                    self._connect()
-                self._drain_outbox()
-                self._publish_dead()
-                while time.monotonic() < deadline:
-                    rows = self.store.ready_rows()
-                    if not rows:
-                        break
-                    for row in rows:
-                        headers = dict(row.headers)
-                        headers[ATTEMPTS] = row.attempts
-                        self._publish_confirmed(self.queue, row, headers)
-                        self.store.delete(row.row, only_state="ready")
-                        done += 1
+            if self._link is None or not self._link.is_open:
+                self._close()
+                self._connect()
+            self._drain_outbox()
+            self._publish_dead()
+            while time.monotonic() < deadline:
+                rows = self.store.ready_rows()
+                if not rows:
+                    break
+                for row in rows:
+                    headers = dict(row.headers)
+                    headers[ATTEMPTS] = row.attempts
+                    self._publish_confirmed(self.queue, row, headers)
+                    self.store.delete(row.row, only_state="ready")
+                    done += 1
         except _ERRORS as exc:
             log.warning("could not hand every waiting message back to %s (%s); they stay in the lease table "
                         "for the relay's next start", self.queue, _describe(exc))

@@ -44,7 +44,7 @@ import requests
 from hpc_common.file_fetch import download_id, download_path
 from hpc_common.messages import LAST_ERROR, Message, attempts_of, dead_letter_headers
 from hpc_common.redact import redact_uri
-from launcher.broker import connect, properties, translated
+from launcher.broker import Link
 from launcher.errors import BrokerError, RelayError
 
 from .spool_fs import LocalSpoolFS, RemoteSpoolFS, SpoolFSError
@@ -67,33 +67,28 @@ class Spooler:
         self.clowder_url = clowder_url
         self.heartbeat = heartbeat
         self.http = requests.Session()
-        self._conn: Any = None
-        self._ch: Any = None
-        self._confirmed: Any = None
+        self._link: Optional[Link] = None
         self._next_register = 0.0
         self.counts = {"staged": 0, "done": 0, "dead": 0, "reclaimed": 0}
 
     # -- broker ------------------------------------------------------------------------------------
     def connect(self) -> None:
-        if self._conn is not None and self._conn.is_open:
+        if self._link is not None and self._link.is_open:
             return
-        self._conn = connect(self.uri, heartbeat=None)
-        with translated("spool channels"):
-            self._ch = self._conn.channel()
-            for name in (self.queue, "error." + self.queue):
-                self._ch.queue_declare(name, durable=True)
-            self._confirmed = self._conn.channel()
-            self._confirmed.confirm_delivery()
+        self.close()
+        link = Link(self.uri, heartbeat=None)
+        try:
+            link.declare_queues((self.queue, "error." + self.queue))
+        except BrokerError:
+            link.close()
+            raise
+        self._link = link
         log.info("connected to %s, staging %s into %s", redact_uri(self.uri), self.queue, self.fs.description)
 
     def close(self) -> None:
-        if self._conn is not None and self._conn.is_open:
-            try:
-                with translated("close"):
-                    self._conn.close()
-            except BrokerError:
-                pass  # closing a broken connection: nothing left to release
-        self._conn = None
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
 
     def shutdown(self) -> None:
         """Close the broker connection and the spool (an SSH connection, for a remote spool)."""
@@ -103,11 +98,10 @@ class Spooler:
     def _publish_dead(self, staged: dict[str, Any], reason: str, traceback: str, attempts: int) -> None:
         headers = dead_letter_headers(staged.get("headers") or {}, reason, traceback, attempts,
                                       staged.get("routing_key") or "", "spool")
-        props = properties(delivery_mode=2, reply_to=staged.get("reply_to"),
-                           correlation_id=staged.get("correlation_id"), headers=headers,
-                           content_type=staged.get("content_type") or "application/json")
-        self._confirmed.basic_publish("", "error." + self.queue, base64.b64decode(staged["body_b64"]), props,
-                                      mandatory=True)
+        props = {"delivery_mode": 2, "reply_to": staged.get("reply_to"),
+                 "correlation_id": staged.get("correlation_id"), "headers": headers,
+                 "content_type": staged.get("content_type") or "application/json"}
+        self._require().publish_confirmed("error." + self.queue, base64.b64decode(staged["body_b64"]), props)
         self.counts["dead"] += 1
         log.warning("spool: message dead-lettered to error.%s: %s", self.queue, reason[:300])
 
@@ -116,8 +110,12 @@ class Spooler:
         """Reclaim, collect, stage once; return what this pass did."""
         self.fs.make()
         self.connect()
-        with translated("spool pass"):
-            return self._step()
+        return self._step()
+
+    def _require(self) -> Link:
+        if self._link is None:
+            raise BrokerError("spool: not connected to the broker")
+        return self._link
 
     def _step(self) -> dict[str, int]:
         before = dict(self.counts)
@@ -128,14 +126,13 @@ class Spooler:
                 self._collect(name)
         self._stage()
         self._register()
-        self._conn.process_data_events(time_limit=0)
+        self._require().pump(time_limit=0)
         return {k: self.counts[k] - before[k] for k in self.counts}
 
     def idle(self) -> bool:
         """Nothing staged, claimed or waiting to be collected, and the queue is empty."""
         claimed = [n for d in self.fs.listdir("claimed") for n in self.fs.listdir(f"claimed/{d}") if n.endswith(".json")]
-        with translated(f"depth of {self.queue}"):
-            depth = self._ch.queue_declare(self.queue, durable=True, passive=True).method.message_count
+        depth = self._require().depth(self.queue)
         return not self.fs.listdir("inbox") and not claimed and not self.fs.listdir("outbox") and depth == 0
 
     def _dead_letter_exhausted(self) -> None:
@@ -249,38 +246,39 @@ class Spooler:
         path = f"{folder}/statuses.jsonl"
         if not staged.get("reply_to") or not self.fs.exists(path):
             return
-        props = properties(delivery_mode=2, correlation_id=staged.get("correlation_id"),
-                           content_type="application/json")
-        for line in self.fs.read_bytes(path).splitlines():
-            if line.strip():
-                self._ch.basic_publish("", staged["reply_to"], line.strip(), props)
+        props = {"delivery_mode": 2, "correlation_id": staged.get("correlation_id"),
+                 "content_type": "application/json"}
+        self._require().publish_many(("", staged["reply_to"], line.strip(), props)
+                                     for line in self.fs.read_bytes(path).splitlines() if line.strip())
 
     # -- staging -----------------------------------------------------------------------------------
     def _stage(self) -> None:
+        link = self._require()
         while len([n for n in self.fs.listdir("inbox") if n.endswith(".json")]) < self.buffer:
-            method, props, body = self._ch.basic_get(self.queue, auto_ack=False)
-            if method is None:
+            taken = link.get(self.queue)
+            if taken is None:
                 return
             msg = uuid.uuid4().hex
-            message = Message(body, method.routing_key or self.queue, props.reply_to, props.correlation_id,
-                              dict(props.headers or {}), props.content_type)
+            props = taken.properties
+            message = Message(taken.body, taken.routing_key or self.queue, props["reply_to"],
+                              props["correlation_id"], dict(props["headers"] or {}), props["content_type"])
             staged = {"msg": msg, **message.fields_json(), "staged_at": time.time()}
             try:
-                staged["file"] = self._download(msg, body, method.routing_key or "")
+                staged["file"] = self._download(msg, taken.body, taken.routing_key)
             except _ReplayLater as exc:
                 log.warning("spool: cannot download a file now (%s); the message goes back to the queue", exc)
-                self._ch.basic_nack(method.delivery_tag, requeue=True)
+                link.nack(taken.tag, requeue=True)
                 self.fs.rmtree(f"files/{msg}")
                 return
             except _ReplayRefused as exc:
                 self._publish_dead(staged, f"cannot stage the file: {exc}", "", 0)
-                self._ch.basic_ack(method.delivery_tag)
+                link.ack(taken.tag)
                 self.fs.rmtree(f"files/{msg}")
                 continue
             self.fs.makedirs(f"files/{msg}")
             self.fs.write_json(f"files/{msg}/staged.json", staged)
             self.fs.write_json(f"inbox/{msg}.json", staged)
-            self._ch.basic_ack(method.delivery_tag)
+            link.ack(taken.tag)
             self.counts["staged"] += 1
 
     def _download(self, msg: str, raw: bytes, routing_key: str) -> Optional[str]:
@@ -328,8 +326,9 @@ class Spooler:
         self._next_register = now + self.heartbeat
         message = {"id": f"spool-{socket.gethostname()}", "queue": self.queue, "owner": info.get("owner", ""),
                    "extractor_info": info.get("extractor_info", {})}
-        self._ch.exchange_declare("extractors", exchange_type="fanout", durable=True)
-        self._ch.basic_publish("extractors", "", json.dumps(message).encode(), properties())
+        link = self._require()
+        link.declare_exchange("extractors", "fanout")
+        link.publish("extractors", "", json.dumps(message).encode())
 
 
 class _ReplayLater(RelayError):

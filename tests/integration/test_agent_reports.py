@@ -63,25 +63,28 @@ def test_reports_count_dead_letters_and_carry_per_file_times(harness, rabbitmq):
 def test_a_status_batch_reaches_its_queues_in_order(rabbitmq):
     import uuid
 
-    from launcher.broker import connect, properties, publish_batch
+    import pika
 
-    conn = connect(rabbitmq, "test publish_batch")
+    from launcher.broker import Link
+
+    link = Link(rabbitmq, "test publish_many")
+    queues = [f"test-batch-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     try:
-        ch = conn.channel()
-        queues = [f"test-batch-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-        for name in queues:
-            ch.queue_declare(name, auto_delete=False)
-        items = [("", queues[i % 2], f"status {i}".encode(), properties(correlation_id=f"c{i}")) for i in range(6)]
-        publish_batch(ch, items)
+        link.declare_queues(queues)
+        link.publish_many(("", queues[i % 2], f"status {i}".encode(), {"correlation_id": f"c{i}"}) for i in range(6))
         got = {name: [] for name in queues}
         for name in queues:
             while True:
-                method, props, body = ch.basic_get(name, auto_ack=True)
-                if method is None:
+                taken = link.get(name)
+                if taken is None:
                     break
-                got[name].append((body.decode(), props.correlation_id))
-            ch.queue_delete(name)
+                link.ack(taken.tag)
+                got[name].append((taken.body.decode(), taken.properties["correlation_id"]))
         assert got[queues[0]] == [("status 0", "c0"), ("status 2", "c2"), ("status 4", "c4")]
         assert got[queues[1]] == [("status 1", "c1"), ("status 3", "c3"), ("status 5", "c5")]
     finally:
+        conn = pika.BlockingConnection(pika.URLParameters(rabbitmq))
+        for name in queues:
+            conn.channel().queue_delete(name)
         conn.close()
+        link.close()

@@ -226,7 +226,8 @@ def _emitted_names(tmp_path):
     data = {"broker": {"queue": "q", "uri": "amqp://x", "ready": 1, "unacked": 0, "consumers": 0,
                        "per_file_seconds": 1.0},
             "backlog": {"total": 1, "broker_ready": 1}, "tasks": {}, "tasks_this_period": {},
-            "files_per_minute": 1.0, "node_hours": {"used": 0.0, "committed": 0.0, "budget": 1.0}}
+            "files_per_minute": 1.0, "node_hours": {"used": 0.0, "committed": 0.0, "budget": 1.0},
+            "registration": {"last_at": 1.0, "queues": {"q": {"extractor": "x"}}}}
     names = {s.name for fam in families(data, ledger) for s in fam.samples}
     ledger.close()
 
