@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 from hpc_common.settings_files import first_set, parse_bool as _to_bool, parse_value, read_settings_file
 
 from .errors import ConfigError
@@ -201,7 +202,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mounted_paths", _to_mapping, {}, "JSON {remote path: local path} for files Clowder stores on a shared disk",
             ("MOUNTED_PATHS",), type=dict[str, str]),
     Setting("ssl_verify", _to_bool, True, "verify Clowder's TLS certificate", type=bool),
-    Setting("max_retries", int, 3, "retries after a failed attempt before the message is dead-lettered",
+    Setting("max_retries", int, DEFAULT_MAX_RETRIES, "retries after a failed attempt before the message is "
+            "dead-lettered (pyclowder's MAX_RETRY: 10, so 11 attempts)",
             ("MAX_RETRY",), check=_not_negative, type=int),
     Setting("retry_backoff", float, 2.0, "seconds before the first retry; doubles each retry (capped at 60)",
             check=_not_negative, type=float),

@@ -106,7 +106,7 @@ def main() -> int:
     info = extractor.extractor_info
     connector = AgentConnector(init["queue"], info, extractor.check_message, extractor.process_message,
                                emit=emit, ssl_verify=init["ssl_verify"], mounted_paths=init["mounted_paths"],
-                               clowder_url=init.get("clowder_url"))
+                               clowder_url=init.get("clowder_url"), max_retry=init.get("max_retries"))
     # pyclowder logs every status at INFO; the agent already reports them, once.
     logging.getLogger("pyclowder.connectors").setLevel(logging.WARNING)
     emit({"t": "ready", "info": info, "pid": os.getpid()})

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 from hpc_common.settings_files import first_set, parse_bool as _flag_bool, parse_value, read_settings_file
 from launcher.errors import ConfigError
 
@@ -131,7 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
     # The agents' retry settings say which retry queues (retry.<queue>.<s>) can hold parked retries.
     Setting("retry_backoff", ("AGENT_RETRY_BACKOFF",), _non_negative(float), 2.0,
             "backlog: the agents' first retry backoff in seconds (their retry queues are counted)"),
-    Setting("max_retries", ("AGENT_MAX_RETRIES", "MAX_RETRY"), _non_negative(int), 3,
+    Setting("max_retries", ("AGENT_MAX_RETRIES", "MAX_RETRY"), _non_negative(int), DEFAULT_MAX_RETRIES,
             "backlog: the agents' retries per file"),
 )
 
