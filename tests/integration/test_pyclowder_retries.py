@@ -170,3 +170,20 @@ def test_extractor_on_the_agents_pyclowder_fails_as_under_pyclowder(harness):
     good = _compare(h, plugin_dir, sys.executable, b"\xff\xfe\x00binary", b"id,name,size\n1,a,2\n", "input.csv",
              error, AGENT_PLUGIN="test.csv.columns")
     assert '"columns": ["id", "name", "size"]' in json.dumps(h.standin.metadata_for(good)[0])
+
+
+def test_a_message_pyclowder_republished_continues_its_count(harness):
+    """Moving a queue from pyclowder to the agent: a message pyclowder already retried 9 times carries
+    its count only in its body. The agent goes on from there: one retry "(#10)", then the error queue."""
+    h = harness
+    fid = h.add_file(b"raise\n")
+    h.publish(h.v1_body(fid, fileSize="6", retry_count=9))
+    assert h.run_agent("--idle-exit", "2", AGENT_RETRY_BACKOFF="0") == 0, h.log_text()
+    assert [r[2] for r in h.runs()] == ["raise", "raise"]
+    statuses = [s["status"] for s in h.statuses() if s["status"].startswith(("StatusMessage.retry",
+                                                                            "StatusMessage.error"))]
+    (error,) = h.errors()
+    assert [s.split(":")[0] for s in statuses] == ["StatusMessage.retry", "StatusMessage.error"]
+    assert statuses[0].startswith("StatusMessage.retry: (#10) ")
+    assert statuses[1] == "StatusMessage.error: " + statuses[0][len("StatusMessage.retry: (#10) "):]
+    assert error[0].headers["x-agent-attempts"] == 11
