@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional
 
 from hpc_common import retry_queues
 
+from .frames import Outcome
+
 #: pyclowder's MAX_RETRY default: retries after the first failed attempt (so 11 attempts in all)
 DEFAULT_MAX_RETRIES = retry_queues.DEFAULT_MAX_RETRIES
 DEFER_STEPS = 5  # "Clowder unavailable" backoffs double this many times, then stay
@@ -54,9 +56,8 @@ class RetrySettings:
 class Attempt:
     """What one attempt came to, as the extractor process (or its death) reported it.
 
-    outcome: "ok", "retry" (a failure pyclowder would resubmit), "error" (one it sends to the
-    error queue), "defer", "release", "died" (the process ended without an outcome: crash, time
-    or memory limit) or "stopped" (the agent killed it at the end of a stop's grace period).
+    outcome: an agent.frames.Outcome value (a frame's plain string compares equal to it); one
+    this agent does not know counts as a failed attempt.
     reported: the extractor already sent pyclowder's status for this outcome (its own
     connector's retry or error status), so the agent must not send another.
     exhausted: pyclowder itself gave up because retry_count reached its max_retry.
@@ -87,22 +88,22 @@ def decide(attempt: Attempt, attempts: int, settings: RetrySettings, defers: int
     (their backoff grows with it).
     """
     outcome, reason = attempt.outcome, attempt.reason
-    if outcome == "ok":
+    if outcome == Outcome.OK:
         return Settle(Action.ACK, attempts)
-    if outcome == "stopped":
+    if outcome == Outcome.STOPPED:
         return Settle(Action.HAND_BACK, attempts, reason=reason or "stopped")
-    if outcome == "release":
+    if outcome == Outcome.RELEASE:
         return Settle(Action.HAND_BACK, attempts, reason=reason or "resources", stop_agent=True)
-    if outcome == "defer":
+    if outcome == Outcome.DEFER:
         delay = retry_queues.backoff(settings.retry_backoff, min(max(defers, 1), DEFER_STEPS) + 1)
         return Settle(Action.DEFER, attempts, delay=delay, reason=reason)
     failed = attempts + 1
     plain = _RETRY_NUMBER.sub("", reason)
-    if outcome == "error":
+    if outcome == Outcome.ERROR:
         why = f"gave up after {failed} attempt(s): {plain}" if attempt.exhausted else plain
         return Settle(Action.DEAD_LETTER, failed, reason=why,
                       status=None if attempt.reported else ("error", plain))
-    # "retry", "died" or anything unknown: a failed attempt
+    # RETRY, DIED or anything unknown: a failed attempt
     if failed > settings.max_retries:
         # pyclowder's message_error text is the extractor's own message; the header says more.
         return Settle(Action.DEAD_LETTER, failed, reason=f"gave up after {failed} attempt(s): {plain}",

@@ -43,8 +43,9 @@ from hpc_common import reports
 from hpc_common.messages import ATTEMPTS
 from hpc_common.redact import Redactor
 
-from . import early_signals, exitcodes
+from . import early_signals, exitcodes, frames
 from .config import AgentConfig
+from .frames import Kind, Outcome
 from .messages import BadMessage, Delivery, parse_body, status_payload
 from .retry_policy import Action, Attempt, RetrySettings, Settle, attempts_so_far, decide
 from .slots import Slot
@@ -411,9 +412,9 @@ class Runner:
 
     # -- frames from slots -----------------------------------------------------------------------
     def _on_frame(self, slot: Slot, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
+        kind = frame.get(frames.KIND)
         delivery = slot.busy_with
-        if kind == "status":
+        if kind == Kind.STATUS:
             if delivery is not None:
                 payload = frame["payload"]
                 if self.identity and payload.get("message_type") == str(pyclowder.utils.StatusMessage.start):
@@ -425,7 +426,7 @@ class Runner:
                         payload[key] = self.redactor(payload[key])
                 self.source.publish_status(delivery, payload)
             return
-        if kind not in ("done", "died"):
+        if not frames.ends_job(frame):
             return
         slot.busy_with = None
         if delivery is not None and self.stager is not None:
@@ -433,7 +434,7 @@ class Runner:
             if "staged_used" in frame:
                 self.stager.note_use(bool(frame["staged_used"]))
         if delivery is None:
-            if kind == "died":
+            if kind == Kind.DIED:
                 log.warning("slot %d: idle %s", slot.index, frame.get("reason"))
             return
         elapsed = self._clock() - slot.started_at
@@ -441,21 +442,21 @@ class Runner:
         self._report["busy"] += elapsed
         if len(self._report["durations"]) < reports.MAX_DURATIONS:
             self._report["durations"].append(elapsed)
-        self._report["done" if kind == "done" and frame.get("outcome") == "ok" else "failed"] += 1
-        if kind == "died":
+        self._report["done" if kind == Kind.DONE and frames.outcome_of(frame) == Outcome.OK else "failed"] += 1
+        if kind == Kind.DIED:
             if slot.index in self._killed_for_stop:
                 # We killed it at the end of the grace period: not the file's fault.
                 self._killed_for_stop.discard(slot.index)
-                attempt = Attempt("stopped", "killed at the end of the stop's grace period")
+                attempt = Attempt(Outcome.STOPPED, "killed at the end of the stop's grace period")
             else:
-                attempt = Attempt("died", frame.get("reason") or "extractor process died")
+                attempt = Attempt(Outcome.DIED, frame.get("reason") or "extractor process died")
         else:
-            outcome = frame.get("outcome") or "retry"
+            outcome = frames.outcome_of(frame) or Outcome.RETRY.value
             attempt = Attempt(outcome, frame.get("reason") or f"extractor {outcome}",
                               reported=bool(frame.get("reported")), exhausted=bool(frame.get("exhausted")))
-        if attempt.outcome == "defer":
+        if attempt.outcome == Outcome.DEFER:
             self._defers += 1
-        elif attempt.outcome == "ok":
+        elif attempt.outcome == Outcome.OK:
             self._defers = 0
         self._carry_out(delivery, decide(attempt, delivery.attempts, self.retry_settings, self._defers),
                         frame.get("traceback") or "", elapsed)
