@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 from hpc_common.settings_files import parse_bool as _to_bool
 from hpc_common.settings_table import Check, Setting, SettingsTable
 
@@ -179,7 +180,8 @@ _TABLE: tuple[Setting, ...] = (
     _setting("mounted_paths", _to_mapping, {}, "JSON {remote path: local path} for files Clowder stores on a shared disk",
              ("MOUNTED_PATHS",), type=dict[str, str]),
     _setting("ssl_verify", _to_bool, True, "verify Clowder's TLS certificate", type=bool),
-    _setting("max_retries", int, 3, "retries after a failed attempt before the message is dead-lettered",
+    _setting("max_retries", int, DEFAULT_MAX_RETRIES, "retries after a failed attempt before the message is "
+             "dead-lettered (pyclowder's MAX_RETRY: 10, so 11 attempts)",
              ("MAX_RETRY",), check=_not_negative, type=int),
     _setting("retry_backoff", float, 2.0, "seconds before the first retry; doubles each retry (capped at 60)",
              check=_not_negative, type=float),

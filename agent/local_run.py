@@ -19,6 +19,7 @@ from hpc_common.redact import Redactor
 
 from . import exitcodes, extractor_launch
 from .config import AgentConfig, ConfigError
+from .frames import KIND, Kind, Outcome, result as job_result
 from .local_clowder import LocalClowder
 from .logs import setup_logging
 from .plugin_env import EnvError
@@ -80,16 +81,17 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
                 file_id = clowder.add_file(name, os.path.abspath(path), dataset)
                 slot.assign(path, _message(cfg, clowder.url, key, file_id, name, os.path.getsize(path), dataset),
                             number)
-                statuses, outcome = [], {"outcome": "error", "reason": "no answer"}
+                statuses, outcome = [], job_result(Outcome.ERROR, "no answer")
                 while True:
                     frame = frames.get()
-                    if frame["t"] == "status":
+                    if frame[KIND] == Kind.STATUS:
                         statuses.append(redactor(frame["payload"]["status"]))
                         continue
-                    outcome = frame if frame["t"] == "done" else {"outcome": "error", "reason": frame.get("reason")}
+                    outcome = frame if frame[KIND] == Kind.DONE else job_result(Outcome.ERROR,
+                                                                                          frame.get("reason") or "")
                     break
                 slot.busy_with = None
-                ok = outcome.get("outcome") == "ok"
+                ok = outcome.get("outcome") == Outcome.OK
                 failures += 0 if ok else 1
                 result = {
                     "file": os.path.abspath(path), "outcome": outcome.get("outcome"),

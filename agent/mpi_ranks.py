@@ -53,9 +53,10 @@ from typing import Any, Callable, Optional
 
 from hpc_common.redact import Redactor
 
-from . import early_signals, exitcodes
+from . import early_signals, exitcodes, frames
 from .config import AgentConfig, setting_from_env
 from .errors import ConfigError
+from .frames import Kind
 from .rank_worker import RankWorker
 
 log = logging.getLogger("agent.mpi")
@@ -390,16 +391,16 @@ class Leader:
         self._frame(0, lane, frame)
 
     def _frame(self, rank: int, lane: int, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
+        ends = frames.ends_job(frame)
         with self._lock:
             if self._where.get(lane) != rank:
                 return  # a late frame from a rank already given up on
-            if kind in ("done", "died"):
+            if ends:
                 del self._where[lane]
                 self.ranks[rank].load[lane // LANE_STRIDE] -= 1
         slot = self._lanes[lane]
         post, on_frame = self._calls[lane]
-        if kind == "status":
+        if frame.get(frames.KIND) == Kind.STATUS:
             post = getattr(post, "quiet", post)  # statuses leave with the next outcome: no wake-up each
         post(lambda: on_frame(slot, frame))
 
@@ -418,7 +419,7 @@ class Leader:
         self._check_answered()
         for lane in lanes:
             slot, (post, on_frame) = self._lanes[lane], self._calls[lane]
-            post(lambda s=slot, f=on_frame: f(s, {"t": "died", "reason": f"MPI rank {rank} was lost: {reason}"}))
+            post(lambda s=slot, f=on_frame: f(s, frames.died(f"MPI rank {rank} was lost: {reason}")))
 
     # -- the comm thread ------------------------------------------------------------------------------
     def _comm_main(self) -> None:

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 
 from hpc_common.redact import Redactor
 
+from . import frames
+from .frames import Kind
 from .slots import Slot, StagedSlot
 from .stage_pool import StagePool
 
@@ -95,7 +97,7 @@ class RankWorker:
                 if job.lane == lane:
                     self._waiting.remove(job)
                     self._drop(job)
-                    self._emit(lane, {"t": "died", "reason": "stopped before it started"})
+                    self._emit(lane, frames.died("stopped before it started"))
                     return
 
     def load(self) -> int:
@@ -146,20 +148,20 @@ class RankWorker:
             self._slots[index].assign(None, body, job.number)
 
     def _on_child_frame(self, slot: Slot, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
+        ends = frames.ends_job(frame)
         with self._lock:
             job = self._running.get(slot.index)
             if job is None:
-                if kind == "died":
+                if frame.get(frames.KIND) == Kind.DIED:
                     log.warning("extractor %d: idle %s", slot.index, frame.get("reason"))
                 return
-            if kind in ("done", "died"):
+            if ends:
                 del self._running[slot.index]
                 self._drop(job)
                 if self._stager is not None and "staged_used" in frame:
                     self._stager.note_use(bool(frame["staged_used"]))
             self._emit(job.lane, frame)
-            if kind in ("done", "died"):
+            if ends:
                 self._feed()
 
     def _drop(self, job: _Job) -> None:

@@ -7,11 +7,15 @@ the source's event loop when it reads the extractors' pipes itself). The rules, 
 
 - A message is acknowledged only after its extractor reported success, that is after pyclowder
   finished its uploads; status replies go to the message's reply_to as they happen.
-- A failed attempt is retried (after a backoff) with its attempt count in a header, so every
-  worker sees the same count; sources that can (RabbitMQ's retry queues, the relay's table) hold
-  the backoff themselves, so a message waiting for its retry takes no slot and no prefetch place.
-  Past max_retries, or for failures that cannot change (bad message, 4xx from Clowder,
-  pyclowder's own "abort"), it goes to error.<queue> with the reason and an ERROR status.
+- What an attempt's outcome does to its message is decided in one place, agent.retry_policy
+  (pyclowder's rules: max_retries defaults to its MAX_RETRY, 10 retries, and the body the
+  extractor sees carries retry_count = the failed attempts so far, so its statuses are
+  pyclowder's own "(#n)" and final ERROR). A failed attempt is retried (after a backoff) with
+  its attempt count in a header, so every worker sees the same count; sources that can
+  (RabbitMQ's retry queues, the relay's table) hold the backoff themselves, so a message waiting
+  for its retry takes no slot and no prefetch place. Past max_retries, or for failures that
+  cannot change (bad message, 4xx from Clowder, pyclowder's own "abort"), it goes to
+  error.<queue> with the reason in its headers and an ERROR status.
 - Idle exit is the group's decision (agent.runner_group): every plugin idle, nothing due soon.
 - Deliveries still in flight after journal_after are secured (see agent.journal) so that
   RabbitMQ's consumer_timeout never hands them to a second worker while one still works on them;
@@ -35,12 +39,15 @@ from typing import Any, Callable, Optional
 
 import pyclowder.utils
 
-from hpc_common import reports, retry_queues
+from hpc_common import reports
+from hpc_common.messages import ATTEMPTS
 from hpc_common.redact import Redactor
 
-from . import exitcodes
+from . import exitcodes, frames
 from .config import AgentConfig
+from .frames import Kind, Outcome
 from .messages import BadMessage, Delivery, parse_body, status_payload
+from .retry_policy import Action, Attempt, RetrySettings, Settle, attempts_so_far, decide
 from .slots import Slot
 from .stage_pool import StagePool
 from .sources.base import SourceLost, SourceUnavailable, WorkSource
@@ -279,6 +286,9 @@ class Runner:
             self._reject(delivery, f"bad message: {exc}")
             return
         delivery.parsed = body
+        counted = attempts_so_far(delivery.attempts, body)
+        if counted != delivery.attempts:
+            delivery.headers[ATTEMPTS] = counted  # pyclowder republished it: its body holds the count
         self.redactor.add(body.get("secretKey"))
         self.pending.append((delivery, body))
         if self.stager is not None:
@@ -327,6 +337,8 @@ class Runner:
                 del self.pending[index]
                 if self.stager is not None:
                     body = self.stager.body_for(delivery, body)
+                # pyclowder numbers its statuses from the body's count and gives up at max_retry.
+                body = dict(body, retry_count=delivery.attempts)
                 self._job_seq += 1
                 slot.assign(delivery, body, self._job_seq)
 
@@ -367,9 +379,9 @@ class Runner:
 
     # -- frames from slots -----------------------------------------------------------------------
     def _on_frame(self, slot: Slot, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
+        kind = frame.get(frames.KIND)
         delivery = slot.busy_with
-        if kind == "status":
+        if kind == Kind.STATUS:
             if delivery is not None:
                 payload = frame["payload"]
                 if self.identity and payload.get("message_type") == str(pyclowder.utils.StatusMessage.start):
@@ -381,7 +393,7 @@ class Runner:
                         payload[key] = self.redactor(payload[key])
                 self.source.publish_status(delivery, payload)
             return
-        if kind not in ("done", "died"):
+        if not frames.ends_job(frame):
             return
         slot.busy_with = None
         if delivery is not None and self.stager is not None:
@@ -389,7 +401,7 @@ class Runner:
             if "staged_used" in frame:
                 self.stager.note_use(bool(frame["staged_used"]))
         if delivery is None:
-            if kind == "died":
+            if kind == Kind.DIED:
                 log.warning("slot %d: idle %s", slot.index, frame.get("reason"))
             return
         elapsed = self._clock() - slot.started_at
@@ -397,49 +409,64 @@ class Runner:
         self._report["busy"] += elapsed
         if len(self._report["durations"]) < reports.MAX_DURATIONS:
             self._report["durations"].append(elapsed)
-        self._report["done" if kind == "done" and frame.get("outcome") == "ok" else "failed"] += 1
-        if kind == "died":
+        self._report["done" if kind == Kind.DONE and frames.outcome_of(frame) == Outcome.OK else "failed"] += 1
+        if kind == Kind.DIED:
             if slot.index in self._killed_for_stop:
                 # We killed it at the end of the grace period: not the file's fault.
                 self._killed_for_stop.discard(slot.index)
-                self.counters.handed_back += 1
-                self._settle(delivery, "hand back", lambda: self.source.release(delivery))
-                self._work_done()
-                return
-            self._failed(delivery, frame.get("reason") or "extractor process died", "", elapsed)
-        elif frame.get("outcome") == "ok":
+                attempt = Attempt(Outcome.STOPPED, "killed at the end of the stop's grace period")
+            else:
+                attempt = Attempt(Outcome.DIED, frame.get("reason") or "extractor process died")
+        else:
+            outcome = frames.outcome_of(frame) or Outcome.RETRY.value
+            attempt = Attempt(outcome, frame.get("reason") or f"extractor {outcome}",
+                              reported=bool(frame.get("reported")), exhausted=bool(frame.get("exhausted")))
+        if attempt.outcome == Outcome.DEFER:
+            self._defers += 1
+        elif attempt.outcome == Outcome.OK:
             self._defers = 0
+        self._carry_out(delivery, decide(attempt, delivery.attempts, self.retry_settings, self._defers),
+                        frame.get("traceback") or "", elapsed)
+        self._dispatch()
+
+    @property
+    def retry_settings(self) -> RetrySettings:
+        """What agent.retry_policy decides with: this plugin's max_retries and retry_backoff."""
+        return RetrySettings(self.cfg.max_retries, self.cfg.retry_backoff)
+
+    def _carry_out(self, delivery: Delivery, settle: Settle, traceback: str, elapsed: float) -> None:
+        """Settle a message as agent.retry_policy decided: the status, then the source's operation."""
+        what = settle.action
+        if settle.status is not None and delivery.parsed is not None:
+            kind, text = settle.status
+            self._status(delivery, getattr(pyclowder.utils.StatusMessage, kind), text)
+        if what is Action.ACK:
             self.counters.succeeded += 1
             log.info("done %s in %.2fs", delivery.file_id, elapsed)
             self._settle(delivery, "acknowledge", lambda: self.source.complete(delivery))
             self._work_done()
-        elif frame.get("outcome") == "defer":
-            # Clowder unreachable: try again later without spending one of the file's attempts.
-            self._defers += 1
-            delay = retry_queues.backoff(self.cfg.retry_backoff, min(self._defers, 5) + 1)
-            log.warning("message %s deferred %.0fs: %s", delivery.file_id, delay,
-                        self.redactor(frame.get("reason") or ""))
-            self.backoff.append((self._clock() + delay, delivery, delivery.attempts, frame.get("reason") or ""))
-        elif frame.get("outcome") == "release":
-            # Not the file's fault (this node's scratch disk is full): another node should take it.
+        elif what is Action.HAND_BACK:
             self.counters.handed_back += 1
             self._settle(delivery, "hand back", lambda: self.source.release(delivery))
-            log.error("%s; handing the message back and stopping this agent", frame.get("reason"))
-            self.exit_code = exitcodes.NO_SCRATCH
-            self.stop_agent(frame.get("reason") or "resources")
-        elif frame.get("outcome") == "error":
-            self._reject(delivery, frame.get("reason") or "extractor error", frame.get("traceback") or "",
-                         attempts=delivery.attempts + 1, send_status=False)
+            if settle.stop_agent:
+                # Not the file's fault (this node's scratch disk is full): another node should take it.
+                log.error("%s; handing the message back and stopping this agent", settle.reason)
+                self.exit_code = exitcodes.NO_SCRATCH
+                self.stop_agent(settle.reason)
+            else:
+                self._work_done()
+        elif what is Action.DEFER:
+            # Clowder unreachable: try again later without spending one of the file's attempts.
+            log.warning("message %s deferred %.0fs: %s", delivery.file_id, settle.delay,
+                        self.redactor(settle.reason))
+            self.backoff.append((self._clock() + settle.delay, delivery, settle.attempts, settle.reason))
+        elif what is Action.DEAD_LETTER:
+            self._reject(delivery, settle.reason, traceback, settle.attempts, send_status=False)
         else:
-            self._failed(delivery, frame.get("reason") or "extractor failed", frame.get("traceback") or "", elapsed)
-        self._dispatch()
+            self._retry(delivery, settle, elapsed)
 
-    def _failed(self, delivery: Delivery, reason: str, traceback: str, elapsed: float) -> None:
-        attempts = delivery.attempts + 1
-        if attempts > self.cfg.max_retries:
-            self._reject(delivery, f"gave up after {attempts} attempt(s): {reason}", traceback, attempts)
-            return
-        delay = retry_queues.backoff(self.cfg.retry_backoff, attempts)
+    def _retry(self, delivery: Delivery, settle: Settle, elapsed: float) -> None:
+        attempts, delay, reason = settle.attempts, settle.delay, settle.reason
         log.warning("message %s failed (attempt %d of %d, %.1fs): %s; retrying in %.1fs", delivery.file_id,
                     attempts, self.cfg.max_retries + 1, elapsed, self.redactor(reason), delay)
         if self.source.delayed_retry:

@@ -34,7 +34,8 @@ import psutil
 
 from hpc_common.redact import Redactor
 
-from . import ipc
+from . import frames, ipc
+from .frames import Kind
 
 log = logging.getLogger("agent.slot")
 Post = Callable[[Callable[[], None]], None]
@@ -107,7 +108,7 @@ class Slot:
     def assign(self, delivery: Any, body: dict[str, Any], job_number: int) -> None:
         self.busy_with = delivery
         self.started_at = time.monotonic()
-        job = {"t": "job", "job": job_number, "body": body}
+        job = frames.job(job_number, body)
         if self._watcher is None:
             self._jobs.put(job)
         elif self._child is None:
@@ -212,7 +213,7 @@ class Slot:
     def _deliver(self, frame: dict[str, Any]) -> None:
         # No wake-up needed: the watcher's poll returns after this callback (FdWatcher.watch).
         self._post_quiet(lambda f=frame: self._on_frame(self, f))
-        if frame.get("t") == "done":
+        if frame.get(frames.KIND) == Kind.DONE:
             self._job_started = None
             self._served += 1
             if self._should_recycle():
@@ -273,7 +274,7 @@ class Slot:
             except (OSError, ipc.FrameError, ValueError) as exc:
                 first, proc = None, self.proc
                 log.error("slot %d: extractor process failed to start: %s", self.index, exc)
-            if not first or first.get("t") != "ready":
+            if not first or first.get(frames.KIND) != Kind.READY:
                 reason = (first or {}).get("reason") or "extractor process exited while starting"
                 if proc is not None:
                     proc.wait()
@@ -313,13 +314,13 @@ class Slot:
         code = proc.wait()
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
         reason = self._kill_reason or f"extractor process {how}"
-        self._post(lambda: self._on_frame(self, {"t": "died", "reason": reason}))
+        self._post(lambda: self._on_frame(self, frames.died(reason)))
 
     def _end(self, proc: subprocess.Popen[bytes]) -> None:
         """The slot closed: ask the child to exit, kill it if it does not within 5 s."""
         try:
             assert proc.stdin is not None
-            ipc.send(proc.stdin, {"t": "exit"})
+            ipc.send(proc.stdin, {frames.KIND: Kind.EXIT.value})
         except OSError:
             pass
         try:
@@ -343,13 +344,13 @@ class Slot:
                     frame = ipc.recv(proc.stdout)
                     if frame is None:
                         raise ipc.FrameError("closed")
-                    kind = frame.get("t")
-                    if kind == "done":
+                    kind = frame.get(frames.KIND)
+                    if kind == Kind.DONE:
                         self._job_started = None
                     # Statuses can wait for the main thread's next turn (at most its poll interval).
-                    post = self._post_quiet if kind == "status" else self._post
+                    post = self._post_quiet if kind == Kind.STATUS else self._post
                     post(lambda f=frame: self._on_frame(self, f))
-                    if kind == "done":
+                    if kind == Kind.DONE:
                         break
             except (OSError, ipc.FrameError, ValueError):
                 self._job_started = None
@@ -372,7 +373,7 @@ class Slot:
         self._served = 0
         try:
             assert proc.stdin is not None
-            ipc.send(proc.stdin, {"t": "exit"})
+            ipc.send(proc.stdin, {frames.KIND: Kind.EXIT.value})
             proc.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             self.kill()

@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any, BinaryIO
 
-from . import ipc
+from . import frames, ipc
+from .frames import Kind
 
 
 def _private_channel() -> tuple[BinaryIO, BinaryIO]:
@@ -57,7 +58,7 @@ class _FrameWriter:
         data = ipc.encode(frame)
         with self._lock:
             self._held.append(data)
-            if frame.get("t") != "status":
+            if frame.get(frames.KIND) != Kind.STATUS:
                 self._flush()
 
     def _flush(self) -> None:
@@ -82,7 +83,7 @@ def main() -> int:
         return 1
     inbox, outbox = _private_channel()
     init = ipc.recv(inbox)
-    if not init or init.get("t") != "init":
+    if not init or init.get(frames.KIND) != Kind.INIT:
         return 2
     emit = _FrameWriter(outbox).emit
 
@@ -99,25 +100,25 @@ def main() -> int:
         spec = PluginSpec(**init["plugin"])
         extractor = instantiate(spec)
     except PluginError as exc:
-        emit({"t": "fatal", "reason": str(exc)})
+        emit({frames.KIND: Kind.FATAL.value, "reason": str(exc)})
         return 3
     from .connector import AgentConnector
 
     info = extractor.extractor_info
     connector = AgentConnector(init["queue"], info, extractor.check_message, extractor.process_message,
                                emit=emit, ssl_verify=init["ssl_verify"], mounted_paths=init["mounted_paths"],
-                               clowder_url=init.get("clowder_url"))
+                               clowder_url=init.get("clowder_url"), max_retry=init.get("max_retries"))
     # pyclowder logs every status at INFO; the agent already reports them, once.
     logging.getLogger("pyclowder.connectors").setLevel(logging.WARNING)
-    emit({"t": "ready", "info": info, "pid": os.getpid()})
+    emit({frames.KIND: Kind.READY.value, "info": info, "pid": os.getpid()})
     while True:
         frame = ipc.recv(inbox)
-        if frame is None or frame.get("t") == "exit":
+        if frame is None or frame.get(frames.KIND) == Kind.EXIT:
             return 0
-        if frame.get("t") != "job":
+        if frame.get(frames.KIND) != Kind.JOB:
             continue
         outcome = connector.run(frame["body"])
-        emit({"t": "done", "job": frame["job"], **outcome})
+        emit(frames.done(frame["job"], outcome))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def worker_init(cfg: AgentConfig, spec: PluginSpec, queue: str) -> dict[str, Any
     """The settings an extractor process needs (no broker credentials)."""
     return {"t": "init", "plugin": spec.__dict__, "queue": queue, "clowder_version": cfg.clowder_version,
             "ssl_verify": cfg.ssl_verify, "mounted_paths": cfg.mounted_paths, "clowder_url": cfg.clowder_url,
+            "max_retries": cfg.max_retries,
             "work_dir": os.path.expanduser(cfg.work_dir) if cfg.work_dir else None,
             "limits": {"time_limit": cfg.time_limit, "memory_limit": cfg.memory_limit,
                        "recycle_after": cfg.recycle_after}}

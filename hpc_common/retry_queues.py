@@ -26,6 +26,9 @@ PREFIX = "retry."
 MAX_DELAY_S = 24 * 3600
 UNUSED_EXPIRY_S = 3600  # beyond the bucket's TTL
 MAX_BACKOFF_S = 60.0     # a retry's backoff doubles up to this
+#: retries after a failed attempt, as pyclowder's MAX_RETRY default (11 attempts in all); agents and
+#: launcher share it so the launcher counts the retry queues the agents fill
+DEFAULT_MAX_RETRIES = 10
 
 
 def backoff(first: float, attempt: int) -> float:
@@ -54,4 +57,4 @@ def retry_queue_arguments(queue: str, seconds: int) -> dict[str, Any]:
             "x-expires": (seconds + UNUSED_EXPIRY_S) * 1000}
 
 
-__all__ = ["backoff", "bucket", "buckets", "retry_queue", "retry_queue_arguments", "MAX_BACKOFF_S", "PREFIX"]
+__all__ = ["backoff", "bucket", "buckets", "retry_queue", "retry_queue_arguments", "DEFAULT_MAX_RETRIES", "MAX_BACKOFF_S", "PREFIX"]

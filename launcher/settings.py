@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 from hpc_common.settings_files import parse_bool as _flag_bool
 from hpc_common.settings_table import Setting, SettingsTable
 from launcher.errors import ConfigError
@@ -122,7 +123,7 @@ _TABLE: tuple[Setting, ...] = (
     # The agents' retry settings say which retry queues (retry.<queue>.<s>) can hold parked retries.
     _setting("retry_backoff", ("AGENT_RETRY_BACKOFF",), _non_negative(float), 2.0,
              "backlog: the agents' first retry backoff in seconds (their retry queues are counted)"),
-    _setting("max_retries", ("AGENT_MAX_RETRIES", "MAX_RETRY"), _non_negative(int), 3,
+    _setting("max_retries", ("AGENT_MAX_RETRIES", "MAX_RETRY"), _non_negative(int), DEFAULT_MAX_RETRIES,
              "backlog: the agents' retries per file"),
     # scale registers the extractors on Clowder's `extractors` exchange (launcher.registration),
     # finding them in the plugin folders as the agents do: the agents' own settings' names

@@ -12,6 +12,7 @@ import threading
 from typing import Any, Optional
 
 from hpc_common.owned_folders import try_lock
+from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 from hpc_common.tokens import TokenFileError, read_token_file
 from launcher.errors import ConfigError
 
@@ -39,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait", type=float, default=30.0, help="longest lease long-poll in seconds (default 30)")
     p.add_argument("--buffer", type=int, default=20,
                    help="unleased messages held from RabbitMQ at most (default 20)")
-    p.add_argument("--max-retries", type=int, default=3,
-                   help="failed attempts (or expired leases) beyond which a message is dead-lettered (default 3)")
+    p.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
+                   help="failed attempts (or expired leases) beyond which a message is dead-lettered "
+                        f"(default {DEFAULT_MAX_RETRIES}, as pyclowder's MAX_RETRY)")
     p.add_argument("--retry-backoff", type=float, default=2.0,
                    help="seconds before a failed message is leasable again, doubling (default 2, max 60)")
     p.add_argument("--max-upload", type=int, default=50 << 30, metavar="BYTES",

@@ -46,6 +46,7 @@ from aiohttp import web
 
 from hpc_common import relay_api as api
 from hpc_common.messages import ATTEMPTS, Message
+from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 
 from .broker import BrokerLink
 from .forward import ClientError, Forwarder, continue_if_asked
@@ -78,7 +79,7 @@ class RelaySettings:
     lease_ttl: float = 15.0
     heartbeat: float = 60.0
     max_wait: float = 30.0
-    max_retries: int = 3
+    max_retries: int = DEFAULT_MAX_RETRIES
     retry_backoff: float = 2.0
     max_upload: int = 50 << 30
     max_json: int = 1 << 20

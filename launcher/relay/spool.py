@@ -44,6 +44,7 @@ import requests
 from hpc_common.file_fetch import download_id, download_path
 from hpc_common.messages import LAST_ERROR, Message, attempts_of, dead_letter_headers
 from hpc_common.redact import redact_uri
+from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 from launcher.broker import Link
 from launcher.errors import BrokerError, RelayError
 
@@ -55,7 +56,7 @@ log = logging.getLogger("launcher.relay.spool")
 class Spooler:
     """Stage messages into a spool folder and collect their results (see the module docstring)."""
 
-    def __init__(self, uri: str, queue: str, root: str, buffer: int = 20, max_retries: int = 3,
+    def __init__(self, uri: str, queue: str, root: str, buffer: int = 20, max_retries: int = DEFAULT_MAX_RETRIES,
                  clowder_version: int = 1, clowder_url: Optional[str] = None, heartbeat: float = 60.0,
                  fs: Optional[Any] = None) -> None:
         self.uri = uri
@@ -357,7 +358,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", required=True, metavar="SPOOL", help="spool folder on the shared filesystem")
     p.add_argument("--buffer", type=int, default=20, help="staged messages waiting for agents at most (default 20)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between passes (default 1)")
-    p.add_argument("--max-retries", type=int, default=3, help="attempts beyond which a message is dead-lettered")
+    p.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
+                   help=f"failed attempts beyond which a message is dead-lettered (default {DEFAULT_MAX_RETRIES}, as pyclowder's MAX_RETRY)")
     p.add_argument("--clowder-version", metavar="1|2", help="Clowder API (env CLOWDER_VERSION, default 1)")
     p.add_argument("--clowder-url", metavar="URL",
                    help="reach Clowder here instead of the message's host (env CLOWDER_URL)")

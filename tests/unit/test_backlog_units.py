@@ -242,15 +242,17 @@ def test_failed_attempt_is_handed_to_a_source_that_holds_backoffs():
     from unittest import mock
 
     from agent.messages import Delivery
+    from agent.retry_policy import Attempt, decide
 
     now = [0.0]
     source = mock.MagicMock(connected=True, agent_id="a", queue="q", delayed_retry=True)
     runner = _runner(source, now)
     delivery = Delivery(body=b"{}", routing_key="q", reply_to=None, correlation_id=None, headers={},
                         content_type=None, redelivered=False, token=1, received_at=0.0)
-    runner._failed(delivery, "boom", "", 0.1)
+    failed = decide(Attempt("retry", "boom"), delivery.attempts, runner.retry_settings)
+    runner._carry_out(delivery, failed, "", 0.1)
     source.retry_later.assert_called_once_with(delivery, 1, "boom", 2.0)
     assert runner.backoff == [] and runner.counters.retried == 1
     source.delayed_retry = False              # e.g. the message-file source: the agent waits
-    runner._failed(delivery, "boom", "", 0.1)
+    runner._carry_out(delivery, failed, "", 0.1)
     assert len(runner.backoff) == 1
