@@ -24,8 +24,7 @@ from . import exitcodes
 from .config import AgentConfig, ConfigError, add_setting_flags, load_config, parse_setting
 from .errors import AgentError
 from .logs import setup_logging
-from .plugin_loader import discover, find_plugin, search_dirs
-from .plugin_settings import entry_defaults
+from .plugin_loader import search_dirs
 from .sources.registry import SourceRequest, source_kind
 from .worker_settings import worker_env, worker_init
 
@@ -106,7 +105,7 @@ STAGED_DEPTH = 3  # deliveries held per slot when staging ahead (see _staging)
 
 def cmd_run(cfg: AgentConfig) -> int:
     """`agent run`: one plugin (or several, agent.runner_group), one work source, on one rank or an MPI group."""
-    from . import extractor_launch
+    from . import extractor_launch, image_plugins
     from .jobenv import detect
     from .mpi_ranks import launched_by_mpi  # does not import mpi4py
     from .plugin_set import plan_plugins
@@ -122,8 +121,7 @@ def cmd_run(cfg: AgentConfig) -> int:
     end_time, margin = _task_end(cfg, identity, log)
     ranks = None
     try:
-        plans = plan_plugins(cfg, lambda name: find_plugin(name, cfg.plugin_path, entry_defaults(cfg)),
-                             parse_setting)
+        plans = plan_plugins(cfg, lambda name: image_plugins.find(cfg, name), parse_setting)
         if len(plans) > 1:
             return _run_plugins(cfg, plans, identity, redactor, end_time, margin, launched_by_mpi(forced=cfg.mpi))
         spec, cfg, queue = plans[0].spec, plans[0].cfg, plans[0].queue
@@ -239,18 +237,24 @@ def _run_plugins(cfg: AgentConfig, plans: list, identity: Any, redactor: Redacto
 
 
 def cmd_plugins(cfg: AgentConfig, as_json: bool) -> int:
-    found, problems = discover(cfg.plugin_path, entry_defaults(cfg))
+    from .image_plugins import discover_all
+    from .plugin_settings import container_setting
+
+    found, problems = discover_all(cfg)
     if as_json:
         print(json.dumps({"plugins": [{"name": p.name, "folder": p.folder, "script": p.script,
                                        "class": p.class_name, "version": p.info.get("version"),
-                                       "kind": p.kind, "entry": p.entry, "requirements": p.requirements}
+                                       "kind": p.kind, "entry": p.entry, "requirements": p.requirements,
+                                       "image": p.image or None}
                                       for p in found], "problems": problems}, indent=2))
         return exitcodes.OK
     if not found:
         print("no plugins found in: " + ", ".join(search_dirs(cfg.plugin_path)))
     for p in found:
-        own_env = "\town environment" if p.requirements else ""
-        print(f"{p.name}\t{p.info.get('version', '')}\t{p.kind}\t{p.folder_name}\t{p.entry}{own_env}")
+        container = container_setting(cfg, p.name, p.folder_name)
+        where = (f"\t{'image only' if p.image else 'runs in'} {container.runtime} image {container.image}"
+                 if container else "\town environment" if p.requirements else "")
+        print(f"{p.name}\t{p.info.get('version', '')}\t{p.kind}\t{p.folder_name}\t{p.entry}{where}")
     for problem in problems:
         print(f"broken: {problem}", file=sys.stderr)
     return exitcodes.OK

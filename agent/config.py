@@ -267,7 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
             "command put before the extractor process's, e.g. 'apptainer exec x.sif'", type=_OPT_STR),
     Setting("plugins", parse_plugin_table, {},
             "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module, "
-            "slots, time_limit, max_retries, rabbitmq_queue}}",
+            "slots, time_limit, max_retries, rabbitmq_queue, container, env}}",
             type=dict[str, dict[str, Any]]),
 )
 

@@ -52,6 +52,9 @@ class PluginSpec:
     function: str = ""   # function extractors: EXTRACTION_FUNC
     docker_env: dict[str, str] = field(default_factory=dict)  # the Dockerfile's ENV lines
     requirements: Optional[str] = None  # requirements.txt: the plugin runs in an environment of its own
+    image: str = ""      # image-only plugin (agent.image_plugins): the image holding folder; paths are inside it
+    alias: str = ""      # image-only plugin: its name in the `plugins:` table
+    queue: str = ""      # image-only plugin: the image's RABBITMQ_QUEUE, when its ENV sets one
 
     @property
     def entry(self) -> str:
@@ -62,7 +65,8 @@ class PluginSpec:
 
     @property
     def folder_name(self) -> str:
-        return os.path.basename(self.folder.rstrip("/"))
+        """The plugin's other name: its folder's, or an image-only plugin's name in the `plugins:` table."""
+        return self.alias or os.path.basename(self.folder.rstrip("/"))
 
 
 def search_dirs(plugin_path: Iterable[str]) -> list[str]:
@@ -149,8 +153,12 @@ def _function_spec(folder: str, info: dict[str, Any], func: Optional[str], modul
                       docker_env=docker_env, requirements=requirements)
 
 
-def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None) -> PluginSpec:
-    """Read a plugin folder's extractor_info.json and find its extractor without running code."""
+def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None,
+                   image_env: Optional[dict[str, str]] = None) -> PluginSpec:
+    """Read a plugin folder's extractor_info.json and find its extractor without running code.
+
+    image_env: the ENV of the image the folder is in (agent.image_plugins), used instead of a Dockerfile's.
+    """
     info_path = os.path.join(folder, INFO_FILE)
     try:
         with open(info_path, encoding="utf-8") as fh:
@@ -163,7 +171,9 @@ def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None) 
         raise PluginError(f"{info_path}: needs a \"name\"")
     dockerfile = os.path.join(folder, DOCKERFILE)
     docker_env: dict[str, str] = {}
-    if os.path.isfile(dockerfile):
+    if image_env is not None:
+        docker_env = dict(image_env)
+    elif os.path.isfile(dockerfile):
         try:
             docker_env = read_env(dockerfile)
         except (OSError, UnicodeDecodeError) as exc:
