@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import pyclowder.connectors
 import pyclowder.utils
@@ -25,7 +25,7 @@ import pyclowder.utils
 from .clowder_http import ClowderHTTP, is_final_client_error, is_transient
 from .messages import status_payload
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Dict[str, Any]], None]  # typing.Dict: evaluated at import, on Python 3.8 too
 _NEVER = 1 << 30
 
 

@@ -126,7 +126,9 @@ def _in_container(spec: PluginSpec, container: ContainerSetting, prefix: list[st
     if spec.requirements is not None:
         log.info("%s: requirements.txt ignored: its extractor runs in image %s, which holds its packages",
                  spec.name, container.image)
-    argv, runtime_env = container_runtime.assemble(container, [container.python, "-c", BOOT, src], binds, env)
+    # The runtime program starts with what it needs of the extractor's environment (PATH, HOME, USER).
+    argv, runtime_env = container_runtime.assemble(container, [container.python, "-c", BOOT, src], binds, env,
+                                                   host_env=env)
     log.info("%s: extractor processes run in %s image %s", spec.name, container.runtime, container.image)
     launch = {"argv": [*prefix, *argv], "cwd": src}
     return dict(init, launch=launch), runtime_env

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 from .dockerfile import DockerfileError, base_image, read_env
 
@@ -34,7 +34,7 @@ DOCKERFILE = "Dockerfile"
 REQUIREMENTS = "requirements.txt"
 ENTRY_VARS = ("EXTRACTION_FUNC", "EXTRACTION_MODULE")
 #: (extractor_info name, folder name) -> (EXTRACTION_FUNC, EXTRACTION_MODULE) from the agent's settings
-EntryDefaults = Callable[[str, str], tuple[Optional[str], Optional[str]]]
+EntryDefaults = Callable[[str, str], Tuple[Optional[str], Optional[str]]]  # typing.Tuple: Python 3.8 images
 _EXTRACTOR_BASES = {"Extractor", "SimpleExtractor"}
 
 
