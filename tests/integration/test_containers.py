@@ -58,17 +58,22 @@ def test_folder_plugin_runs_in_the_image_with_its_env(harness, charliecloud, tmp
     assert "extractor processes run in charliecloud image" in harness.log_text()
 
 
-def test_image_only_plugin(harness, charliecloud, tmp_path):
+def test_image_only_plugin_with_stage_ahead(harness, charliecloud, tmp_path):
+    """The plugin is only the image (/extractor in pyclowder's layout); its files are staged ahead by the
+    agent into the work folder, which the extractor reads at the same path inside."""
     empty = tmp_path / "no-plugins"
     empty.mkdir()
+    work = str(tmp_path / "work")
     config = _config(tmp_path, {"probe-image": {"container": {"runtime": "charliecloud", "image": charliecloud},
-                                                "env": {"PROBE_OVERRIDDEN": "site value"}}})
+                                                "env": {"PROBE_OVERRIDDEN": "site value"}}},
+                     work_dir=work, stage_ahead=True)
     fid = harness.publish_file(b"a b c d\n")
     code = harness.run_agent("--plugin", "probe-image", "--idle-exit", "2", AGENT_CONFIG=config,
                              AGENT_PLUGIN_PATH=str(empty))
     assert code == 0, harness.log_text()
     content = _probe_metadata(harness, fid)
     assert content["image_marker"] == IMAGE_MARKER and content["cwd"] == "/extractor" and content["words"] == 4
+    assert content["input"].startswith(os.path.join(work, "agent-stage-")), content["input"]
     assert content["env"]["PROBE_IMAGE_DEFAULT"] == "from the image ENV"  # the image's ENV: a default
     assert content["env"]["PROBE_OVERRIDDEN"] == "site value"  # ... that the plugins table overrides
     assert harness.errors() == [] and harness.depth() == 0
@@ -90,3 +95,30 @@ def test_crash_and_time_limit_inside_the_container_cost_one_attempt(harness, cha
     assert dead[crash]["x-agent-attempts"] == 1 and dead[slow]["x-agent-attempts"] == 1
     assert "time limit of 3s exceeded" in dead[slow]["x-error-reason"]
     assert harness.depth() == 0
+
+
+# -- under MPI ---------------------------------------------------------------------------------------
+@pytest.fixture
+def mpi_harness(rabbitmq, mpi, amqp_queue, tmp_path):
+    from helpers.mpi_harness import mpi_harness as running
+
+    with running(rabbitmq, mpi, amqp_queue, tmp_path) as h:
+        yield h
+
+
+@pytest.mark.mpi
+def test_mpi_ranks_run_their_extractors_in_the_image(mpi_harness, charliecloud, tmp_path):
+    h = mpi_harness
+    config = _config(tmp_path, {"test.container.probe": {
+        "container": {"runtime": "charliecloud", "image": charliecloud}, "env": {"PROBE_SITE": "mpi"}}},
+        work_dir=str(tmp_path / "work"), stage_ahead=True)
+    ids = [h.publish_file(f"file {i} words\n".encode(), name=f"m{i}.txt") for i in range(4)]
+    proc = h.start_mpi(2, "--plugin", "test.container.probe", "--idle-exit", "2", AGENT_CONFIG=config,
+                       AGENT_PLUGIN_PATH=TEST_PLUGINS)
+    assert h.wait_exit(proc, 300) == 0, h.log_text()
+    assert h.unprocessed(ids) == [] and h.depth() == 0 and h.errors() == []
+    for fid in ids:
+        content = h.standin.metadata_for(fid)[0]["content"]
+        assert content["image_marker"] == IMAGE_MARKER and content["env"]["PROBE_SITE"] == "mpi"
+        assert content["words"] == 3
+    assert h.log_text().count("extractor processes run in charliecloud image") == 2  # every rank

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Test extractor that reports the world it runs in, for the container tests.
 
-Uploads metadata {python, python_version, os, pyclowder, cwd, words, image_marker, env: {PROBE_*: value}}:
+Uploads metadata {python, python_version, os, pyclowder, cwd, words, image_marker, input (the path it
+read), env: {PROBE_*: value}}:
 values that differ between the host and an image (sys.executable, a file only the test image has) and the
 variables it was given. The file's first line may say `crash` (os._exit(9)) or `sleep N`.
 Also copied into the test image's /extractor by scripts/build_test_image.sh (an image-only plugin).
@@ -52,6 +53,7 @@ class Probe(Extractor):
             time.sleep(float(words[1]))
         content = {"python": sys.executable, "python_version": "%d.%d" % sys.version_info[:2], "os": _os_name(),
                    "pyclowder": _pyclowder_version(), "cwd": os.getcwd(), "words": len(text.split()), "image_marker": _image_marker(),
+                   "input": resource["local_paths"][0],
                    "env": {k: v for k, v in os.environ.items() if k.startswith("PROBE_")}}
         metadata = self.get_metadata(content, "file", resource["id"], host)
         pyclowder.files.upload_metadata(connector, host, secret_key, resource["id"], metadata)
