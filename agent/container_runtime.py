@@ -18,8 +18,8 @@ and no value is ever put on a command line (a site's own variables may hold toke
     podman                   run --rm -i (no tty), each variable as -e K (podman reads K's value
                              from its own environment)
     charliecloud             ch-run is given exactly the extractor's environment (ch-run passes its
-                             own environment in, unless told --unset-env), plus USER for ch-run
-                             and the image's PATH
+                             own environment in, unless told --unset-env) over the image's ENV
+                             (ch/metadata.json), which ch-run does not apply itself, plus USER
 
 Host-only variables (PATH, PYTHONPATH, VIRTUAL_ENV, LD_*, HOME...) are never passed: they name
 this host's files. Standard library only, like all code near the extractor process.
@@ -213,10 +213,14 @@ class Charliecloud(Runtime):
 
     def environment(self, passed: Mapping[str, str], host: Mapping[str, str], setting: ContainerSetting
                     ) -> Dict[str, str]:
-        # ch-run hands its own environment to the container: give it exactly the extractor's.
-        out = dict(passed)
+        # ch-run hands its own environment to the container: give it the image's ENV as defaults (what
+        # docker, apptainer and podman apply themselves, PATH and PYTHONPATH of the image included)
+        # under exactly the extractor's variables.
+        defaults = image_env(setting.image)
+        out = dict(defaults)
+        out.update(passed)
         out["USER"] = host.get("USER") or os.environ.get("USER") or _user_name()  # ch-run refuses to start without
-        out["PATH"] = image_env(setting.image).get("PATH") or IMAGE_DEFAULT_PATH
+        out["PATH"] = defaults.get("PATH") or IMAGE_DEFAULT_PATH
         return out
 
 

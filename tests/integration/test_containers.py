@@ -51,7 +51,8 @@ def test_folder_plugin_runs_in_the_image_with_its_env(harness, charliecloud, tmp
         assert content["cwd"] == os.path.join(TEST_PLUGINS, "container_probe")  # bound at the same path
         assert content["words"] == 3
         assert content["env"]["PROBE_SITE"] == "from the plugins table"
-        assert content["env"]["PROBE_OVERRIDDEN"] == "site value"
+        assert content["env"]["PROBE_OVERRIDDEN"] == "site value"  # over the image's ENV default
+        assert content["env"]["PROBE_IMAGE_DEFAULT"] == "from the image ENV"
         assert content["env"]["PROBE_AGENT_ENV"] == "from the agent's environment"
     done = [s for s in harness.statuses() if s["status"].startswith("StatusMessage.done")]
     assert len(done) == 2 and harness.depth() == 0 and harness.errors() == []

@@ -125,15 +125,18 @@ def test_podman_argv_keeps_the_pipe_and_passes_names_only():
 def test_charliecloud_argv_and_environment(tmp_path):
     image = tmp_path / "img"
     (image / "ch").mkdir(parents=True)
-    (image / "ch" / "environment").write_text("PATH=/opt/conda/bin:/usr/bin\nLANG=C.UTF-8\n")
+    (image / "ch" / "environment").write_text("PATH=/opt/conda/bin:/usr/bin\nLANG=C.UTF-8\n"
+                                              "IMAGE_BINARY=\nLD_LIBRARY_PATH=/opt/conda/lib\n")
     argv, env = cr.assemble(cr.ContainerSetting("charliecloud", str(image)), INNER, BINDS, EXTRACTOR_ENV, HOST_ENV)
     assert os.path.basename(argv[0]) == "ch-run"
     assert argv[1:] == ["-b", "/code/agent:/code/agent", "-b", "/scratch/work:/scratch/work", str(image), "--",
                         *INNER]
     _assert_no_value_on_the_command_line(argv)
-    # ch-run passes its own environment in: exactly the extractor's, the image's PATH, USER for ch-run
+    # ch-run passes its own environment in: the image's ENV as defaults (its PATH, LD_LIBRARY_PATH...),
+    # the extractor's variables over them, USER for ch-run; nothing of the host's
     assert env == {"CLOWDER_VERSION": "2", "IMAGE_BINARY": "/usr/bin/convert", "TOKEN": "s3cr3t value",
-                   "USER": "me", "PATH": "/opt/conda/bin:/usr/bin"}
+                   "USER": "me", "PATH": "/opt/conda/bin:/usr/bin", "LANG": "C.UTF-8",
+                   "LD_LIBRARY_PATH": "/opt/conda/lib"}
 
 
 def test_charliecloud_makes_missing_mount_points(tmp_path):
