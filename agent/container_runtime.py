@@ -98,7 +98,10 @@ def parse_container(value: Any) -> ContainerSetting:
     binds = value.get("binds") or []
     if isinstance(binds, str) or not isinstance(binds, (list, tuple)):
         raise ValueError("container: binds must be a list of src[:dst[:ro]]")
-    return ContainerSetting(runtime, image, python, tuple(parse_bind(b) for b in binds))
+    try:
+        return ContainerSetting(runtime, image, python, tuple(parse_bind(b) for b in binds))
+    except ValueError as exc:
+        raise ValueError(f"container: {exc}") from None
 
 
 # -- the image's own metadata (directory images) -------------------------------------------------

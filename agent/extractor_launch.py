@@ -121,8 +121,8 @@ def _in_container(spec: PluginSpec, container: ContainerSetting, prefix: list[st
     if container.runtime == "charliecloud":
         missing = container_runtime.missing_mount_points(container.image, binds)
         if missing:
-            raise ConfigError(f"{spec.name}: image {container.image} is read-only for this user and lacks "
-                              f"the folders to bind at: {', '.join(missing)} (create them in the image)")
+            raise ConfigError(f"{spec.name}: image {container.image} lacks folders to bind at and this user "
+                              f"cannot make them there: {', '.join(missing)} (create them in the image)")
     if spec.requirements is not None:
         log.info("%s: requirements.txt ignored: its extractor runs in image %s, which holds its packages",
                  spec.name, container.image)

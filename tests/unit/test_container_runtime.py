@@ -49,11 +49,10 @@ def _cfg(plugins: dict, **environ: str):
     ("apptainer x.sif", "expected a mapping"),
 ])
 def test_bad_container_setting_is_a_configuration_error(container, message):
-    with pytest.raises(ConfigError, match="plugin p: container: .*" if isinstance(container, str) else "plugin p"):
-        _cfg({"p": {"container": container}})
     with pytest.raises(ConfigError) as err:
         _cfg({"p": {"container": container}})
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert "plugin p: container: " in str(err.value) and message in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_setting_exits_2_with_one_line(tmp_path):
