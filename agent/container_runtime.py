@@ -9,7 +9,8 @@ The agent stays on the host; each extractor process is the image's own interpret
 agent's worker code, started by the runtime as the agent's child on a pipe (limits, kills and
 redelivery as without a container). Bound at the SAME path inside, so every path in an init or
 job frame means the same file on both sides: the agent's worker packages (read-only), the plugin
-folder, the work folder (stage-ahead's files are there), MOUNTED_PATHS folders, and `binds`.
+folder, the work folder (stage-ahead's files are there), MOUNTED_PATHS folders, the CA bundles
+REQUESTS_CA_BUNDLE & co. name (read-only), and `binds`.
 
 The extractor's environment reaches the process by name through each runtime's own mechanism,
 and no value is ever put on a command line (a site's own variables may hold tokens):
@@ -41,6 +42,9 @@ HOST_ONLY_ENV = frozenset({
     "CONDA_PREFIX", "LD_LIBRARY_PATH", "LD_PRELOAD", "HOME", "PWD", "OLDPWD", "SHELL", "SHLVL", "_"})
 #: prefixes of host-only variables: the loader's, and an MPI launcher's wiring (it belongs to the rank)
 HOST_ONLY_PREFIXES = ("LD_", "PMI_", "PMIX_", "OMPI_", "HYDRA_")
+#: variables naming the host's CA certificates: passed in, and what they name bound read-only at the same
+#: path, so the extractor trusts the Clowder the agent trusts (a site's own CA included)
+CA_ENV = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE")
 #: PATH inside an image whose metadata gives none (Debian's and the python images')
 IMAGE_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -228,6 +232,11 @@ class Charliecloud(Runtime):
 
 
 RUNTIME_CLASSES: Dict[str, Runtime] = {r.name: r for r in (Apptainer(), Singularity(), Podman(), Charliecloud())}
+
+
+def ca_paths(env: Mapping[str, str]) -> List[str]:
+    """The host's CA files and folders the extractor's environment names (those that exist)."""
+    return [env[k] for k in CA_ENV if env.get(k, "").startswith("/") and os.path.exists(env[k])]
 
 
 def same_path_binds(setting: ContainerSetting, read_only: List[str], read_write: List[str]) -> List[Bind]:

@@ -117,7 +117,7 @@ def _in_container(spec: PluginSpec, container: ContainerSetting, prefix: list[st
     os.makedirs(scratch, exist_ok=True)
     read_write = ([] if spec.image else [spec.folder]) + [scratch] + [
         p for p in (init.get("mounted_paths") or {}).values() if os.path.isdir(p)]
-    binds = container_runtime.same_path_binds(container, code, read_write)
+    binds = container_runtime.same_path_binds(container, code + container_runtime.ca_paths(env), read_write)
     if container.runtime == "charliecloud":
         missing = container_runtime.missing_mount_points(container.image, binds)
         if missing:

@@ -173,13 +173,17 @@ def test_launch_in_apptainer_binds_what_the_frames_name(tmp_path, monkeypatch):
                                            "env": {"PROBE_SITE": "v"}}},
                AGENT_PLUGIN_PATH=TEST_PLUGINS, AGENT_WORK_DIR=work)
     spec = find(cfg, "test.container.probe")
-    env = dict(worker_env(cfg), PATH=bin_dir + ":/usr/bin")
+    ca = tmp_path / "site-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {k: v for k, v in worker_env(cfg).items() if k not in cr.CA_ENV}
+    env.update(PATH=bin_dir + ":/usr/bin", REQUESTS_CA_BUNDLE=str(ca), SSL_CERT_FILE=str(tmp_path / "absent.pem"))
     init, runtime_env = apply(cfg, spec, worker_init(cfg, spec, "q"), env)
     argv = init["launch"]["argv"]
     assert argv[0] == os.path.join(bin_dir, "apptainer") and argv[1:3] == ["exec", "--cleanenv"]
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
     assert binds == [f"{REPO}/agent:{REPO}/agent:ro", f"{REPO}/hpc_common:{REPO}/hpc_common:ro",
-                     f"{PROBE}:{PROBE}", f"{work}:{work}", "/site/data:/data:ro"]
+                     f"{ca}:{ca}:ro", f"{PROBE}:{PROBE}", f"{work}:{work}", "/site/data:/data:ro"]
+    assert runtime_env["APPTAINERENV_REQUESTS_CA_BUNDLE"] == str(ca)  # the site's CA, at the same path
     assert argv[-5:] == ["/img/x.sif", "python3", "-c", BOOT, REPO] and init["launch"]["cwd"] == REPO
     assert runtime_env["APPTAINERENV_PROBE_SITE"] == "v"
     # broker secrets never reach the extractor; the Clowder key travels in job frames, not env or argv
@@ -269,3 +273,19 @@ def test_agent_plugins_lists_image_only_plugins(tmp_path):
     listed = json.loads(done.stdout)["plugins"]
     assert [(p["name"], p["folder"], p["image"]) for p in listed if p["image"]] == [
         ("test.container.probe", "/extractor", image)]
+
+
+def test_prepare_and_plugins_for_a_folder_plugin_run_in_an_image(tmp_path):
+    """A plugin with requirements.txt run in an image: no venv is built (the image holds its packages)."""
+    env_dir = tmp_path / "envs"
+    env = dict(os.environ, PYTHONPATH=REPO, AGENT_PLUGIN_PATH=TEST_PLUGINS, AGENT_ENV_DIR=str(env_dir),
+               AGENT_PLUGINS=json.dumps({"test.own.env": {"container": {"runtime": "podman", "image": "own:1"}}}))
+    done = subprocess.run([sys.executable, "-m", "agent", "prepare", "--plugin", "test.own.env"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "test.own.env: runs in podman image own:1: nothing to prepare"
+    assert not env_dir.exists() or not [p for p in env_dir.iterdir() if p.name.startswith("test.own.env")]
+    done = subprocess.run([sys.executable, "-m", "agent", "plugins"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("test.own.env\t"))
+    assert line.endswith("\truns in podman image own:1")
