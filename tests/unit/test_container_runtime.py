@@ -266,8 +266,8 @@ def test_agent_plugins_lists_image_only_plugins(tmp_path):
     done = subprocess.run([sys.executable, "-m", "agent", "plugins"], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert f"test.container.probe\t1.0\tclass\tprobe\t/extractor/probe.py:Probe\timage only charliecloud image {image}" \
-        in done.stdout.splitlines()
+    expected = f"test.container.probe\t1.0\tclass\tprobe\t/extractor/probe.py:Probe\timage only charliecloud image {image}"
+    assert expected in done.stdout.splitlines()
     done = subprocess.run([sys.executable, "-m", "agent", "plugins", "--json"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     listed = json.loads(done.stdout)["plugins"]

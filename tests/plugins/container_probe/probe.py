@@ -52,8 +52,8 @@ class Probe(Extractor):
         if words[:1] == ["sleep"]:
             time.sleep(float(words[1]))
         content = {"python": sys.executable, "python_version": "%d.%d" % sys.version_info[:2], "os": _os_name(),
-                   "pyclowder": _pyclowder_version(), "cwd": os.getcwd(), "words": len(text.split()), "image_marker": _image_marker(),
-                   "input": resource["local_paths"][0],
+                   "pyclowder": _pyclowder_version(), "cwd": os.getcwd(), "words": len(text.split()),
+                   "image_marker": _image_marker(), "input": resource["local_paths"][0],
                    "env": {k: v for k, v in os.environ.items() if k.startswith("PROBE_")}}
         metadata = self.get_metadata(content, "file", resource["id"], host)
         pyclowder.files.upload_metadata(connector, host, secret_key, resource["id"], metadata)
