@@ -5,7 +5,7 @@
 #
 # 1. Base: `mmdebstrap --variant=apt` Debian bookworm with python3 and pip, pyclowder 3.0.8 from PyPI
 #    installed inside with the image's own pip (ch-run -w, the host's CA bundle bound in), device
-#    nodes deleted (a later copy of /dev/full would fill the disk). ~1-2 min, ~0.6 GB. Built into a
+#    nodes deleted (a later copy of /dev/full would fill the disk). ~1-2 min, ~260 MB. Built into a
 #    temporary folder next to DIR and renamed into place, so an interrupted build leaves no half image.
 # 2. Extractor layer (cheap, redone when its files change): tests/plugins/container_probe copied to
 #    /extractor as pyclowder's Dockerfiles lay an extractor out (WORKDIR /extractor, COPY *.py
@@ -39,6 +39,11 @@ quiet() {
 command -v mmdebstrap >/dev/null || die "mmdebstrap not installed (apt-get install mmdebstrap)"
 command -v ch-run >/dev/null || die "ch-run not installed (apt-get install charliecloud-runtime)"
 export USER="${USER:-$(id -un)}"   # ch-run refuses to start without it
+
+# One build at a time per machine (two checkouts may run install.sh at once).
+mkdir -p "$(dirname "$DIR")"
+exec 9>"$(dirname "$DIR")/.build.lock"
+flock 9
 
 base_want="suite=$SUITE pyclowder=$PYCLOWDER_VERSION recipe=1"
 if [[ "$(cat "$DIR/ch/base.stamp" 2>/dev/null || true)" != "$base_want" ]]; then
