@@ -12,6 +12,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from helpers.agent_harness import TEST_PLUGINS, harness  # noqa: F401 (fixture)
 
@@ -22,8 +23,9 @@ IMAGE_MARKER = "clowder-hpc-agent test image (mmdebstrap bookworm, pyclowder 3.0
 
 
 def _config(tmp_path, plugins: dict, **settings) -> str:
+    """The agent's YAML settings file (AGENT_CONFIG) with this `plugins:` table."""
     path = tmp_path / "agent.yaml"
-    path.write_text(json.dumps(dict(settings, plugins=plugins)))  # JSON is YAML
+    path.write_text(yaml.safe_dump(dict(settings, plugins=plugins), default_flow_style=False))
     return str(path)
 
 
