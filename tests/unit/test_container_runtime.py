@@ -289,3 +289,29 @@ def test_prepare_and_plugins_for_a_folder_plugin_run_in_an_image(tmp_path):
                           text=True, timeout=60)
     line = next(x for x in done.stdout.splitlines() if x.startswith("test.own.env\t"))
     assert line.endswith("\truns in podman image own:1")
+
+
+def test_charliecloud_image_without_room_for_a_mount_point_is_refused(tmp_path):
+    bin_dir = _fake_runtime(tmp_path, "ch-run")
+    image = tmp_path / "img"
+    image.mkdir()
+    work = tmp_path / "work"
+    top = str(work).split("/")[1]  # a file where the work folder's top folder would go in the image
+    (image / top).write_text("in the way")
+    cfg = _cfg({"test.container.probe": {"container": {"runtime": "charliecloud", "image": str(image)}}},
+               AGENT_PLUGIN_PATH=TEST_PLUGINS, AGENT_WORK_DIR=str(work))
+    spec = find(cfg, "test.container.probe")
+    with pytest.raises(ConfigError, match=f"lacks folders to bind at and this user cannot make them there: .*{work}"):
+        apply(cfg, spec, worker_init(cfg, spec, "q"), {"PATH": bin_dir})
+
+
+def test_agent_local_without_the_runtime_exits_2(tmp_path):
+    data = tmp_path / "in.txt"
+    data.write_text("x\n")
+    env = dict(os.environ, PYTHONPATH=REPO, AGENT_PLUGIN_PATH=TEST_PLUGINS, PATH=os.path.dirname(sys.executable),
+               AGENT_PLUGINS=json.dumps({"test.container.probe": {"container": {"runtime": "podman", "image": "x"}}}))
+    done = subprocess.run([sys.executable, "-m", "agent", "local", "--plugin", "test.container.probe", "--out",
+                           str(tmp_path / "out"), str(data)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "container runtime podman (podman) not found on PATH" in done.stderr
