@@ -2,7 +2,8 @@
 
 A plugin is a folder holding an untouched pyclowder extractor: its .py files and its
 extractor_info.json. Folders are searched under agent/plugins/ and under each folder in
-AGENT_PLUGIN_PATH (a plugin folder itself may also be named there directly).
+AGENT_PLUGIN_PATH (a plugin folder itself may also be named there directly). A plugin may also be
+only a container image holding the extractor (agent.image_plugins): its paths are inside the image.
 
 Two kinds: "class", a .py defining a pyclowder Extractor subclass (run as `python main.py`
 would), and "function", pyclowder's simple-extractor packaging: a plain function named by
