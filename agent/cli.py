@@ -22,8 +22,7 @@ from . import exitcodes
 from .config import AgentConfig, ConfigError, add_setting_flags, load_config, parse_setting
 from .errors import AgentError
 from .logs import setup_logging
-from .plugin_loader import discover, find_plugin, search_dirs
-from .plugin_settings import entry_defaults
+from .plugin_loader import search_dirs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +81,7 @@ def _task_end(cfg: AgentConfig, identity: Any, log: logging.Logger) -> tuple[Opt
 
 def cmd_run(cfg: AgentConfig) -> int:
     """`agent run`: one plugin or several, one work source, on one rank or an MPI group (agent.assemble)."""
-    from . import assemble
+    from . import assemble, image_plugins
     from .jobenv import detect
     from .mpi_ranks import launched_by_mpi  # does not import mpi4py
     from .plugin_set import plan_plugins
@@ -94,8 +93,7 @@ def cmd_run(cfg: AgentConfig) -> int:
     log = logging.getLogger("agent")
     end_time, margin = _task_end(cfg, identity, log)
     try:
-        plans = plan_plugins(cfg, lambda name: find_plugin(name, cfg.plugin_path, entry_defaults(cfg)),
-                             parse_setting)
+        plans = plan_plugins(cfg, lambda name: image_plugins.find(cfg, name), parse_setting)
         ctx = assemble.TaskContext(redactor, identity.label(), identity.file_tag() if identity.scheduler else "",
                                    end_time, margin)
         return assemble.run(cfg, plans, ctx, launched_by_mpi(forced=cfg.mpi))
@@ -105,18 +103,24 @@ def cmd_run(cfg: AgentConfig) -> int:
 
 
 def cmd_plugins(cfg: AgentConfig, as_json: bool) -> int:
-    found, problems = discover(cfg.plugin_path, entry_defaults(cfg))
+    from .image_plugins import discover_all
+    from .plugin_settings import container_setting
+
+    found, problems = discover_all(cfg)
     if as_json:
         print(json.dumps({"plugins": [{"name": p.name, "folder": p.folder, "script": p.script,
                                        "class": p.class_name, "version": p.info.get("version"),
-                                       "kind": p.kind, "entry": p.entry, "requirements": p.requirements}
+                                       "kind": p.kind, "entry": p.entry, "requirements": p.requirements,
+                                       "image": p.image or None}
                                       for p in found], "problems": problems}, indent=2))
         return exitcodes.OK
     if not found:
         print("no plugins found in: " + ", ".join(search_dirs(cfg.plugin_path)))
     for p in found:
-        own_env = "\town environment" if p.requirements else ""
-        print(f"{p.name}\t{p.info.get('version', '')}\t{p.kind}\t{p.folder_name}\t{p.entry}{own_env}")
+        container = container_setting(cfg, p.name, p.folder_name)
+        where = (f"\t{'image only' if p.image else 'runs in'} {container.runtime} image {container.image}"
+                 if container else "\town environment" if p.requirements else "")
+        print(f"{p.name}\t{p.info.get('version', '')}\t{p.kind}\t{p.folder_name}\t{p.entry}{where}")
     for problem in problems:
         print(f"broken: {problem}", file=sys.stderr)
     return exitcodes.OK

@@ -251,7 +251,7 @@ _TABLE: tuple[Setting, ...] = (
              "command put before the extractor process's, e.g. 'apptainer exec x.sif'", type=_OPT_STR),
     _setting("plugins", parse_plugin_table, {},
              "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module, "
-             "slots, time_limit, max_retries, rabbitmq_queue, env}}",
+             "slots, time_limit, max_retries, rabbitmq_queue, container, env}}",
              check=_plugins_check, type=dict[str, dict[str, Any]]),
 )
 

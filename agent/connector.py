@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import pyclowder.connectors
 import pyclowder.utils
@@ -34,7 +34,7 @@ from .clowder_http import ClowderHTTP, is_final_client_error, is_transient
 from .frames import JobResult, Outcome
 from .messages import status_payload
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Dict[str, Any]], None]  # typing.Dict: evaluated at import, on Python 3.8 too
 # Failures pyclowder sends to the error queue whatever the count.
 # (PyClowderExtractionAbort is missing from old pyclowder releases that plugin venvs may pin.)
 _NOT_RETRIED = tuple(c for c in (subprocess.CalledProcessError,

@@ -4,12 +4,16 @@ Decided once per agent on the agent side and carried in the init frame's "launch
 place that starts extractor processes (slots, MPI ranks, stage-ahead) starts them the same way:
 
     [*command_prefix, python, "-c", BOOT, code_dir, module]
+    [*command_prefix, *runtime argv, image python, "-c", BOOT, code_dir, module]     (container:)
 
 python is the plugin's own environment's interpreter when it has a requirements.txt
 (agent.plugin_env), else the agent's. BOOT puts code_dir (the agent's code) first on sys.path
 and runs the extractor module, so it works with neither PYTHONPATH nor the agent installed, even
 under a prefix that clears the environment (`env -i`, `apptainer exec --cleanenv`). A plugin
-with neither requirements nor a prefix keeps the agent's plain `python -m` start.
+with neither requirements nor a prefix keeps the agent's plain `python -m` start. A plugin with a
+`container:` setting runs the image's interpreter under the runtime (agent.container_runtime): the
+agent's worker packages and the folders the frames name are bound at the same paths; the image
+holds the extractor's packages, so requirements.txt builds no environment for it.
 
 The process's environment comes from agent.extractor_env (plugins table env > the agent's
 environment > the Dockerfile's ENV, a default only; PROTECTED names never from the Dockerfile).
@@ -18,13 +22,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
-from . import extractor_env, plugin_env
+from . import container_runtime, extractor_env, plugin_env
 from .config import AgentConfig
+from .container_runtime import ContainerSetting
+from .errors import ConfigError
 from .plugin_loader import PluginSpec
-from .plugin_settings import command_prefix, plugin_value
+from .plugin_settings import command_prefix, container_setting, plugin_value
 
 log = logging.getLogger("agent.launch")
 BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); module = sys.argv[2]; del sys.argv[1:3]; "
@@ -64,6 +72,9 @@ def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
     # (a Dockerfile may hold a broker password in an ENV line the agent does not apply).
     init = dict(init, plugin=dict(init["plugin"], docker_env={}))
     prefix = command_prefix(plugin_value(cfg, "command_prefix", spec.name, spec.folder_name))
+    container = container_setting(cfg, spec.name, spec.folder_name)
+    if container is not None:
+        return _in_container(spec, container, prefix, init, env)
     if spec.requirements is None and not prefix:
         return init, env
     if spec.requirements is not None:
@@ -78,3 +89,39 @@ def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
         log.info("%s: extractor processes start under %s", spec.name, " ".join(prefix))
     launch = {"argv": [*prefix, python, "-c", BOOT, code_dir], "cwd": code_dir}
     return dict(init, launch=launch), env
+
+
+def _in_container(spec: PluginSpec, container: ContainerSetting, prefix: list[str], init: dict[str, Any],
+                  env: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The init frame and the runtime's environment for extractor processes inside the plugin's image.
+
+    ConfigError when the runtime program or a directory image is missing, or a bind target cannot
+    be made in a Charliecloud image.
+    """
+    if shutil.which(container_runtime.RUNTIME_CLASSES[container.runtime].program, path=env.get("PATH")) is None:
+        raise ConfigError(f"{spec.name}: container runtime {container.runtime} "
+                          f"({container_runtime.RUNTIME_CLASSES[container.runtime].program}) not found on PATH")
+    if container.runtime == "charliecloud" and not os.path.isdir(container.image):
+        raise ConfigError(f"{spec.name}: charliecloud image {container.image} is not a folder")
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = [os.path.join(src, p) for p in plugin_env.WORKER_PACKAGES if os.path.isdir(os.path.join(src, p))]
+    # Stage-ahead's folder and pyclowder's downloads are under the work folder (else TMPDIR).
+    scratch = init.get("work_dir") or tempfile.gettempdir()
+    os.makedirs(scratch, exist_ok=True)
+    read_write = ([] if spec.image else [spec.folder]) + [scratch] + [
+        p for p in (init.get("mounted_paths") or {}).values() if os.path.isdir(p)]
+    binds = container_runtime.same_path_binds(container, code + container_runtime.ca_paths(env), read_write)
+    if container.runtime == "charliecloud":
+        missing = container_runtime.missing_mount_points(container.image, binds)
+        if missing:
+            raise ConfigError(f"{spec.name}: image {container.image} lacks folders to bind at and this user "
+                              f"cannot make them there: {', '.join(missing)} (create them in the image)")
+    if spec.requirements is not None:
+        log.info("%s: requirements.txt ignored: its extractor runs in image %s, which holds its packages",
+                 spec.name, container.image)
+    # The runtime program starts with what it needs of the extractor's environment (PATH, HOME, USER).
+    argv, runtime_env = container_runtime.assemble(container, [container.python, "-c", BOOT, src], binds, env,
+                                                   host_env=env)
+    log.info("%s: extractor processes run in %s image %s", spec.name, container.runtime, container.image)
+    launch = {"argv": [*prefix, *argv], "cwd": src}
+    return dict(init, launch=launch), runtime_env

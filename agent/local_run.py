@@ -17,14 +17,13 @@ from typing import Any, Callable
 
 from hpc_common.redact import Redactor
 
-from . import exitcodes, extractor_launch
+from . import exitcodes, extractor_launch, image_plugins
 from .config import AgentConfig, ConfigError
 from .frames import KIND, Kind, Outcome, result as job_result
 from .local_clowder import LocalClowder
 from .logs import setup_logging
 from .plugin_env import EnvError
-from .plugin_loader import PluginError, find_plugin
-from .plugin_settings import entry_defaults
+from .plugin_loader import PluginError
 from .slots import Slot
 from .worker_settings import worker_env, worker_init
 
@@ -52,7 +51,7 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
         log.error("not a file: %s", ", ".join(missing))
         return exitcodes.CONFIG_ERROR
     try:
-        spec = find_plugin(cfg.plugin, cfg.plugin_path, entry_defaults(cfg))
+        spec = image_plugins.find(cfg, cfg.plugin)
         init, env = extractor_launch.apply(cfg, spec, worker_init(cfg, spec, spec.name), worker_env(cfg))
     except (PluginError, EnvError, ConfigError) as exc:  # ConfigError: a plugins table env refused
         log.error("%s", exc)

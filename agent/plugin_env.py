@@ -243,17 +243,18 @@ def prepare_plugins(cfg, names: list[str]) -> int:
     """
     from . import exitcodes
     from .logs import setup_logging
-    from .plugin_loader import PluginError, discover, find_plugin
-    from .plugin_settings import entry_defaults, plugin_value
+    from .image_plugins import discover_all, find
+    from .plugin_loader import PluginError
+    from .plugin_settings import container_setting, plugin_value
     from hpc_common.redact import Redactor
 
     setup_logging(cfg.log_level, Redactor())
     specs = []
     try:
         if names:
-            specs = [find_plugin(name, cfg.plugin_path, entry_defaults(cfg)) for name in names]
+            specs = [find(cfg, name) for name in names]
         else:
-            specs, problems = discover(cfg.plugin_path, entry_defaults(cfg))
+            specs, problems = discover_all(cfg)
             for problem in problems:
                 print(f"broken: {problem}", file=sys.stderr)
     except PluginError as exc:
@@ -261,6 +262,10 @@ def prepare_plugins(cfg, names: list[str]) -> int:
         return exitcodes.PLUGIN_ERROR
     code = exitcodes.OK
     for spec in specs:
+        container = container_setting(cfg, spec.name, spec.folder_name)
+        if container is not None:  # its image holds its system and Python packages
+            print(f"{spec.name}: runs in {container.runtime} image {container.image}: nothing to prepare")
+            continue
         apt = missing_apt(spec.folder)
         if apt is None:
             print(f"{spec.name}: packages.apt not checked (no dpkg-query here)", file=sys.stderr)

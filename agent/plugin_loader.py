@@ -2,7 +2,8 @@
 
 A plugin is a folder holding an untouched pyclowder extractor: its .py files and its
 extractor_info.json. Folders are searched under agent/plugins/ and under each folder in
-AGENT_PLUGIN_PATH (a plugin folder itself may also be named there directly).
+AGENT_PLUGIN_PATH (a plugin folder itself may also be named there directly). A plugin may also be
+only a container image holding the extractor (agent.image_plugins): its paths are inside the image.
 
 Two kinds: "class", a .py defining a pyclowder Extractor subclass (run as `python main.py`
 would), and "function", pyclowder's simple-extractor packaging: a plain function named by
@@ -21,7 +22,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 # search_dirs, BUILTIN_DIR and INFO_FILE stay importable from here (agent.cli, tests)
 from hpc_common.plugin_folders import (BUILTIN_DIR, INFO_FILE, PluginInfoError, folder_matches, info_name,
@@ -34,7 +35,7 @@ DOCKERFILE = "Dockerfile"
 REQUIREMENTS = "requirements.txt"
 ENTRY_VARS = ("EXTRACTION_FUNC", "EXTRACTION_MODULE")
 #: (extractor_info name, folder name) -> (EXTRACTION_FUNC, EXTRACTION_MODULE) from the agent's settings
-EntryDefaults = Callable[[str, str], tuple[Optional[str], Optional[str]]]
+EntryDefaults = Callable[[str, str], Tuple[Optional[str], Optional[str]]]  # typing.Tuple: Python 3.8 images
 _EXTRACTOR_BASES = {"Extractor", "SimpleExtractor"}
 
 
@@ -52,6 +53,9 @@ class PluginSpec:
     function: str = ""   # function extractors: EXTRACTION_FUNC
     docker_env: dict[str, str] = field(default_factory=dict)  # the Dockerfile's ENV lines
     requirements: Optional[str] = None  # requirements.txt: the plugin runs in an environment of its own
+    image: str = ""      # image-only plugin (agent.image_plugins): the image holding folder; paths are inside it
+    alias: str = ""      # image-only plugin: its name in the `plugins:` table
+    queue: str = ""      # image-only plugin: the image's RABBITMQ_QUEUE, when its ENV sets one
 
     @property
     def entry(self) -> str:
@@ -62,7 +66,8 @@ class PluginSpec:
 
     @property
     def folder_name(self) -> str:
-        return os.path.basename(self.folder.rstrip("/"))
+        """The plugin's other name: its folder's, or an image-only plugin's name in the `plugins:` table."""
+        return self.alias or os.path.basename(self.folder.rstrip("/"))
 
 
 
@@ -140,15 +145,21 @@ def _function_spec(folder: str, info: dict[str, Any], func: Optional[str], modul
                       docker_env=docker_env, requirements=requirements)
 
 
-def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None) -> PluginSpec:
-    """Read a plugin folder's extractor_info.json and find its extractor without running code."""
+def inspect_folder(folder: str, entry_defaults: Optional[EntryDefaults] = None,
+                   image_env: Optional[dict[str, str]] = None) -> PluginSpec:
+    """Read a plugin folder's extractor_info.json and find its extractor without running code.
+
+    image_env: the ENV of the image the folder is in (agent.image_plugins), used instead of a Dockerfile's.
+    """
     try:
         info = read_info(folder)
     except PluginInfoError as exc:
         raise PluginError(str(exc)) from None
     dockerfile = os.path.join(folder, DOCKERFILE)
     docker_env: dict[str, str] = {}
-    if os.path.isfile(dockerfile):
+    if image_env is not None:
+        docker_env = dict(image_env)
+    elif os.path.isfile(dockerfile):
         try:
             docker_env = read_env(dockerfile)
         except (OSError, UnicodeDecodeError) as exc:

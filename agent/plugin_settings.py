@@ -8,8 +8,11 @@ that apply to that plugin only, so several plugins in one agent can each have th
         command_prefix: apptainer exec --bind /scratch wordcount.sif
         env_python: /opt/python/3.11/bin/python3
         env: {WORDCOUNT_LANG: en}
+      ncsa.image.preview:
+        container: {runtime: charliecloud, image: /scratch/images/preview}
 
-Keys: command_prefix, env_python, env_build, extraction_func, extraction_module, env (variables for
+Keys: command_prefix, env_python, env_build, extraction_func, extraction_module, container
+(agent.container_runtime), env (variables for
 the plugin's extractor processes, over the agent's environment and the Dockerfile's ENV:
 agent.extractor_env), and for an agent serving several plugins (agent.plugin_set) slots,
 time_limit, max_retries, rabbitmq_queue.
@@ -22,8 +25,10 @@ import json
 import shlex
 from typing import Any, Mapping, Optional
 
+from .container_runtime import ContainerSetting, parse_container
+
 PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module",
-                   "slots", "time_limit", "max_retries", "rabbitmq_queue", "env")
+                   "slots", "time_limit", "max_retries", "rabbitmq_queue", "container", "env")
 
 
 def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:
@@ -40,7 +45,32 @@ def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:
             raise ValueError(f"plugin {name}: unknown setting(s) {', '.join(unknown)} "
                              f"(known: {', '.join(PER_PLUGIN_KEYS)})")
         out[str(name)] = dict(entry)
+        try:
+            if entry.get("container") is not None:
+                parse_container(entry["container"])
+            if entry.get("env") is not None:
+                plugin_env_values(entry["env"])
+        except ValueError as exc:
+            raise ValueError(f"plugin {name}: {exc}") from None
     return out
+
+
+def plugin_env_values(value: Any) -> dict[str, str]:
+    """A plugin's `env:` mapping as str: str (ValueError for a non-mapping or a nested value)."""
+    if not isinstance(value, Mapping):
+        raise ValueError("env: expected a mapping of NAME: value")
+    out = {}
+    for key, val in value.items():
+        if isinstance(val, (Mapping, list, tuple)) or not str(key):
+            raise ValueError(f"env: {key}: expected a plain value")
+        out[str(key)] = "" if val is None else str(val)
+    return out
+
+
+def container_setting(cfg: Any, name: str, folder_name: str = "") -> Optional[ContainerSetting]:
+    """The plugin's `container:` setting, or None when its extractor processes run on the host."""
+    raw = own_value(cfg, "container", name, folder_name)
+    return parse_container(raw) if raw else None
 
 
 def own_value(cfg: Any, key: str, name: str, folder_name: str = "") -> Any:

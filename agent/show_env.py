@@ -16,11 +16,10 @@ from urllib.parse import urlsplit
 
 from hpc_common.redact import MASK, Redactor
 
-from . import exitcodes, extractor_env
+from . import exitcodes, extractor_env, image_plugins
 from .config import AgentConfig, parse_setting
 from .errors import AgentError
-from .plugin_loader import find_plugin
-from .plugin_settings import entry_defaults, plugin_value
+from .plugin_settings import plugin_value
 from .worker_settings import worker_env
 
 _SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL", re.I)
@@ -70,7 +69,7 @@ def collect(cfg: AgentConfig, name: str) -> dict[str, Any]:
     from .plugin_set import plan_plugins
 
     plan = plan_plugins(dataclasses.replace(cfg, plugin=name),
-                        lambda n: find_plugin(n, cfg.plugin_path, entry_defaults(cfg)), parse_setting)[0]
+                        lambda n: image_plugins.find(cfg, n), parse_setting)[0]
     own, spec = plan.cfg, plan.spec
     entries = extractor_env.resolve(own, spec, worker_env(own))
     venv = _venv(own, spec)

@@ -16,8 +16,9 @@ _SECRET_ENV = ("RABBITMQ_URI", "AGENT_RABBITMQ_URI", "EXTRACTOR_KEY", "AGENT_EXT
 
 
 def queue_name(cfg: AgentConfig, spec: PluginSpec) -> str:
-    """The queue pyclowder would consume: RABBITMQ_QUEUE or the extractor's name, made private by a key."""
-    name = cfg.rabbitmq_queue or spec.name
+    """The queue pyclowder would consume: RABBITMQ_QUEUE (the agent's, else an image-only plugin's image ENV)
+    or the extractor's name, made private by a key."""
+    name = cfg.rabbitmq_queue or spec.queue or spec.name
     return f"private.{cfg.extractor_key}.{name}" if cfg.extractor_key else name
 
 

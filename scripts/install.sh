@@ -7,6 +7,9 @@
 #    procps. apt is skipped entirely when every package is already installed.
 # 2. .venv in the repo root with `pip install -e '.[mpi,test]'`. Skipped when the venv imports the
 #    project and setup.py has not changed since the last install (stamp file inside .venv).
+# 3. The Charliecloud test image (scripts/build_test_image.sh): Debian bookworm from mmdebstrap with
+#    pyclowder from PyPI, at /var/cache/clowder-hpc-agent/images/pyclowder-bookworm. Built once per
+#    machine (~1-2 min); its stamp files make later runs a no-op.
 #
 # Quiet on success; prints what failed otherwise. Needs root for apt (CI runs as root).
 set -euo pipefail
@@ -33,7 +36,7 @@ quiet() {
 }
 
 APT_PACKAGES=(rabbitmq-server slurm-wlm slurm-wlm-torque munge openssh-server openssh-client openssl
-              iproute2 procps chromium imagemagick)
+              iproute2 procps chromium imagemagick charliecloud-runtime mmdebstrap)
 
 # ---------------------------------------------------------------- Debian packages
 missing=()
@@ -97,3 +100,6 @@ if [[ "$want" != "$have" ]] \
         || die "venv installed but the project does not import"
     echo "$want" >"$stamp"
 fi
+
+# ---------------------------------------------------------------- Charliecloud test image
+bash "$REPO/scripts/build_test_image.sh" || die "building the Charliecloud test image failed"

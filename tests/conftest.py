@@ -8,6 +8,8 @@ Only tests that request these fixtures need the services; nothing here is autous
                 the xdist group "chaos-broker", so they never overlap each other
     slurm       (session) the local single-node Slurm answers (sinfo, sbatch, qsub)
     mpi         (session) path of the venv's mpiexec; mpi4py imports
+    charliecloud  (session) path of the Charliecloud test image (scripts/build_test_image.sh);
+                ch-run starts it and its python3 imports pyclowder
     amqp_queue  (function) a fresh durable queue `test-<uuid8>` plus `error.<name>`, deleted after
 
 Missing services fail the test with CI=true and skip it otherwise (see tests/helpers/services.py).
@@ -40,6 +42,11 @@ def slurm() -> None:
 @pytest.fixture(scope="session")
 def mpi():
     return services.require_mpi()
+
+
+@pytest.fixture(scope="session")
+def charliecloud() -> str:
+    return services.require_charliecloud()
 
 
 @pytest.fixture

@@ -165,6 +165,36 @@ def require_mpi() -> Path:
     return mpiexec_path()
 
 
+#: the directory image scripts/install.sh builds (scripts/build_test_image.sh)
+CHARLIECLOUD_IMAGE = os.environ.get("CHARLIECLOUD_TEST_IMAGE") or "/var/cache/clowder-hpc-agent/images/pyclowder-bookworm"
+
+
+@functools.lru_cache(maxsize=None)
+def _charliecloud_problem(image: str) -> Optional[str]:
+    if not shutil.which("ch-run"):
+        return "ch-run is not on PATH (apt-get install charliecloud-runtime)"
+    for part in ("ch/base.stamp", "ch/layer.stamp", "extractor/probe.py"):
+        if not os.path.exists(os.path.join(image, part)):
+            return f"the test image {image} is missing or unfinished (no {part}): run scripts/build_test_image.sh"
+    env = dict(os.environ, USER=os.environ.get("USER") or "root")
+    try:
+        out = subprocess.run(["ch-run", image, "--", "python3", "-c", "import pyclowder"], capture_output=True,
+                             text=True, timeout=60, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"ch-run did not start the test image: {exc}"
+    if out.returncode != 0:
+        return f"ch-run {image} -- python3 -c 'import pyclowder' failed: {out.stderr.strip()[-500:]}"
+    return None
+
+
+def require_charliecloud() -> str:
+    """ch-run works and the test image (python3 + pyclowder + /extractor) starts; returns the image's path."""
+    problem = _charliecloud_problem(CHARLIECLOUD_IMAGE)
+    if problem:
+        unavailable(problem)
+    return CHARLIECLOUD_IMAGE
+
+
 def wait_for_port(host: str, port: int, timeout: float = 20.0) -> bool:
     """Whether something accepts TCP connections on host:port within timeout seconds."""
     import socket
