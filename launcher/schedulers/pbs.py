@@ -112,12 +112,12 @@ class PBSPro(Scheduler):
 
     def submit_argv(self, req: SubmitRequest) -> List[str]:
         argv = [self._cmd("qsub"), "-N", req.job_name, "-l", f"walltime={format_walltime(req.walltime_s)}"]
-        if req.tasks > 1:
-            # A one-element array (-J 1-1) is rejected by PBS Pro: one task is a plain job.
-            spec = f"1-{req.tasks}"
-            if req.max_running:
-                spec += f"%{req.max_running}"
-            argv += ["-J", spec]
+        # PBS rejects a one-element array (-J 1-1), and with no -J the script's own `#PBS -J 1-4`
+        # would apply: one task is the one-subjob array 1-2:2 (index 1 only).
+        spec = f"1-{req.tasks}" if req.tasks > 1 else "1-2:2"
+        if req.max_running and req.tasks > 1:
+            spec += f"%{req.max_running}"
+        argv += ["-J", spec]
         if req.queue:
             argv += ["-q", req.queue]
         if req.account:
