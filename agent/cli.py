@@ -156,6 +156,8 @@ def cmd_run(cfg: AgentConfig) -> int:
                 code = exitcodes.MESSAGE_NOT_DONE
     except AgentError as exc:  # setup failed: one line, the exit code of its kind
         log.error("%s", exc)
+        if cfg.log_file:  # the batch job's own output (what `launcher status` shows) says why too
+            print(f"agent: {redactor(str(exc))}", file=sys.stderr)
         return exitcodes.for_error(exc)
     return ranks.finish(code) if ranks is not None else code
 
