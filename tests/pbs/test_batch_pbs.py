@@ -89,10 +89,11 @@ def test_qsub_with_mpiprocs_runs_ranks(h, mpi):
 @pytest.mark.slow
 @pytest.mark.xdist_group("pbs-walltime")
 def test_walltime_drain_from_pbs_end_time(h):
-    # 40 s subjobs, 6 s files, 20 s margin: a subjob takes two files, then (25 s left < 6 + 20)
-    # hands back what it holds, long before PBS's SIGTERM; a third subjob (two run at a time)
-    # finishes what is left.
-    ids = [h.publish_file(b"sleep 6\n") for _ in range(6)]
+    # 40 s subjobs, 15 s files, 20 s margin: a subjob takes one file (unknown length: admitted
+    # while more than the margin is left), then with about 23 s left (< 15 + 20) it stops and hands
+    # back the file it prefetched, long before PBS's SIGTERM; the third subjob (two run at a time)
+    # takes what was handed back. Wide edges on both sides: timing noise does not change the count.
+    ids = [h.publish_file(b"sleep 15\n") for _ in range(3)]
     job = qsub(h, "-J", "1-3%2", "-l", "walltime=00:00:40")
     pbs_jobs.wait_finished(job, 150)
     statuses = exit_statuses(job)

@@ -18,7 +18,7 @@ from helpers.agent_harness import EXAMPLES, REPO, TEST_PLUGINS, AgentHarness
 from helpers.services import PBS_BIN
 
 pytestmark = [pytest.mark.integration, pytest.mark.pbs, pytest.mark.usefixtures("pbs"),
-              pytest.mark.xdist_group("pbs-node")]
+              pytest.mark.xdist_group("pbs-launcher")]
 
 PY = os.path.join(REPO, ".venv", "bin", "python")
 
