@@ -41,7 +41,7 @@ installed() {
 # upgrade packages (postgresql among them) under services that are already running.
 DEPS=(gcc g++ make libtool autoconf automake libhwloc-dev libx11-dev libxt-dev libedit-dev
       libical-dev libncurses-dev python3-dev tcl-dev tk-dev swig libexpat1-dev libssl-dev
-      libxext-dev libxft-dev libpq-dev postgresql postgresql-contrib sudo)
+      libxext-dev libxft-dev libpq-dev postgresql postgresql-contrib sudo patch)
 
 install_deps() {
     local missing=() pkg status
