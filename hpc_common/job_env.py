@@ -8,7 +8,9 @@ scheduler's job record (``qstat -f`` shows ``Variable_List`` to every user).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping
+import os
+import stat
+from typing import Dict, Mapping, Optional
 from urllib.parse import urlsplit
 
 #: every agent setting's own name starts with this (agent/config.py: "AGENT_" + the setting's name)
@@ -23,6 +25,9 @@ PYCLOWDER_NAMES = frozenset({
 
 #: never passed to a job, whatever their value
 SECRET_NAMES = frozenset({"EXTRACTOR_KEY", "AGENT_EXTRACTOR_KEY"})
+
+#: the private file pbs/agent_task.sh sources in every task (AGENT_ENV_FILE overrides it)
+SECRETS_FILE = os.path.join("~", ".clowder-hpc-agent", "env")
 
 #: passed only when the value carries no password (amqp://host/vhost, not amqp://u:p@host)
 URI_NAMES = frozenset({"RABBITMQ_URI", "AGENT_RABBITMQ_URI"})
@@ -52,3 +57,27 @@ def agent_settings_env(environ: Mapping[str, str]) -> Dict[str, str]:
             continue
         out[name] = value
     return out
+
+
+def secrets_file_value(name: str, environ: Mapping[str, str]) -> Optional[str]:
+    """``name``'s value in the user's secrets file (``NAME=value`` lines, as the job script sources
+    it); None when the file is absent, unreadable or readable by others (the job refuses it then)."""
+    path = os.path.expanduser(environ.get("AGENT_ENV_FILE") or SECRETS_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if stat.S_IMODE(os.fstat(fh.fileno()).st_mode) & 0o077:
+                return None
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        line = line.strip()
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            return value or None
+    return None

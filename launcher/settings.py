@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.job_env import secrets_file_value
 from hpc_common.settings_files import first_set, parse_bool as _flag_bool, parse_value, read_settings_file
 from launcher.errors import ConfigError
 
@@ -108,7 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("state_dir", ("LAUNCHER_STATE_DIR",), _text, None,
             "ledger, lock and dispatch messages (default $XDG_STATE_HOME/clowder-launcher, "
             "~/.local/state/clowder-launcher)", "--state-dir", default_from_env=_default_state_dir),
-    Setting("rabbitmq_uri", ("RABBITMQ_URI",), _text, None, "broker URI with credentials", secret=True),
+    Setting("rabbitmq_uri", ("RABBITMQ_URI",), _text, None, "broker URI with credentials (default: the"
+            " RABBITMQ_URI line of ~/.clowder-hpc-agent/env, the jobs' own secrets file)", secret=True,
+            default_from_env=functools.partial(secrets_file_value, "RABBITMQ_URI")),
     Setting("rabbitmq_queue", ("RABBITMQ_QUEUE",), _queues, None,
             "the extractor's queue; several (a,b, or --rabbitmq-queue repeated) for agents serving several plugins",
             "--rabbitmq-queue"),

@@ -53,10 +53,11 @@ def h(rabbitmq, amqp_queue):
 
 
 def launcher_env(h: AgentHarness, **extra: str) -> dict:
-    """The user's environment for `python -m launcher` (the launcher itself reads RABBITMQ_URI)."""
+    """The user's environment for `python -m launcher`, as the issue's contract has it: no
+    RABBITMQ_URI (the launcher, like the jobs, reads it from ~/.clowder-hpc-agent/env)."""
     env = pbs_jobs.user_env(
         LAUNCHER_SCHEDULER="pbs", LAUNCHER_CAPS=str(h.tmp / "caps.yaml"),
-        LAUNCHER_STATE_DIR=str(h.tmp / "state"), RABBITMQ_URI=h.url, RABBITMQ_QUEUE=h.queue,
+        LAUNCHER_STATE_DIR=str(h.tmp / "state"), RABBITMQ_QUEUE=h.queue,
         AGENT_PLUGIN="test.directive", AGENT_PLUGIN_PATH=f"{TEST_PLUGINS}:{EXAMPLES}",
         AGENT_JOURNAL_DIR=h.journal_dir, DIRECTIVE_LOG=h.directive_log,
         AGENT_LOG_DIR=str(h.tmp / "logs"), AGENT_IDLE_EXIT="5")

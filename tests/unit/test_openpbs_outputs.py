@@ -11,7 +11,7 @@ import pytest
 
 from agent.jobenv import parse_pbs_end
 from helpers import datafiles
-from hpc_common.job_env import agent_settings_env, is_secret
+from hpc_common.job_env import agent_settings_env, is_secret, secrets_file_value
 from hpc_common.pbs_conf import pbs_bin_dir, pbs_command
 from launcher.errors import RequestError
 from launcher.runner import CommandError
@@ -176,3 +176,16 @@ def test_pbs_commands_come_from_pbs_conf(tmp_path):
     assert pbs_command("qstat", {"PBS_CONF_FILE": str(conf)}) == str(qstat)
     assert pbs_bin_dir({"PBS_CONF_FILE": str(tmp_path / "absent.conf")}) is None
     assert pbs_command("qstat", {"PBS_CONF_FILE": str(tmp_path / "absent.conf")}) == "qstat"
+
+
+def test_secrets_file_value(tmp_path):
+    path = tmp_path / "env"
+    path.write_text("# mine\nexport EXTRACTOR_KEY='k 1'\nRABBITMQ_URI=amqp://u:p@h/%2f\n")
+    path.chmod(0o600)
+    env = {"AGENT_ENV_FILE": str(path)}
+    assert secrets_file_value("RABBITMQ_URI", env) == "amqp://u:p@h/%2f"
+    assert secrets_file_value("EXTRACTOR_KEY", env) == "k 1"
+    assert secrets_file_value("CLOWDER_URL", env) is None
+    path.chmod(0o644)  # readable by others: refused, as the job script refuses it
+    assert secrets_file_value("RABBITMQ_URI", env) is None
+    assert secrets_file_value("RABBITMQ_URI", {"AGENT_ENV_FILE": str(tmp_path / "absent")}) is None
