@@ -32,9 +32,10 @@ quiet() {  # run quietly; show the tail of the output only on failure
 }
 
 installed() {
-    [[ -x $PBS_EXEC/sbin/pbs_server ]] && [[ -d $PBS_HOME/mom_priv ]] \
-        && [[ -f /etc/pbs.conf ]] \
-        && "$PBS_EXEC/bin/qstat" --version 2>/dev/null | grep -q "pbs_version = $VERSION"
+    [[ -x $PBS_EXEC/sbin/pbs_server && -d $PBS_HOME/mom_priv && -f /etc/pbs.conf ]] || return 1
+    local version
+    version="$("$PBS_EXEC/bin/qstat" --version 2>/dev/null || true)"
+    [[ "$version" == *"pbs_version = $VERSION"* ]]
 }
 
 # Build dependencies and the PostgreSQL binaries PBS's datastore runs on. --no-upgrade: never
@@ -70,15 +71,16 @@ build_and_install() {
     [[ -f $tarball ]] || die "no OpenPBS source at $tarball (set OPENPBS_VENDOR)"
     work="$(mktemp -d /tmp/openpbs-build.XXXXXX)"
     tar -xzf "$tarball" -C "$work"
+    # (set -e does not apply inside a subshell that is tested with ||: chain the steps with &&)
     (
-        cd "$work"
+        cd "$work" &&
         # Python 3.11 has no <eval.h> (vendor/openpbs/patch-python311-evalh.diff; fixed upstream later).
-        patch -s -p1 <"$VENDOR/patch-python311-evalh.diff"
+        patch -s -p1 <"$VENDOR/patch-python311-evalh.diff" &&
         # Keep other Pythons (pyenv, a venv) out of configure: PBS embeds the system python3.
-        export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-        quiet ./autogen.sh
-        quiet ./configure --prefix="$PBS_EXEC" --with-python=/usr
-        quiet make -j"$(nproc)"
+        export PATH=/usr/sbin:/usr/bin:/sbin:/bin &&
+        quiet ./autogen.sh &&
+        quiet ./configure --prefix="$PBS_EXEC" --with-python=/usr &&
+        quiet make -j"$(nproc)" &&
         quiet make install
     ) || { rm -rf "$work"; die "OpenPBS build failed"; }
     rm -rf "$work"
