@@ -25,6 +25,7 @@ log = logging.getLogger("launcher")
 
 
 WHY_MAX_CHARS = 300
+WHY_READS_PER_JOB = 10  # output files read per job and refresh to say why tasks failed
 
 
 def last_output_line(runner: Runner, path: str) -> Optional[str]:
@@ -121,16 +122,23 @@ class Launcher:
         return True
 
     def _note_failures(self, status) -> None:
-        """For each newly failed task, keep the last line it printed: why it could not run."""
+        """For newly failed tasks, keep the last line each printed: why it could not run.
+
+        Each output file is read once ("" when it cannot be: status then shows the exit status),
+        and at most WHY_READS_PER_JOB per refresh, so a large array failing at once costs little.
+        """
         rows = {r["idx"]: r for r in self.ledger.tasks(status.job_id)}
-        for idx, task in status.tasks.items():
+        reads = 0
+        for idx, task in sorted(status.tasks.items()):
             row = rows.get(idx)
             if (task.state != JobState.FAILED or not task.output_path or row is None
-                    or row["state"] != JobState.FAILED.value or row["why"]):
+                    or row["state"] != JobState.FAILED.value or row["why"] is not None):
                 continue
+            if reads >= WHY_READS_PER_JOB:
+                break
+            reads += 1
             why = last_output_line(self.runner, task.output_path)
-            if why:
-                self.ledger.set_task_why(status.job_id, idx, why)
+            self.ledger.set_task_why(status.job_id, idx, why or "")
 
     # ------------------------------------------------------------------ submit
     def allowance(self, request: Request) -> Allowance:
