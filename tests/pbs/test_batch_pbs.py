@@ -82,8 +82,11 @@ def test_qsub_with_mpiprocs_runs_ranks(h, mpi):
     assert exit_statuses(job) == {1: ("F", 0), 2: ("F", 0)}, pbs_jobs.read_output(h.tmp)
     assert all(h.standin.metadata_for(f) for f in ids), pbs_jobs.read_output(h.tmp)
     assert h.depth() == 0 and h.errors() == []
-    pids = {pid for _, pid, _ in h.runs()}
-    assert len(pids) >= 3, f"ranks of both subjobs took files: {pids}"
+    # each subjob ran mpiexec -n 2 (PBS_NODEFILE has mpiprocs lines); the group's leader says so
+    tag = pbs_jobs.pbs_file_tag(job)
+    for index in (1, 2):
+        text = (h.tmp / "logs" / f"agent-{tag}_{index}.log").read_text()
+        assert "MPI group of 2 rank(s)" in text, text
 
 
 @pytest.mark.slow
