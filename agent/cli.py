@@ -99,6 +99,8 @@ def cmd_run(cfg: AgentConfig) -> int:
         return assemble.run(cfg, plans, ctx, launched_by_mpi(forced=cfg.mpi))
     except AgentError as exc:  # setup failed: one line, the exit code of its kind
         log.error("%s", exc)
+        if cfg.log_file:  # the batch job's own output (what `launcher status` shows) says why too
+            print(f"agent: {redactor(str(exc))}", file=sys.stderr)
         return exitcodes.for_error(exc)
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from hpc_common.pbs_conf import pbs_command
 from hpc_common.walltime import parse_walltime
 
 log = logging.getLogger("agent.jobenv")
@@ -124,6 +125,8 @@ def scheduler_end_time(identity: TaskIdentity) -> Optional[float]:
         out = _run(["squeue", "-h", "-j", identity.job_id, "-o", "%e"])
         return parse_slurm_end(out) if out else None
     if identity.scheduler in ("pbs", "torque") and identity.job_id:
-        out = _run(["qstat", "-f", identity.job_id])
+        qstat = pbs_command("qstat") if identity.scheduler == "pbs" else "qstat"
+        out = _run([qstat, "-f", identity.job_id])
         return parse_pbs_end(out) if out else None
     return None
+

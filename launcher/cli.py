@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,8 @@ from typing import Any, List, NoReturn, Optional
 
 import filelock
 
+from hpc_common.job_env import agent_settings_env
+from hpc_common.pbs_conf import pbs_bin_dir
 from hpc_common.redact import redact_text, redact_uri
 from hpc_common.walltime import walltime_seconds as parse_walltime  # whole seconds, bare number = seconds
 from launcher.caps import Request, load_caps
@@ -27,6 +30,7 @@ from launcher.logfmt import OneLineFormatter
 from launcher.operations import Launcher, Refused
 from launcher.runner import LocalRunner, Runner, SSHRunner, default_control_dir
 from launcher.schedulers import detect_scheduler, make_scheduler
+from launcher.schedulers.pbs import PBSPro
 from launcher.settings import from_args as settings_from_args, queue_names
 from launcher.strategy import Policy
 
@@ -129,6 +133,8 @@ def build(args, need_script: bool = False) -> Launcher:
     runner = _runner(args)
     name = _scheduler_name(args, runner)
     scheduler = make_scheduler(name)
+    if isinstance(scheduler, PBSPro) and not isinstance(runner, SSHRunner):
+        scheduler.bin_dir = pbs_bin_dir()  # PBS's qsub, not a Slurm wrapper earlier on PATH
     ledger = Ledger(_state_dir(args) / "ledger.sqlite")
     broker, queue, _ = _broker(args)
     names = queue_names(queue)
@@ -136,6 +142,8 @@ def build(args, need_script: bool = False) -> Launcher:
     # own queue; RABBITMQ_QUEUE names one queue, so theirs is emptied (Slurm's --export=ALL would pass a,b).
     env = {"RABBITMQ_QUEUE": queue if len(names) == 1 else ""} if names else {}
     script = _script(args, name, runner) if need_script else ""
+    if not scheduler.exports_submit_env:
+        env = {**_job_settings(script, runner), **env}
     from launcher import backlog
 
     if len(names) > 1:
@@ -144,6 +152,15 @@ def build(args, need_script: bool = False) -> Launcher:
         held = functools.partial(backlog.held, backlog.Places.from_settings(_settings(args), queue))
     return Launcher(runner=runner, scheduler=scheduler, ledger=ledger, caps=caps, script=script,
                     job_env=env, broker=broker, held=held)
+
+
+def _job_settings(script: str, runner: Runner) -> dict:
+    """What a PBS/Torque job must be given (it does not inherit this environment): the agent's
+    settings from it, secrets excepted, and AGENT_HOME when the job script is this checkout's own."""
+    env = agent_settings_env(os.environ)
+    if script and not isinstance(runner, SSHRunner) and Path(script).resolve().parent == REPO_PBS_DIR:
+        env.setdefault("AGENT_HOME", str(REPO_PBS_DIR.parent))
+    return env
 
 
 def _lock(args) -> filelock.FileLock:
@@ -449,8 +466,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=60.0, help="seconds between decisions")
     p.add_argument("--idle-grace", type=float, default=300.0,
                    help="seconds the queue must stay empty before idle tasks are cancelled")
-    p.add_argument("--files-per-task", type=int, default=50,
-                   help="backlog one task is given when the per-file time is unknown")
+    p.add_argument("--files-per-task", type=int, default=None,
+                   help="most files one task is given (default: what fits in its walltime by the"
+                        " agents' measured per-file time, 50 while that is unknown)")
     p.add_argument("--per-file-seconds", type=float, default=None)
     p.add_argument("--metrics-bind", metavar="HOST:PORT",
                    help="also serve Prometheus /metrics here while scaling (see `metrics`)")

@@ -18,7 +18,7 @@ from launcher.errors import LedgerError
 from launcher.schedulers.base import JobStatus
 from launcher.states import JobState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -114,6 +114,11 @@ CREATE TABLE IF NOT EXISTS agent_reports (
 CREATE INDEX IF NOT EXISTS agent_reports_at ON agent_reports (at);
 """
 
+# v4: why a task failed, in the task's own words (the last line of its output file), for `status`.
+_SCHEMA_V4 = """
+ALTER TABLE tasks ADD COLUMN why TEXT
+"""
+
 
 class Ledger:
     """One SQLite file. Every public method is one transaction."""
@@ -156,6 +161,8 @@ class Ledger:
                 for stmt in _SCHEMA_V3.split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
+            if version < 4:
+                self.db.execute(_SCHEMA_V4)
             if version < SCHEMA_VERSION:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                                 (str(SCHEMA_VERSION),))
@@ -224,6 +231,11 @@ class Ledger:
         if open_only:
             sql += " AND final=0"
         return self.db.execute(sql + " ORDER BY job_id, idx", args).fetchall()
+
+    def set_task_why(self, job_id: str, idx: int, why: str) -> None:
+        """Keep why a task failed (shown by `status`)."""
+        with self._tx():
+            self.db.execute("UPDATE tasks SET why=? WHERE job_id=? AND idx=?", (why, job_id, idx))
 
     def mark_cancel_requested(self, job_id: str, indices: Optional[Sequence[int]] = None,
                               now: Optional[float] = None) -> None:

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+from hpc_common.redact import redact_text
 from launcher.backlog import Backlog
 from launcher.broker import BrokerError, QueueStats
 from launcher.caps import Allowance, Caps, Request, Usage, clamp, period_start
@@ -21,6 +22,22 @@ from launcher.states import JobState
 from launcher.strategy import Decision, Observation, Policy, decide
 
 log = logging.getLogger("launcher")
+
+
+WHY_MAX_CHARS = 300
+WHY_READS_PER_JOB = 10  # output files read per job and refresh to say why tasks failed
+
+
+def last_output_line(runner: Runner, path: str) -> Optional[str]:
+    """The last non-blank line of a task's output file (redacted, shortened); None if unreadable."""
+    try:
+        result = runner.run(["tail", "-n", "20", "--", path], timeout=30, check=False)
+    except CommandError:
+        return None
+    if result.returncode != 0:
+        return None
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    return redact_text(lines[-1])[:WHY_MAX_CHARS] if lines else None
 
 
 class Refused(LauncherError):
@@ -101,7 +118,27 @@ class Launcher:
         now = self.clock()
         for status in statuses.values():
             self.ledger.apply_status(status, now)
+            self._note_failures(status)
         return True
+
+    def _note_failures(self, status) -> None:
+        """For newly failed tasks, keep the last line each printed: why it could not run.
+
+        Each output file is read once ("" when it cannot be: status then shows the exit status),
+        and at most WHY_READS_PER_JOB per refresh, so a large array failing at once costs little.
+        """
+        rows = {r["idx"]: r for r in self.ledger.tasks(status.job_id)}
+        reads = 0
+        for idx, task in sorted(status.tasks.items()):
+            row = rows.get(idx)
+            if (task.state != JobState.FAILED or not task.output_path or row is None
+                    or row["state"] != JobState.FAILED.value or row["why"] is not None):
+                continue
+            if reads >= WHY_READS_PER_JOB:
+                break
+            reads += 1
+            why = last_output_line(self.runner, task.output_path)
+            self.ledger.set_task_why(status.job_id, idx, why or "")
 
     # ------------------------------------------------------------------ submit
     def allowance(self, request: Request) -> Allowance:

@@ -10,12 +10,14 @@ hpc_common.settings_table, the engine the agent's table uses too.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from hpc_common.job_env import secrets_file_value
 from hpc_common.retry_queues import DEFAULT_MAX_RETRIES
 from hpc_common.settings_files import parse_bool as _flag_bool
 from hpc_common.settings_table import Setting, SettingsTable
@@ -100,7 +102,9 @@ _TABLE: tuple[Setting, ...] = (
     _setting("state_dir", ("LAUNCHER_STATE_DIR",), _text, None,
              "ledger, lock and dispatch messages (default $XDG_STATE_HOME/clowder-launcher, "
              "~/.local/state/clowder-launcher)", "--state-dir", default_from_env=_default_state_dir),
-    _setting("rabbitmq_uri", ("RABBITMQ_URI",), _text, None, "broker URI with credentials", secret=True),
+    _setting("rabbitmq_uri", ("RABBITMQ_URI",), _text, None, "broker URI with credentials (default: the"
+             " RABBITMQ_URI line of ~/.clowder-hpc-agent/env, the jobs' own secrets file)", secret=True,
+             default_from_env=functools.partial(secrets_file_value, "RABBITMQ_URI")),
     _setting("rabbitmq_queue", ("RABBITMQ_QUEUE",), _queues, None,
              "the extractor's queue; several (a,b, or --rabbitmq-queue repeated) for agents serving several plugins",
              "--rabbitmq-queue"),

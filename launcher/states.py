@@ -69,11 +69,18 @@ def _finished_state(exit_status: Optional[int], walltime_code: int, deleted_code
     return JobState.FAILED
 
 
-def pbs_finished_state(exit_status: Optional[int]) -> JobState:
-    """Translate the Exit_status of a finished PBS Pro job or subjob.
+PBS_SUBSTATE_TERMINATED = 91  # finished by qdel (substate 92: finished, 93: failed)
 
-    No exit status on a finished job means it never ran: it was deleted while queued.
+
+def pbs_finished_state(exit_status: Optional[int], substate: Optional[int] = None) -> JobState:
+    """Translate the Exit_status (and substate) of a finished PBS Pro job or subjob.
+
+    No exit status on a finished job means it never ran: it was deleted while queued. Substate 91
+    says qdel ended it whatever the exit status (a subjob deleted while starting can show 1).
+    An array parent keeps Exit_status 0 when a subjob failed: only the subjobs tell.
     """
+    if substate == PBS_SUBSTATE_TERMINATED and exit_status != PBS_EXIT_WALLTIME:
+        return JobState.CANCELLED
     return _finished_state(exit_status, PBS_EXIT_WALLTIME, PBS_EXIT_DELETED)
 
 

@@ -12,6 +12,7 @@ from launcher.operations import Launcher
 from hpc_common.walltime import format_walltime
 
 THROUGHPUT_WINDOW_S = 900.0
+MAX_FAILED_SHOWN = 10  # failed tasks of this budget period listed with why they failed
 
 
 def drain_rate(launcher: Launcher, now: float) -> Optional[float]:
@@ -80,9 +81,18 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
         by_state: dict = {}
         for t in tasks:
             by_state[t["state"]] = by_state.get(t["state"], 0) + 1
+        failed = [{"index": t["idx"], "exit_status": t["exit_status"],
+                   "why": t["why"] or _exit_meaning(t["exit_status"])}
+                  for t in tasks if t["state"] == "failed"]
         jobs.append({"job_id": sub["job_id"], "job_name": sub["job_name"],
                      "status": sub["status"], "tasks": sub["tasks"], "states": by_state,
-                     "walltime": format_walltime(sub["walltime_s"])})
+                     "walltime": format_walltime(sub["walltime_s"]), "failed": failed})
+    recent_failures = [
+        {"job_id": t["job_id"], "index": t["idx"], "exit_status": t["exit_status"],
+         "why": t["why"] or _exit_meaning(t["exit_status"])}
+        for t in launcher.ledger.tasks()
+        if t["state"] == "failed" and (t["ended_at"] or t["updated_at"]) >= start
+    ][-MAX_FAILED_SHOWN:]
     return {
         "at": now,
         "scheduler": launcher.scheduler.name,
@@ -105,8 +115,20 @@ def collect(launcher: Launcher, queue: Optional[str], broker_label: str,
                  "allowed_accounts": list(caps.allowed_accounts),
                  "cores_per_task": caps.cores_per_task},
         "jobs": jobs,
+        "failed_tasks": recent_failures,
         "last_decisions": decisions,
     }
+
+
+def _exit_meaning(exit_status: Optional[int]) -> str:
+    """What a failed task's exit status says when its output said nothing."""
+    if exit_status is None:
+        return "failed (no exit status)"
+    if exit_status < 0:
+        return f"the scheduler could not run it (exit {exit_status})"
+    if exit_status > 256:
+        return f"killed by signal {exit_status - 256}"
+    return f"exit {exit_status}"
 
 
 def _per_queue(queue: Optional[str], stats: Optional[QueueStats], held: backlogs.Backlog) -> dict:
@@ -194,6 +216,8 @@ def render(data: dict) -> str:
         states = ", ".join(f"{k} {v}" for k, v in sorted(job["states"].items())) or job["status"]
         lines.append(f"job        {job['job_id'] or '(interrupted)'} {job['job_name']}:"
                      f" {job['tasks']} task(s), {states}")
+    for f in data.get("failed_tasks") or []:
+        lines.append(f"failed     {f['job_id']} task {f['index']}: {f['why']}")
     lines.append("last decisions:" if data["last_decisions"] else "last decisions: none yet")
     for d in data["last_decisions"]:
         when = time.strftime("%H:%M:%S", time.localtime(d["at"]))

@@ -57,21 +57,27 @@ class Observation:
         return self.ready + (self.unacked or 0) + self.held + self.held_in_flight
 
 
+DEFAULT_FILES_PER_TASK = 50  # one task's share of the backlog when nothing says how long a file takes
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Launcher tuning (not site caps)."""
 
     walltime_s: int
-    files_per_task: int = 50  # backlog one task is given when per-file time is unknown
+    #: most files one task is given (--files-per-task); None: as many as its walltime allows,
+    #: DEFAULT_FILES_PER_TASK when the per-file time is unknown
+    files_per_task: Optional[int] = None
     idle_grace_s: float = 300.0
     queue: Optional[str] = None
     account: Optional[str] = None
 
     def task_capacity(self, per_file_s: Optional[float]) -> int:
-        """Files one task is expected to process in its walltime."""
+        """Files one task is given: what fits in its walltime, never more than files_per_task."""
         if per_file_s and per_file_s > 0:
-            return max(1, int(self.walltime_s * 0.9 // per_file_s))
-        return max(1, self.files_per_task)
+            fits = max(1, int(self.walltime_s * 0.9 // per_file_s))
+            return fits if self.files_per_task is None else max(1, min(fits, self.files_per_task))
+        return max(1, self.files_per_task if self.files_per_task is not None else DEFAULT_FILES_PER_TASK)
 
 
 @dataclasses.dataclass(frozen=True)

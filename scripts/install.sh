@@ -5,7 +5,8 @@
 #
 # 1. Debian packages: RabbitMQ, Slurm (+ the Torque/PBS qsub wrappers), munge, ssh, iproute2,
 #    procps. apt is skipped entirely when every package is already installed.
-# 2. .venv in the repo root with `pip install -e '.[mpi,test]'`. Skipped when the venv imports the
+# 2. OpenPBS in /opt/pbs, built from ../shared/vendor/openpbs once (scripts/install_openpbs.sh).
+# 3. .venv in the repo root with `pip install -e '.[mpi,test]'`. Skipped when the venv imports the
 #    project and setup.py has not changed since the last install (stamp file inside .venv).
 # 3. The Charliecloud test image (scripts/build_test_image.sh): Debian bookworm from mmdebstrap with
 #    pyclowder from PyPI, at /var/cache/clowder-hpc-agent/images/pyclowder-bookworm. Built once per
@@ -67,6 +68,10 @@ if ((${#missing[@]})); then
         [[ "$status" == "install ok installed" ]] || die "package $pkg still not installed"
     done
 fi
+
+# ---------------------------------------------------------------- OpenPBS (built once per machine)
+# The `pbs` tests need a real OpenPBS beside Slurm: source and recipe in ../shared/vendor/openpbs.
+bash "$REPO/scripts/install_openpbs.sh" || die "OpenPBS install failed"
 
 # ---------------------------------------------------------------- Python venv
 PY="${PYTHON:-python3}"

@@ -20,6 +20,13 @@
 #             (login environment + X, not the submitter's PATH), no PBS_* variables are set, and
 #             with the array only in `#PBS -J` all tasks share one output file. Details and what
 #             was verified (walltime TIMEOUT, MPI inside jobs): scripts/NOTES-slurm.md.
+#   openpbs   OpenPBS 23.06.06 (server, sched, comm, mom on this host; built by install.sh into
+#             /opt/pbs). Its host name `pbshost` resolves (/etc/hosts) to a non-loopback IPv4 address
+#             of THIS machine (PBS ignores 127.0.0.0/8): the dummy interface pbs0 (10.251.0.1) where
+#             the kernel allows one, else this machine's own first global address. job_history_enable,
+#             `$usecp *:/ /`, the node's ncpus raised to PBS_NCPUS (default 8) so short test arrays
+#             run side by side, and an ordinary user `pbsuser` (root may not submit). Slurm's qsub
+#             wrappers stay in /usr/bin: PBS's tools are /opt/pbs/bin/... Logs: /var/spool/pbs/*_logs.
 #
 # Idempotent: config files are rewritten only when their content differs. Slurm daemons are
 # restarted only when slurm.conf changed; the broker only when its running consumer_timeout is
@@ -501,6 +508,81 @@ slurm_status() {
     fi
 }
 
+# ======================================================================== openpbs
+PBS_EXEC=/opt/pbs
+PBS_HOST=pbshost
+PBS_DUMMY_IF=pbs0
+PBS_DUMMY_IP=10.251.0.1
+PBS_USER=pbsuser
+PBS_NCPUS="${PBS_NCPUS:-8}"
+
+# The address pbshost must resolve to: a dummy interface's where possible, else our own first
+# global IPv4 address (never another host's, never loopback).
+pbs_address() {
+    if ip -4 -o addr show dev "$PBS_DUMMY_IF" 2>/dev/null | grep -q "inet $PBS_DUMMY_IP/"; then
+        echo "$PBS_DUMMY_IP"; return 0
+    fi
+    if ip link add "$PBS_DUMMY_IF" type dummy 2>/dev/null; then
+        ip addr add "$PBS_DUMMY_IP/32" dev "$PBS_DUMMY_IF" && ip link set "$PBS_DUMMY_IF" up \
+            && { echo "$PBS_DUMMY_IP"; return 0; }
+    fi
+    ip -4 -o addr show scope global | awk '{split($4, a, "/"); print a[1]; exit}'
+}
+
+pbs_hosts_entry() {
+    local ip; ip="$(pbs_address)"
+    [[ -n "$ip" && "$ip" != 127.* ]] || die "openpbs: this machine has no non-loopback IPv4 address"
+    if ! grep -qE "^$ip[[:space:]]+$PBS_HOST\$" /etc/hosts; then
+        # Rewrite in place (/etc/hosts may be a bind mount that cannot be replaced).
+        local rest; rest="$(grep -vE "[[:space:]]$PBS_HOST\$" /etc/hosts || true)"
+        printf '%s\n%s %s\n' "$rest" "$ip" "$PBS_HOST" >/etc/hosts
+    fi
+}
+
+pbs_node_state() { timeout 10 "$PBS_EXEC/bin/pbsnodes" "$PBS_HOST" 2>/dev/null | sed -n 's/^ *state = //p'; }
+pbs_server_ok() { timeout 10 "$PBS_EXEC/bin/qstat" -B >/dev/null 2>&1; }
+pbs_node_ok() { case "$(pbs_node_state)" in free|job-busy|job-exclusive) return 0 ;; *) return 1 ;; esac; }
+pbs_ok() { pbs_server_ok && pbs_node_ok; }
+
+pbs_up() {
+    [[ -x $PBS_EXEC/sbin/pbs_server && -f /etc/pbs.conf ]] \
+        || die "OpenPBS is not installed in $PBS_EXEC: run scripts/install.sh first"
+    pbs_hosts_entry
+    grep -qF '$usecp' /var/spool/pbs/mom_priv/config \
+        || echo '$usecp *:/ /' >>/var/spool/pbs/mom_priv/config
+    id "$PBS_USER" >/dev/null 2>&1 || useradd -m -s /bin/bash "$PBS_USER"
+    if ! pbs_ok; then
+        # The first start runs pbs_habitat (initdb of PBS's own PostgreSQL, queue workq, the node).
+        "$PBS_EXEC/libexec/pbs_init.d" start >/var/log/pbs-start.log 2>&1 9>&- \
+            || { tail -n 20 /var/log/pbs-start.log >&2; die "openpbs did not start"; }
+        wait_for "$TIMEOUT" pbs_server_ok || die "openpbs: server not answering after ${TIMEOUT}s"
+    fi
+    local q="$PBS_EXEC/bin/qmgr"
+    "$q" -c "set server job_history_enable = True" >/dev/null
+    "$q" -c "set server scheduler_iteration = 10" >/dev/null
+    "$q" -c "set node $PBS_HOST resources_available.ncpus = $PBS_NCPUS" >/dev/null 2>&1 || true
+    wait_for "$TIMEOUT" pbs_node_ok || die "openpbs: node $PBS_HOST not free after ${TIMEOUT}s ($(pbs_node_state))"
+}
+
+pbs_down() {
+    [[ -x $PBS_EXEC/libexec/pbs_init.d ]] || return 0
+    "$PBS_EXEC/libexec/pbs_init.d" stop >/dev/null 2>&1 9>&- || true
+}
+
+pbs_status() {
+    if [[ -x $PBS_EXEC/bin/qstat ]] && pbs_server_ok; then
+        local state cpus
+        state="$(pbs_node_state)"
+        cpus="$(timeout 10 "$PBS_EXEC/bin/pbsnodes" "$PBS_HOST" 2>/dev/null \
+                | sed -n 's/^ *resources_available.ncpus = //p')"
+        echo "openpbs: up (server $PBS_HOST $(getent ahostsv4 "$PBS_HOST" | awk '{print $1; exit}'), node ${state:-?}, ${cpus:-?} cpus)"
+        pbs_node_ok
+    else
+        echo "openpbs: down"
+        return 1
+    fi
+}
+
 # ======================================================================== main
 [[ "$(id -u)" == 0 ]] || die "must run as root (starts system daemons)"
 
@@ -516,6 +598,7 @@ status_all() {
     chaos_status || rc=1
     munge_status || rc=1
     slurm_status || rc=1
+    pbs_status || rc=1
     return $rc
 }
 
@@ -525,14 +608,16 @@ case "$ACTION" in
         chaos_up
         munge_up
         slurm_up
+        pbs_up
         status_all || die "a service is not up after bring-up"
         ;;
     down)
+        pbs_down
         slurm_down
         munge_down
         chaos_stop
         rmq_stop
-        echo "rabbitmq: down"; echo "rabbitmq-chaos: down"; echo "munge: down"; echo "slurm: down"
+        echo "rabbitmq: down"; echo "rabbitmq-chaos: down"; echo "munge: down"; echo "slurm: down"; echo "openpbs: down"
         ;;
     status)
         status_all

@@ -40,6 +40,11 @@ def slurm() -> None:
 
 
 @pytest.fixture(scope="session")
+def pbs() -> None:
+    services.require_pbs()
+
+
+@pytest.fixture(scope="session")
 def mpi():
     return services.require_mpi()
 
@@ -81,7 +86,8 @@ def amqp_queue(rabbitmq):
 # scripts/test.sh runs the suite with `-n N --dist loadgroup`: tests marked `xdist_group("name")`
 # go to one worker, one after another. Groups: chaos-broker (stop the second broker node),
 # chaos-waiting (three scenarios run at once by one module fixture), slurm-cpus (jobs that fill
-# the node's 4 CPUs), slurm-walltime (one-minute tasks holding one CPU for minutes).
+# the node's 4 CPUs), slurm-walltime (one-minute tasks holding one CPU for minutes), pbs-node,
+# pbs-launcher and pbs-walltime (OpenPBS jobs: one test of each at a time on the one PBS node).
 # pytest-xdist 3.8 tags a grouped test by assigning `item._nodeid`, which pytest 9 no longer reads
 # (the id lives in `item._id`), so the groups would silently not apply and two broker restarts
 # could overlap. Apply the same tag here, and refuse to run if it does not take.

@@ -9,12 +9,16 @@ import dataclasses
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
+from hpc_common.job_env import is_secret
 from launcher.errors import RequestError, SchedulerError
 from launcher.runner import CommandError, Runner
 from launcher.states import JobState
 
-# Names and values passed to jobs through -v/--export: plain, no separators, nothing to quote.
+# Names passed to jobs through -v/--export; values any printable text (each scheduler says what
+# its list syntax can carry: Scheduler.env_list).
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+# What a comma-separated NAME=value list carries with no quoting at all.
 _ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:@+=-]*$")
 _PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
 
@@ -51,8 +55,11 @@ class SubmitRequest:
             if value is not None and not _PLAIN.match(value):
                 raise RequestError(f"bad {label} {value!r}: letters, digits, _ . @ + - only")
         for name, value in self.env.items():
-            if not _ENV_NAME.match(name) or not _ENV_VALUE.match(value):
-                raise RequestError(f"cannot pass {name!r} to the job: plain names and values only")
+            if not _ENV_NAME.match(name) or not _ENV_PRINTABLE.match(value):
+                raise RequestError(f"cannot pass {name!r} to the job: plain names and printable values only")
+            if is_secret(name, value):
+                raise RequestError(f"cannot pass {name!r} to the job: it is a secret (put it in"
+                                   " ~/.clowder-hpc-agent/env)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,7 @@ class TaskStatus:
     exit_status: Optional[int] = None
     start_time: Optional[float] = None  # epoch seconds
     end_time: Optional[float] = None
+    output_path: Optional[str] = None  # the task's stdout (+stderr) file where the scheduler wrote it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +135,20 @@ class Scheduler:
     job_id_pattern = re.compile(r"(\S+)")
     query_timeout = 60.0
     submit_timeout = 120.0
+    #: True when a job inherits the submitter's environment (sbatch); False: the launcher must pass
+    #: every agent setting itself (PBS, Torque: qsub -v)
+    exports_submit_env = False
+
+    def env_list(self, env: Mapping[str, str]) -> str:
+        """``env`` as one comma-separated ``NAME=value`` list (qsub -v, sbatch --export).
+
+        This base form cannot quote: a value with a comma, a space or a quote is a RequestError.
+        """
+        for name, value in env.items():
+            if not _ENV_VALUE.match(value):
+                raise RequestError(f"cannot pass {name}={value!r} to a {self.name} job: plain values"
+                                   " only (no commas, spaces or quotes)")
+        return ",".join(f"{k}={v}" for k, v in sorted(env.items()))
 
     # ---- to fill in
     def submit_argv(self, req: SubmitRequest) -> List[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from hpc_common.walltime import format_walltime
 from launcher.errors import RequestError
@@ -58,6 +58,13 @@ def _exit_status(entry: dict) -> Optional[int]:
         raise QueryFailed(f"PBS: bad Exit_status {value!r}") from None
 
 
+def _int_or_none(value) -> Optional[int]:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _task_from_entry(index: int, entry: dict, letter_table: Dict[str, JobState],
                      finished: frozenset, finished_state) -> TaskStatus:
     if not isinstance(entry, dict):
@@ -65,7 +72,7 @@ def _task_from_entry(index: int, entry: dict, letter_table: Dict[str, JobState],
     raw = str(entry.get("job_state", "")).strip()
     exit_status = _exit_status(entry)
     if raw in finished:
-        state = finished_state(exit_status)
+        state = finished_state(exit_status, _int_or_none(entry.get("substate")))
     elif raw in letter_table:
         state = letter_table[raw]
     else:
@@ -74,7 +81,16 @@ def _task_from_entry(index: int, entry: dict, letter_table: Dict[str, JobState],
     end = None
     if state.terminal:
         end = parse_ctime(entry.get("obittime") or entry.get("comp_time") or entry.get("mtime"))
-    return TaskStatus(index, state, raw, exit_status, start, end)
+    return TaskStatus(index, state, raw, exit_status, start, end, _output_path(entry))
+
+
+def _output_path(entry: dict) -> Optional[str]:
+    """The file the task's output was copied to: ``Output_Path`` is ``host:/path``."""
+    value = entry.get("Output_Path")
+    if not isinstance(value, str) or ":" not in value:
+        return None
+    path = value.split(":", 1)[1]
+    return path if path.startswith("/") else None
 
 
 class PBSPro(Scheduler):
@@ -84,18 +100,24 @@ class PBSPro(Scheduler):
     detect_commands = ("qsub", "qstat", "qdel")
     job_id_pattern = re.compile(r"^(\d+(?:\[\])?(?:\.[\w.-]+)?)$")
 
-    def __init__(self, history: bool = True) -> None:
+    def __init__(self, history: bool = True, bin_dir: Optional[str] = None) -> None:
         #: use ``qstat -x`` (only useful where the server keeps job history)
         self.history = history
+        #: PBS's own bin folder (hpc_common.pbs_conf): Slurm's wrappers of the same names may
+        #: come first on PATH. None: the names as they are, found on the target's PATH.
+        self.bin_dir = bin_dir
+
+    def _cmd(self, name: str) -> str:
+        return f"{self.bin_dir}/{name}" if self.bin_dir else name
 
     def submit_argv(self, req: SubmitRequest) -> List[str]:
-        argv = ["qsub", "-N", req.job_name, "-l", f"walltime={format_walltime(req.walltime_s)}"]
-        if req.tasks > 1:
-            # A one-element array (-J 1-1) is rejected by PBS Pro: one task is a plain job.
-            spec = f"1-{req.tasks}"
-            if req.max_running:
-                spec += f"%{req.max_running}"
-            argv += ["-J", spec]
+        argv = [self._cmd("qsub"), "-N", req.job_name, "-l", f"walltime={format_walltime(req.walltime_s)}"]
+        # PBS rejects a one-element array (-J 1-1), and with no -J the script's own `#PBS -J 1-4`
+        # would apply: one task is the one-subjob array 1-2:2 (index 1 only).
+        spec = f"1-{req.tasks}" if req.tasks > 1 else "1-2:2"
+        if req.max_running and req.tasks > 1:
+            spec += f"%{req.max_running}"
+        argv += ["-J", spec]
         if req.queue:
             argv += ["-q", req.queue]
         if req.account:
@@ -104,13 +126,23 @@ class PBSPro(Scheduler):
             c = req.cores_per_task
             argv += ["-l", f"select=1:ncpus={c}:mpiprocs={c}"]
         if req.env:
-            argv += ["-v", ",".join(f"{k}={v}" for k, v in sorted(req.env.items()))]
+            argv += ["-v", self.env_list(req.env)]
         argv.append(req.script)
         return argv
 
+    def env_list(self, env: Mapping[str, str]) -> str:
+        """``qsub -v`` list: a value holding a comma is single-quoted (qsub keeps it whole and
+        strips the quotes); a value holding a quote cannot be carried."""
+        parts = []
+        for name, value in sorted(env.items()):
+            if "'" in value or '"' in value:
+                raise RequestError(f"cannot pass {name}={value!r} to a PBS job: qsub -v cannot carry quotes")
+            parts.append(f"{name}='{value}'" if "," in value else f"{name}={value}")
+        return ",".join(parts)
+
     def status_argv(self, job_id: str) -> List[str]:
         # One id per call: several ids in one qstat -F json can print invalid JSON (openpbs#2672).
-        argv = ["qstat", "-f", "-F", "json", "-t"]
+        argv = [self._cmd("qstat"), "-f", "-F", "json", "-t"]
         if self.history:
             argv.append("-x")
         return argv + [job_id]
@@ -178,14 +210,14 @@ class PBSPro(Scheduler):
 
     def cancel_argv(self, job_id: str, indices: Optional[Sequence[int]] = None) -> List[str]:
         if not indices:
-            return ["qdel", job_id]
+            return [self._cmd("qdel"), job_id]
         _, index, _ = split_job_id(job_id)
         if index is None:  # a one-task plain job
-            return ["qdel", job_id]
-        return ["qdel", *(subjob_id(job_id, i) for i in sorted(set(indices)))]
+            return [self._cmd("qdel"), job_id]
+        return [self._cmd("qdel"), *(subjob_id(job_id, i) for i in sorted(set(indices)))]
 
     def find_argv(self, job_name: str) -> List[str]:
-        return ["qselect", "-N", job_name] + (["-x"] if self.history else [])
+        return [self._cmd("qselect"), "-N", job_name] + (["-x"] if self.history else [])
 
     def parse_find(self, job_name: str, stdout: str) -> List[str]:
         return parse_qselect(stdout)

@@ -60,6 +60,7 @@ class Slurm(Scheduler):
     name = "slurm"
     detect_commands = ("sbatch", "squeue", "scancel")
     job_id_pattern = re.compile(r"^(\d+)(?:;\S+)?$")
+    exports_submit_env = True  # --export=ALL: the job sees the submitter's environment
 
     def submit_argv(self, req: SubmitRequest) -> List[str]:
         spec = f"1-{req.tasks}"
@@ -74,8 +75,7 @@ class Slurm(Scheduler):
         if req.cores_per_task:
             argv += ["--nodes=1", f"--ntasks={req.cores_per_task}"]
         if req.env:
-            argv.append("--export=" + ",".join(
-                ["ALL"] + [f"{k}={v}" for k, v in sorted(req.env.items())]))
+            argv.append("--export=ALL," + self.env_list(req.env))
         argv.append(req.script)
         return argv
 

@@ -11,7 +11,7 @@ from launcher.schedulers.base import (
     JobStatus, QueryFailed, Scheduler, SubmitRequest, TaskStatus, format_ranges,
 )
 from launcher.schedulers.pbs import _task_from_entry, parse_qselect, split_job_id
-from launcher.states import TORQUE_FINISHED, TORQUE_STATES, torque_finished_state
+from launcher.states import TORQUE_FINISHED, TORQUE_STATES, JobState, torque_finished_state
 
 
 class Torque(Scheduler):
@@ -34,7 +34,7 @@ class Torque(Scheduler):
         if req.cores_per_task:
             argv += ["-l", f"nodes=1:ppn={req.cores_per_task}"]
         if req.env:
-            argv += ["-v", ",".join(f"{k}={v}" for k, v in sorted(req.env.items()))]
+            argv += ["-v", self.env_list(req.env)]
         argv.append(req.script)
         return argv
 
@@ -71,13 +71,13 @@ class Torque(Scheduler):
                 continue
             if index:  # array task
                 tasks[int(index)] = _task_from_entry(
-                    int(index), entry, TORQUE_STATES, TORQUE_FINISHED, torque_finished_state)
+                    int(index), entry, TORQUE_STATES, TORQUE_FINISHED, _finished)
             elif index is None:
                 plain = entry
             # index == "": an array summary line (qstat without -t): tasks carry the details
         if not tasks and plain is not None:
             tasks[1] = _task_from_entry(1, plain, TORQUE_STATES, TORQUE_FINISHED,
-                                        torque_finished_state)
+                                        _finished)
         if not tasks:
             return JobStatus(job_id, {}, missing=True)
         return JobStatus(job_id, tasks)
@@ -92,3 +92,8 @@ class Torque(Scheduler):
 
     def parse_find(self, job_name: str, stdout: str) -> List[str]:
         return parse_qselect(stdout)
+
+
+def _finished(exit_status: Optional[int], _substate: Optional[int]) -> JobState:
+    """Torque's finished state depends on the exit status alone."""
+    return torque_finished_state(exit_status)

@@ -138,6 +138,40 @@ def require_slurm() -> None:
         unavailable(problem)
 
 
+PBS_BIN = Path("/opt/pbs/bin")
+PBS_USER = "pbsuser"
+PBS_HOST = "pbshost"
+
+
+@functools.lru_cache(maxsize=None)
+def _pbs_problem() -> Optional[str]:
+    qstat = PBS_BIN / "qstat"
+    if not os.access(qstat, os.X_OK):
+        return f"OpenPBS is not installed ({qstat} missing: scripts/install.sh builds it)"
+    try:
+        out = _run([str(qstat), "-B"])
+        nodes = _run([str(PBS_BIN / "pbsnodes"), PBS_HOST])
+        user = _run(["id", "-u", PBS_USER])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"OpenPBS did not answer: {exc}"
+    if out.returncode != 0:
+        return f"the OpenPBS server does not answer 'qstat -B' (exit {out.returncode}): {out.stderr.strip()}"
+    state = next((line.split("=", 1)[1].strip() for line in nodes.stdout.splitlines()
+                  if line.strip().startswith("state =")), "?")
+    if state not in ("free", "job-busy", "job-exclusive"):
+        return f"OpenPBS node {PBS_HOST} is not usable (state {state})"
+    if user.returncode != 0:
+        return f"no ordinary user {PBS_USER} to submit as (root may not submit to PBS)"
+    return None
+
+
+def require_pbs() -> None:
+    """The OpenPBS server answers, its node is usable and the user jobs are submitted as exists."""
+    problem = _pbs_problem()
+    if problem:
+        unavailable(problem)
+
+
 def mpiexec_path() -> Path:
     """The mpiexec to use in tests: the venv's (MPICH wheel), never Debian's mpiexec.slurm."""
     return VENV_BIN / "mpiexec"

@@ -255,3 +255,34 @@ def test_status_collect_and_render(parts):
     text = render(data)
     assert "ready 25" in text and "queued 3" in text and "scale_up" in text
     assert len(text.splitlines()) < 25
+
+
+def test_failed_task_says_why_from_its_output(parts, tmp_path):
+    """A failed task's last output line is kept (read once) and shown by status, redacted."""
+    from launcher.status import collect, render
+    launcher, sched, clock, _ = parts
+    job, _ = launcher.submit(Request(2))
+    out = tmp_path / "job.o1"
+    out.write_text("agent_task: task 1 on n1\nagent: cannot reach amqp://u:hunter2@mq/ (refused)\n\n")
+    sched.jobs[job][1] = TaskStatus(1, JobState.FAILED, "F", 4, clock.t, clock.t, output_path=str(out))
+    sched.jobs[job][2] = TaskStatus(2, JobState.FAILED, "F", 2, clock.t, clock.t,
+                                    output_path=str(tmp_path / "absent"))
+    clock.t += 10
+    assert launcher.refresh()
+    out.write_text("changed later\n")  # settled: not read again
+    launcher.refresh()
+    data = collect(launcher, "q", "amqp://u:***@h/", True)
+    why = {f["index"]: f["why"] for f in data["failed_tasks"]}
+    assert why == {1: "agent: cannot reach amqp://u:***@mq/ (refused)", 2: "exit 2"}
+    assert f"failed     {job} task 1: agent: cannot reach" in render(data) and "hunter2" not in render(data)
+
+
+def test_schema_3_ledger_gains_the_why_column(tmp_path):
+    path = tmp_path / "old.sqlite"
+    ledger = Ledger(path)
+    ledger.db.execute("ALTER TABLE tasks DROP COLUMN why")
+    ledger.db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    ledger.close()
+    ledger = Ledger(path)
+    assert "why" in {r[1] for r in ledger.db.execute("PRAGMA table_info(tasks)")}
+    assert ledger.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"

@@ -56,10 +56,11 @@ def test_pbs_submit_argv():
         "/s/agent_array.pbs"]
 
 
-def test_pbs_one_task_is_a_plain_job():
+def test_pbs_one_task_is_a_one_subjob_array():
     import dataclasses
     argv = PBSPro().submit_argv(dataclasses.replace(REQ, tasks=1, max_running=None))
-    assert "-J" not in argv
+    # -J 1-1 is illegal, and without -J the script's own #PBS -J would apply
+    assert argv[argv.index("-J") + 1] == "1-2:2"
 
 
 def test_torque_submit_argv():
@@ -83,9 +84,9 @@ def test_submit_request_rejects_odd_names(field, value):
         dataclasses.replace(REQ, **{field: value})
 
 
-def test_submit_request_rejects_env_with_separators():
+def test_submit_request_rejects_secrets_in_env():
     import dataclasses
-    with pytest.raises(ValueError, match="plain"):
+    with pytest.raises(ValueError, match="secret"):
         dataclasses.replace(REQ, env={"RABBITMQ_URI": "amqp://u:p@h/a,b"})
 
 

@@ -147,3 +147,11 @@ def test_no_flip_flop_between_submit_and_cancel_in_any_window():
 def test_decide_is_pure():
     o = obs(ready=50)
     assert decide(o, None, POLICY, CAPS, usage()) == decide(o, None, POLICY, CAPS, usage())
+
+
+def test_files_per_task_caps_what_the_walltime_would_allow():
+    """--files-per-task 10 is honoured even when the agents' measured per-file time is tiny."""
+    assert Policy(walltime_s=3600, files_per_task=10).task_capacity(0.02) == 10
+    assert Policy(walltime_s=3600, files_per_task=10).task_capacity(600.0) == 5  # fewer fit
+    assert Policy(walltime_s=3600).task_capacity(0.5) == 6480  # walltime * 0.9 / per-file time
+    assert Policy(walltime_s=3600).task_capacity(None) == 50
