@@ -48,22 +48,9 @@ def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:
         try:
             if entry.get("container") is not None:
                 parse_container(entry["container"])
-            if entry.get("env") is not None:
-                plugin_env_values(entry["env"])
         except ValueError as exc:
             raise ValueError(f"plugin {name}: {exc}") from None
-    return out
-
-
-def plugin_env_values(value: Any) -> dict[str, str]:
-    """A plugin's `env:` mapping as str: str (ValueError for a non-mapping or a nested value)."""
-    if not isinstance(value, Mapping):
-        raise ValueError("env: expected a mapping of NAME: value")
-    out = {}
-    for key, val in value.items():
-        if isinstance(val, (Mapping, list, tuple)) or not str(key):
-            raise ValueError(f"env: {key}: expected a plain value")
-        out[str(key)] = "" if val is None else str(val)
+    # `env:` is checked by the settings' own check (agent.extractor_env.plugin_env_problem).
     return out
 
 

@@ -24,17 +24,7 @@ LAYER_SRC="$REPO/tests/plugins/container_probe"
 # The ENV lines of the Dockerfile this layer stands for (JSON), as ch-image would record them.
 LAYER_ENV='{"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PROBE_IMAGE_DEFAULT": "from the image ENV", "PROBE_OVERRIDDEN": "image default"}'
 
-die() { echo "build_test_image.sh: error: $*" >&2; exit 1; }
-quiet() {
-    local log rc
-    log="$(mktemp)"
-    if "$@" >"$log" 2>&1; then rm -f "$log"; return 0; fi
-    rc=$?
-    echo "build_test_image.sh: command failed (exit $rc): $*" >&2
-    tail -n 40 "$log" >&2
-    rm -f "$log"
-    return "$rc"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/script_helpers.sh"  # die, quiet
 
 command -v mmdebstrap >/dev/null || die "mmdebstrap not installed (apt-get install mmdebstrap)"
 command -v ch-run >/dev/null || die "ch-run not installed (apt-get install charliecloud-runtime)"

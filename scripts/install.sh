@@ -18,23 +18,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-die() { echo "install.sh: error: $*" >&2; exit 1; }
-
-# Run a command quietly; show its output only if it fails.
-quiet() {
-    local log rc
-    log="$(mktemp)"
-    if "$@" >"$log" 2>&1; then
-        rm -f "$log"
-        return 0
-    else
-        rc=$?
-        echo "install.sh: command failed (exit $rc): $*" >&2
-        tail -n 40 "$log" >&2
-        rm -f "$log"
-        return "$rc"
-    fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/script_helpers.sh"  # die, quiet
 
 APT_PACKAGES=(rabbitmq-server slurm-wlm slurm-wlm-torque munge openssh-server openssh-client openssl
               iproute2 procps chromium imagemagick charliecloud-runtime mmdebstrap)

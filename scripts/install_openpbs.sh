@@ -18,18 +18,7 @@ VERSION=23.06.06
 PBS_EXEC=/opt/pbs
 PBS_HOME=/var/spool/pbs
 
-die() { echo "install_openpbs.sh: error: $*" >&2; exit 1; }
-
-quiet() {  # run quietly; show the tail of the output only on failure
-    local log rc
-    log="$(mktemp)"
-    if "$@" >"$log" 2>&1; then rm -f "$log"; return 0; fi
-    rc=$?
-    echo "install_openpbs.sh: command failed (exit $rc): $*" >&2
-    tail -n 40 "$log" >&2
-    rm -f "$log"
-    return "$rc"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/script_helpers.sh"  # die, quiet
 
 installed() {
     [[ -x $PBS_EXEC/sbin/pbs_server && -d $PBS_HOME/mom_priv && -f /etc/pbs.conf ]] || return 1

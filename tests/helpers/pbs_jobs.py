@@ -14,12 +14,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 from helpers.services import PBS_BIN, PBS_USER, REPO, unavailable
+from helpers.slurm_jobs import wait_for
 
 WORK_BASE = Path("/tmp/clowder-pbs-tests")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"  # util-linux; /usr/sbin may be off PATH
@@ -121,14 +121,6 @@ def subjobs(job_id: str) -> Dict[int, dict]:
     return {int(v["array_index"]): v for k, v in qstat(job_id).items() if k != job_id and "array_index" in v}
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.5) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def wait_finished(job_id: str, timeout: float) -> dict:
