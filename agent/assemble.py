@@ -81,7 +81,6 @@ def assemble(cfg: AgentConfig, plans: list[PluginPlan], launches: list[tuple[dic
     from .slots import Slot, StagedSlot
 
     forced = dict(kind.forced)
-    group_cfg = dataclasses.replace(cfg, **forced)
     runners: list[Runner] = []
     owner = None
     several = len(plans) > 1
@@ -107,7 +106,7 @@ def assemble(cfg: AgentConfig, plans: list[PluginPlan], launches: list[tuple[dic
                  plan.queue, own.slots)
         runners.append(Runner(own, source, make_slot, ctx.redactor, end_time=ctx.end_time, margin=ctx.margin,
                               identity=ctx.identity_label, stage_init=stage_init))
-    return RunnerGroup(runners, group_cfg.idle_exit, time.monotonic)
+    return RunnerGroup(runners, forced.get("idle_exit", cfg.idle_exit), time.monotonic)
 
 
 def _staging(cfg: AgentConfig, init: dict[str, Any], under_mpi: bool) -> tuple[AgentConfig, Optional[dict[str, Any]]]:

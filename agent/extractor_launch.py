@@ -39,13 +39,12 @@ BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); module = sys.argv[2
         "runpy.run_module(module, run_name='__main__', alter_sys=True)")
 
 
-def docker_env_for_process(spec: PluginSpec) -> dict[str, str]:
-    """The Dockerfile ENV values the extractor process may get (the protected names left out, and said)."""
-    kept, skipped = extractor_env.dockerfile_env(spec)
+def _say_not_applied(spec: PluginSpec) -> None:
+    """Log the Dockerfile ENV names the extractor process does not get (agent.extractor_env decides)."""
+    skipped = extractor_env.dockerfile_env(spec)[1]
     if skipped:
         log.info("%s: Dockerfile ENV %s not applied (the agent's own settings or this host's)", spec.name,
                  ", ".join(skipped))
-    return kept
 
 
 def may_build(cfg: AgentConfig, spec: PluginSpec) -> bool:
@@ -65,7 +64,7 @@ def apply(cfg: AgentConfig, spec: PluginSpec, init: dict[str, Any],
     plugin's own values are put in by agent.extractor_env.resolve (ConfigError: a plugins table
     env the agent refuses).
     """
-    docker_env_for_process(spec)  # says which Dockerfile ENV names are not applied
+    _say_not_applied(spec)
     entries = extractor_env.resolve(cfg, spec, env)
     env = extractor_env.values(entries)
     # The values reach the process through its environment; the frame need not carry them
