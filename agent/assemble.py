@@ -4,9 +4,11 @@
          -> under MPI: join the allocation (agent.mpi_ranks); a rank that is not its group's
             leader only serves files and never gets here past that
          -> the in-flight journal when the source uses one
-         -> per plugin: a work source (agent.sources.registry; further AMQP queues ride on the
-            first one's connection), its slots, its Runner
-         -> one RunnerGroup drives them all (one plugin is a group of one)
+         -> the agent's event loop (agent.event_loop): the RabbitMQ connection every AMQP queue
+            rides on, or a select() loop for the other sources (the source kind's `loop`)
+         -> per plugin: a work source (agent.sources.registry), its slots (watched by the loop),
+            its Runner
+         -> one RunnerGroup turns the loop and drives them all (one plugin is a group of one)
 
 `assemble` builds the group from open resources; `run` owns those resources (MPI group, journal)
 and turns the group's end into the process's exit code.
@@ -24,6 +26,7 @@ from hpc_common.redact import Redactor
 
 from . import exitcodes, extractor_launch
 from .config import AgentConfig, ConfigError
+from .event_loop import EventLoop, Post
 from .plugin_set import PluginPlan
 from .runner import Runner
 from .runner_group import RunnerGroup
@@ -73,40 +76,36 @@ def run(cfg: AgentConfig, plans: list[PluginPlan], ctx: TaskContext, mpi: bool) 
 
 def assemble(cfg: AgentConfig, plans: list[PluginPlan], launches: list[tuple[dict[str, Any], dict[str, str]]],
              kind: SourceKind, agent_id: str, journal: Any, ctx: TaskContext, ranks: Any = None) -> RunnerGroup:
-    """A Runner per plugin (its source, its slots) under one RunnerGroup.
+    """A Runner per plugin (its source, its slots) under one RunnerGroup, around one event loop.
 
     launches: each plan's extractor init frame and environment; ranks: the MPI leader (its lanes are
-    the Runners' slots) or None. With several plugins on AMQP the first source owns the connection.
+    the Runners' slots) or None.
     """
     from .slots import Slot, StagedSlot
 
     forced = dict(kind.forced)
     runners: list[Runner] = []
-    owner = None
-    several = len(plans) > 1
+    loop: EventLoop = kind.make_loop(cfg, agent_id)
     for number, (plan, (init, env)) in enumerate(zip(plans, launches)):
         # idle exit is the group's (every queue idle); what the source forces applies to each plugin
         own = dataclasses.replace(plan.cfg, **dict(forced, idle_exit=0.0))
         if ranks is not None:
             own = ranks.leader_config(own, number)
         own, stage_init = _staging(own, init, ranks is not None)
-        source = kind.build(SourceRequest(own, plan.queue, agent_id, journal, shared=several and owner is None,
-                                          joins=owner))
-        owner = owner or source
+        source = kind.build(SourceRequest(own, plan.queue, agent_id, journal, loop))
         slot_class = StagedSlot if stage_init is not None else Slot
 
-        def make_slot(index: int, post: Any, on_frame: Any, init: Any = init, env: Any = env, number: int = number,
-                      source: Any = source, slot_class: Any = slot_class) -> Any:
+        def make_slot(index: int, on_frame: Any, init: Any = init, env: Any = env, number: int = number,
+                      slot_class: Any = slot_class) -> Any:
             if ranks is not None:
-                return ranks.make_slot(index, post, on_frame, number)
-            return slot_class(index, init, post, on_frame, ctx.redactor, env=env,
-                              watcher=source if source.watches_fds else None)
+                return ranks.make_slot(index, Post(loop), on_frame, number)
+            return slot_class(index, init, loop, on_frame, ctx.redactor, env=env)
 
         log.info("agent %s: plugin %s (%s), queue %s, %d slot(s)", agent_id, plan.spec.name, plan.spec.folder,
                  plan.queue, own.slots)
         runners.append(Runner(own, source, make_slot, ctx.redactor, end_time=ctx.end_time, margin=ctx.margin,
-                              identity=ctx.identity_label, stage_init=stage_init))
-    return RunnerGroup(runners, forced.get("idle_exit", cfg.idle_exit), time.monotonic)
+                              identity=ctx.identity_label, stage_init=stage_init, loop=loop))
+    return RunnerGroup(runners, forced.get("idle_exit", cfg.idle_exit), time.monotonic, loop)
 
 
 def _staging(cfg: AgentConfig, init: dict[str, Any], under_mpi: bool) -> tuple[AgentConfig, Optional[dict[str, Any]]]:

@@ -7,18 +7,19 @@ is written as JSON under the output folder, one file per input, with its status 
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import mimetypes
 import os
-import queue
 import secrets
-from typing import Any, Callable
+from typing import Any
 
 from hpc_common.redact import Redactor
 
 from . import exitcodes, extractor_launch, image_plugins
 from .config import AgentConfig, ConfigError
+from .event_loop import SelectLoop
 from .frames import KIND, Kind, Outcome, result as job_result
 from .local_clowder import LocalClowder
 from .logs import setup_logging
@@ -59,14 +60,17 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
     os.makedirs(out_dir, exist_ok=True)
     key = secrets.token_hex(16)
     redactor.add(key)
-    frames: "queue.Queue[dict[str, Any]]" = queue.Queue()
+    frames: "collections.deque[dict[str, Any]]" = collections.deque()
     failures = 0
+    loop = SelectLoop()  # this thread reads the extractor's frames, as an agent's main thread does
+
+    def next_frame() -> dict[str, Any]:
+        while not frames:
+            loop.run_once(0.5)
+        return frames.popleft()
+
     with LocalClowder(key) as clowder:
-
-        def post(fn: Callable[[], None]) -> None:
-            fn()
-
-        slot = Slot(0, init, post, lambda _s, f: frames.put(f), redactor, env=env)
+        slot = Slot(0, init, loop, lambda _s, f: frames.append(f), redactor, env=env)
         slot.start()
         try:
             slot.wait_ready(timeout=120)
@@ -82,7 +86,7 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
                             number)
                 statuses, outcome = [], job_result(Outcome.ERROR, "no answer")
                 while True:
-                    frame = frames.get()
+                    frame = next_frame()
                     if frame[KIND] == Kind.STATUS:
                         statuses.append(redactor(frame["payload"]["status"]))
                         continue
@@ -106,4 +110,5 @@ def run_local(cfg: AgentConfig, out_dir: str, files: list[str]) -> int:
                 log.info("%s: %s -> %s", name, result["outcome"], target)
         finally:
             slot.close()
+            loop.close()
     return exitcodes.OK if failures == 0 else exitcodes.LOCAL_FAILURES

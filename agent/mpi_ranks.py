@@ -193,7 +193,7 @@ def join_allocation(cfg: AgentConfig, plugins: list[RankPlugin], redactor: Redac
 # The leader: the Runner's slots are lanes; jobs go to ranks.
 # ---------------------------------------------------------------------------------------------
 class LaneSlot:
-    """One Runner slot: one job at a time, run by whichever rank the leader picks."""
+    """One Runner slot (an agent.slots.ExtractorSlot): one job at a time, run by whichever rank the leader picks."""
 
     def __init__(self, index: int, leader: "Leader", plugin: int = 0) -> None:
         self.index = index  # the lane: plugin * LANE_STRIDE + the Runner's slot number
@@ -215,7 +215,8 @@ class LaneSlot:
         self.started_at = time.monotonic()
         self._leader.assign(self.index, body, job_number)
 
-    def kill(self) -> None:
+    def kill(self, reason: Optional[str] = None) -> None:
+        """Kill the job on its rank; the rank's "died" frame follows (the reason is the rank's)."""
         self._leader.kill(self.index)
 
     def close(self) -> None:

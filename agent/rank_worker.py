@@ -3,7 +3,9 @@
 A rank's RankWorker receives jobs tagged with a *lane* (the leader's slot number), runs them one
 at a time per extractor process through agent.slots.Slot, and reports every frame back with its
 lane. It knows nothing about MPI or the broker: the leader rank drives it directly for its own
-extractor and over MPI for the other ranks (agent.mpi_ranks).
+extractor and over MPI for the other ranks (agent.mpi_ranks). Its extractors' pipes are read by
+its own event loop (agent.event_loop), turned by one thread: jobs and kills from other threads
+are posted to it, so only that thread writes to an extractor.
 
 With stage-ahead, a rank holds one more job per extractor than it runs: that job's file and file
 info are fetched (agent.stage_pool, under this worker's lock) while the current one is
@@ -19,6 +21,7 @@ from typing import Any, Callable, Optional
 from hpc_common.redact import Redactor
 
 from . import frames
+from .event_loop import SelectLoop
 from .frames import Kind
 from .slots import Slot, StagedSlot
 from .stage_pool import StagePool
@@ -51,10 +54,14 @@ class RankWorker:
         self.fatal: Optional[str] = None
         self.ready = threading.Event()
         self._closed = False
+        self._ended = False
+        self._posted = 0  # jobs submitted, not yet taken by the loop's thread
+        self._loop = SelectLoop()
         self._stager = StagePool(init, extractors, self._locked, self._feed) if self.stage_ahead else None
         slot_cls = StagedSlot if self.stage_ahead else Slot
-        self._slots = [slot_cls(i, init, self._now, self._on_child_frame, redactor, env=env)
+        self._slots = [slot_cls(i, init, self._loop, self._on_child_frame, redactor, env=env)
                        for i in range(extractors)]
+        self._turner = threading.Thread(target=self._turn, name="rank-extractors", daemon=True)
 
     @property
     def capacity(self) -> int:
@@ -63,6 +70,7 @@ class RankWorker:
 
     # -- control (any thread) --------------------------------------------------------------------
     def start(self) -> None:
+        self._turner.start()
         for slot in self._slots:
             slot.start()
         if self._stager is not None:
@@ -79,15 +87,27 @@ class RankWorker:
             self._on_ready(self.info, self.fatal or "")
 
     def submit(self, lane: int, number: int, body: dict[str, Any]) -> None:
+        """Queue a job (any thread): it starts as soon as an extractor (and its staged file) is free."""
         job = _Job(lane, number, body)
         with self._lock:
+            self._posted += 1
+        self._loop.call_soon(lambda: self._submitted(job))
+
+    def _submitted(self, job: _Job) -> None:
+        with self._lock:
+            self._posted -= 1
+            if self._closed:
+                return
             if self._stager is not None:
-                self._stager.take(job, body)
+                self._stager.take(job, job.body)
             self._waiting.append(job)
             self._feed()
 
     def kill(self, lane: int) -> None:
-        """Stop the lane's job: kill its extractor if it runs, drop it if it still waits."""
+        """Stop the lane's job (any thread): kill its extractor if it runs, drop it if it still waits."""
+        self._loop.call_soon(lambda: self._kill(lane))
+
+    def _kill(self, lane: int) -> None:
         with self._lock:
             for index, job in self._running.items():
                 if job.lane == lane:
@@ -102,7 +122,7 @@ class RankWorker:
 
     def load(self) -> int:
         with self._lock:
-            return len(self._waiting) + len(self._running)
+            return len(self._waiting) + len(self._running) + self._posted
 
     def close(self) -> None:
         with self._lock:
@@ -111,23 +131,30 @@ class RankWorker:
                 self._drop(job)
             self._waiting.clear()
         for slot in self._slots:
-            slot.close()
+            self._loop.call_soon(slot.close)
 
     def join(self, timeout: float) -> None:
         """Wait (up to timeout) for the extractor processes to exit after close()."""
         for slot in self._slots:
             slot._thread.join(timeout)
+        self._ended = True
+        self._loop.wake()
+        self._turner.join(timeout)
         if self._stager is not None:
             with self._lock:
                 self._stager.close()  # its threads stop and its folder goes, with any file left in it
 
-    # -- internals ---------------------------------------------------------------------------------
-    @staticmethod
-    def _now(fn: Callable[[], None]) -> None:
-        fn()
+    # -- internals (the loop's thread) -------------------------------------------------------------
+    def _turn(self) -> None:
+        while not self._ended:
+            self._loop.run_once(0.5)
+        self._loop.close()
 
     def _locked(self, fn: Callable[[], None]) -> None:
-        """The stage pool's `post`: its changes of state happen under this worker's lock."""
+        """What the stage pool posts: run on the loop's thread, under this worker's lock."""
+        self._loop.call_soon(lambda: self._run_locked(fn))
+
+    def _run_locked(self, fn: Callable[[], None]) -> None:
         with self._lock:
             fn()
 

@@ -1,9 +1,10 @@
 """One plugin's share of the agent: deliveries in, extractor slots busy, every message settled once.
 
-agent.runner_group runs the loop (one plugin is a group of one) and calls each Runner's step().
-All message state lives on the main thread, which also drives the work source (the broker
-client is not thread-safe). Slots hand frames back through `post` (from their threads, or from
-the source's event loop when it reads the extractors' pipes itself). The rules, in one place:
+agent.runner_group turns the agent's event loop (agent.event_loop; one plugin is a group of
+one) and calls each Runner's step(): it takes what the work source received and does what is
+due. All message state lives on the main thread: slots hand their extractor's frames to it
+through the loop, the source only takes and settles. Time-driven chores that touch no message
+(registration, activity reports, orphan recovery) are agent.duties'. The rules, in one place:
 
 - A message is acknowledged only after its extractor reported success, that is after pyclowder
   finished its uploads; status replies go to the message's reply_to as they happen.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import signal
 import time
 from dataclasses import dataclass
@@ -39,34 +39,24 @@ from typing import Any, Callable, Optional
 
 import pyclowder.utils
 
-from hpc_common import reports
 from hpc_common.messages import ATTEMPTS
 from hpc_common.redact import Redactor
 
 from . import exitcodes, frames
 from .config import AgentConfig
+from .duties import Duties
+from .event_loop import EventLoop
 from .frames import Kind, Outcome
 from .messages import BadMessage, Delivery, parse_body, status_payload
 from .retry_policy import Action, Attempt, RetrySettings, Settle, attempts_so_far, decide
-from .slots import Slot
+from .slots import ExtractorSlot, OnFrame
 from .stage_pool import StagePool
 from .sources.base import SourceLost, SourceUnavailable, WorkSource
 from .walltime import DurationEstimate, admit
 
 log = logging.getLogger("agent")
-RECOVERY_INTERVAL = 30.0
 STAGE_PATIENCE = 2.0  # seconds a waiting job waits for its stage-ahead before an idle slot takes it without
-
-
-class _Post:
-    """What slots call to hand work to the main thread: post(fn), or post.quiet(fn) for what can wait."""
-
-    def __init__(self, runner: "Runner") -> None:
-        self._post = runner.post
-        self.quiet = runner.post_quiet
-
-    def __call__(self, fn: Callable[[], None]) -> None:
-        self._post(fn)
+MakeSlot = Callable[[int, OnFrame], ExtractorSlot]
 
 
 @dataclass
@@ -87,11 +77,13 @@ class Counters:
 class Runner:
     """Runs one plugin's extractor slots against one work source until told or due to stop."""
 
-    def __init__(self, cfg: AgentConfig, source: WorkSource, make_slot: Callable[..., Slot],
+    def __init__(self, cfg: AgentConfig, source: WorkSource, make_slot: MakeSlot,
                  redactor: Redactor, clock: Callable[[], float] = time.monotonic,
                  end_time: Optional[float] = None, margin: float = 10.0, identity: str = "",
-                 stage_init: Optional[dict[str, Any]] = None) -> None:
-        """end_time: epoch seconds when the batch task will be killed (None: no limit).
+                 stage_init: Optional[dict[str, Any]] = None, loop: Optional[EventLoop] = None) -> None:
+        """make_slot(index, on_frame): one of this plugin's slots; end_time: epoch seconds when the batch
+        task will be killed (None: no limit); loop: the agent's event loop (the source's wake-ups,
+        the stage-ahead's calls from its threads).
 
         stage_init: the extractor's init frame when waiting deliveries are staged ahead
         (agent.stage_pool; make_slot must then give StagedSlots), None for no stage-ahead.
@@ -104,9 +96,8 @@ class Runner:
         self.source = source
         self.redactor = redactor
         self._clock = clock
-        self._calls: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
-        self._wake_due = False
-        self.slots = [make_slot(i, _Post(self), self._on_frame) for i in range(cfg.slots)]
+        self.loop = loop
+        self.slots = [make_slot(i, self._on_frame) for i in range(cfg.slots)]
         self.pending: collections.deque[tuple[Delivery, dict[str, Any]]] = collections.deque()
         self.backoff: list[tuple[float, Delivery, int, str]] = []
         self.deferred: list[tuple[Delivery, Callable[[], None]]] = []
@@ -118,43 +109,17 @@ class Runner:
         self._stop_deadline: Optional[float] = None
         self._signal: Optional[int] = None
         self._killed_for_stop: set[int] = set()
-        self._report = self._new_report(clock())
+        self.duties = Duties(source, cfg.heartbeat, cfg.clowder_email, identity, len(self.slots), clock())
         self._defers = 0  # consecutive "Clowder unavailable" outcomes, for their backoff
-        self._next_register = 0.0
-        self._next_recovery = 0.0
         self.exit_code = exitcodes.OK
         #: stops that concern the whole agent (this node's scratch is full); agent.runner_group
         #: points it at every plugin's runner
         self.stop_agent: Callable[[str], None] = self.request_stop
-        self.stager = StagePool(stage_init, 2 * cfg.slots, self.post, self._dispatch, on_off=source.inline_off,
-                                patience=STAGE_PATIENCE, clock=clock) if stage_init is not None else None
-
-    # -- cross-thread ----------------------------------------------------------------------------
-    def post(self, fn: Callable[[], None]) -> None:
-        """Run fn on the main thread soon (safe from any thread)."""
-        self._calls.put(fn)
-        # One wake-up per batch: the flag is cleared by the main thread before it drains, and
-        # the call is queued before the flag is read, so a call is never left undrained.
-        if not self._wake_due:
-            self._wake_due = True
-            self.source.wake()
-
-    def post_quiet(self, fn: Callable[[], None]) -> None:
-        """Run fn on the main thread at its next turn, without waking it (safe from any thread).
-
-        For what may wait a poll interval (status updates): they then leave with the next
-        outcome or delivery, in order and in one write, instead of a wake-up and a send each.
-        """
-        self._calls.put(fn)
-
-    def _drain_calls(self) -> None:
-        self._wake_due = False
-        while True:
-            try:
-                fn = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            fn()
+        self.stager = None
+        if stage_init is not None:
+            assert loop is not None, "stage-ahead posts from its threads to the agent's event loop"
+            self.stager = StagePool(stage_init, 2 * cfg.slots, loop.call_soon, self._dispatch,
+                                    on_off=source.inline_off, patience=STAGE_PATIENCE, clock=clock)
 
     # -- lifecycle: the phases agent.runner_group drives (one plugin is a group of one) ----------------
     def start_slots(self) -> None:
@@ -176,8 +141,9 @@ class Runner:
 
     def open_source(self) -> Optional[int]:
         """Begin taking deliveries: None when started, else the exit code (slots closed)."""
+        wake = self.loop.wake if self.loop is not None else (lambda: None)
         try:
-            self.source.start(self._on_delivery, self._on_lost)
+            self.source.open(wake, self._on_lost)
         except SourceUnavailable as exc:
             log.error("%s", exc)
             self._close_slots()
@@ -188,14 +154,13 @@ class Runner:
         return None
 
     def step(self, now: float) -> None:
-        """After a poll of the source: run what slots posted, then the time-driven duties."""
-        self._drain_calls()
-        self._tick(now)
+        """After a turn of the event loop: take what the source received, then do what is due.
 
-    @property
-    def has_calls(self) -> bool:
-        """True when slots posted work the main thread has not run yet."""
-        return not self._calls.empty()
+        SourceUnavailable when the source has been unreachable for too long (the group ends).
+        """
+        for delivery in self.source.take():
+            self._on_delivery(delivery)
+        self._tick(now)
 
     def idle_since(self) -> Optional[float]:
         """When this runner last had work (clock time), None while it has some."""
@@ -226,7 +191,7 @@ class Runner:
         self._close_slots()
         if self.stager is not None:
             self.stager.close()
-        self._publish_report(self._clock())
+        self.duties.report(self._clock())
         self.source.close()
         c = self.counters
         log.info("stopped (%s): %d received, %d succeeded, %d retried, %d dead-lettered, %d handed back",
@@ -248,7 +213,7 @@ class Runner:
             self._settle(delivery, "hand back", lambda d=delivery: self.source.release(d))
             self.counters.handed_back += 1
 
-    def _busy(self) -> list[Slot]:
+    def _busy(self) -> list[ExtractorSlot]:
         return [s for s in self.slots if s.busy_with is not None]
 
     def finished(self) -> bool:
@@ -304,7 +269,7 @@ class Runner:
             self._status(delivery, pyclowder.utils.StatusMessage.error, reason)
         attempts = delivery.attempts if attempts is None else attempts
         self.counters.dead_lettered += 1
-        self._report["dead"] += 1
+        self.duties.activity.dead += 1
         self._settle(delivery, "dead-letter", lambda: self.source.dead_letter(
             delivery, self.redactor(reason), self.redactor(traceback), attempts))
         self._work_done()
@@ -378,7 +343,7 @@ class Runner:
             log.info("%d waiting message(s) returned to the queue by the broker", dropped)
 
     # -- frames from slots -----------------------------------------------------------------------
-    def _on_frame(self, slot: Slot, frame: dict[str, Any]) -> None:
+    def _on_frame(self, slot: ExtractorSlot, frame: dict[str, Any]) -> None:
         kind = frame.get(frames.KIND)
         delivery = slot.busy_with
         if kind == Kind.STATUS:
@@ -406,10 +371,7 @@ class Runner:
             return
         elapsed = self._clock() - slot.started_at
         self.estimate.add(elapsed)
-        self._report["busy"] += elapsed
-        if len(self._report["durations"]) < reports.MAX_DURATIONS:
-            self._report["durations"].append(elapsed)
-        self._report["done" if kind == Kind.DONE and frames.outcome_of(frame) == Outcome.OK else "failed"] += 1
+        self.duties.activity.attempt(elapsed, kind == Kind.DONE and frames.outcome_of(frame) == Outcome.OK)
         if kind == Kind.DIED:
             if slot.index in self._killed_for_stop:
                 # We killed it at the end of the grace period: not the file's fault.
@@ -507,35 +469,13 @@ class Runner:
             todo, self.deferred = self.deferred, []
             for delivery, op in todo:
                 self._settle(delivery, "settle", op)
-        if self.source.connected and now >= self._next_register and self.info:
-            self.source.register(self.info, self.cfg.clowder_email)
-            self._next_register = now + self.cfg.heartbeat
-        if now - self._report["since"] >= reports.REPORT_INTERVAL:
-            self._publish_report(now)
-        if self.source.connected and now >= self._next_recovery:
-            self._next_recovery = now + RECOVERY_INTERVAL
-            self.source.recover_orphans()
+        self.duties.run(now, self.info)
         if not self.source.connected:
             # Without the broker the agent cannot know whether the queue is empty: time spent
             # reconnecting is not idleness (reconnect_timeout bounds it, with exit code 4).
             self._last_activity = now
         if self._stop_reason is not None and self._stop_deadline is not None and now >= self._stop_deadline:
             self._end_grace()
-
-    def _publish_report(self, now: float) -> None:
-        """Tell the launcher what this agent finished since the last report (best effort)."""
-        r = self._report
-        if self.source.connected:
-            self.source.publish_report(reports.report(
-                getattr(self.source, "agent_id", ""), self.source.queue, self.identity, now - r["since"],
-                r["done"], r["failed"], r["busy"], dead_lettered=r["dead"], slots=len(self.slots),
-                durations=r["durations"]))
-        self._report = self._new_report(now)
-
-    @staticmethod
-    def _new_report(now: float) -> dict:
-        """Counters for the next activity report (agent.reports.report)."""
-        return {"done": 0, "failed": 0, "dead": 0, "busy": 0.0, "durations": [], "since": now}
 
     def _retry_due(self, now: float) -> None:
         if not self.backoff:
@@ -556,7 +496,8 @@ class Runner:
         for delivery in held:
             if not delivery.secured and now - delivery.received_at >= limit:
                 try:
-                    self.source.secure(delivery)
+                    delivery.token = self.source.secure(delivery)
+                    delivery.secured = True
                     log.info("message %s in flight for %.0fs: journaled and acknowledged", delivery.file_id,
                              now - delivery.received_at)
                 except SourceLost:

@@ -1,11 +1,12 @@
-"""The agent's one driver: one Runner per plugin, one main loop, one broker connection (one plugin is a
-group of one; under MPI: in the group's leader, each Runner's slots being lanes to the ranks,
-agent.mpi_ranks). agent.assemble builds it.
+"""The agent's one driver: one event loop, one Runner per plugin (one plugin is a group of one; under
+MPI: in the group's leader, each Runner's slots being lanes to the ranks, agent.mpi_ranks).
+agent.assemble builds it.
 
 Each plugin keeps everything a one-plugin agent has (its queue, slots, retries, time limits,
 registration, error queue, walltime estimate): its Runner does exactly what it does alone. What
 this module adds is what belongs to the agent as a whole:
-- one loop polls the shared connection (agent.sources.amqp_shared) and steps every runner;
+- it owns the event loop (agent.event_loop: over the one RabbitMQ connection every AMQP queue rides
+  on, or a select() for other sources) and turns it: wait, run what was posted, step every runner;
 - idle exit: only when every plugin has been idle for idle_exit and no source holds work due soon;
 - signals: SIGTERM/SIGINT stop and SIGUSR1 drains every plugin; a full scratch disk stops them all;
 - the walltime drain is per plugin (each estimates its own files' length) and the agent exits
@@ -20,6 +21,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from . import early_signals, exitcodes
+from .event_loop import EventLoop
 from .runner import Runner
 from .sources.base import SourceUnavailable
 
@@ -27,10 +29,12 @@ log = logging.getLogger("agent")
 
 
 class RunnerGroup:
-    """Drives the runners of every plugin of one agent; the first runner's source owns the connection."""
+    """Turns the agent's event loop and drives the runners of every plugin of one agent."""
 
-    def __init__(self, runners: list[Runner], idle_exit: float, clock: Callable[[], float]) -> None:
+    def __init__(self, runners: list[Runner], idle_exit: float, clock: Callable[[], float],
+                 loop: EventLoop) -> None:
         self.runners = runners
+        self.loop = loop
         self.idle_exit = idle_exit
         self._clock = clock
         self._hold_until = 0.0  # idle, but work is due soon: no idle check before this
@@ -50,18 +54,16 @@ class RunnerGroup:
             if code is not None:
                 self._close_all_slots()
                 return code
-        # Further queues first: they only take their callbacks; the first source then connects and
-        # opens every queue's channel, so no delivery arrives before its runner listens.
-        for runner in self.runners[1:] + self.runners[:1]:
+        for runner in self.runners:  # AMQP: the first connects the loop, the others ride on it
             code = runner.open_source()
             if code is not None:
                 self._close_all_slots()
+                self.loop.close()
                 return code
         self._install_signals()
-        owner = self.runners[0].source
         try:
             while not all(r.finished() for r in self.runners):
-                owner.poll(0.0 if any(r.has_calls for r in self.runners) else 0.25)
+                self.loop.run_once(0.25)
                 now = self._clock()
                 for runner in self.runners:
                     runner.step(now)
@@ -70,8 +72,9 @@ class RunnerGroup:
             for runner in self.runners:
                 runner.source_gone(exc)
         finally:
-            for runner in self.runners[1:] + self.runners[:1]:  # the connection's owner closes it last
+            for runner in self.runners:
                 runner.shutdown()
+            self.loop.close()  # last: the sources' final settles and reports went through it
         return next((r.exit_code for r in self.runners if r.exit_code != exitcodes.OK), exitcodes.OK)
 
     def _close_all_slots(self) -> None:
@@ -102,7 +105,7 @@ class RunnerGroup:
         def handler(signum: int, _frame: Any) -> None:
             for runner in self.runners:
                 runner.signalled(signum)  # each acts on it in its own step, as a one-plugin agent does
-            self.runners[0].source.wake()
+            self.loop.wake()
 
         for signum in early_signals.SIGNALS:
             signal.signal(signum, handler)

@@ -1,16 +1,13 @@
-"""A slot: one extractor process and the thread that starts it.
+"""A slot: one extractor process, read by the agent's event loop, and the thread that starts it.
 
-The agent's main thread owns all message state. The child's frames reach it one of two ways:
+The agent's main thread owns all message state. It writes each job to the child's pipe and
+reads the child's frames itself, when the event loop (agent.event_loop) says the pipe is
+readable: no thread is woken per file, so a file costs the agent no thread switch. The slot's
+thread only starts the child (its handshake blocks), hands its pipes to the loop and, when the
+child dies, waits for it, posts a "died" frame and starts a fresh child for the next job.
 
-- through the work source's wait (a `watcher`: the AMQP source's event loop, the relay source's
-  select()): the main thread writes the job to the child's pipe and reads the child's frames
-  itself, when the source says the pipe is readable. No thread is woken per file, so a file costs
-  the agent no thread switches;
-- otherwise the slot's thread writes the job and forwards every frame the child sends back
-  through `post` (spool and message-file sources, MPI ranks).
-
-Either way the slot's thread starts the child (its handshake blocks) and, when the child dies,
-waits for it, posts a "died" frame and starts a fresh child for the next job.
+Every slot offers the same small interface (ExtractorSlot), which an MPI leader's lanes
+(agent.mpi_ranks.LaneSlot: a rank's extractor, reached over MPI) offer too.
 
 Limits (the init frame's "limits": time_limit seconds, memory_limit MB, recycle_after files) are
 enforced here, next to the process: a watchdog kills a child that runs a job too long or whose
@@ -35,41 +32,50 @@ import psutil
 from hpc_common.redact import Redactor
 
 from . import frames, ipc
+from .event_loop import EventLoop
 from .frames import Kind
 
 log = logging.getLogger("agent.slot")
-Post = Callable[[Callable[[], None]], None]
-OnFrame = Callable[["Slot", dict[str, Any]], None]
+OnFrame = Callable[[Any, dict[str, Any]], None]
 
 
-class FdWatcher(Protocol):
-    """An event loop on the main thread that calls back when a file descriptor is readable."""
+class ExtractorSlot(Protocol):
+    """What the Runner asks of a slot (agent.slots.Slot, an MPI leader's LaneSlot)."""
 
-    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
-        """Call on_readable (main thread, during the source's poll) while fd is readable; the poll
-        returns after the call, so what on_readable posts without a wake-up runs at the next step."""
+    index: int
+    busy_with: Any          # the Delivery it works on (main thread), None when idle
+    started_at: float       # when that job was assigned (monotonic)
 
-    def unwatch(self, fd: int) -> None:
-        """Stop watching fd."""
+    def start(self) -> None:
+        """Begin starting the extractor (its loading runs in parallel with other slots')."""
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Block until the extractor loaded; its extractor_info. RuntimeError with the reason if not."""
+
+    def assign(self, delivery: Any, body: dict[str, Any], job_number: int) -> None:
+        """Start a job; its frames come back through on_frame, the last one ends it (frames.ends_job)."""
+
+    def kill(self, reason: Optional[str] = None) -> None:
+        """Kill the job in progress; its "died" frame follows."""
+
+    def close(self) -> None:
+        """End the extractor (no job in progress)."""
 
 
 class Slot:
-    """One extractor child process, restarted when it dies."""
+    """One extractor child process, restarted when it dies (an ExtractorSlot)."""
 
     #: the module the child runs (python -m ...); subclasses name their own
     worker_module = "agent.worker_process"
 
-    def __init__(self, index: int, init_frame: dict[str, Any], post: Post, on_frame: OnFrame,
-                 redactor: Redactor, env: Optional[dict[str, str]] = None,
-                 watcher: Optional[FdWatcher] = None) -> None:
+    def __init__(self, index: int, init_frame: dict[str, Any], loop: EventLoop, on_frame: OnFrame,
+                 redactor: Redactor, env: Optional[dict[str, str]] = None) -> None:
         self.index = index
         self._init = init_frame
-        self._post = post
-        self._post_quiet: Post = getattr(post, "quiet", post)  # the runner's no-wake post, when it has one
+        self._loop = loop
         self._on_frame = on_frame
         self._redactor = redactor
         self._env = env
-        self._jobs: "queue.Queue[Optional[dict[str, Any]]]" = queue.Queue()
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.busy_with: Any = None        # the Delivery in this slot, owned by the main thread
         self.started_at = 0.0
@@ -84,8 +90,7 @@ class Slot:
         self._job_started: Optional[float] = None   # set while the child works on a job
         self._kill_reason: Optional[str] = None
         self._served = 0
-        # loop mode (watcher given): the main thread holds the child's pipes between handshake and exit
-        self._watcher = watcher
+        # the main thread holds the child's pipes between its handshake and its end
         self._control: "queue.SimpleQueue[Optional[str]]" = queue.SimpleQueue()  # main -> slot thread
         self._child: Optional[subprocess.Popen[bytes]] = None  # attached child (main thread)
         self._inbuf = bytearray()
@@ -109,9 +114,7 @@ class Slot:
         self.busy_with = delivery
         self.started_at = time.monotonic()
         job = frames.job(job_number, body)
-        if self._watcher is None:
-            self._jobs.put(job)
-        elif self._child is None:
+        if self._child is None:
             self._queued = ipc.encode(job)  # sent once the (re)started child is attached
         else:
             self._send_job(ipc.encode(job))
@@ -128,9 +131,6 @@ class Slot:
                 pass
 
     def close(self) -> None:
-        if self._watcher is None:
-            self._jobs.put(None)
-            return
         self._closed = True
         self._detach()
         self._control.put(None)
@@ -153,7 +153,7 @@ class Slot:
                 pass
         return total / (1024 * 1024)
 
-    # -- loop mode: the main thread's side of the child's pipes -------------------------------------
+    # -- the main thread's side of the child's pipes ----------------------------------------------
     def _attach(self, proc: subprocess.Popen[bytes]) -> None:
         """A child finished its handshake: read its frames from the main loop from now on."""
         if self._closed:
@@ -162,17 +162,16 @@ class Slot:
         self._child = proc
         self._inbuf.clear()
         os.set_blocking(proc.stdout.fileno(), False)
-        assert self._watcher is not None
-        self._watcher.watch(proc.stdout.fileno(), self._readable)
+        self._loop.watch(proc.stdout.fileno(), self._readable)
         if self._queued is not None:
             job, self._queued = self._queued, None
             self._send_job(job)
 
     def _detach(self) -> None:
         proc, self._child = self._child, None
-        if proc is not None and self._watcher is not None:
+        if proc is not None:
             assert proc.stdout is not None
-            self._watcher.unwatch(proc.stdout.fileno())
+            self._loop.unwatch(proc.stdout.fileno())
 
     def _send_job(self, data: bytes) -> None:
         proc = self._child
@@ -180,12 +179,12 @@ class Slot:
         self._kill_reason = None
         self._job_started = time.monotonic()
         try:
-            ipc.write(proc.stdin, data)  # unbuffered in loop mode (see _spawn)
+            ipc.write(proc.stdin, data)  # unbuffered (see _spawn)
         except OSError:
             pass  # the child is gone: its pipe's end of file follows and reports the job as died
 
     def _readable(self) -> None:
-        """The watcher's callback: take what the child wrote, hand complete frames to the main thread."""
+        """The loop's callback: take what the child wrote, hand complete frames to the Runner."""
         proc = self._child
         if proc is None:
             return
@@ -211,8 +210,8 @@ class Slot:
             self._inbuf.clear()
 
     def _deliver(self, frame: dict[str, Any]) -> None:
-        # No wake-up needed: the watcher's poll returns after this callback (FdWatcher.watch).
-        self._post_quiet(lambda f=frame: self._on_frame(self, f))
+        # No wake-up needed: the loop's wait returns after this callback (EventLoop.watch).
+        self._loop.call_quietly(lambda f=frame: self._on_frame(self, f))
         if frame.get(frames.KIND) == Kind.DONE:
             self._job_started = None
             self._served += 1
@@ -241,11 +240,10 @@ class Slot:
             argv, cwd = [*launch["argv"], self.worker_module], launch["cwd"]
         else:
             argv, cwd = [sys.executable, "-m", self.worker_module], os.path.dirname(os.path.dirname(__file__))
-        # Loop mode reads the child's frames from its pipe itself: unbuffered, so that nothing the
-        # handshake read ahead is left in a buffer the main loop never looks at.
+        # The main thread reads the child's frames from its pipe itself: unbuffered, so that nothing
+        # the handshake read ahead is left in a buffer the loop never looks at.
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=self._env, start_new_session=True, cwd=cwd,
-                                bufsize=0 if self._watcher is not None else -1)
+                                env=self._env, start_new_session=True, cwd=cwd, bufsize=0)
         self.proc = proc
         threading.Thread(target=self._relay_stderr, args=(proc,), name=f"slot-{self.index}-log",
                          daemon=True).start()
@@ -287,18 +285,15 @@ class Slot:
                 continue
             self.info = first["info"]
             self._ready.set()
-            if self._watcher is not None:
-                if not self._hand_over(proc):
-                    return
-            elif not self._serve(proc):
+            if not self._hand_over(proc):
                 return
 
     def _hand_over(self, proc: subprocess.Popen[bytes]) -> bool:
-        """Loop mode: give the child's pipes to the main thread, then wait for the child's end.
+        """Give the child's pipes to the main thread, then wait for the child's end.
 
         True: spawn another (it died or is retired); False: the slot closed.
         """
-        self._post(lambda: self._attach(proc))
+        self._loop.call_soon(lambda: self._attach(proc))
         what = self._control.get()
         if what == "ended":
             self._report_died(proc)
@@ -314,7 +309,7 @@ class Slot:
         code = proc.wait()
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
         reason = self._kill_reason or f"extractor process {how}"
-        self._post(lambda: self._on_frame(self, frames.died(reason)))
+        self._loop.call_soon(lambda: self._on_frame(self, frames.died(reason)))
 
     def _end(self, proc: subprocess.Popen[bytes]) -> None:
         """The slot closed: ask the child to exit, kill it if it does not within 5 s."""
@@ -327,39 +322,6 @@ class Slot:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.kill()
-
-    def _serve(self, proc: subprocess.Popen[bytes]) -> bool:
-        """Feed jobs to one child until it dies (True: spawn another) or the slot closes (False)."""
-        assert proc.stdin is not None and proc.stdout is not None
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                self._end(proc)
-                return False
-            self._kill_reason = None
-            try:
-                ipc.send(proc.stdin, job)
-                self._job_started = time.monotonic()
-                while True:
-                    frame = ipc.recv(proc.stdout)
-                    if frame is None:
-                        raise ipc.FrameError("closed")
-                    kind = frame.get(frames.KIND)
-                    if kind == Kind.DONE:
-                        self._job_started = None
-                    # Statuses can wait for the main thread's next turn (at most its poll interval).
-                    post = self._post_quiet if kind == Kind.STATUS else self._post
-                    post(lambda f=frame: self._on_frame(self, f))
-                    if kind == Kind.DONE:
-                        break
-            except (OSError, ipc.FrameError, ValueError):
-                self._job_started = None
-                self._report_died(proc)
-                return True
-            self._served += 1
-            if self._should_recycle():
-                self._retire(proc)
-                return True
 
     def _should_recycle(self) -> bool:
         if self.recycle_after and self._served >= self.recycle_after:

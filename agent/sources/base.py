@@ -1,18 +1,27 @@
-"""The small interface every work source implements.
+"""The narrow interface every work source implements: take deliveries, settle them.
 
-The agent's main thread drives a source with poll() and tells it what became of each
-Delivery. A source never decides retries or dead-lettering; it only carries out:
+A source never waits and never decides. The agent's event loop (agent.event_loop) does the
+waiting: a source whose backend needs I/O on the main thread rides on a loop that does it
+(RabbitMQ: agent.sources.amqp_connection), any other source fills itself from its own threads
+and calls the `wake` it was opened with. Each turn the agent takes what arrived (`take`), and
+tells the source what became of each Delivery, as agent.retry_policy decided:
 
   complete     the work is done and its results are in Clowder: forget the message
   release      hand the message back untouched, not a failure (shutdown, walltime)
   retry        put the message back with one more failed attempt recorded
-  dead_letter  move the message to the error queue with the reason
-  secure       make the message survive without holding its delivery open (long work)
   retry_later  like retry, but the message comes back only after a delay, held by the backend
                (sources with `delayed_retry`): a message in backoff takes no slot, no prefetch place
+  dead_letter  move the message to the error queue with the reason
+  secure       make the message survive without holding its delivery open (long work)
 
 Each returns once its effect is durable; a method that cannot reach the backend raises
-SourceLost and the message is left to the backend's own redelivery.
+SourceLost and the message is left to the backend's own redelivery. A source does not change a
+Delivery once it has handed it out: `secure` returns the token the agent settles it by from
+then on, and the agent records it.
+
+Besides taking and settling, a source tells Clowder and the launcher how things go
+(SourceReports: statuses, registration, activity reports) and tidies its backend
+(recover_orphans, work_soon): optional, with defaults that do nothing.
 """
 from __future__ import annotations
 
@@ -31,39 +40,58 @@ class SourceUnavailable(BrokerError):
     """The backend could not be reached within the configured time: the agent should exit."""
 
 
-OnDelivery = Callable[[Delivery], None]
+class SourceReports:
+    """What a source may also do for the agent: best-effort messages and backend housekeeping."""
+
+    def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
+        """Best effort: tell Clowder how the work is going (dropped when disconnected)."""
+
+    def publish_report(self, report: dict[str, Any]) -> None:
+        """Best effort: tell the launcher what this agent did lately (hpc_common.reports)."""
+
+    def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
+        """Announce the extractor so Clowder lists it (best effort)."""
+
+    def recover_orphans(self) -> int:
+        """Put back messages left by dead agents; return how many."""
+        return 0
+
+    def work_soon(self) -> Optional[float]:
+        """Seconds until held work becomes deliverable (retry backoff, a dead agent's lease), or None.
+
+        Asked by an agent that is about to exit on idle: it stays while the answer is not None.
+        """
+        return None
+
+    def inline_off(self) -> None:
+        """Stop sending file contents with deliveries (the agent stopped staging ahead)."""
+
+    def result(self) -> tuple[str, str]:
+        """What became of the work, as (outcome, reason): "done" unless the source reports one message
+        whose fate the exit code must carry (the message file of a dispatch job)."""
+        return "done", ""
 
 
-class WorkSource(abc.ABC):
-    """Where messages come from and where their fate is reported."""
+class WorkSource(SourceReports, abc.ABC):
+    """Where messages come from and where their fate is reported (main thread only)."""
 
     queue: str
     #: bumped on every (re)connection; deliveries from an older generation cannot be settled
     generation: int = 0
     #: True when the backend holds a retry's backoff itself (retry_later); otherwise the agent waits
     delayed_retry: bool = False
-    #: True when poll() runs an event loop that can also watch the extractors' pipes (watch/unwatch)
-    watches_fds: bool = False
 
     @abc.abstractmethod
-    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
-        """Connect (retrying within connect_timeout) and begin receiving deliveries."""
+    def open(self, wake: Callable[[], None], on_lost: Callable[[], None]) -> None:
+        """Connect (retrying within connect_timeout; SourceUnavailable after) and begin receiving.
+
+        wake: call it (from any thread) when deliveries arrived for `take`; on_lost: called on the
+        main thread when deliveries not yet started went back to the backend with a lost connection.
+        """
 
     @abc.abstractmethod
-    def poll(self, timeout: float) -> None:
-        """Do I/O for up to timeout seconds, calling on_delivery; reconnect when needed."""
-
-    @abc.abstractmethod
-    def wake(self) -> None:
-        """Make a poll() in progress return soon (safe from any thread)."""
-
-    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
-        """Sources with watches_fds: call on_readable from poll() while fd is readable (main thread);
-        poll() returns after a call, so what on_readable posts without a wake-up runs at the next step."""
-        raise NotImplementedError("this source watches no file descriptors")
-
-    def unwatch(self, fd: int) -> None:
-        """Stop watching fd (watches_fds sources)."""
+    def take(self) -> list[Delivery]:
+        """The deliveries received since the last call (never blocks)."""
 
     @property
     @abc.abstractmethod
@@ -87,41 +115,12 @@ class WorkSource(abc.ABC):
         """Settle the delivery now; the backend makes the message deliverable again after delay seconds."""
         raise NotImplementedError("this source has no delayed retry")
 
-    def work_soon(self) -> Optional[float]:
-        """Seconds until held work becomes deliverable (retry backoff, a dead agent's lease), or None.
-
-        Asked by an agent that is about to exit on idle: it stays while the answer is not None.
-        """
-        return None
-
-    def inline_off(self) -> None:
-        """Stop sending file contents with deliveries (the agent stopped staging ahead); optional."""
-
     @abc.abstractmethod
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None: ...
 
     @abc.abstractmethod
-    def secure(self, delivery: Delivery) -> None: ...
-
-    @abc.abstractmethod
-    def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
-        """Best effort: tell Clowder how the work is going (dropped when disconnected)."""
-
-    def publish_report(self, report: dict[str, Any]) -> None:
-        """Best effort: tell the launcher what this agent did lately (hpc_common.reports); optional."""
-
-    @abc.abstractmethod
-    def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
-        """Announce the extractor so Clowder lists it (best effort)."""
-
-    @abc.abstractmethod
-    def recover_orphans(self) -> int:
-        """Put back messages left by dead agents; return how many."""
+    def secure(self, delivery: Delivery) -> Any:
+        """Make the message durable without its open delivery; return the token to settle it by."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
-
-    def result(self) -> tuple[str, str]:
-        """What became of the work, as (outcome, reason): "done" unless the source reports one message
-        whose fate the exit code must carry (the message file of a dispatch job)."""
-        return "done", ""

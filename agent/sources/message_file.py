@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
 from ..messages import Delivery
-from .base import OnDelivery, WorkSource
+from .base import WorkSource
 
 log = logging.getLogger("agent.message_file")
 
@@ -39,6 +39,7 @@ class MessageFileSource(WorkSource):
         self._conn: Any = None
         self._channel: Any = None
         self._delivery = self._read()
+        self._taken = False
 
     def _read(self) -> Delivery:
         try:
@@ -56,12 +57,19 @@ class MessageFileSource(WorkSource):
                         correlation_id=props.get("correlation_id"), headers=dict(props.get("headers") or {}),
                         content_type=props.get("content_type"), token=self.path, received_at=time.monotonic())
 
-    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
-        delivery = self._delivery
-        delivery.received_at = time.monotonic()
-        if self._uri and delivery.reply_to:
+    def open(self, wake: Callable[[], None], on_lost: Callable[[], None]) -> None:
+        """Open a connection for status replies when the message has a reply_to and the broker is given."""
+        if self._uri and self._delivery.reply_to:
             self._connect_for_statuses()
-        on_delivery(delivery)
+
+    def take(self) -> list[Delivery]:
+        """The one message, at the first call; then nothing (a status connection does its I/O here)."""
+        if self._taken:
+            self._pump_statuses()
+            return []
+        self._taken = True
+        self._delivery.received_at = time.monotonic()
+        return [self._delivery]
 
     def _connect_for_statuses(self) -> None:
         from .amqp import BrokerError, open_status_channel
@@ -72,19 +80,16 @@ class MessageFileSource(WorkSource):
             log.info("no broker for status messages: %s", exc)
             self._conn = self._channel = None
 
-    def poll(self, timeout: float) -> None:
-        if self._conn is not None:
-            from .amqp import BrokerError, pump
+    def _pump_statuses(self) -> None:
+        """Let the status connection answer the broker's heartbeats and flush (never waits)."""
+        if self._conn is None:
+            return
+        from .amqp import BrokerError, pump
 
-            try:
-                pump(self._conn, timeout)
-                return
-            except BrokerError:
-                self._conn = self._channel = None
-        time.sleep(min(timeout, 0.05))
-
-    def wake(self) -> None:
-        pass  # poll sleeps at most 50 ms without a broker; with one, the connection's own wake-up is not needed
+        try:
+            pump(self._conn, 0)
+        except BrokerError:
+            self._conn = self._channel = None
 
     @property
     def connected(self) -> bool:
@@ -113,8 +118,8 @@ class MessageFileSource(WorkSource):
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         self._settle("dead-lettered", reason)
 
-    def secure(self, delivery: Delivery) -> None:
-        delivery.secured = True  # the launcher's ledger already holds it durably
+    def secure(self, delivery: Delivery) -> Any:
+        return delivery.token  # the launcher's ledger already holds it durably
 
     def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
         log.info("status: %s", payload.get("status"))
@@ -126,12 +131,6 @@ class MessageFileSource(WorkSource):
             publish_reply(self._channel, delivery.reply_to, delivery.correlation_id, payload)
         except BrokerError:
             self._conn = self._channel = None
-
-    def register(self, extractor_info: dict[str, Any], owner: Optional[str]) -> None:
-        pass
-
-    def recover_orphans(self) -> int:
-        return 0
 
     def close(self) -> None:
         if self._conn is not None:

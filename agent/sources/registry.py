@@ -1,6 +1,7 @@
 """The work sources an agent can take messages from, each registered with a factory.
 
-A SourceKind says how to build its source from the settings (`build`), whether the agent must open
+A SourceKind says how to build its source from the settings (`build`), which event loop the agent
+waits in while it uses it (`make_loop`: RabbitMQ's connection, else a select() loop), whether the agent must open
 the in-flight journal for it (`uses_journal`), which settings it forces (`forced`: a message file
 is one message), what it needs from the settings (`check`) and what it changes in the extractor's
 environment (`extractor_env`). agent.cli's wiring only looks kinds up here, so a new source is
@@ -16,19 +17,23 @@ from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
+from ..event_loop import EventLoop, SelectLoop
 from .base import WorkSource
 
 
 @dataclass(frozen=True)
 class SourceRequest:
-    """What a factory gets: the resolved settings, the queue to serve, this agent's id, its journal."""
+    """What a factory gets: the plugin's resolved settings, its queue, this agent's id, journal and loop."""
 
-    cfg: Any                 # agent.config.AgentConfig
+    cfg: Any                 # agent.config.AgentConfig (the plugin's own copy)
     queue: str
     agent_id: str
     journal: Any = None      # agent.journal.Journal, open, when the kind uses_journal
-    shared: bool = False     # several plugins: this source's connection is shared by the `joins` of others
-    joins: Any = None        # several plugins: the (shared) source whose connection this queue rides on
+    loop: Any = None         # the agent's event loop, made by the kind's make_loop (shared by every plugin)
+
+
+def _select_loop(cfg: Any, agent_id: str) -> EventLoop:
+    return SelectLoop()
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class SourceKind:
 
     name: str
     build: Callable[[SourceRequest], WorkSource]
+    make_loop: Callable[[Any, str], EventLoop] = _select_loop
     uses_journal: bool = False
     forced: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[Any], Optional[str]] = lambda cfg: None
@@ -66,20 +72,21 @@ def _no_proxy(env: dict[str, str], host: Optional[str]) -> None:
 
 
 # -- the built-in sources ------------------------------------------------------------------------------
+def _amqp_connection(cfg: Any, agent_id: str) -> EventLoop:
+    from .amqp_connection import AmqpConnection
+
+    return AmqpConnection(cfg.rabbitmq_uri, agent_id, connect_timeout=cfg.connect_timeout,
+                          reconnect_timeout=cfg.reconnect_timeout, internals=cfg.amqp_internals)
+
+
 def _amqp(req: SourceRequest) -> WorkSource:
     from hpc_common import retry_queues
 
-    from .amqp import AmqpSource
-    from .amqp_shared import SharedAmqpSource
+    from .amqp import AmqpConsumer
 
     cfg = req.cfg
-    if req.joins is not None:
-        return req.joins.add_queue(req.queue, cfg.effective_prefetch())
-    kind = SharedAmqpSource if req.shared else AmqpSource
-    return kind(cfg.rabbitmq_uri, req.queue, cfg.effective_prefetch(), req.journal, req.agent_id,
-                connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout,
-                retry_buckets=retry_queues.buckets(cfg.retry_backoff, cfg.max_retries),
-                internals=cfg.amqp_internals)
+    return AmqpConsumer(req.loop, req.queue, cfg.effective_prefetch(), req.journal,
+                        retry_buckets=retry_queues.buckets(cfg.retry_backoff, cfg.max_retries))
 
 
 def _relay(req: SourceRequest) -> WorkSource:
@@ -118,7 +125,8 @@ def _file(req: SourceRequest) -> WorkSource:
     return MessageFileSource(req.cfg.message_file, req.queue, req.cfg.rabbitmq_uri)
 
 
-register(SourceKind("amqp", _amqp, uses_journal=True, help="RabbitMQ, as pyclowder consumes it"))
+register(SourceKind("amqp", _amqp, make_loop=_amqp_connection, uses_journal=True,
+                    help="RabbitMQ, as pyclowder consumes it"))
 register(SourceKind("relay", _relay, check=_relay_check, extractor_env=_relay_env,
                     help="leases from python -m launcher relay; no journal, no broker connection"))
 register(SourceKind("spool", _spool,

@@ -5,14 +5,13 @@ hands out each message with its `host` pointing at the relay and a per-lease Clo
 extractor's Clowder calls go through the relay too: with `source: relay` the agent opens no
 connection to anything but AGENT_RELAY_URL.
 
-The Runner's main thread waits in poll(): a select() over the extractors' pipes (their slots
-run in loop mode, no thread per slot on a file's path) and a pipe the threads below write to
-when a lease arrives (agent.sources.fd_wait).
+The source never waits on the agent's main thread: the agent's event loop (a SelectLoop,
+agent.event_loop) does, and the lease thread wakes it when leases arrived for `take`.
 
-Threads (the Runner's main thread only calls the methods below; none of them blocks for long):
+Threads (the agent's main thread only calls the methods below; none of them blocks for long):
   - lease thread: long-polls POST /v1/lease while fewer than `prefetch` leases are waiting or
     running (one whose completion is on its way does not count) and intake is on; leased
-    deliveries wait in a queue that poll() hands to the Runner;
+    deliveries wait in an inbox that `take` empties;
   - heartbeat thread: extends every held lease every lease_ttl/4 seconds (a lease lives in the
     relay's table, not in an open delivery, so RabbitMQ's consumer_timeout never applies and
     `secure()` has nothing to do);
@@ -51,8 +50,7 @@ from hpc_common.tokens import TokenFileError, read_token_file
 from ..errors import ConfigError, SourceError
 from ..keepalive_http import KeepAliveHTTP
 from ..messages import Delivery
-from .base import OnDelivery, SourceLost, SourceUnavailable, WorkSource
-from .fd_wait import FdWaiter
+from .base import SourceLost, SourceUnavailable, WorkSource
 
 log = logging.getLogger("agent.relay")
 STATUS_LINGER = 0.1
@@ -90,7 +88,6 @@ class RelaySource(WorkSource):
     """Lease messages from a relay (see the module docstring)."""
 
     delayed_retry = True
-    watches_fds = True  # poll() waits in select() over the extractors' pipes (agent.sources.fd_wait)
 
     def __init__(self, url: str, token: str, prefetch: int, agent_id: str, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, verify: Any = True, lease_wait: float = 20.0,
@@ -111,7 +108,7 @@ class RelaySource(WorkSource):
         self._auth = {"Authorization": f"Bearer {token}"}
         self._verify = verify
         self._settle_http = self._session()
-        self._inbox: "queue.Queue[Delivery]" = queue.Queue()  # each put is followed by a wake()
+        self._inbox: "queue.Queue[Delivery]" = queue.Queue()  # each batch of puts is followed by a wake
         self._statuses: "queue.Queue[dict[str, Any]]" = queue.Queue(maxsize=10000)
         self._held: set[str] = set()
         self._completing: set[str] = set()  # held, done here, completion not yet confirmed by the relay
@@ -126,9 +123,8 @@ class RelaySource(WorkSource):
         self._done_lock = threading.Lock()
         self._done_ready = threading.Event()
         self._carry = False  # the relay settles completions sent with a lease call ("lease_complete")
-        self._on_delivery: Optional[OnDelivery] = None
+        self._wake: Callable[[], None] = lambda: None
         self._threads: list[threading.Thread] = []
-        self._waiter = FdWaiter()
 
     # -- HTTP ------------------------------------------------------------------------------------
     def _session(self) -> _Http:
@@ -171,9 +167,9 @@ class RelaySource(WorkSource):
             self._down_since = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
+    def open(self, wake: Callable[[], None], on_lost: Callable[[], None]) -> None:
         """Say hello (retrying within connect_timeout), then start the lease, heartbeat and status threads."""
-        self._on_delivery = on_delivery  # on_lost is not needed: leases outlive a lost relay
+        self._wake = wake  # on_lost is not needed: leases outlive a lost relay
         deadline = self._clock() + self.connect_timeout
         delay = 1.0
         while True:
@@ -201,30 +197,18 @@ class RelaySource(WorkSource):
             thread.start()
             self._threads.append(thread)
 
-    def poll(self, timeout: float) -> None:
+    def take(self) -> list[Delivery]:
+        """The leases that arrived; SourceUnavailable once the relay is gone for good."""
         if self._fatal:
             raise SourceUnavailable(self._fatal)
         if self._down_since is not None and self._clock() - self._down_since > self.reconnect_timeout:
             raise SourceUnavailable(f"relay at {self.url} unreachable for {self.reconnect_timeout:.0f}s")
-        # Every put into the inbox is followed by a wake(): with nothing queued, wait for either.
-        self._waiter.wait(timeout if self._inbox.empty() else 0.0)
+        got: list[Delivery] = []
         while True:
             try:
-                item = self._inbox.get_nowait()
+                got.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
-            assert self._on_delivery is not None
-            self._on_delivery(item)
-
-    def wake(self) -> None:
-        self._waiter.wake()
-
-    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
-        """on_readable runs inside poll(), which returns after it: what it posts quietly runs next."""
-        self._waiter.watch(fd, on_readable)
-
-    def unwatch(self, fd: int) -> None:
-        self._waiter.unwatch(fd)
+                return got
 
     @property
     def connected(self) -> bool:
@@ -261,7 +245,6 @@ class RelaySource(WorkSource):
         for thread in self._threads:
             thread.join(timeout=0.3)  # a lease long poll in flight is not waited for (the relay notices)
         self._settle_http.close()
-        self._waiter.close()
 
     # -- background loops ----------------------------------------------------------------------
     def _lease_loop(self) -> None:
@@ -291,7 +274,7 @@ class RelaySource(WorkSource):
                 self._put_back_done(carried)
                 if isinstance(exc, SourceUnavailable):
                     self._fatal = str(exc)
-                    self.wake()
+                    self._wake()
                     return
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -305,6 +288,7 @@ class RelaySource(WorkSource):
                     log.warning("the relay at %s did not settle completions sent with a lease call; sending "
                                 "them on their own from now on", self.url)
                     self._put_back_done(carried)
+            arrived = False
             for item in answer.leases:
                 delivery = self._delivery(item)
                 with self._held_lock:
@@ -316,7 +300,9 @@ class RelaySource(WorkSource):
                         pass
                     continue
                 self._inbox.put(delivery)
-                self.wake()
+                arrived = True
+            if arrived:
+                self._wake()
         http.close()
 
     def _room_left(self) -> int:
@@ -522,8 +508,9 @@ class RelaySource(WorkSource):
         self._settle(api.DEAD_LETTER, delivery,
                      api.DeadLetterRequest(delivery.token, reason, traceback, attempts, self.agent_id).to_json())
 
-    def secure(self, delivery: Delivery) -> None:
+    def secure(self, delivery: Delivery) -> Any:
         """Nothing to do: a lease is durable in the relay's table from the start."""
+        return delivery.token
 
     # -- replies and registration ---------------------------------------------------------------
     def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:

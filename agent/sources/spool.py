@@ -46,7 +46,7 @@ from hpc_common.routes import Refusal, check, lease_scope
 from hpc_common.spool_layout import SpoolLayout, bump_attempts, reclaim
 
 from ..messages import Delivery
-from .base import OnDelivery, WorkSource
+from .base import WorkSource
 
 log = logging.getLogger("agent.spool")
 PLACEHOLDER = "spool-"
@@ -114,14 +114,16 @@ class SpoolSource(WorkSource):
         self._dir = self._claims.dir
         self._held: dict[str, _Held] = {}
         self._intake = True
-        self._wake = threading.Event()
         self._key = secrets.token_urlsafe(24)
         self._server: Optional[_Recorder] = None
-        self._on_delivery: Optional[OnDelivery] = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, on_delivery: OnDelivery, on_lost: Callable[[], None]) -> None:
-        self._on_delivery = on_delivery
+    def open(self, wake: Callable[[], None], on_lost: Callable[[], None]) -> None:
+        """Make the spool's folders, take this agent's claim folder, start the recorder.
+
+        Nothing arrives from a thread (`take` claims from the inbox), so wake is not kept; claims
+        outlive anything but this process, so on_lost is never called.
+        """
         self.layout.make()
         self._claims.open()
         self._server = _Recorder(self)
@@ -135,17 +137,16 @@ class SpoolSource(WorkSource):
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}/"
 
-    def poll(self, timeout: float) -> None:
-        if self._intake and len(self._held) < self.prefetch and self._claim():
-            return
-        self._wake.wait(max(0.0, min(timeout, 0.25)))
-        self._wake.clear()
-
-    def _claim(self) -> bool:
+    def take(self) -> list[Delivery]:
+        """Claim staged messages while fewer than prefetch are held (one listing of the inbox a turn)."""
+        room = self.prefetch - len(self._held)
+        if not self._intake or room <= 0:
+            return []
         try:
             names = sorted(n for n in os.listdir(self.layout.inbox) if n.endswith(".json"))
         except FileNotFoundError:
-            return False
+            return []
+        got: list[Delivery] = []
         for name in names:
             mine = os.path.join(self._dir, name)
             try:
@@ -153,11 +154,12 @@ class SpoolSource(WorkSource):
             except FileNotFoundError:
                 continue
             fsync_dir(self._dir)
-            self._deliver(name[:-5], mine)
-            return True
-        return False
+            got.append(self._claimed(name[:-5], mine))
+            if len(got) >= room:
+                break
+        return got
 
-    def _deliver(self, msg: str, path: str) -> None:
+    def _claimed(self, msg: str, path: str) -> Delivery:
         staged = SpoolLayout.read_json(path)
         fields = Message.fields_from_json(staged, self.queue)
         try:
@@ -170,13 +172,8 @@ class SpoolSource(WorkSource):
         self._held[msg] = _Held(msg, staged, body if isinstance(body, dict) else {})
         shutil.rmtree(self.layout.result_dir(msg, partial=True), ignore_errors=True)
         os.makedirs(self.layout.result_dir(msg, partial=True), mode=0o700)
-        delivery = Delivery(**fields, redelivered=bool(fields["headers"].get(ATTEMPTS)), token=msg,
-                            received_at=self._clock(), secured=True)
-        assert self._on_delivery is not None
-        self._on_delivery(delivery)
-
-    def wake(self) -> None:
-        self._wake.set()
+        return Delivery(**fields, redelivered=bool(fields["headers"].get(ATTEMPTS)), token=msg,
+                        received_at=self._clock(), secured=True)
 
     @property
     def connected(self) -> bool:
@@ -243,8 +240,9 @@ class SpoolSource(WorkSource):
                                       "traceback": traceback[-TRACEBACK_LIMIT:], "agent": self.agent_id,
                                       "time": time.time()})
 
-    def secure(self, delivery: Delivery) -> None:
+    def secure(self, delivery: Delivery) -> Any:
         """Nothing to do: a claimed message is already on disk."""
+        return delivery.token
 
     def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
         partial = self.layout.result_dir(delivery.token, partial=True)

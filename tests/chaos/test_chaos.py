@@ -150,6 +150,7 @@ def test_time_without_the_broker_is_not_idleness():
     """Regression (found by test_broker_unreachable_for_30s): an agent whose broker was unreachable
     for longer than idle_exit exited 0 "idle" while its queue was full."""
     from agent.config import AgentConfig
+    from agent.event_loop import SelectLoop
     from hpc_common.redact import Redactor
     from agent.runner import Runner
     from agent.runner_group import RunnerGroup
@@ -161,7 +162,7 @@ def test_time_without_the_broker_is_not_idleness():
     source.work_soon.return_value = None  # nothing held for later
     runner = Runner(AgentConfig(), source, lambda *a: _IdleSlot(), Redactor(), clock=lambda: now[0])
     runner.info = {"name": "x"}
-    group = RunnerGroup([runner], idle_exit=5, clock=lambda: now[0])
+    group = RunnerGroup([runner], idle_exit=5, clock=lambda: now[0], loop=SelectLoop())
 
     def tick(t: float) -> None:  # one turn of the group's loop without I/O
         now[0] = t

@@ -160,8 +160,8 @@ def test_recorded_ids_are_mapped_to_the_real_ones(harness, tmp_path):
         spooler.step()  # stages the message
         got = []
         source = SpoolSource(str(tmp_path / "spool"), 1, "in-process")
-        source.start(got.append, lambda: None)
-        source.poll(0.1)
+        source.open(lambda: None, lambda: None)
+        got = source.take()
         assert len(got) == 1
         body = json.loads(got[0].body)
         host, key = body["host"], body["secretKey"]

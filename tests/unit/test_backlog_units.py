@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from agent.event_loop import SelectLoop
 from agent.journal import Journal, JournalEntry
 from hpc_common import retry_queues
 from hpc_common.spool_layout import SpoolLayout
@@ -225,7 +226,7 @@ def test_idle_agent_stays_while_its_source_holds_work_for_soon():
     source.recover_orphans.return_value = 0
     source.work_soon.return_value = 3.0      # e.g. a dead agent's lease expires in 3 s
     runner = _runner(source, now)
-    group = RunnerGroup([runner], idle_exit=5, clock=lambda: now[0])
+    group = RunnerGroup([runner], idle_exit=5, clock=lambda: now[0], loop=SelectLoop())
     now[0] = 5.0
     _group_tick(group, now[0])
     assert runner._stop_reason is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -296,10 +297,13 @@ def test_completions_ride_on_lease_calls_only_where_the_relay_settles_them(featu
     source = RelaySource(fake.url, "token", prefetch=1, agent_id="a1", lease_wait=0.2)
     got: list = []
     try:
-        source.start(got.append, lambda: None)
+        woken = threading.Event()
+        source.open(woken.set, lambda: None)
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
-            source.poll(0.1)
+            woken.wait(0.1)  # the lease thread wakes the agent's loop when leases arrived
+            woken.clear()
+            got += source.take()
         assert got and got[0].token == "lease-0001"
         source.complete(got[0])
         while source._held and time.monotonic() < deadline:

@@ -1,7 +1,7 @@
 """The Runner carries out agent.retry_policy's decisions: extractor frames in, settle calls and statuses out.
 
 Driven through the Runner's delivery and frame callbacks with a recording WorkSource (a real
-subclass, no mocks) and a slot that only records the job it was given.
+subclass of the narrow interface, no mocks) and a slot that only records the job it was given.
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ class RecordingSource(WorkSource):
         self.calls: list[tuple] = []
         self.statuses: list[str] = []
 
-    def start(self, on_delivery, on_lost) -> None: ...
-    def poll(self, timeout: float) -> None: ...
-    def wake(self) -> None: ...
+    def open(self, wake, on_lost) -> None: ...
+
+    def take(self) -> list:
+        return []
 
     @property
     def connected(self) -> bool:
@@ -54,15 +55,11 @@ class RecordingSource(WorkSource):
     def dead_letter(self, delivery: Delivery, reason: str, traceback: str, attempts: int) -> None:
         self.calls.append(("dead_letter", attempts, reason))
 
-    def secure(self, delivery: Delivery) -> None: ...
+    def secure(self, delivery: Delivery) -> Any:
+        return delivery.token
 
     def publish_status(self, delivery: Delivery, payload: dict[str, Any]) -> None:
         self.statuses.append(payload["status"])
-
-    def register(self, extractor_info, owner) -> None: ...
-
-    def recover_orphans(self) -> int:
-        return 0
 
     def close(self) -> None: ...
 
@@ -90,7 +87,7 @@ def _runner(delayed_retry: bool = True, **cfg: Any) -> tuple[Runner, RecordingSo
     source = RecordingSource(delayed_retry)
     slots: list[RecordingSlot] = []
 
-    def make_slot(i, _post, _on_frame):
+    def make_slot(i, _on_frame):
         slots.append(RecordingSlot(i))
         return slots[-1]
 

@@ -1,12 +1,11 @@
-"""A slot whose child's pipes are read by the main thread's event loop (agent.slots, loop mode).
+"""A slot whose child's pipes are read by the main thread's event loop (agent.slots).
 
 A real extractor process (tests/plugins/directive) against the loopback Clowder; the event loop
-is a select() on the watched descriptors, as AmqpSource's is pika's IOLoop.
+is the agent's SelectLoop (with RabbitMQ it is pika's IOLoop, agent.sources.amqp_connection).
 """
 from __future__ import annotations
 
 import os
-import select
 import time
 from typing import Any, Callable
 
@@ -14,6 +13,7 @@ import pytest
 
 from agent import extractor_launch
 from agent.config import AgentConfig
+from agent.event_loop import SelectLoop
 from agent.local_clowder import LocalClowder
 from agent.local_run import _message
 from agent.plugin_loader import find_plugin
@@ -26,24 +26,20 @@ PLUGINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 KEY = "loop-mode-key"
 
 
-class SelectLoop:
-    """The main thread's loop: watched fds, and what slots post to it (run in order)."""
+class RecordingLoop(SelectLoop):
+    """The agent's SelectLoop, recording the frames the slot hands to it and checking its watch set."""
 
     def __init__(self) -> None:
-        self.watched: dict[int, Callable[[], None]] = {}
-        self.calls: list[Callable[[], None]] = []
+        super().__init__()
         self.frames: list[dict[str, Any]] = []
 
-    # FdWatcher
     def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
-        assert fd not in self.watched
-        self.watched[fd] = on_readable
+        assert fd not in self._watched
+        super().watch(fd, on_readable)
 
-    def unwatch(self, fd: int) -> None:
-        self.watched.pop(fd)
-
-    def post(self, fn: Callable[[], None]) -> None:  # slot threads post from their own thread
-        self.calls.append(fn)
+    @property
+    def watched(self) -> dict[int, Callable[[], None]]:
+        return self._watched
 
     def on_frame(self, _slot: Slot, frame: dict[str, Any]) -> None:
         self.frames.append(frame)
@@ -52,14 +48,7 @@ class SelectLoop:
         deadline = time.monotonic() + timeout
         while not done():
             assert time.monotonic() < deadline, f"timed out; frames so far: {self.frames}"
-            readable, _, _ = select.select(list(self.watched), [], [], 0.05) if self.watched else ([], [], [])
-            if not self.watched:
-                time.sleep(0.05)
-            for fd in readable:
-                if fd in self.watched:
-                    self.watched[fd]()
-            while self.calls:
-                self.calls.pop(0)()
+            self.run_once(0.05)
 
 
 @pytest.fixture
@@ -68,11 +57,11 @@ def clowder():
         yield c
 
 
-def _slot(loop: SelectLoop, **limits: Any) -> Slot:
+def _slot(loop: RecordingLoop, **limits: Any) -> Slot:
     cfg = AgentConfig(plugin="directive", plugin_path=[PLUGINS], **limits)
     spec = find_plugin("directive", cfg.plugin_path, entry_defaults(cfg))
     init, env = extractor_launch.apply(cfg, spec, worker_init(cfg, spec, spec.name), worker_env(cfg))
-    slot = Slot(0, init, loop.post, loop.on_frame, Redactor(), env=env, watcher=loop)
+    slot = Slot(0, init, loop, loop.on_frame, Redactor(), env=env)
     slot.start()
     slot.wait_ready(timeout=120)
     return slot
@@ -86,12 +75,12 @@ def _job(clowder: LocalClowder, tmp_path, name: str, text: str) -> dict[str, Any
     return _message(AgentConfig(), clowder.url, KEY, file_id, name, path.stat().st_size, dataset)
 
 
-def _outcomes(loop: SelectLoop) -> list[dict[str, Any]]:
+def _outcomes(loop: RecordingLoop) -> list[dict[str, Any]]:
     return [f for f in loop.frames if f["t"] in ("done", "died")]
 
 
 def test_frames_arrive_in_order_through_the_loop_and_a_killed_child_is_replaced(clowder, tmp_path):
-    loop = SelectLoop()
+    loop = RecordingLoop()
     slot = _slot(loop)
     try:
         slot.assign("d1", _job(clowder, tmp_path, "a.txt", "ok\n"), 1)  # before the child is attached
@@ -120,7 +109,7 @@ def test_frames_arrive_in_order_through_the_loop_and_a_killed_child_is_replaced(
 
 
 def test_recycle_after_gives_each_file_a_fresh_child(clowder, tmp_path):
-    loop = SelectLoop()
+    loop = RecordingLoop()
     slot = _slot(loop, recycle_after=1)
     pids = []
     try:
