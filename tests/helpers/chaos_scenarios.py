@@ -474,13 +474,19 @@ def broker_restart(amqp_url: str, tmp: Path, r: Result) -> None:
             ensure_broker_app()
         wait_until(lambda: _reconnect(h), 60, step=0.5)
         finish(h, agent, 180, r, "restart")
-        account(h, ids, r, clock)
-        log = h.log_text()
-        if "reconnected" not in log:
-            r.problems.append("the agent never logged a reconnection")
+        log = _after_the_loss(h, ids, r, clock)
         r.notes.append(f"{log.count('journaled and acknowledged')} deliveries journaled; reconnected "
                        f"{_reconnected_after(log)} after the loss; "
                        f"{log.count('its delivery died with the connection')} acks lost with the connection")
+
+
+def _after_the_loss(h: AgentHarness, ids: list[str], r: Result, clock: Clock) -> str:
+    """Every file accounted for and the agent reconnected; the agent's log, for the notes."""
+    account(h, ids, r, clock)
+    log = h.log_text()
+    if "reconnected" not in log:
+        r.problems.append("the agent never logged a reconnection")
+    return log
 
 
 def _reconnected_after(log: str) -> str:
@@ -532,10 +538,7 @@ def broker_unreachable(amqp_url: str, tmp: Path, r: Result) -> None:
             proxy.restore()
             clock.clear(h)
             finish(h, agent, 120, r, "unreachable")
-            account(h, ids, r, clock)
-            log = h.log_text()
-            if "reconnected" not in log:
-                r.problems.append("the agent never logged a reconnection")
+            log = _after_the_loss(h, ids, r, clock)
             r.notes.append(f"{log.count('reconnect failed')} failed reconnect attempts during the outage, "
                            f"reconnected {_reconnected_after(log)} after the loss; "
                            f"{log.count('its delivery died with the connection')} acks lost with the connection")
