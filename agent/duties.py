@@ -4,7 +4,9 @@ The Runner calls `Duties.run(now)` every turn; each chore runs when it is due an
 reach its backend. None of them touches a message's state (that stays in agent.runner).
 
 - registration: the extractor announced every `heartbeat` seconds (Clowder lists extractors that
-  registered lately; pyclowder registers once at start, the agent keeps it fresh);
+  registered lately; pyclowder registers once at start, the agent keeps it fresh), with
+  `unique_key` in its extractor_info when EXTRACTOR_KEY makes the queue private, as pyclowder's
+  Connector sends it;
 - activity reports: what the plugin finished since the last report, every REPORT_INTERVAL, and a
   last one at shutdown (hpc_common.reports; the launcher sizes the array from them);
 - orphan recovery: messages journaled by agents that died put back every RECOVERY_INTERVAL.
@@ -47,8 +49,9 @@ class Duties:
     """When each chore is due, and doing it through the plugin's work source."""
 
     def __init__(self, source: WorkSource, heartbeat: float, owner: Optional[str], identity: str, slots: int,
-                 now: float) -> None:
+                 now: float, extractor_key: Optional[str] = None) -> None:
         self.source = source
+        self.extractor_key = extractor_key
         self.heartbeat = heartbeat
         self.owner = owner            # CLOWDER_EMAIL, sent with the registration as pyclowder does
         self.identity = identity      # "slurm 1234_5 on node7"
@@ -61,7 +64,8 @@ class Duties:
         """Do what is due (info: the loaded extractor's extractor_info; empty before it loaded)."""
         connected = self.source.connected
         if connected and info and now >= self._next_register:
-            self.source.register(info, self.owner)
+            self.source.register(dict(info, unique_key=self.extractor_key) if self.extractor_key else info,
+                                 self.owner)
             self._next_register = now + self.heartbeat
         if now - self.activity.since >= reports.REPORT_INTERVAL:
             self.report(now)

@@ -109,7 +109,8 @@ class Runner:
         self._stop_deadline: Optional[float] = None
         self._signal: Optional[int] = None
         self._killed_for_stop: set[int] = set()
-        self.duties = Duties(source, cfg.heartbeat, cfg.clowder_email, identity, len(self.slots), clock())
+        self.duties = Duties(source, cfg.heartbeat, cfg.clowder_email, identity, len(self.slots), clock(),
+                            cfg.extractor_key)
         self._defers = 0  # consecutive "Clowder unavailable" outcomes, for their backoff
         self.exit_code = exitcodes.OK
         #: stops that concern the whole agent (this node's scratch is full); agent.runner_group

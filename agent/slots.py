@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import psutil
 
@@ -39,6 +39,7 @@ log = logging.getLogger("agent.slot")
 OnFrame = Callable[[Any, dict[str, Any]], None]
 
 
+@runtime_checkable
 class ExtractorSlot(Protocol):
     """What the Runner asks of a slot (agent.slots.Slot, an MPI leader's LaneSlot)."""
 
