@@ -134,7 +134,7 @@ class Runner:
             self.info = self.slots[0].wait_ready(timeout=120)
         except RuntimeError as exc:
             log.error("extractor failed to start: %s", exc)
-            self._close_slots()
+            self.close_slots()
             return exitcodes.PLUGIN_ERROR
         log.info("extractor %s %s ready in %d slot(s)", self.info.get("name"), self.info.get("version", ""),
                  len(self.slots))
@@ -147,7 +147,7 @@ class Runner:
             self.source.open(wake, self._on_lost)
         except SourceUnavailable as exc:
             log.error("%s", exc)
-            self._close_slots()
+            self.close_slots()
             return exitcodes.BROKER_UNREACHABLE
         if self.stager is not None:
             self.stager.start()
@@ -178,10 +178,6 @@ class Runner:
         """A signal for this runner (safe in a signal handler): acted on at its next step."""
         self._signal = signum
 
-    def close_slots(self) -> None:
-        """Stop the extractor processes (setup failed elsewhere in the agent)."""
-        self._close_slots()
-
     def source_gone(self, exc: BaseException) -> None:
         """The work source cannot be reached any more: end with BROKER_UNREACHABLE."""
         log.error("%s; handing back what can be handed back", exc)
@@ -189,7 +185,7 @@ class Runner:
 
     def shutdown(self) -> None:
         """Close the slots, send the last report, close the source, log what was done."""
-        self._close_slots()
+        self.close_slots()
         if self.stager is not None:
             self.stager.close()
         self.duties.report(self._clock())
@@ -219,9 +215,6 @@ class Runner:
 
     def finished(self) -> bool:
         """True once this runner stopped and nothing it holds needs it any more."""
-        return self._finished()
-
-    def _finished(self) -> bool:
         if self._stop_reason is None:
             return False
         if self._busy() or self.backoff:
@@ -233,7 +226,8 @@ class Runner:
                       "put back by the next agent", len(self.deferred))
         return True
 
-    def _close_slots(self) -> None:
+    def close_slots(self) -> None:
+        """Stop the extractor processes (at shutdown, or when setup failed)."""
         for slot in self.slots:
             slot.close()
 
