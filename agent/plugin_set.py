@@ -100,15 +100,9 @@ def plan_plugins(cfg: Any, find: Callable[[Optional[str]], PluginSpec],
         where = kind.endpoint(plan.cfg, plan.queue)
         if where in seen:
             raise ConfigError(f"plugins {seen[where]} and {plan.spec.name} {kind.shared} {where}: "
-                              f"a message must go to one plugin only ({_own_place(kind.name)})")
+                              f"a message must go to one plugin only ({kind.own_endpoint})")
         seen[where] = plan.spec.name
     return plans
-
-
-def _own_place(source: str) -> str:
-    """How to give a plugin a place of its own with this source."""
-    return {"relay": "give one its own relay_url", "spool": "give one its own spool_dir"}.get(
-        source, "give one its own rabbitmq_queue")
 
 
 def _table_value(cfg: Any, spec: PluginSpec, key: str) -> Any:

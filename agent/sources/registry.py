@@ -50,9 +50,11 @@ class SourceKind:
     forced: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[Any], Optional[str]] = lambda cfg: None
     extractor_env: Callable[[Any, dict[str, str]], None] = lambda cfg, env: None
-    #: (plugin's settings, its queue) -> where its messages come from, and how to say two plugins share it
+    #: (plugin's settings, its queue) -> where its messages come from, and how to say two plugins share it.
+    #: The queue by default: for amqp, and for file, whose one message file names the queue it is for.
     endpoint: Callable[[Any, str], str] = lambda cfg, queue: queue
     shared: str = "both consume queue"
+    own_endpoint: str = "give one its own rabbitmq_queue"
     #: (agent-wide settings, plans) -> the plans this run serves
     pick: Callable[[Any, list[Any]], list[Any]] = lambda cfg, plans: plans
     help: str = ""
@@ -157,11 +159,13 @@ register(SourceKind("amqp", _amqp, make_loop=_amqp_connection, uses_journal=True
                     help="RabbitMQ, as pyclowder consumes it"))
 register(SourceKind("relay", _relay, check=_relay_check, extractor_env=_relay_env,
                     endpoint=lambda cfg, queue: (cfg.relay_url or "").rstrip("/"), shared="both lease from relay URL",
+                    own_endpoint="give one its own relay_url",
                     help="leases from python -m launcher relay; no journal, no broker connection"))
 register(SourceKind("spool", _spool,
                     check=lambda cfg: None if cfg.spool_dir else "source spool needs spool_dir (AGENT_SPOOL_DIR)",
                     extractor_env=lambda cfg, env: _no_proxy(env, "127.0.0.1"),
                     endpoint=_spool_folder, shared="both claim from spool dir",
+                    own_endpoint="give one its own spool_dir",
                     help="messages and files in a shared folder (python -m launcher spool); Clowder calls recorded"))
 register(SourceKind("file", _file, forced={"max_messages": 1, "idle_exit": 0.0}, pick=_file_pick,
                     check=lambda cfg: None if cfg.message_file else
