@@ -50,6 +50,8 @@ class TaskContext:
 
 def run(cfg: AgentConfig, plans: list[PluginPlan], ctx: TaskContext, mpi: bool) -> int:
     """Run the agent for these plugins until it ends; return its exit code (agent.exitcodes)."""
+    kind = source_kind(cfg.source)
+    plans = kind.pick(cfg, plans)  # a message file is for one of the plugins: only that one runs
     launches = [extractor_launch.apply(plan.cfg, plan.spec, worker_init(plan.cfg, plan.spec, plan.queue),
                                        worker_env(plan.cfg)) for plan in plans]
     ranks = None
@@ -61,7 +63,6 @@ def run(cfg: AgentConfig, plans: list[PluginPlan], ctx: TaskContext, mpi: bool) 
             return ranks.serve()  # this rank gets its files over MPI from its group's leader
     from .sources.amqp import new_agent_id
 
-    kind = source_kind(cfg.source)
     agent_id = new_agent_id(ctx.file_tag)
     with _journal(cfg, agent_id, kind.uses_journal) as journal:
         group = assemble(cfg, plans, launches, kind, agent_id, journal, ctx, ranks)

@@ -11,6 +11,7 @@ The table is declared into hpc_common.settings_table, which resolves it (the lau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Mapping, Optional
@@ -23,7 +24,7 @@ from hpc_common.settings_table import Check, Setting, SettingsTable
 
 from .errors import ConfigError
 from .sources.registry import SOURCES, source_kind
-from .plugin_settings import parse_plugin_table
+from .plugin_settings import PER_PLUGIN_SOURCE_KEYS, parse_plugin_table
 
 
 def _to_path_list(value: Any) -> list[str]:
@@ -251,7 +252,7 @@ _TABLE: tuple[Setting, ...] = (
              "command put before the extractor process's, e.g. 'apptainer exec x.sif'", type=_OPT_STR),
     _setting("plugins", parse_plugin_table, {},
              "per-plugin settings {NAME: {command_prefix, env_python, env_build, extraction_func, extraction_module, "
-             "slots, time_limit, max_retries, rabbitmq_queue, container, env}}",
+             "slots, time_limit, max_retries, rabbitmq_queue, container, env, relay_url, relay_token_file, spool_dir}}",
              check=_plugins_check, type=dict[str, dict[str, Any]]),
 )
 
@@ -282,10 +283,24 @@ class _ConfigMethods:
 
 
 def _check_combination(cfg: Any) -> None:
-    """Checks that involve more than one setting: what the chosen work source needs."""
-    problem = source_kind(cfg.source).check(cfg)
-    if problem:
+    """Checks that involve more than one setting: what the chosen work source needs.
+
+    A value the source needs may come from the plugins table instead (relay_url, spool_dir per plugin):
+    then the agent-wide settings pass when one plugin's entry completes them, and agent.plugin_set
+    checks every served plugin's own settings.
+    """
+    kind = source_kind(cfg.source)
+    problem = kind.check(cfg)
+    if problem and not any(kind.check(dataclasses.replace(cfg, **own)) is None for own in _own_sources(cfg)):
         raise ConfigError(problem)
+
+
+def _own_sources(cfg: Any) -> list[dict[str, Any]]:
+    """Each plugins-table entry's own source settings (entries that give none are left out)."""
+    table = getattr(cfg, "plugins", None) or {}
+    entries = ({key: str(entry[key]) for key in PER_PLUGIN_SOURCE_KEYS if entry.get(key) not in (None, "")}
+               for entry in table.values())
+    return [own for own in entries if own]
 
 
 # The one list of settings makes the dataclass: no second list of names or defaults to keep in step.

@@ -2,8 +2,10 @@
 
 Every plugin gets a copy of the agent's settings with its own values put in: slots (from the
 `plugins:` table or the AGENT_SLOTS split `a:2,b:1`), time_limit, max_retries and rabbitmq_queue
-(table only: RABBITMQ_QUEUE names one queue, so it is refused with several plugins). The rest of
-the agent then treats each copy as it treats the settings of a one-plugin agent.
+(table only: RABBITMQ_QUEUE names one queue, so it is refused with several plugins), and relay_url,
+relay_token_file, spool_dir (table only). The work source's needs are checked on each copy, and two
+plugins never take from one place (one queue, relay URL or spool folder: the kind's `endpoint`).
+The rest of the agent then treats each copy as it treats the settings of a one-plugin agent.
 """
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ from typing import Any, Callable, Optional
 
 from .errors import ConfigError
 from .plugin_loader import PluginSpec
-from .plugin_settings import own_value
+from .plugin_settings import PER_PLUGIN_SOURCE_KEYS, own_value
+from .sources.registry import source_kind
 from .worker_settings import queue_name
 
 #: settings the `plugins:` table may give per plugin that a plugin's copy of the settings takes over
 #: (slots too, which may also come from the AGENT_SLOTS split)
-PER_PLUGIN_OVERRIDES = ("time_limit", "max_retries", "rabbitmq_queue")
-#: work sources that can serve several plugins from one agent
-MULTI_PLUGIN_SOURCES = ("amqp",)
+PER_PLUGIN_OVERRIDES = ("time_limit", "max_retries", "rabbitmq_queue") + PER_PLUGIN_SOURCE_KEYS
 
 
 def plugin_names(cfg: Any) -> list[Optional[str]]:
@@ -59,14 +60,12 @@ def plan_plugins(cfg: Any, find: Callable[[Optional[str]], PluginSpec],
 
     find: plugin name -> PluginSpec (PluginError when missing); parse(setting, raw, origin) parses and
     checks a per-plugin value like the agent-wide one. ConfigError for combinations no agent can serve:
-    RABBITMQ_QUEUE with several plugins, two plugins on one queue, a slot split naming an unknown plugin,
-    several plugins with a source that serves one.
+    RABBITMQ_QUEUE with several plugins, two plugins on one queue (relay URL, spool folder), a slot split
+    naming an unknown plugin, a plugin whose settings lack what the source needs.
     """
+    kind = source_kind(cfg.source)
     asked = plugin_names(cfg)
     several = len(asked) > 1
-    if several and cfg.source not in MULTI_PLUGIN_SOURCES:
-        raise ConfigError(f"source {cfg.source} serves one plugin per agent; several plugins ({cfg.plugin}) "
-                          f"need source {' or '.join(MULTI_PLUGIN_SOURCES)}, or one agent per plugin")
     specs = [(name, find(name)) for name in asked]
     if several and cfg.rabbitmq_queue:
         missing = [s.name for _, s in specs if not _table_value(cfg, s, "rabbitmq_queue")]
@@ -92,13 +91,17 @@ def plan_plugins(cfg: Any, find: Callable[[Optional[str]], PluginSpec],
         if not isinstance(values["slots"], int):
             raise ConfigError(f"plugins.{spec.name}.slots: expected a number of slots, not {slots!r}")
         own = dataclasses.replace(cfg, **values)
+        problem = kind.check(own)
+        if problem:
+            raise ConfigError(f"plugins.{spec.name}: {problem}" if several else problem)
         plans.append(PluginPlan(spec, own, queue_name(own, spec)))
     seen: dict[str, str] = {}
     for plan in plans:
-        if plan.queue in seen:
-            raise ConfigError(f"plugins {seen[plan.queue]} and {plan.spec.name} both consume queue {plan.queue}: "
-                              "a message must go to one plugin only (give one its own rabbitmq_queue)")
-        seen[plan.queue] = plan.spec.name
+        where = kind.endpoint(plan.cfg, plan.queue)
+        if where in seen:
+            raise ConfigError(f"plugins {seen[where]} and {plan.spec.name} {kind.shared} {where}: "
+                              f"a message must go to one plugin only ({kind.own_endpoint})")
+        seen[where] = plan.spec.name
     return plans
 
 

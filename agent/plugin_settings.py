@@ -15,7 +15,8 @@ Keys: command_prefix, env_python, env_build, extraction_func, extraction_module,
 (agent.container_runtime), env (variables for
 the plugin's extractor processes, over the agent's environment and the Dockerfile's ENV:
 agent.extractor_env), and for an agent serving several plugins (agent.plugin_set) slots,
-time_limit, max_retries, rabbitmq_queue.
+time_limit, max_retries, rabbitmq_queue, and where the plugin's messages come from with the relay or
+spool source: relay_url, relay_token_file, spool_dir.
 A key missing there takes the agent-wide setting of the same name (AGENT_COMMAND_PREFIX, ...);
 env has no agent-wide setting: the agent's own environment is that.
 """
@@ -28,7 +29,10 @@ from typing import Any, Mapping, Optional
 from .container_runtime import ContainerSetting, parse_container
 
 PER_PLUGIN_KEYS = ("command_prefix", "env_python", "env_build", "extraction_func", "extraction_module",
-                   "slots", "time_limit", "max_retries", "rabbitmq_queue", "container", "env")
+                   "slots", "time_limit", "max_retries", "rabbitmq_queue", "container", "env",
+                   "relay_url", "relay_token_file", "spool_dir")
+#: per-plugin keys that say where the plugin's messages come from (relay and spool sources)
+PER_PLUGIN_SOURCE_KEYS = ("relay_url", "relay_token_file", "spool_dir")
 
 
 def parse_plugin_table(value: Any) -> dict[str, dict[str, Any]]:

@@ -92,8 +92,9 @@ class Dispatcher:
         # the body holds the Clowder secretKey: readable by the owner only
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
+            # "queue" lets an agent serving several plugins run the one that consumes it
             json.dump({"body": body.decode("utf-8", "replace"),
-                       "properties": json.loads(row["properties"])}, fh)
+                       "properties": json.loads(row["properties"]), "queue": self.queue}, fh)
         tmp.rename(path)
         try:
             job_id, name = self.launcher.submit_one(

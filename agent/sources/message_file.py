@@ -1,6 +1,6 @@
 """One message from a file: the agent as the job of `python -m launcher dispatch`.
 
-dispatch writes each message (body and AMQP properties, mode 0600) to a file and submits one
+dispatch writes each message (body, AMQP properties and its queue, mode 0600) to a file and submits one
 batch job for it with CLOWDER_MESSAGE_FILE set; the launcher has already recorded the message
 durably and settles it from the job's exit code. So this source settles nothing itself: it only
 remembers what the runner decided, and the agent exits 0 when the file was processed, or with
@@ -26,6 +26,21 @@ class MessageFileError(ConfigError):
     """The message file is missing or not what dispatch writes."""
 
 
+def read_message_file(path: str) -> dict[str, Any]:
+    """The file's record: body, properties (a mapping) and, from newer dispatchers, the queue it was taken from."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict) or "body" not in data:
+            raise ValueError("no body")
+        data["properties"] = dict(data.get("properties") or {})
+    except OSError as exc:
+        raise MessageFileError(f"message file {path}: {exc.strerror}") from None
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise MessageFileError(f"message file {path}: not a dispatch message (needs body, properties)") from None
+    return data
+
+
 class MessageFileSource(WorkSource):
     """Deliver the one message in a file; record its fate in `outcome`."""
 
@@ -42,16 +57,8 @@ class MessageFileSource(WorkSource):
         self._taken = False
 
     def _read(self) -> Delivery:
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                data = json.load(fh)
-            props = data.get("properties") or {}
-            body = data["body"]
-        except OSError as exc:
-            raise MessageFileError(f"message file {self.path}: {exc.strerror}") from None
-        except (ValueError, KeyError, AttributeError):
-            raise MessageFileError(f"message file {self.path}: not a dispatch message (needs body, properties)") \
-                from None
+        data = read_message_file(self.path)
+        props, body = data["properties"], data["body"]
         return Delivery(body=body.encode("utf-8") if isinstance(body, str) else bytes(body),
                         routing_key=props.get("routing_key") or self.queue, reply_to=props.get("reply_to"),
                         correlation_id=props.get("correlation_id"), headers=dict(props.get("headers") or {}),

@@ -3,15 +3,18 @@
 A SourceKind says how to build its source from the settings (`build`), which event loop the agent
 waits in while it uses it (`make_loop`: RabbitMQ's connection, else a select() loop), whether the agent must open
 the in-flight journal for it (`uses_journal`), which settings it forces (`forced`: a message file
-is one message), what it needs from the settings (`check`) and what it changes in the extractor's
-environment (`extractor_env`). agent.cli's wiring only looks kinds up here, so a new source is
-one `register()` call, and several plugins (each with its queue) can later share a kind: the
-factory gets the queue and the journal per request, not from globals.
+is one message), what it needs from the settings (`check`, run on each plugin's own settings), what it
+changes in the extractor's environment (`extractor_env`), where a plugin's messages come from
+(`endpoint`: two plugins of one agent never share one) and which plugins a run serves (`pick`: a
+message file is for one queue). agent.cli's wiring only looks kinds up here, so a new source is
+one `register()` call, and several plugins (each with its queue) share a kind: the factory gets the
+plugin's settings, queue and journal per request, not from globals.
 
 Each source module is imported only when its factory runs.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
@@ -47,6 +50,13 @@ class SourceKind:
     forced: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[Any], Optional[str]] = lambda cfg: None
     extractor_env: Callable[[Any, dict[str, str]], None] = lambda cfg, env: None
+    #: (plugin's settings, its queue) -> where its messages come from, and how to say two plugins share it.
+    #: The queue by default: for amqp, and for file, whose one message file names the queue it is for.
+    endpoint: Callable[[Any, str], str] = lambda cfg, queue: queue
+    shared: str = "both consume queue"
+    own_endpoint: str = "give one its own rabbitmq_queue"
+    #: (agent-wide settings, plans) -> the plans this run serves
+    pick: Callable[[Any, list[Any]], list[Any]] = lambda cfg, plans: plans
     help: str = ""
 
 
@@ -119,6 +129,26 @@ def _spool(req: SourceRequest) -> WorkSource:
     return from_config(req.cfg, req.agent_id)
 
 
+def _spool_folder(cfg: Any, queue: str) -> str:
+    return os.path.realpath(os.path.expanduser(cfg.spool_dir or ""))
+
+
+def _file_pick(cfg: Any, plans: list[Any]) -> list[Any]:
+    """With several plugins, the one whose queue the message file names (`launcher dispatch` writes "queue")."""
+    if len(plans) < 2:
+        return plans  # one plugin serves the file whatever it says, as before "queue" was written
+    from .message_file import read_message_file
+
+    queue = read_message_file(cfg.message_file).get("queue")
+    chosen = [plan for plan in plans if plan.queue == queue]
+    if not isinstance(queue, str) or not chosen:
+        served = ", ".join(f"{plan.spec.name} ({plan.queue})" for plan in plans)
+        said = f"is for queue {queue}" if isinstance(queue, str) else "names no queue"
+        raise ConfigError(f"message file {cfg.message_file} {said}, but this agent serves several plugins "
+                          f"and none consumes it: {served}")
+    return chosen
+
+
 def _file(req: SourceRequest) -> WorkSource:
     from .message_file import MessageFileSource
 
@@ -128,12 +158,16 @@ def _file(req: SourceRequest) -> WorkSource:
 register(SourceKind("amqp", _amqp, make_loop=_amqp_connection, uses_journal=True,
                     help="RabbitMQ, as pyclowder consumes it"))
 register(SourceKind("relay", _relay, check=_relay_check, extractor_env=_relay_env,
+                    endpoint=lambda cfg, queue: (cfg.relay_url or "").rstrip("/"), shared="both lease from relay URL",
+                    own_endpoint="give one its own relay_url",
                     help="leases from python -m launcher relay; no journal, no broker connection"))
 register(SourceKind("spool", _spool,
                     check=lambda cfg: None if cfg.spool_dir else "source spool needs spool_dir (AGENT_SPOOL_DIR)",
                     extractor_env=lambda cfg, env: _no_proxy(env, "127.0.0.1"),
+                    endpoint=_spool_folder, shared="both claim from spool dir",
+                    own_endpoint="give one its own spool_dir",
                     help="messages and files in a shared folder (python -m launcher spool); Clowder calls recorded"))
-register(SourceKind("file", _file, forced={"max_messages": 1, "idle_exit": 0.0},
+register(SourceKind("file", _file, forced={"max_messages": 1, "idle_exit": 0.0}, pick=_file_pick,
                     check=lambda cfg: None if cfg.message_file else
                     "source file needs message_file (AGENT_MESSAGE_FILE or CLOWDER_MESSAGE_FILE)",
                     help="one message written by python -m launcher dispatch; the exit code reports its fate"))

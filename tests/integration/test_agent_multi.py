@@ -147,7 +147,7 @@ def test_slot_split_from_the_environment(harness, second):
     ("same-queue", "both consume queue"),
     ("unknown-in-split", "slots: nope is not a plugin this agent serves"),
     ("rabbitmq-queue", "rabbitmq_queue (RABBITMQ_QUEUE) names one queue but the agent serves 2 plugins"),
-    ("spool", "source spool serves one plugin per agent"),
+    ("spool", "both claim from spool dir"),
 ])
 def test_bad_combinations_are_refused_before_any_message(harness, second, tmp_path, case, expected):
     fid = harness.publish_file(b"ok\n")

@@ -27,7 +27,7 @@ import requests
 
 from helpers import services
 from helpers.certs import self_signed
-from helpers.agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
+from helpers.agent_harness import REPO, TEST_PLUGINS, AgentHarness, harness, second_harness  # noqa: F401 (fixtures)
 from helpers.relay_harness import Netns, RelayProc, start_agent_in, unprocessed, wait_exit, write_token
 
 pytestmark = pytest.mark.integration
@@ -173,6 +173,36 @@ def test_mpi_ranks_in_the_namespace_share_one_relay_source(harness, netns, relay
     assert wait_exit(harness, proc) == 0, harness.log_text()
     assert unprocessed(harness, ids) == [] and harness.errors() == []
     assert len({pid for _, pid, _ in harness.runs()}) == 2  # both ranks' extractors worked
+
+
+def test_one_agent_serves_two_plugins_each_leasing_from_its_own_relay(harness, second_harness, tmp_path):
+    """Plugin a leases from one relay with the agent-wide token, plugin b from another with its own token."""
+    a_name, b_name = "test.directive", "test.simple.wc"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    relays = [RelayProc(harness, "127.0.0.1", tmp_path / "a").start(),
+              RelayProc(second_harness, "127.0.0.1", tmp_path / "b").start()]
+    try:
+        a_ids = [harness.publish_file(b"ok\n", name=f"a{i}.txt") for i in range(2)]
+        b_ids = [second_harness.publish_file(b"one two three\n", name=f"b{i}.txt") for i in range(2)]
+        table = {a_name: {"relay_url": relays[0].url},
+                 b_name: {"relay_url": relays[1].url, "relay_token_file": relays[1].token_file}}
+        proc = start_agent_in(harness, None, "--plugin", f"{a_name},{b_name}", "--idle-exit", "2",
+                              **relays[0].agent_env(AGENT_RELAY_URL="", RABBITMQ_QUEUE="",
+                                                    AGENT_PLUGIN_PATH=TEST_PLUGINS, AGENT_PLUGINS=json.dumps(table)))
+        assert wait_exit(harness, proc) == 0, harness.log_text()
+        for fid in a_ids:  # each relay's files went to its own plugin's extractor only
+            (md,) = harness.standin.metadata_for(fid)
+            assert md["content"]["directive"] == "ok" and "words" not in md["content"]
+        for fid in b_ids:
+            (md,) = harness.standin.metadata_for(fid)
+            assert md["content"]["words"] == "3" and "directive" not in md["content"]
+        assert harness.errors() == [] and second_harness.errors() == []
+        assert relays[0].token not in harness.log_text() and relays[1].token not in harness.log_text()
+    finally:
+        for relay in relays:
+            relay.stop()
+    assert harness.depth() == 0 and second_harness.depth() == 0  # each relay settled its leases
 
 
 # -- refusals -----------------------------------------------------------------------------------------

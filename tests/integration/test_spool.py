@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from helpers import services
-from helpers.agent_harness import REPO, AgentHarness, harness  # noqa: F401 (fixture)
+from helpers.agent_harness import REPO, TEST_PLUGINS, AgentHarness, harness, second_harness  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +122,35 @@ def test_files_and_results_travel_through_the_spool(harness, spool):
     assert sorted(s["file_id"] for s in done) == sorted(ids)
     assert harness.depth() == 0
     assert spool.inbox() == [] and os.listdir(os.path.join(spool.dir, "outbox")) == []
+
+
+def test_one_agent_serves_two_plugins_each_from_its_own_spool_folder(harness, second_harness, spool, no_network,
+                                                                     tmp_path):
+    """Plugin a claims from the agent-wide spool_dir, plugin b from its own (the plugins table); two spoolers."""
+    a_name, b_name = "test.directive", "test.simple.wc"
+    (tmp_path / "b").mkdir()
+    b_spool = Spool(second_harness, no_network, tmp_path / "b")
+    try:
+        a_ids = [harness.publish_file(b"ok\n", name=f"a{i}.txt") for i in range(2)]
+        b_ids = [second_harness.publish_file(b"one two three\n", name=f"b{i}.txt") for i in range(2)]
+        launchers = [spool.start_launcher("--until-empty"), b_spool.start_launcher("--until-empty")]
+        harness.wait_for(lambda: len(spool.inbox()) >= 2 and len(b_spool.inbox()) >= 2, 30, "messages staged")
+        agent = spool.start_agent("--plugin", f"{a_name},{b_name}", "--idle-exit", "2", RABBITMQ_QUEUE="",
+                                  AGENT_PLUGIN_PATH=TEST_PLUGINS,
+                                  AGENT_PLUGINS=json.dumps({b_name: {"spool_dir": b_spool.dir}}))
+        assert spool.wait(agent) == 0, harness.log_text()
+        assert spool.wait(launchers[0]) == 0, spool.log()
+        assert b_spool.wait(launchers[1]) == 0, b_spool.log()
+        for fid in a_ids:  # each folder's files went to its own plugin's extractor only
+            (md,) = harness.standin.metadata_for(fid)
+            assert md["content"]["directive"] == "ok" and "words" not in md["content"]
+        for fid in b_ids:
+            (md,) = harness.standin.metadata_for(fid)
+            assert md["content"]["words"] == "3" and "directive" not in md["content"]
+        assert harness.depth() == 0 and second_harness.depth() == 0
+        assert harness.errors() == [] and second_harness.errors() == []
+    finally:
+        b_spool.stop()
 
 
 @pytest.mark.chaos

@@ -80,7 +80,9 @@ def test_each_message_becomes_one_job_and_is_acked_after_the_ledger_commit(setup
     rows = launcher.ledger.dispatch_rows("submitted")
     assert [(r["file_id"], r["job_id"]) for r in rows] == [("f1", "1"), ("f2", "2")]
     msg_file = sched.envs["1"]["CLOWDER_MESSAGE_FILE"]
-    assert json.loads(json.loads(open(msg_file).read())["body"])["id"] == "f1"
+    record = json.loads(open(msg_file).read())
+    assert json.loads(record["body"])["id"] == "f1"
+    assert record["queue"] == "q"  # an agent serving several plugins runs the one consuming it
     import os
     assert os.stat(msg_file).st_mode & 0o077 == 0  # holds the secretKey: owner only
 
