@@ -8,7 +8,8 @@ call the stand-in themselves; "relay" agents lease from `python -m launcher rela
 process, on loopback), staging ahead as they do by default there (small files inline with their
 lease, the rest fetched ahead through the relay) and every other Clowder call of theirs is
 forwarded by the relay; the same agents with AGENT_STAGE_AHEAD=0 (each call forwarded as pyclowder
-makes it), and through the earlier relay (stdlib, thread per connection, from git ref --old-ref,
+makes it), through this relay on pika's public API only (RELAY_AMQP_INTERNALS=0: what its private
+one-send path for status replies is worth), and through the earlier relay (stdlib, thread per connection, from git ref --old-ref,
 which offers no inline files) are the references.
 The stand-in's own rate for the agents' two calls per file is measured and printed first.
 
@@ -21,8 +22,8 @@ Two layouts, every case in both, in the same run:
   agents' node, which is what a site pays for it.
 Writes benchmarks/results/relay_throughput.md (and prints it).
 
-Each case runs --runs times (default 3), the runs interleaved (direct, relay, earlier relay, then
-the next case) so the host's drift reaches all three alike; the table gives medians and the range
+Each case runs --runs times (default 3), the runs interleaved (direct, relay, relay without stage-ahead,
+relay on pika's public API, earlier relay, then the next case) so the host's drift reaches all three alike; the table gives medians and the range
 of the run-by-run ratios.
 
   python benchmarks/relay_throughput.py [--files 1000] [--runs 3] [--old-ref 5710b70]
@@ -61,13 +62,14 @@ def _free_port() -> int:
 class Relay:
     """The relay as a subprocess for one queue."""
 
-    def __init__(self, queue: str, workdir: str, tree: str = REPO, cpus: Optional[set[int]] = None) -> None:
+    def __init__(self, queue: str, workdir: str, tree: str = REPO, cpus: Optional[set[int]] = None,
+                 extra_env: Optional[dict] = None) -> None:
         self.port = _free_port()
         self.token_file = os.path.join(workdir, "token")
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(fd, secrets.token_urlsafe(32).encode())
         os.close(fd)
-        env = dict(os.environ, RABBITMQ_URI=AMQP_URL, RABBITMQ_QUEUE=queue, PYTHONPATH=tree)
+        env = dict(os.environ, RABBITMQ_URI=AMQP_URL, RABBITMQ_QUEUE=queue, PYTHONPATH=tree, **(extra_env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "relay", "--bind", f"127.0.0.1:{self.port}",
                                       "--token-file", self.token_file, "--state-dir", os.path.join(workdir, "state"),
                                       "--buffer", "40"], cwd=tree, env=env, stdout=subprocess.PIPE,
@@ -87,9 +89,10 @@ def _on(cpus: Optional[set[int]]):
 
 
 def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int, via_relay: Optional[str],
-             env: dict, timeout: float = 600, layout: Optional[tuple[set[int], set[int]]] = None) -> dict:
+             env: dict, timeout: float = 600, layout: Optional[tuple[set[int], set[int]]] = None,
+             relay_env: Optional[dict] = None) -> dict:
     """One case; via_relay is the source tree of the relay to run (None: direct AMQP); layout is
-    (the agents' cpus, the relay's cpus), None for co-located."""
+    (the agents' cpus, the relay's cpus), None for co-located; relay_env: more of the relay's environment."""
     agent_cpus, relay_cpus = layout if layout else (None, None)
     standin.clear()
     files = standin.add_files(n, b"lorem ipsum dolor sit amet\n" * 37)
@@ -97,7 +100,7 @@ def run_case(name: str, standin: StandinProcess, n: int, agents: int, slots: int
         queue = fresh_queue(ch, "bench-relay")
         publish(ch, queue, [v1_message(f, standin.url) for f in files], reply_to="bench-replies")
     workdir = tempfile.mkdtemp(prefix="bench-relay-")
-    relay = Relay(queue, workdir, via_relay, relay_cpus) if via_relay else None
+    relay = Relay(queue, workdir, via_relay, relay_cpus, relay_env) if via_relay else None
     agent_env = dict(env, RABBITMQ_QUEUE=queue)
     if relay is not None:
         agent_env.update(AGENT_SOURCE="relay", AGENT_RELAY_URL=relay.url, AGENT_RELAY_TOKEN_FILE=relay.token_file)
@@ -157,7 +160,7 @@ def main() -> int:
     with BrokerChannel() as ch:
         ch.queue_declare("bench-replies", durable=False, auto_delete=False)
     standin = StandinProcess(lean=True)  # devtools.bench_clowder: far faster than what is measured through it
-    runs: dict[tuple[str, str], list[tuple[dict, dict, dict]]] = {}
+    runs: dict[tuple[str, str], list[tuple[dict, dict, dict, dict, dict]]] = {}
     load_before = os.getloadavg()[0]
     old = old_tree(args.old_ref)
     cpus = sorted(os.sched_getaffinity(0))
@@ -176,8 +179,10 @@ def main() -> int:
                     relayed = one(f"through the relay, {label}", via_relay=REPO)
                     unstaged = one(f"through the relay, no stage-ahead, {label}", via_relay=REPO,
                                    env=dict(env, AGENT_STAGE_AHEAD="0"))
+                    public = one(f"through the relay, pika's public API only, {label}", via_relay=REPO,
+                                 relay_env={"RELAY_AMQP_INTERNALS": "0"})
                     earlier = one(f"through the earlier relay, {label}", via_relay=old)
-                    runs.setdefault((layout_name, label), []).append((direct, relayed, earlier, unstaged))
+                    runs.setdefault((layout_name, label), []).append((direct, relayed, earlier, unstaged, public))
     finally:
         shutil.rmtree(old, ignore_errors=True)
         standin.close()
@@ -193,19 +198,21 @@ def main() -> int:
              "core {}, the agents and the stand-in on the other core in every case (direct too), RabbitMQ "
              "unpinned.".format(FLOOR, cpus[-1]), "",
              f"| layout | agents | direct AMQP files/s | through the relay files/s | ratio (runs' range) | "
-             "relay, no stage-ahead files/s | its ratio | earlier "
+             "relay, no stage-ahead files/s | its ratio | relay on pika's public API only files/s | its ratio | "
+             "its relay CPU ms/file | earlier "
              f"relay ({args.old_ref}) files/s | its ratio | first result, direct / relay (s) | "
              "relay CPU ms/file (this / earlier) | time the relay adds per file and slot (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     worst: dict[str, float] = {}
     agents_slots = {label: agents * slots for label, agents, slots in CASES}
     for (layout_name, label), results in runs.items():
-        d, r, e, u = (_median_of([res[i] for res in results]) for i in range(4))
+        d, r, e, u, p = (_median_of([res[i] for res in results]) for i in range(5))
         ratio = r["rate"] / d["rate"]
-        each = sorted(rr["rate"] / dd["rate"] for dd, rr, _, _ in results)
+        each = sorted(res[1]["rate"] / res[0]["rate"] for res in results)
         worst[layout_name] = min(worst.get(layout_name, float("inf")), ratio)
         lines.append(f"| {layout_name} | {label} | {d['rate']:.1f} | {r['rate']:.1f} | {ratio:.2f} "
-                     f"({each[0]:.2f}-{each[-1]:.2f}) | {u['rate']:.1f} | {u['rate'] / d['rate']:.2f} | {e['rate']:.1f} | "
+                     f"({each[0]:.2f}-{each[-1]:.2f}) | {u['rate']:.1f} | {u['rate'] / d['rate']:.2f} | {p['rate']:.1f} | "
+                     f"{p['rate'] / d['rate']:.2f} | {p['relay_ms']:.2f} | {e['rate']:.1f} | "
                      f"{e['rate'] / d['rate']:.2f} | {d['first']:.2f} / {r['first']:.2f} | "
                      f"{r['relay_ms']:.2f} / {e['relay_ms']:.2f} | {added_ms(d, r, agents_slots[label]):.2f} |")
     verdicts = "; ".join(f"{name}: {w:.2f} ({'meets' if w >= FLOOR else 'BELOW'} the {FLOOR} floor)"

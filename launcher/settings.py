@@ -115,6 +115,9 @@ _TABLE: tuple[Setting, ...] = (
     _setting("clowder_version", ("CLOWDER_VERSION",), _clowder_version, 1,
              "spool: Clowder API version of the extractor (1 or 2)", "--clowder-version"),
     _setting("relay_debug", ("RELAY_DEBUG",), _flag_bool, False, "relay: log every request (1 or 0)"),
+    _setting("relay_amqp_internals", ("RELAY_AMQP_INTERNALS",), _flag_bool, True,
+             "relay: its status replies leave in one socket send per batch, on pika's private path (1 or 0: "
+             "pika's public API only)"),
     _setting("relay_url", ("LAUNCHER_RELAY_URL",), _url, None,
              "backlog: a relay on another host, asked for its counts (GET /v1/backlog)"),
     _setting("relay_token_file", ("LAUNCHER_RELAY_TOKEN_FILE",), _text, None,

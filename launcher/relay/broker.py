@@ -42,7 +42,9 @@ class BrokerLink(threading.Thread):
     """Moves messages between RabbitMQ and the lease table (see the module docstring)."""
 
     def __init__(self, uri: str, queue_name: str, store: LeaseStore, buffer: int = 20,
-                 relay_id: str = "relay") -> None:
+                 relay_id: str = "relay", internals: bool = True) -> None:
+        """internals: status replies and registrations leave in one socket send per batch
+        (launcher.broker.Link's private pika path; False: pika's public API only)."""
         super().__init__(name="relay-broker", daemon=True)
         self.uri = uri
         self.queue = queue_name
@@ -50,6 +52,7 @@ class BrokerLink(threading.Thread):
         self.store = store
         self.buffer = max(1, buffer)
         self.relay_id = relay_id
+        self.internals = internals
         self.connected = threading.Event()
         self.intake = True
         self._halt = threading.Event()
@@ -99,7 +102,7 @@ class BrokerLink(threading.Thread):
     def _connect(self) -> None:
         # plain channel: basic_get/ack, status messages and registrations (no confirms);
         # confirmed channel: error-queue copies and hand-backs, each waiting for its confirm
-        link = Link(self.uri, f"clowder-relay {self.relay_id}")
+        link = Link(self.uri, f"clowder-relay {self.relay_id}", internals=self.internals)
         try:
             link.declare_queues((self.queue, self.error_queue), keep_existing=True)
         except BrokerError:

@@ -103,8 +103,7 @@ class LeaseWaiters:
 
     def _complete_then_lease(self, complete: list[str], agent: str, limit: int, host_for: Callable[[str], str]
                              ) -> tuple[list[str], list[Lease]]:
-        done = self.store.complete_many(complete) if complete else []
-        return done, self.store.lease(agent, limit, self.ttl, host_for)
+        return self.store.complete_then_lease(complete, agent, limit, self.ttl, host_for)  # one commit
 
     async def _serve(self) -> None:
         assert self._kick is not None

@@ -148,7 +148,8 @@ def run(args: argparse.Namespace, state_dir: str, launcher_settings: Any = None)
     if kept:
         log.warning("%d lease(s) survived the last run; their agents have %.0fs to be heard from", kept,
                     settings.lease_ttl)
-    broker = BrokerLink(uri, queue, store, buffer=args.buffer, relay_id=f"{os.uname().nodename}-{os.getpid()}")
+    broker = BrokerLink(uri, queue, store, buffer=args.buffer, relay_id=f"{os.uname().nodename}-{os.getpid()}",
+                        internals=conf.relay_amqp_internals)
     relay = Relay(settings, store, broker, Forwarder(store, settings.max_upload, settings.clowder_url))
     try:
         bound = relay.bind()

@@ -410,8 +410,7 @@ class Relay:
                         inline: int, version: int, gone: Callable[[], bool]) -> web.Response:
         """Write the lease answer (with inline files if asked); leases it did not reach go back at once."""
         delivered = False
-        # what is left to say should the lease answer fail
-        resp = json_response(200, api.LeaseAnswer([], settled).to_json())
+        resp: Optional[web.Response] = None
         try:
             parts = await inline_parts(self.forwarder, leases, inline, version) if inline and leases else []
             self.metrics.inlined(sum(1 for part in parts if api.inline_has_file(part)))
@@ -428,6 +427,8 @@ class Relay:
             if not delivered:
                 for lease in leases:  # never delivered: leasable again at once
                     await self.run_blocking(self.store.release, lease.lease_id)
+        if resp is None:  # what is left to say should the lease answer fail before it was made
+            resp = json_response(200, api.LeaseAnswer([], settled).to_json())
         return resp
 
     def _handed_out(self, lease: Lease, inline: Optional[dict[str, Any]] = None) -> api.LeaseItem:

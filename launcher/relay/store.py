@@ -216,16 +216,25 @@ class LeaseStore:
     # -- leasing -----------------------------------------------------------------------------------
     def lease(self, agent: str, limit: int, ttl: float, host_for: Callable[[str], str]) -> list[Lease]:
         """Lease up to limit ready rows to agent for ttl seconds (no waiting)."""
+        return self.complete_then_lease((), agent, limit, ttl, host_for)[1]
+
+    def complete_then_lease(self, complete: Iterable[str], agent: str, limit: int, ttl: float,
+                            host_for: Callable[[str], str]) -> tuple[list[str], list[Lease]]:
+        """complete_many(complete), then lease(agent, limit, ...), in one transaction (one commit per
+        lease call that carries completions); returns (the ids that were live, the leases)."""
         now = self._clock()
         out: list[Lease] = []
         with self._lock:
+            finished = [lease for lease in (self._take(i) for i in complete) if lease is not None]
             rows = self._db.execute(
                 "SELECT id, body, routing_key, reply_to, correlation_id, headers, content_type, attempts "
                 "FROM messages WHERE state='ready' AND available_at<=? ORDER BY available_at, id LIMIT ?",
                 (now, limit)).fetchall()
-            if not rows:
-                return out
+            if not rows and not finished:
+                return [], out
             with self._tx():
+                for lease in finished:
+                    self._db.execute("DELETE FROM messages WHERE id=?", (lease.row,))
                 for r in rows:
                     lease_id = secrets.token_urlsafe(18)
                     lease = Lease(row=r[0], lease_id=lease_id, lease_key=self.lease_key(agent, r[1]), body=r[1],
@@ -237,10 +246,13 @@ class LeaseStore:
                         "expires_at=?, learned='{}' WHERE id=?",
                         (lease.lease_id, lease.lease_key, lease.lease_host, agent, lease.expires_at, lease.row))
                     out.append(lease)
+            for lease in finished:
+                self._forget(lease)
             for lease in out:
                 self._live[lease.lease_id] = lease
-        self.demand.set()  # room in the buffer: the broker link may fetch more
-        return out
+        if out:
+            self.demand.set()  # room in the buffer: the broker link may fetch more
+        return [lease.lease_id for lease in finished], out
 
     def wait_lease(self, agent: str, limit: int, ttl: float, wait: float, host_for: Callable[[str], str],
                    stopping: Callable[[], bool] = lambda: False) -> list[Lease]:

@@ -60,14 +60,16 @@ def test_reports_count_dead_letters_and_carry_per_file_times(harness, rabbitmq):
 
 
 @pytest.mark.integration
-def test_a_status_batch_reaches_its_queues_in_order(rabbitmq):
+@pytest.mark.parametrize("internals", [False, True], ids=["public-api", "one-send"])
+def test_a_status_batch_reaches_its_queues_in_order(rabbitmq, internals):
     import uuid
 
     import pika
 
     from launcher.broker import Link
 
-    link = Link(rabbitmq, "test publish_many")
+    link = Link(rabbitmq, "test publish_many", internals=internals)
+    assert (link._queued is not None) == internals  # the private path is taken when asked (this pika has it)
     queues = [f"test-batch-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     try:
         link.declare_queues(queues)

@@ -95,6 +95,26 @@ def test_lease_lifecycle_and_restart(tmp_path):
     assert store.counts() == {"ready": 0, "leased": 0, "dead": 0}
 
 
+def test_complete_then_lease_settles_and_leases_in_one_commit(tmp_path):
+    now = [0.0]
+    store = _store(tmp_path, now)
+    store.add([Message(body=f'{{"id": "{i}"}}'.encode(), routing_key="q") for i in range(3)])
+    first = store.lease("a", 2, 60.0, lambda i: "h")
+    commits = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    done, more = store.complete_then_lease([first[0].lease_id, "not-a-lease"], "a", 5, 60.0, lambda i: "h")
+    assert done == [first[0].lease_id] and [m.body for m in more] == [b'{"id": "2"}']
+    assert commits == ["COMMIT"]  # the completion and the new lease: one transaction
+    assert store.live(first[0].lease_id) is None and store.live(more[0].lease_id) is not None
+    assert store.route(first[0].lease_id) is not None  # a late status still finds its reply_to
+    assert store.counts() == {"ready": 0, "leased": 2, "dead": 0}
+    assert store.complete_then_lease([first[0].lease_id], "a", 5, 60.0, lambda i: "h") == ([], [])
+    store.close()
+    # Both survive a restart: the completed row is gone, the new lease is kept.
+    store = _store(tmp_path, now)
+    assert store.live(more[0].lease_id) is not None and store.counts()["leased"] == 2
+
+
 def test_fail_backs_off_then_dead_letters(tmp_path):
     now = [0.0]
     store = _store(tmp_path, now)
