@@ -17,7 +17,9 @@ where each extractor holds its next file while it works on the current one).
 
 Only the leader's comm thread and the other ranks' main threads call MPI, with non-blocking
 sends and probes between short sleeps: a blocking MPI receive spins a core, and 64 spinning
-ranks on two cores would starve the extractors.
+ranks on two cores would starve the extractors. Every wake-up of a thread costs CPU, so a file
+costs one MPI message each way: a rank sends a file's statuses with its outcome (holding them at
+most STATUS_HOLD), and the leader hands the Runner each message as one call.
 
 Failures. Ranks send heartbeats; a rank silent for AGENT_MPI_RANK_TIMEOUT seconds (or failing
 a send) is lost: its files are reported "died" to the Runner (retried like any crash) and the
