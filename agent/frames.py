@@ -115,9 +115,12 @@ def kind(frame: Dict[str, Any]) -> Optional[str]:
     return frame.get(KIND)
 
 
+_ENDS_JOB = frozenset((Kind.DONE.value, Kind.DIED.value))  # once: an enum's .value is a lookup each time
+
+
 def ends_job(frame: Dict[str, Any]) -> bool:
     """True for the frames after which a slot is free (DONE, DIED)."""
-    return frame.get(KIND) in (Kind.DONE.value, Kind.DIED.value)
+    return frame.get(KIND) in _ENDS_JOB
 
 
 def outcome_of(frame: Dict[str, Any]) -> Optional[str]:

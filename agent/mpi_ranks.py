@@ -17,7 +17,9 @@ where each extractor holds its next file while it works on the current one).
 
 Only the leader's comm thread and the other ranks' main threads call MPI, with non-blocking
 sends and probes between short sleeps: a blocking MPI receive spins a core, and 64 spinning
-ranks on two cores would starve the extractors.
+ranks on two cores would starve the extractors. Every wake-up of a thread costs CPU, so a file
+costs one MPI message each way: a rank sends a file's statuses with its outcome (holding them at
+most STATUS_HOLD), and the leader hands the Runner each message as one call.
 
 Failures. Ranks send heartbeats; a rank silent for AGENT_MPI_RANK_TIMEOUT seconds (or failing
 a send) is lost: its files are reported "died" to the Runner (retried like any crash) and the
@@ -49,7 +51,10 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from functools import partial
+from itertools import groupby
+from operator import itemgetter
+from typing import Any, Callable, NamedTuple, Optional
 
 from hpc_common.redact import Redactor
 
@@ -70,7 +75,14 @@ MIN_POLL, MAX_POLL_LEADER, MAX_POLL_RANK, MAX_POLL_RANK_FULL = 0.001, 0.005, 0.0
 # A leader with no job out on another rank expects no frames, only heartbeats, signals and
 # (at the start) readiness: it polls at this pace, jobs to send still wake it at once.
 MAX_POLL_LEADER_QUIET = 0.05
+# A rank that just reported a job's end expects its next job within a few ms (the leader's turn):
+# it polls at most this often for JOB_EXPECTED seconds, then backs off as usual.
+POLL_JOB_EXPECTED, JOB_EXPECTED = 0.002, 0.03
+# A rank holds its extractors' status frames until the job's end (one MPI message per file)
+# or STATUS_HOLD seconds, so a long job's statuses still reach Clowder while it runs.
+STATUS_HOLD = 0.2
 SCAN_EVERY = 0.25   # leader: heartbeat and timeout checks
+_STATUS = Kind.STATUS.value  # read once: an enum member's .value is a lookup each time
 CLOSE_WAIT = 30.0
 
 
@@ -223,6 +235,21 @@ class LaneSlot:
         self._leader.close_lane(self.index)
 
 
+class _LaneCalls(NamedTuple):
+    """How a lane's frames reach its Runner: the slot, post (wakes the main thread), quiet (does not)."""
+
+    slot: LaneSlot
+    post: Callable[[Callable[[], None]], None]
+    quiet: Callable[[Callable[[], None]], None]
+    on_frame: Callable[[Any, dict[str, Any]], None]
+
+
+def _deliver(taken: list[tuple[_LaneCalls, dict[str, Any]]]) -> None:
+    """Main thread: hand a batch of frames to their lanes' Runners, in the order they came."""
+    for calls, frame in taken:
+        calls.on_frame(calls.slot, frame)
+
+
 @dataclass
 class RankRecord:
     """What the leader knows of one rank of its group (rank 0 is the leader itself).
@@ -271,8 +298,9 @@ class Leader:
         self.lanes_total = self.worker.capacity * self.size
         self._lock = threading.Lock()
         self._lanes: dict[int, LaneSlot] = {}
-        self._calls: dict[int, tuple[Callable[[Callable[[], None]], None], Callable[[Any, dict[str, Any]], None]]] = {}
+        self._calls: dict[int, _LaneCalls] = {}
         self._where: dict[int, int] = {}          # lane -> rank running its job
+        self._remote_out = 0                      # jobs out on other ranks (comm thread: poll faster)
         n = len(plugins)
         now = time.monotonic()
         self.ranks = [RankRecord.new(n, now) for _ in range(self.size)]
@@ -316,8 +344,8 @@ class Leader:
     def make_slot(self, index: int, post: Callable[[Callable[[], None]], None],
                   on_frame: Callable[[Any, dict[str, Any]], None], plugin: int = 0) -> LaneSlot:
         lane = plugin * LANE_STRIDE + index
-        self._calls[lane] = (post, on_frame)
         slot = LaneSlot(lane, self, plugin)
+        self._calls[lane] = _LaneCalls(slot, post, getattr(post, "quiet", post), on_frame)
         self._lanes[lane] = slot
         return slot
 
@@ -352,18 +380,23 @@ class Leader:
 
     # -- lanes (main thread) --------------------------------------------------------------------
     def _pick(self, plugin: int) -> int:
-        live = [rank for rank, rec in enumerate(self.ranks) if rec.usable(plugin)]
-        if not live:
-            return 0
-        return min(live, key=lambda rank: (self.ranks[rank].load[plugin], rank))
+        """The least-loaded usable rank (the lowest on ties), 0 when none is (lock held)."""
+        best, best_load = 0, -1
+        for rank, rec in enumerate(self.ranks):
+            if rec.usable(plugin) and (best_load < 0 or rec.load[plugin] < best_load):
+                best, best_load = rank, rec.load[plugin]
+        return best
 
     def assign(self, lane: int, body: dict[str, Any], number: int) -> None:
         plugin = lane // LANE_STRIDE
         with self._lock:
             rank = self._pick(plugin)
             self._where[lane] = rank
-            self.ranks[rank].load[plugin] += 1
-            self.ranks[rank].jobs_sent += 1
+            rec = self.ranks[rank]
+            rec.load[plugin] += 1
+            rec.jobs_sent += 1
+            if rank:
+                self._remote_out += 1
         if rank == 0:
             self.workers[plugin].submit(lane, number, body)
         else:
@@ -392,18 +425,37 @@ class Leader:
         self._frame(0, lane, frame)
 
     def _frame(self, rank: int, lane: int, frame: dict[str, Any]) -> None:
-        ends = frames.ends_job(frame)
+        """One frame of the lane's job, run on rank (rank 0: this rank's own extractor's thread)."""
         with self._lock:
-            if self._where.get(lane) != rank:
-                return  # a late frame from a rank already given up on
-            if ends:
-                del self._where[lane]
-                self.ranks[rank].load[lane // LANE_STRIDE] -= 1
-        slot = self._lanes[lane]
-        post, on_frame = self._calls[lane]
-        if frame.get(frames.KIND) == Kind.STATUS:
-            post = getattr(post, "quiet", post)  # statuses leave with the next outcome: no wake-up each
-        post(lambda: on_frame(slot, frame))
+            if not self._owns(rank, lane, frame):
+                return
+        calls = self._calls[lane]
+        # statuses leave with the next outcome: no wake-up each
+        post = calls.quiet if frame.get(frames.KIND) == _STATUS else calls.post
+        post(partial(calls.on_frame, calls.slot, frame))
+
+    def _frames(self, rank: int, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        """The frames of one MPI message from rank, in order: one call for the main thread, one wake-up."""
+        with self._lock:
+            taken = [(lane // LANE_STRIDE, self._calls[lane], frame) for lane, frame in batch
+                     if self._owns(rank, lane, frame)]
+        for _, group in groupby(taken, itemgetter(0)):  # each plugin's frames go to its own Runner
+            run = [(calls, frame) for _, calls, frame in group]
+            calls = run[0][0]
+            wake = any(frame.get(frames.KIND) != _STATUS for _, frame in run)
+            (calls.post if wake else calls.quiet)(partial(_deliver, run))
+
+    def _owns(self, rank: int, lane: int, frame: dict[str, Any]) -> bool:
+        """Whether rank still runs lane's job (else the frame is late: the rank was given up on);
+        a frame that ends the job frees the lane (lock held)."""
+        if self._where.get(lane) != rank:
+            return False
+        if frames.ends_job(frame):
+            del self._where[lane]
+            self.ranks[rank].load[lane // LANE_STRIDE] -= 1
+            if rank:
+                self._remote_out -= 1
+        return True
 
     def _lose(self, rank: int, reason: str) -> None:
         with self._lock:
@@ -414,13 +466,14 @@ class Leader:
             lanes = [lane for lane, r in self._where.items() if r == rank]
             for lane in lanes:
                 del self._where[lane]
+            self._remote_out -= len(lanes)
             rec.load = [0] * len(rec.load)
         log.error("MPI rank %d lost (%s): %d file(s) it held go back for another attempt; the other ranks "
                   "carry on", rank, reason, len(lanes))
         self._check_answered()
         for lane in lanes:
-            slot, (post, on_frame) = self._lanes[lane], self._calls[lane]
-            post(lambda s=slot, f=on_frame: f(s, frames.died(f"MPI rank {rank} was lost: {reason}")))
+            calls = self._calls[lane]
+            calls.post(partial(calls.on_frame, calls.slot, frames.died(f"MPI rank {rank} was lost: {reason}")))
 
     # -- the comm thread ------------------------------------------------------------------------------
     def _comm_main(self) -> None:
@@ -480,8 +533,7 @@ class Leader:
                     elif now - rec.last_sent >= hb:
                         self._send(rank, ("hb",), sends)
                 self._relay_signal()
-            remote_jobs = any(rank != 0 for rank in self._where.values())
-            cap = MAX_POLL_LEADER if remote_jobs or sends else MAX_POLL_LEADER_QUIET
+            cap = MAX_POLL_LEADER if self._remote_out or sends else MAX_POLL_LEADER_QUIET
             interval = MIN_POLL if busy else min(interval * 2, cap)
             try:
                 carried = self._out.get(timeout=interval)
@@ -512,8 +564,7 @@ class Leader:
     def _handle(self, src: int, msg: tuple) -> None:
         kind = msg[0]
         if kind == "frames":
-            for lane, frame in msg[1]:
-                self._frame(src, lane, frame)
+            self._frames(src, msg[1])
         elif kind == "frame":
             self._frame(src, msg[1], msg[2])
         elif kind in ("ready", "fatal"):
@@ -639,11 +690,14 @@ class Follower:
         interval = MIN_POLL
         hb = self.settings.heartbeat
         carried: Optional[tuple] = None
+        # Frames wait here until one ends a job (or STATUS_HOLD passed, or something else leaves):
+        # a file's statuses and outcome then make one MPI message, in order with everything else.
+        held: list[tuple[int, dict[str, Any]]] = []
+        held_since = expect_until = 0.0
         while True:
             busy = carried is not None
-            # A file's statuses and outcome come together (the extractor writes them in one go):
-            # consecutive frames leave as one MPI message, in order with everything else.
             outgoing: list[tuple] = []
+            ended = False
             while True:
                 if carried is None:
                     try:
@@ -653,12 +707,21 @@ class Follower:
                 msg, carried = carried, None
                 busy = True
                 if msg[0] == "frame":
-                    if outgoing and outgoing[-1][0] == "frames":
-                        outgoing[-1][1].append((msg[1], msg[2]))
-                    else:
-                        outgoing.append(("frames", [(msg[1], msg[2])]))
+                    if not held:
+                        held_since = time.monotonic()
+                    held.append((msg[1], msg[2]))
+                    ended = ended or frames.ends_job(msg[2])
                 elif msg[0] != "wake":
+                    if held:
+                        outgoing.append(("frames", held))
+                        held = []
                     outgoing.append(msg)
+            now = time.monotonic()
+            if held and (ended or now - held_since >= STATUS_HOLD):
+                outgoing.append(("frames", held))
+                held = []
+            if ended:
+                expect_until = now + JOB_EXPECTED  # the leader hands this lane its next job at once
             for msg in outgoing:
                 sends.append(self.comm.isend(msg, dest=0, tag=TAG))
                 last_sent = time.monotonic()
@@ -680,6 +743,8 @@ class Follower:
                 elif msg[0] == "close":
                     closing = True
             if closing:
+                if held:
+                    sends.append(self.comm.isend(("frames", held), dest=0, tag=TAG))
                 return self._close(sends)
             now = time.monotonic()
             if now - last_heard > self.settings.rank_timeout:
@@ -692,9 +757,12 @@ class Follower:
                 last_sent = now
             full = all(w.load() >= w.capacity for w in self.workers)
             cap = MAX_POLL_RANK_FULL if full else MAX_POLL_RANK
+            if now < expect_until:
+                cap = POLL_JOB_EXPECTED
             interval = MIN_POLL if busy else min(interval * 2, cap)
+            wait = min(interval, max(0.0, held_since + STATUS_HOLD - now)) if held else interval
             try:
-                carried = self._up.get(timeout=interval)
+                carried = self._up.get(timeout=wait)
             except queue.Empty:
                 pass
 

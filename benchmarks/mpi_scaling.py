@@ -8,6 +8,8 @@ excluded, dispatch latency and the tail are not. Cases:
 
 - sleep extractor (examples/sleepy, 0.5 s per file): 1, 4 and 8 ranks;
 - 64 ranks with a 2 s sleep extractor (128 Python processes on this machine): parallel efficiency;
+- 32 ranks against 1 rank with the same 2 s sleep extractor: parallel efficiency = rate(32) /
+  (32 x rate(1)), both measured in the same run;
 - CPU-bound extractor, fixed work per file (about 1 s on one core), 1 vs 2 ranks. examples/sleepy's
   BURN=1 spins for a fixed *wall* time, which would finish on time however many ranks share a core,
   so it cannot show CPU contention; this case generates a plugin that does a fixed amount of work;
@@ -251,6 +253,8 @@ def main() -> int:
          ("s4", "sleep 0.5 s, 4 ranks", 4, 32 * k, sleepy, half, {}),
          ("s8", "sleep 0.5 s, 8 ranks", 8, 64 * k, sleepy, half, {})],
         [("s64", "sleep 2 s, 64 ranks", 64, 64 * (5 + k), sleepy, {"SLEEP_SECONDS": "2"}, {})],
+        [("t1", "sleep 2 s, 1 rank", 1, 4 * k, sleepy, {"SLEEP_SECONDS": "2"}, {}),
+         ("t32", "sleep 2 s, 32 ranks", 32, 32 * 4 * k, sleepy, {"SLEEP_SECONDS": "2"}, {})],
         [("c1", "CPU 1 s, 1 rank", 1, 3 * k, "bench.cpuwork", cpu, {}),
          ("c2", "CPU 1 s, 2 ranks", 2, 6 * k, "bench.cpuwork", cpu, {})],
         [("d0", "download 0.5 s + sleep 0.5 s, 4 ranks", 4, 16 * k, sleepy, half, {"slow_download": 0.5}),
@@ -290,6 +294,7 @@ def main() -> int:
         ("4 ranks vs 1 (sleep 0.5 s)", speed("s4", "s1"), 3.6, "x", ("s4", "s1")),
         ("8 ranks vs 1 (sleep 0.5 s)", speed("s8", "s1"), 7.0, "x", ("s8", "s1")),
         ("64 ranks, 2 s sleep: parallel efficiency", eff("s64", 2.0), 0.85, "", ("s64",)),
+        ("32 ranks vs 1 (sleep 2 s): parallel efficiency", speed("t32", "t1") / 32, 0.9, "", ("t32", "t1")),
         ("CPU-bound, 2 ranks vs 1", speed("c2", "c1"), 1.8, "x", ("c2", "c1")),
         ("stage-ahead vs none (download = processing)", speed("d1", "d0"), 1.6, "x", ("d1", "d0")),
     ]

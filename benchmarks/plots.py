@@ -101,6 +101,7 @@ def plot_mpi_scaling(md: str, png: str) -> str:
     ax.plot([1, top], [1, top], linestyle="--", color="#777777", label="ideal (speedup = ranks)")
     for (kind, (x, y)), marker, colour, dy in zip(series.items(), ("o", "s"), ("#3182bd", "#e6550d"), (-12, 6)):
         if x:
+            x, y = zip(*sorted(zip(x, y)))  # cases of several work sizes: one line by ranks
             ax.plot(x, y, marker=marker, color=colour, linestyle="-", label=kind)
             for xi, yi in zip(x, y):  # parallel efficiency next to each point
                 ax.annotate(f"{yi / xi:.0%}", (xi, yi), xytext=(4, dy), textcoords="offset points", fontsize=8,

@@ -78,6 +78,26 @@ def test_files_spread_over_ranks_with_one_broker_connection(harness):
     assert len(harness.rank_pids()) == 4
 
 
+def test_statuses_of_a_long_file_on_another_rank_arrive_while_it_runs(harness):
+    """A rank holds its extractor's statuses for the file's outcome (one MPI message per file), but
+    only briefly: a long file's start status reaches the broker while the file still runs."""
+    ids = [harness.publish_file(b"sleep 6\n") for _ in range(2)]
+    proc = harness.start_mpi(2, "--idle-exit", "2")
+    harness.wait_for(lambda: len(harness.runs()) >= 2, 60, "both ranks to start a file")
+    seen: dict[str, list[str]] = collections.defaultdict(list)
+
+    def started_on_both() -> bool:
+        for status in harness.statuses():
+            seen[status["file_id"]].append(status["status"])
+        return all(any(s.startswith("StatusMessage.start") for s in seen[fid]) for fid in ids)
+
+    harness.wait_for(started_on_both, 5, "each file's start status")
+    assert sorted(harness.unprocessed(ids)) == sorted(ids)  # both still running: statuses came first
+    assert len({pid for _, pid, _ in harness.runs()}) == 2  # one file on each rank
+    assert harness.wait_exit(proc) == 0, harness.log_text()
+    assert harness.unprocessed(ids) == [] and harness.depth() == 0 and harness.errors() == []
+
+
 def test_groups_hold_one_connection_each(harness):
     ids = [harness.publish_file(b"sleep 0.3\n") for _ in range(16)]
     proc = harness.start_mpi(4, "--idle-exit", "2", AGENT_MPI_LEADER="2")
