@@ -54,18 +54,26 @@ def run(cfg: AgentConfig, plans: list[PluginPlan], ctx: TaskContext, mpi: bool) 
     plans = kind.pick(cfg, plans)  # a message file is for one of the plugins: only that one runs
     launches = [extractor_launch.apply(plan.cfg, plan.spec, worker_init(plan.cfg, plan.spec, plan.queue),
                                        worker_env(plan.cfg)) for plan in plans]
-    ranks = None
-    if mpi:  # started by mpiexec: one extractor set per rank, one broker connection per group
-        from .mpi_ranks import RankPlugin, join_allocation
-        ranks = join_allocation(cfg, [RankPlugin(init, env, plan.cfg.slots)
-                                              for plan, (init, env) in zip(plans, launches)], ctx.redactor)
-        if not ranks.leader:
-            return ranks.serve()  # this rank gets its files over MPI from its group's leader
     from .sources.amqp import new_agent_id
 
     agent_id = new_agent_id(ctx.file_tag)
+    loops: list[EventLoop] = []
+
+    def make_loop() -> EventLoop:  # once, and only where the agent's loop runs (not on MPI followers)
+        if not loops:
+            loops.append(kind.make_loop(cfg, agent_id))
+        return loops[0]
+
+    ranks = None
+    if mpi:  # started by mpiexec: one extractor set per rank, one broker connection per group
+        from .mpi_ranks import RankPlugin, join_allocation
+        # The leader's own extractors are read by the agent's loop, as a one-rank agent's are.
+        ranks = join_allocation(cfg, [RankPlugin(init, env, plan.cfg.slots)
+                                      for plan, (init, env) in zip(plans, launches)], ctx.redactor, make_loop)
+        if not ranks.leader:
+            return ranks.serve()  # this rank gets its files over MPI from its group's leader
     with _journal(cfg, agent_id, kind.uses_journal) as journal:
-        group = assemble(cfg, plans, launches, kind, agent_id, journal, ctx, ranks)
+        group = assemble(cfg, plans, launches, kind, agent_id, journal, ctx, ranks, make_loop())
         code = group.run()
         for runner in group.runners:
             outcome, reason = runner.source.result()
@@ -76,7 +84,8 @@ def run(cfg: AgentConfig, plans: list[PluginPlan], ctx: TaskContext, mpi: bool) 
 
 
 def assemble(cfg: AgentConfig, plans: list[PluginPlan], launches: list[tuple[dict[str, Any], dict[str, str]]],
-             kind: SourceKind, agent_id: str, journal: Any, ctx: TaskContext, ranks: Any = None) -> RunnerGroup:
+             kind: SourceKind, agent_id: str, journal: Any, ctx: TaskContext, ranks: Any = None,
+             loop: Optional[EventLoop] = None) -> RunnerGroup:
     """A Runner per plugin (its source, its slots) under one RunnerGroup, around one event loop.
 
     launches: each plan's extractor init frame and environment; ranks: the MPI leader (its lanes are
@@ -86,7 +95,7 @@ def assemble(cfg: AgentConfig, plans: list[PluginPlan], launches: list[tuple[dic
 
     forced = dict(kind.forced)
     runners: list[Runner] = []
-    loop: EventLoop = kind.make_loop(cfg, agent_id)
+    loop = loop if loop is not None else kind.make_loop(cfg, agent_id)
     for number, (plan, (init, env)) in enumerate(zip(plans, launches)):
         # idle exit is the group's (every queue idle); what the source forces applies to each plugin
         own = dataclasses.replace(plan.cfg, **dict(forced, idle_exit=0.0))

@@ -61,6 +61,7 @@ from hpc_common.redact import Redactor
 from . import early_signals, exitcodes, frames
 from .config import AgentConfig, setting_from_env
 from .errors import ConfigError
+from .event_loop import EventLoop
 from .frames import Kind
 from .rank_worker import RankWorker
 
@@ -177,8 +178,12 @@ class RankPlugin:
 LANE_STRIDE = 1 << 20
 
 
-def join_allocation(cfg: AgentConfig, plugins: list[RankPlugin], redactor: Redactor) -> "Leader | Follower":
-    """Initialize MPI, find this rank's group and role, start every plugin's extractor(s) on this rank."""
+def join_allocation(cfg: AgentConfig, plugins: list[RankPlugin], redactor: Redactor,
+                    make_loop: Optional[Callable[[], EventLoop]] = None) -> "Leader | Follower":
+    """Initialize MPI, find this rank's group and role, start every plugin's extractor(s) on this rank.
+
+    make_loop: the agent's event loop, made only on a leader: its own extractors' pipes are read there.
+    """
     settings = MpiSettings.from_config(cfg)
     MPI = load_mpi()
     world = MPI.COMM_WORLD
@@ -194,7 +199,7 @@ def join_allocation(cfg: AgentConfig, plugins: list[RankPlugin], redactor: Redac
         if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
             log.error("this MPI library gives no thread support (MPI_THREAD_SERIALIZED needed by the leader)")
             world.Abort(exitcodes.CONFIG_ERROR)
-        member = Leader(world, comm, plugins, redactor, settings)
+        member = Leader(world, comm, plugins, redactor, settings, make_loop() if make_loop else None)
     else:
         member = Follower(world, comm, plugins, redactor, settings)
     member.start()
@@ -286,14 +291,15 @@ class Leader:
     leader = True
 
     def __init__(self, world: Any, comm: Any, plugins: list[RankPlugin], redactor: Redactor,
-                 settings: MpiSettings) -> None:
+                 settings: MpiSettings, loop: Optional[EventLoop] = None) -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
+        self._loop = loop
         self.world, self.comm, self.settings = world, comm, settings
         self.size = comm.Get_size()
         self.workers = [RankWorker(p.init, child_env(p.env), redactor, self._local_frame, extractors=p.slots,
-                                   stage_ahead=settings.stage_ahead) for p in plugins]
+                                   stage_ahead=settings.stage_ahead, loop=loop) for p in plugins]
         self.worker = self.workers[0]
         self.lanes_total = self.worker.capacity * self.size
         self._lock = threading.Lock()
@@ -422,7 +428,16 @@ class Leader:
 
     # -- frames (worker and comm threads) -----------------------------------------------------------
     def _local_frame(self, lane: int, frame: dict[str, Any]) -> None:
-        self._frame(0, lane, frame)
+        if self._loop is None:
+            self._frame(0, lane, frame)
+            return
+        # This rank's extractors are read by the agent's loop: we are on its thread, inside its
+        # run of posted calls, so the frame's call runs in the same run without a wake-up.
+        with self._lock:
+            if not self._owns(0, lane, frame):
+                return
+        calls = self._calls[lane]
+        calls.quiet(partial(calls.on_frame, calls.slot, frame))
 
     def _frame(self, rank: int, lane: int, frame: dict[str, Any]) -> None:
         """One frame of the lane's job, run on rank (rank 0: this rank's own extractor's thread)."""

@@ -4,8 +4,9 @@ A rank's RankWorker receives jobs tagged with a *lane* (the leader's slot number
 at a time per extractor process through agent.slots.Slot, and reports every frame back with its
 lane. It knows nothing about MPI or the broker: the leader rank drives it directly for its own
 extractor and over MPI for the other ranks (agent.mpi_ranks). Its extractors' pipes are read by
-its own event loop (agent.event_loop), turned by one thread: jobs and kills from other threads
-are posted to it, so only that thread writes to an extractor.
+an event loop (agent.event_loop): on a follower its own, turned by one thread, with jobs and kills
+from other threads posted to it, so only that thread writes to an extractor; on the leader the
+agent's loop, whose thread also calls submit and kill.
 
 With stage-ahead, a rank holds one more job per extractor than it runs: that job's file and file
 info are fetched (agent.stage_pool, under this worker's lock) while the current one is
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional
 from hpc_common.redact import Redactor
 
 from . import frames
-from .event_loop import SelectLoop
+from .event_loop import EventLoop, SelectLoop
 from .frames import Kind
 from .slots import Slot, StagedSlot
 from .stage_pool import StagePool
@@ -42,7 +43,10 @@ class RankWorker:
 
     def __init__(self, init: dict[str, Any], env: dict[str, str], redactor: Redactor, emit: Emit,
                  extractors: int = 1, stage_ahead: bool = False,
-                 on_ready: Optional[Callable[[Optional[dict[str, Any]], str], None]] = None) -> None:
+                 on_ready: Optional[Callable[[Optional[dict[str, Any]], str], None]] = None,
+                 loop: Optional[EventLoop] = None) -> None:
+        """loop: an event loop turned by its owner, whose thread calls submit/kill/close (the MPI leader's
+        agent loop); None: a loop of this worker's own on a thread of its own."""
         self._emit = emit
         self._on_ready = on_ready
         self._lock = threading.RLock()
@@ -56,7 +60,8 @@ class RankWorker:
         self._closed = False
         self._ended = False
         self._posted = 0  # jobs submitted, not yet taken by the loop's thread
-        self._loop = SelectLoop()
+        self._shared = loop is not None
+        self._loop: EventLoop = loop if loop is not None else SelectLoop()
         self._stager = StagePool(init, extractors, self._locked, self._feed) if self.stage_ahead else None
         slot_cls = StagedSlot if self.stage_ahead else Slot
         self._slots = [slot_cls(i, init, self._loop, self._on_child_frame, redactor, env=env)
@@ -70,7 +75,8 @@ class RankWorker:
 
     # -- control (any thread) --------------------------------------------------------------------
     def start(self) -> None:
-        self._turner.start()
+        if not self._shared:
+            self._turner.start()
         for slot in self._slots:
             slot.start()
         if self._stager is not None:
@@ -91,7 +97,7 @@ class RankWorker:
         job = _Job(lane, number, body)
         with self._lock:
             self._posted += 1
-        self._loop.call_soon(lambda: self._submitted(job))
+        self._post(lambda: self._submitted(job))
 
     def _submitted(self, job: _Job) -> None:
         with self._lock:
@@ -105,7 +111,7 @@ class RankWorker:
 
     def kill(self, lane: int) -> None:
         """Stop the lane's job (any thread): kill its extractor if it runs, drop it if it still waits."""
-        self._loop.call_soon(lambda: self._kill(lane))
+        self._post(lambda: self._kill(lane))
 
     def _kill(self, lane: int) -> None:
         with self._lock:
@@ -131,15 +137,19 @@ class RankWorker:
                 self._drop(job)
             self._waiting.clear()
         for slot in self._slots:
-            self._loop.call_soon(slot.close)
+            if self._shared:
+                slot.close()  # the loop's own thread (it may not turn again)
+            else:
+                self._loop.call_soon(slot.close)
 
     def join(self, timeout: float) -> None:
         """Wait (up to timeout) for the extractor processes to exit after close()."""
         for slot in self._slots:
             slot._thread.join(timeout)
-        self._ended = True
-        self._loop.wake()
-        self._turner.join(timeout)
+        if not self._shared:
+            self._ended = True
+            self._loop.wake()
+            self._turner.join(timeout)
         if self._stager is not None:
             with self._lock:
                 self._stager.close()  # its threads stop and its folder goes, with any file left in it
@@ -149,6 +159,10 @@ class RankWorker:
         while not self._ended:
             self._loop.run_once(0.5)
         self._loop.close()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        """Run fn on the loop's thread: a shared loop's thread is the caller, and its turn is on the way."""
+        (self._loop.call_quietly if self._shared else self._loop.call_soon)(fn)
 
     def _locked(self, fn: Callable[[], None]) -> None:
         """What the stage pool posts: run on the loop's thread, under this worker's lock."""
