@@ -338,8 +338,8 @@ class RelaySource(WorkSource):
                     self._call(http, "POST", api.EXTEND, {"lease_ids": ids}, timeout=15.0))
             except (SourceLost, _Gone, SourceUnavailable):
                 continue
-            with self._held_lock:  # a lease completed meanwhile is gone on the relay, rightly
-                gone = [i for i in answer.gone if i not in self._completing]
+            with self._held_lock:  # a lease settled meanwhile (or completing) is gone on the relay, rightly
+                gone = [i for i in answer.gone if i in self._held and i not in self._completing]
             if gone:
                 log.warning("%d lease(s) expired on the relay before their work ended; those messages may run "
                             "twice", len(gone))
