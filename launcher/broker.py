@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any, Iterable, Iterator, Optional, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
+from hpc_common.joined_sends import join_sends
 from hpc_common.retry_queues import retry_queue
 from hpc_common.redact import redact_text, redact_uri
 from hpc_common.reports import (EXCHANGE as REPORTS_EXCHANGE, MAX_REPORTS, WINDOW_QUEUE_ARGUMENTS, Activity,
@@ -129,7 +130,7 @@ class Link:
             self.close()
             raise
         self._exchanges: set[str] = set()
-        if internals and _join_sends(self._conn):
+        if internals and join_sends(self._conn):
             self._queued = getattr(self._plain, "_impl", None)
 
     @property
@@ -230,30 +231,6 @@ class Link:
                     self._conn.close()
         except (BrokerError, OSError):
             pass  # closing a broken connection: nothing left to release
-
-
-def _join_sends(conn: Any) -> bool:
-    """Make a BlockingConnection send everything it has buffered in one send(); False when its
-    pika has no such internals (nothing changed then).
-
-    pika buffers each frame apart (a publish is three: method, header, body) and sends each with
-    its own send(); joining the buffers first keeps the bytes and their order.
-    """
-    transport = getattr(getattr(conn, "_impl", None), "_transport", None)
-    buffers = getattr(transport, "_tx_buffers", None)
-    produce = getattr(transport, "_produce", None)
-    if buffers is None or produce is None:
-        return False
-
-    def produce_joined() -> None:
-        if len(buffers) > 1:
-            joined = b"".join(buffers)
-            buffers.clear()
-            buffers.append(joined)
-        produce()
-
-    transport._produce = produce_joined
-    return True
 
 
 def announce(uri: str, exchange: str, kind: str, messages: Sequence[bytes], connection_name: Optional[str] = None,

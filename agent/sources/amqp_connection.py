@@ -12,7 +12,7 @@ journal recovery), and losing the connection: every consumer (agent.sources.amqp
 one per queue) hears it and is attached again, on a fresh channel, after a reconnect.
 
 `internals=True` (the default, AGENT_AMQP_INTERNALS) takes pika's private fast paths: the pipes
-are watched in pika's own IOLoop, sends coalesced (see _coalesce_sends). False keeps to the public
+are watched in pika's own IOLoop, sends joined into one per turn (hpc_common.joined_sends). False keeps to the public
 API: a thread waits on the pipes and hands readable ones to this thread (add_callback_threadsafe).
 benchmarks/noop_overhead.py measures what the private paths are worth.
 """
@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Protocol
 import pika
 import pika.exceptions
 
+from hpc_common.joined_sends import join_sends
 from hpc_common.redact import redact_uri
 
 from ..event_loop import Call, EventLoop, WakePipe, Watched, call_readable
@@ -61,30 +62,6 @@ def describe(exc: BaseException) -> str:
         return "the broker denied access to the virtual host"
     text = str(exc) or exc.__class__.__name__
     return f"{exc.__class__.__name__}: {text}"
-
-
-def _coalesce_sends(conn: Any) -> None:
-    """Make the connection send everything it has buffered in one socket send.
-
-    pika buffers each frame apart (a publish is three: method, header, body) and sends each with
-    its own send(): thirteen system calls per file for four statuses and an ack, each one also
-    waking the broker. Joining the buffers first keeps the bytes and their order and leaves one
-    send per turn of the loop. Without the private attributes (another pika) nothing changes.
-    """
-    transport = getattr(getattr(conn, "_impl", None), "_transport", None)
-    buffers = getattr(transport, "_tx_buffers", None)
-    produce = getattr(transport, "_produce", None)
-    if buffers is None or produce is None:
-        return
-
-    def produce_joined() -> None:
-        if len(buffers) > 1:
-            joined = b"".join(buffers)
-            buffers.clear()
-            buffers.append(joined)
-        produce()
-
-    transport._produce = produce_joined
 
 
 def _ioloop(conn: Any) -> Any:
@@ -239,7 +216,7 @@ class AmqpConnection(EventLoop):
         params.client_properties = {"connection_name": f"clowder-hpc-agent {self.agent_id}"}
         conn = pika.BlockingConnection(params)
         if self.internals:
-            _coalesce_sends(conn)
+            join_sends(conn)
         try:
             pub = conn.channel()
             pub.confirm_delivery()
