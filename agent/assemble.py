@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -57,12 +58,8 @@ def run(cfg: AgentConfig, plans: list[PluginPlan], ctx: TaskContext, mpi: bool) 
     from .sources.amqp import new_agent_id
 
     agent_id = new_agent_id(ctx.file_tag)
-    loops: list[EventLoop] = []
-
-    def make_loop() -> EventLoop:  # once, and only where the agent's loop runs (not on MPI followers)
-        if not loops:
-            loops.append(kind.make_loop(cfg, agent_id))
-        return loops[0]
+    # Made once, and only where the agent's loop runs (not on MPI followers).
+    make_loop = functools.cache(lambda: kind.make_loop(cfg, agent_id))
 
     ranks = None
     if mpi:  # started by mpiexec: one extractor set per rank, one broker connection per group
@@ -84,18 +81,17 @@ def run(cfg: AgentConfig, plans: list[PluginPlan], ctx: TaskContext, mpi: bool) 
 
 
 def assemble(cfg: AgentConfig, plans: list[PluginPlan], launches: list[tuple[dict[str, Any], dict[str, str]]],
-             kind: SourceKind, agent_id: str, journal: Any, ctx: TaskContext, ranks: Any = None,
-             loop: Optional[EventLoop] = None) -> RunnerGroup:
-    """A Runner per plugin (its source, its slots) under one RunnerGroup, around one event loop.
+             kind: SourceKind, agent_id: str, journal: Any, ctx: TaskContext, ranks: Any,
+             loop: EventLoop) -> RunnerGroup:
+    """A Runner per plugin (its source, its slots) under one RunnerGroup, around the agent's event loop.
 
     launches: each plan's extractor init frame and environment; ranks: the MPI leader (its lanes are
-    the Runners' slots) or None.
+    the Runners' slots) or None; loop: made by the kind's make_loop.
     """
     from .slots import Slot, StagedSlot
 
     forced = dict(kind.forced)
     runners: list[Runner] = []
-    loop = loop if loop is not None else kind.make_loop(cfg, agent_id)
     for number, (plan, (init, env)) in enumerate(zip(plans, launches)):
         # idle exit is the group's (every queue idle); what the source forces applies to each plugin
         own = dataclasses.replace(plan.cfg, **dict(forced, idle_exit=0.0))

@@ -428,25 +428,21 @@ class Leader:
 
     # -- frames (worker and comm threads) -----------------------------------------------------------
     def _local_frame(self, lane: int, frame: dict[str, Any]) -> None:
-        if self._loop is None:
-            self._frame(0, lane, frame)
-            return
-        # This rank's extractors are read by the agent's loop: we are on its thread, inside its
-        # run of posted calls, so the frame's call runs in the same run without a wake-up.
-        with self._lock:
-            if not self._owns(0, lane, frame):
-                return
-        calls = self._calls[lane]
-        calls.quiet(partial(calls.on_frame, calls.slot, frame))
+        # With the agent's loop, this rank's extractors are read on its thread, inside its run of
+        # posted calls: the frame's call runs in the same run, without a wake-up.
+        self._frame(0, lane, frame, on_loop=self._loop is not None)
 
-    def _frame(self, rank: int, lane: int, frame: dict[str, Any]) -> None:
-        """One frame of the lane's job, run on rank (rank 0: this rank's own extractor's thread)."""
+    def _frame(self, rank: int, lane: int, frame: dict[str, Any], on_loop: bool = False) -> None:
+        """One frame of the lane's job, run on rank (rank 0: this rank's own extractors' loop).
+
+        on_loop: the caller is the agent's loop thread, so no frame needs a wake-up.
+        """
         with self._lock:
             if not self._owns(rank, lane, frame):
                 return
         calls = self._calls[lane]
         # statuses leave with the next outcome: no wake-up each
-        post = calls.quiet if frame.get(frames.KIND) == _STATUS else calls.post
+        post = calls.quiet if on_loop or frame.get(frames.KIND) == _STATUS else calls.post
         post(partial(calls.on_frame, calls.slot, frame))
 
     def _frames(self, rank: int, batch: list[tuple[int, dict[str, Any]]]) -> None:

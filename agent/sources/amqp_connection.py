@@ -19,6 +19,7 @@ benchmarks/noop_overhead.py measures what the private paths are worth.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from typing import Any, Callable, Optional, Protocol
@@ -135,8 +136,6 @@ class _PipeThread:
 
 def _readable(fds: Watched, wake_fd: int) -> list[int]:
     """select() over fds and wake_fd for up to a second; closed fds are dropped from the answer."""
-    import select
-
     try:
         return select.select([wake_fd, *fds], [], [], 1.0)[0]
     except (OSError, ValueError):
