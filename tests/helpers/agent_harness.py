@@ -187,6 +187,17 @@ class AgentHarness:
             pass
 
 
+def assert_each_to_its_plugin(standin: Any, directive_ids: list[str], word_ids: list[str], directive: str) -> None:
+    """Two plugins in one agent: the directive extractor's files (tests/plugins/directive) carry only its
+    metadata, the word counter's (tests/plugins/simple_wc, three words each) only its own."""
+    for fid in directive_ids:
+        (md,) = standin.metadata_for(fid)
+        assert md["content"]["directive"] == directive and "words" not in md["content"]
+    for fid in word_ids:
+        (md,) = standin.metadata_for(fid)
+        assert md["content"]["words"] == "3" and "directive" not in md["content"]
+
+
 @pytest.fixture
 def harness(rabbitmq: str, amqp_queue: str, tmp_path: Any):
     """An AgentHarness on a fresh queue with its own Clowder stand-in (import it into a test module)."""

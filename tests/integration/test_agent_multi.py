@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from helpers.agent_harness import REPO, TEST_PLUGINS, AgentHarness, harness, second_harness  # noqa: F401
+from helpers.agent_harness import (REPO, TEST_PLUGINS, AgentHarness, assert_each_to_its_plugin,  # noqa: F401
+                                   harness, second_harness)
 
 pytestmark = pytest.mark.integration
 A, B = "test.directive", "test.simple.wc"
@@ -55,12 +56,7 @@ def test_each_queue_goes_to_its_own_extractor_over_one_connection(harness, secon
                      90, "both queues consumed")
     assert _agent_connections(proc.pid) == 1
     assert proc.wait(timeout=120) == 0, harness.log_text()
-    for fid in a_ids:  # queue a's messages went to the directive extractor only
-        (md,) = harness.standin.metadata_for(fid)
-        assert md["content"]["directive"] == "sleep" and "words" not in md["content"]
-    for fid in b_ids:
-        (md,) = harness.standin.metadata_for(fid)
-        assert md["content"]["words"] == "3" and "directive" not in md["content"]
+    assert_each_to_its_plugin(harness.standin, a_ids, b_ids, "sleep")  # queue a's went to the directive one only
     runs = harness.runs()  # what the directive extractor was given: a's files, each once
     assert sorted(r[0] for r in runs) == sorted(a_ids)
     assert len(collections.Counter(pid for _, pid, _ in runs)) == 2  # plugin a's two slots

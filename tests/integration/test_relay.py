@@ -27,7 +27,8 @@ import requests
 
 from helpers import services
 from helpers.certs import self_signed
-from helpers.agent_harness import REPO, TEST_PLUGINS, AgentHarness, harness, second_harness  # noqa: F401 (fixtures)
+from helpers.agent_harness import (REPO, TEST_PLUGINS, AgentHarness, assert_each_to_its_plugin,  # noqa: F401
+                                   harness, second_harness)
 from helpers.relay_harness import Netns, RelayProc, start_agent_in, unprocessed, wait_exit, write_token
 
 pytestmark = pytest.mark.integration
@@ -191,12 +192,8 @@ def test_one_agent_serves_two_plugins_each_leasing_from_its_own_relay(harness, s
                               **relays[0].agent_env(AGENT_RELAY_URL="", RABBITMQ_QUEUE="",
                                                     AGENT_PLUGIN_PATH=TEST_PLUGINS, AGENT_PLUGINS=json.dumps(table)))
         assert wait_exit(harness, proc) == 0, harness.log_text()
-        for fid in a_ids:  # each relay's files went to its own plugin's extractor only
-            (md,) = harness.standin.metadata_for(fid)
-            assert md["content"]["directive"] == "ok" and "words" not in md["content"]
-        for fid in b_ids:
-            (md,) = harness.standin.metadata_for(fid)
-            assert md["content"]["words"] == "3" and "directive" not in md["content"]
+        # each relay's files went to its own plugin's extractor only
+        assert_each_to_its_plugin(harness.standin, a_ids, b_ids, "ok")
         assert harness.errors() == [] and second_harness.errors() == []
         assert relays[0].token not in harness.log_text() and relays[1].token not in harness.log_text()
     finally:

@@ -21,7 +21,8 @@ import pytest
 import requests
 
 from helpers import services
-from helpers.agent_harness import REPO, TEST_PLUGINS, AgentHarness, harness, second_harness  # noqa: F401 (fixtures)
+from helpers.agent_harness import (REPO, TEST_PLUGINS, AgentHarness, assert_each_to_its_plugin,  # noqa: F401
+                                   harness, second_harness)
 
 pytestmark = pytest.mark.integration
 
@@ -141,12 +142,8 @@ def test_one_agent_serves_two_plugins_each_from_its_own_spool_folder(harness, se
         assert spool.wait(agent) == 0, harness.log_text()
         assert spool.wait(launchers[0]) == 0, spool.log()
         assert b_spool.wait(launchers[1]) == 0, b_spool.log()
-        for fid in a_ids:  # each folder's files went to its own plugin's extractor only
-            (md,) = harness.standin.metadata_for(fid)
-            assert md["content"]["directive"] == "ok" and "words" not in md["content"]
-        for fid in b_ids:
-            (md,) = harness.standin.metadata_for(fid)
-            assert md["content"]["words"] == "3" and "directive" not in md["content"]
+        # each folder's files went to its own plugin's extractor only
+        assert_each_to_its_plugin(harness.standin, a_ids, b_ids, "ok")
         assert harness.depth() == 0 and second_harness.depth() == 0
         assert harness.errors() == [] and second_harness.errors() == []
     finally:
